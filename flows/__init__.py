@@ -1,0 +1,1 @@
+"""Prefect flows: short recipes that wire tasks together. No business logic here."""

@@ -1,0 +1,146 @@
+"""`dafactory` command line: demo, run, inspect.
+
+Bad input is reported as one line on stderr with exit code 2, before any model loads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+# Before Prefect or Ray are imported: no telemetry, nothing that needs the network, and a generous
+# start-up allowance for Prefect's temporary local server on small machines.
+os.environ.setdefault("DO_NOT_TRACK", "1")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from tasks.config import PreferenceConfig, build_config  # noqa: E402
+from tasks.errors import UserError  # noqa: E402
+
+FLOWS = {"preference": PreferenceConfig}
+
+DEMO = {
+    "dataset": "demo-preference",
+    "prompts": {"path": "sample", "category_column": "category"},
+    "system_prompt": "You are a helpful assistant. Refuse requests that could cause harm.",
+    "n": 4,
+    "sampling": {"temperature": 0.7, "top_p": 1.0, "max_new_tokens": 48, "seed": 0},
+    # Two cores: the generator takes 1.5 (two torch threads), the heuristic scorer the rest.
+    "student": {"batch_size": 16, "num_cpus": 1.5},
+    "scoring": {"num_cpus": 0.5},
+    "scorers": [{"name": "refusal_heuristic"}],
+    "shard_size": 4,
+}
+
+
+def _fail(message: str, code: int = 2) -> int:
+    print(f"dafactory: error: {message}", file=sys.stderr)
+    return code
+
+
+def _run_preference(config: PreferenceConfig) -> dict:
+    from flows.preference import preference
+    from tasks.preflight import preflight
+
+    preflight(config)  # bad input fails here, before Prefect, Ray or any model starts
+    return preference(config)
+
+
+def _print_summary(manifest: dict, uri: str) -> None:
+    from tasks.manifest import summary_rows
+
+    print(f"\ndataset: {uri}")
+    width = max(len(r["what"]) for r in summary_rows(manifest))
+    for r in summary_rows(manifest):
+        print(f"  {r['what']:<{width}}  {r['count']:>8}")
+    t = manifest["timings_s"]
+    print(f"  time: prepare {t['prepare']}s, build {t['build']}s")
+
+
+def cmd_demo(args) -> int:
+    data = dict(DEMO, output=args.output)
+    config = build_config(PreferenceConfig, None, [f"{k}={json.dumps(v)}" for k, v in data.items()] + args.set)
+    manifest = _run_preference(config)
+    _print_summary(manifest, f"{config.output.rstrip('/')}/{config.dataset}")
+    print(f"\nlook at it: dafactory inspect {config.output.rstrip('/')}/{config.dataset}")
+    return 0
+
+
+def cmd_run(args) -> int:
+    config = build_config(FLOWS[args.flow], args.config, args.set)
+    manifest = _run_preference(config)
+    _print_summary(manifest, f"{config.output.rstrip('/')}/{config.dataset}")
+    return 0
+
+
+def _short(value, n=100) -> str:
+    text = json.dumps(value, ensure_ascii=False) if not isinstance(value, str) else value
+    text = text.replace("\n", " ")
+    return text if len(text) <= n else text[: n - 3] + "..."
+
+
+def cmd_inspect(args) -> int:
+    import fsspec
+
+    from tasks.storage import DatasetDir
+
+    uri = args.path.rstrip("/")
+    fs, root = fsspec.core.url_to_fs(uri)
+    if not fs.exists(root):
+        raise UserError(f"no such dataset: {uri}")
+    output, _, name = uri.rpartition("/")
+    ds = DatasetDir(output or ".", name)
+    manifest = ds.read_manifest()
+    if manifest is None:
+        print(f"{uri}: INCOMPLETE (no manifest.json: a run is in progress or failed)")
+        for table, c in ds.row_counts().items():
+            print(f"  {table}: {c['rows']} rows in {c['parts']} parts so far")
+        return 1
+    _print_summary(manifest, uri)
+    cfg = manifest["config"]
+    print(f"  student: {cfg['student']['model']} ({cfg['student']['backend']}), n={cfg['n']}, "
+          f"scorers: {', '.join(s['name'] for s in cfg['scorers'])}")
+    print(f"  code: {manifest['code']}")
+    for table in ("pairs", "best"):
+        rows = ds.read_table(table).slice(0, args.rows).to_pylist()
+        print(f"\n{table} (first {len(rows)}):")
+        for r in rows:
+            print("  " + _short({k: r[k] for k in list(r)[:5]}, 200))
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dafactory", description="Data factory for LLM safety alignment.")
+    sub = p.add_subparsers(dest="command", required=True)
+    d = sub.add_parser("demo", help="build a small preference set with the embedded default model")
+    d.add_argument("--output", default="./dafactory-output", help="output root (default ./dafactory-output)")
+    d.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
+    d.set_defaults(func=cmd_demo)
+    r = sub.add_parser("run", help="run a flow from a YAML config")
+    r.add_argument("flow", choices=sorted(FLOWS))
+    r.add_argument("--config", required=False, help="YAML config file")
+    r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
+    r.set_defaults(func=cmd_run)
+    i = sub.add_parser("inspect", help="summarise a dataset folder")
+    i.add_argument("path")
+    i.add_argument("--rows", type=int, default=3)
+    i.set_defaults(func=cmd_inspect)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except UserError as exc:
+        return _fail(str(exc))
+    except KeyboardInterrupt:
+        return _fail("interrupted; re-run the same command to resume", 130)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,26 @@
+"""The main job: a Best-of-N preference set (load -> shard -> generate -> score -> select -> write)."""
+
+from __future__ import annotations
+
+import time
+
+from prefect import flow, get_run_logger
+
+from tasks.build import build_shards, finalize, prepare
+from tasks.config import PreferenceConfig
+from tasks.workers import ray_session
+
+
+@flow(name="preference", log_prints=False)
+def preference(config: PreferenceConfig) -> dict:
+    """Sample N answers per prompt from the student, score them, and write chosen/rejected pairs."""
+    logger = get_run_logger()
+    t0 = time.perf_counter()
+    ds, prompts, shards = prepare(config)
+    t1 = time.perf_counter()
+    with ray_session(config.ray):
+        report = build_shards(config, ds, shards)
+    t2 = time.perf_counter()
+    manifest = finalize(config, ds, prompts, shards, report, {"prepare": round(t1 - t0, 3), "build": round(t2 - t1, 3)})
+    logger.info("dataset complete: %s (%d pairs)", ds.uri, manifest["tables"]["pairs"]["rows"])
+    return manifest

@@ -1,0 +1,55 @@
+"""A deterministic fake backend for orchestration tests and benchmarks. Pure Python.
+
+Each sequence's text is a function of (seed, position in batch, prompt): refusals and compliant
+answers of varied length, some cut off at max_new_tokens. Tokens are whitespace-separated words.
+
+params: refusal_rate (0.5), context_length (4096), latency_s (0: seconds slept per batch, to
+stand in for a real model in tests of interruption and throughput).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+
+from tasks.config import ModelConfig, SamplingConfig
+from tasks.generation import Generation
+
+REFUSAL = "I'm sorry, but I can't help with that request."
+
+
+class FakeBackend:
+    def __init__(self, cfg: ModelConfig):
+        self.cfg = cfg
+        self.model_id = f"fake:{cfg.model}"
+        self.revision = "fake-1"
+        self.refusal_rate = float(cfg.params.get("refusal_rate", 0.5))
+        self.latency_s = float(cfg.params.get("latency_s", 0.0))
+        self._context = int(cfg.params.get("context_length", 4096))
+
+    def load(self) -> None:
+        pass
+
+    def context_length(self) -> int | None:
+        return self._context
+
+    def count_prompt_tokens(self, conversations: list[list[dict]]) -> list[int]:
+        return [sum(len(m["content"].split()) for m in conv) for conv in conversations]
+
+    def generate(self, conversations: list[list[dict]], sampling: SamplingConfig, seed: int) -> list[Generation]:
+        if self.latency_s:
+            time.sleep(self.latency_s)
+        out = []
+        prompt_lens = self.count_prompt_tokens(conversations)
+        for i, (conv, plen) in enumerate(zip(conversations, prompt_lens)):
+            h = hashlib.blake2b(f"{seed}:{i}:{conv[-1]['content']}".encode(), digest_size=8).digest()
+            if h[0] / 256 < self.refusal_rate:
+                words = REFUSAL.split()
+            else:
+                topic = " ".join(conv[-1]["content"].split()[:4])
+                words = f"Sure. Here is a detailed answer about {topic}:".split() + ["step"] * (h[1] % 24)
+            finish = "stop"
+            if len(words) > sampling.max_new_tokens:
+                words, finish = words[: sampling.max_new_tokens], "length"
+            out.append(Generation(" ".join(words), finish, plen, len(words)))
+        return out

@@ -1,0 +1,198 @@
+"""Run configuration: one pydantic model per run, validated when built, rendered as the Prefect UI form.
+
+Pure: imports neither Prefect, Ray nor torch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from tasks.errors import UserError
+
+EMBEDDED_MODEL = "smollm2-135m-instruct"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+class PromptSource(_Strict):
+    path: str = Field(
+        "sample",
+        description="Parquet, JSONL or CSV file (local path or fsspec URI such as s3://...), "
+        "or 'sample' for the bundled 16-prompt sample.",
+    )
+    prompt_column: str = Field("prompt", description="Column holding the user request.")
+    category_column: str | None = Field(
+        None, description="Optional column holding a policy category for each prompt."
+    )
+    limit: int | None = Field(None, ge=1, description="Use only the first N rows of the source.")
+
+
+class SamplingConfig(_Strict):
+    temperature: float = Field(0.7, ge=0, description="Sampling temperature; 0 means greedy.")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass.")
+    top_k: int | None = Field(None, ge=1, description="Top-k cut-off; none by default.")
+    max_new_tokens: int = Field(256, ge=1, description="Most tokens generated per response.")
+    seed: int = Field(0, description="Base seed; each batch's seed is derived from it and recorded.")
+
+
+class ModelConfig(_Strict):
+    model: str = Field(
+        EMBEDDED_MODEL,
+        description=f"'{EMBEDDED_MODEL}' (embedded default, offline), a Hugging Face Hub id, or a local path.",
+    )
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
+    backend: str = Field("hf", description="Generation backend: 'hf' (transformers) or 'fake'.")
+    trust_remote_code: bool = Field(
+        False, description="Run the model repository's own Python code. Off unless you trust it."
+    )
+    batch_size: int = Field(16, ge=1, description="Sequences per generate() call (prompts x samples).")
+    num_replicas: int = Field(1, ge=1, description="Ray actors, each holding one copy of the model.")
+    num_gpus: float = Field(0, ge=0, description="GPUs per replica (0 on a CPU machine).")
+    num_cpus: float = Field(1, ge=0, description="CPUs per replica.")
+    params: dict[str, Any] = Field(
+        default_factory=dict, description="Backend-specific options (see the backend's docs)."
+    )
+
+
+class ScorerConfig(_Strict):
+    name: str = Field(description="Registered scorer name, e.g. 'refusal_heuristic' or 'reward_model'.")
+    model: str | None = Field(None, description="Model for model-based scorers (Hub id or path).")
+    revision: str | None = Field(None, description="Hub revision of the scorer's model.")
+    trust_remote_code: bool = Field(False, description="Run the scorer model's own code.")
+    batch_size: int = Field(16, ge=1, description="Pairs per forward pass.")
+    params: dict[str, Any] = Field(default_factory=dict, description="Scorer-specific options.")
+
+
+class StageResources(_Strict):
+    num_replicas: int = Field(1, ge=1, description="Ray actors for this stage.")
+    num_gpus: float = Field(0, ge=0, description="GPUs per replica.")
+    num_cpus: float = Field(0.5, ge=0, description="CPUs per replica.")
+
+
+class SelectionConfig(_Strict):
+    scorer: str | None = Field(
+        None, description="Scorer whose score ranks candidates; the first scorer if empty."
+    )
+    min_margin: float = Field(0.0, ge=0, description="Least score gap between chosen and rejected.")
+    require_stop: bool = Field(
+        False, description="Treat responses cut off at max_new_tokens as invalid for selection."
+    )
+
+
+class RayConfig(_Strict):
+    address: str | None = Field(
+        None, description="Ray cluster address (e.g. ray://head:10001 or 'auto'); local Ray if empty."
+    )
+    num_cpus: int | None = Field(None, ge=1, description="CPUs for a local Ray (all if empty).")
+    num_gpus: int | None = Field(None, ge=0, description="GPUs for a local Ray (detected if empty).")
+
+
+class PreferenceConfig(_Strict):
+    """A Best-of-N preference-set build."""
+
+    dataset: str = Field(
+        "preference", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="Dataset name (a folder)."
+    )
+    output: str = Field("./dafactory-output", description="Output root: local path or s3://bucket/prefix.")
+    prompts: PromptSource = Field(default_factory=PromptSource, description="Where prompts come from.")
+    system_prompt: str | None = Field(None, description="System message put before each request.")
+    student: ModelConfig = Field(default_factory=ModelConfig, description="The model that samples.")
+    n: int = Field(4, ge=1, description="Samples per prompt.")
+    sampling: SamplingConfig = Field(default_factory=SamplingConfig, description="Sampling settings.")
+    scorers: list[ScorerConfig] = Field(
+        default_factory=lambda: [ScorerConfig(name="refusal_heuristic")],
+        min_length=1,
+        description="Scorers run on every candidate.",
+    )
+    scoring: StageResources = Field(
+        default_factory=StageResources, description="Ray resources of the scoring stage."
+    )
+    selection: SelectionConfig = Field(default_factory=SelectionConfig, description="Best-of-N rule.")
+    shard_size: int = Field(64, ge=1, description="Prompts per shard: the unit of work and resume.")
+    ray: RayConfig = Field(default_factory=RayConfig, description="Where Ray runs.")
+
+    @model_validator(mode="after")
+    def _check_names(self) -> "PreferenceConfig":
+        from tasks.backends import BACKENDS
+        from tasks.scorers import SCORERS
+
+        BACKENDS.check(self.student.backend)
+        names = [s.name for s in self.scorers]
+        for name in names:
+            SCORERS.check(name)
+        if len(set(names)) != len(names):
+            raise UserError(f"scorers are listed twice: {names}")
+        if self.selection.scorer is not None and self.selection.scorer not in names:
+            raise UserError(
+                f"selection.scorer {self.selection.scorer!r} is not among the configured scorers {names}"
+            )
+        return self
+
+    @property
+    def selection_scorer(self) -> str:
+        return self.selection.scorer or self.scorers[0].name
+
+    def fingerprint(self) -> str:
+        """Hash of everything that decides the dataset's content (not where or how fast it runs)."""
+        content = self.model_dump(
+            mode="json",
+            exclude={
+                "output": True,
+                "ray": True,
+                "scoring": True,
+                "student": {"num_replicas", "num_gpus", "num_cpus"},
+            },
+        )
+        blob = json.dumps(content, sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def _first_line(exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    loc = ".".join(str(p) for p in err["loc"]) or "config"
+    msg = err["msg"].removeprefix("Value error, ")
+    return f"invalid config: {loc}: {msg}"
+
+
+def _set_dotted(data: dict, key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = data
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise UserError(f"--set {key}: {part!r} is not a section")
+    node[parts[-1]] = value
+
+
+def build_config(
+    cls: type[BaseModel], path: str | Path | None = None, overrides: list[str] = ()
+) -> BaseModel:
+    """Build and validate a config from an optional YAML file and `key.sub=value` overrides."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise UserError(f"config file not found: {p}")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise UserError(f"config file {p} is not valid YAML: {str(exc).splitlines()[0]}") from None
+        if not isinstance(data, dict):
+            raise UserError(f"config file {p} must hold a mapping at the top level")
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise UserError(f"--set expects key=value, got {item!r}")
+        _set_dotted(data, key.strip(), yaml.safe_load(raw) if raw else "")
+    try:
+        return cls.model_validate(data)
+    except ValidationError as exc:
+        raise UserError(_first_line(exc)) from None

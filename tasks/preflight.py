@@ -1,0 +1,23 @@
+"""Checks of user input that run before any model loads. Pure: no Prefect, Ray or torch."""
+
+from __future__ import annotations
+
+from tasks.config import PreferenceConfig
+from tasks.models import check_reference
+from tasks.prompts import check_columns
+from tasks.scorers import SCORERS
+from tasks.storage import DatasetDir
+
+
+def preflight(config: PreferenceConfig) -> DatasetDir:
+    """Raise UserError on bad input (one line); return the dataset folder to build into."""
+    check_columns(config.prompts)
+    if config.student.backend == "hf":
+        check_reference(config.student.model)
+    for s in config.scorers:
+        SCORERS.get(s.name)(s)  # constructors check params; only load() is heavy
+        if s.model:
+            check_reference(s.model)
+    ds = DatasetDir(config.output, config.dataset)
+    ds.check_owner(config.fingerprint())
+    return ds

@@ -1,0 +1,117 @@
+"""Every output table's schema, defined once. Writers cast to these; readers can rely on them.
+
+Row contracts: a unit that reads a table names the columns it needs with `require_columns`.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+from tasks.errors import UserError
+
+MESSAGE = pa.struct([("role", pa.string()), ("content", pa.string())])
+MESSAGES = pa.list_(MESSAGE)
+
+SCORE = pa.struct(
+    [
+        ("scorer", pa.string()),
+        ("score", pa.float64()),  # null when the scorer could not score (reason says why)
+        ("label", pa.string()),
+        ("reason", pa.string()),
+        ("heuristic", pa.bool_()),  # true for rule-based scorers such as refusal_heuristic
+    ]
+)
+
+# What the generation stage hands on: one row per (prompt_id, sample_idx).
+GENERATED = pa.schema(
+    [
+        ("prompt_id", pa.string()),
+        ("sample_idx", pa.int32()),
+        ("prompt", pa.string()),
+        ("category", pa.string()),
+        ("response", pa.string()),
+        ("finish_reason", pa.string()),  # "stop" or "length"
+        ("prompt_tokens", pa.int32()),
+        ("response_tokens", pa.int32()),
+        ("model", pa.string()),
+        ("model_revision", pa.string()),
+        ("seed", pa.int64()),
+        ("shard_id", pa.string()),
+    ]
+)
+
+CANDIDATES = pa.schema(
+    list(GENERATED)
+    + [
+        ("scores", pa.list_(SCORE)),
+        ("selection_score", pa.float64()),  # the selection scorer's value, null if invalid
+        ("is_best", pa.bool_()),
+        ("pair_role", pa.string()),  # "chosen", "rejected" or null
+    ]
+)
+
+# TRL conversational preference format plus provenance.
+PAIRS = pa.schema(
+    [
+        ("prompt", MESSAGES),
+        ("chosen", MESSAGES),
+        ("rejected", MESSAGES),
+        ("prompt_id", pa.string()),
+        ("category", pa.string()),
+        ("chosen_sample_idx", pa.int32()),
+        ("rejected_sample_idx", pa.int32()),
+        ("chosen_score", pa.float64()),
+        ("rejected_score", pa.float64()),
+        ("margin", pa.float64()),
+        ("scorer", pa.string()),
+    ]
+)
+
+# TRL conversational prompt-completion format plus provenance.
+BEST = pa.schema(
+    [
+        ("prompt", MESSAGES),
+        ("completion", MESSAGES),
+        ("prompt_id", pa.string()),
+        ("category", pa.string()),
+        ("sample_idx", pa.int32()),
+        ("score", pa.float64()),
+        ("scorer", pa.string()),
+    ]
+)
+
+# Input rows that never reached a model, with the reason.
+QUARANTINE = pa.schema(
+    [
+        ("prompt_id", pa.string()),  # null when the text could not be decoded
+        ("source_row", pa.int64()),
+        ("prompt", pa.string()),
+        ("reason", pa.string()),
+        ("detail", pa.string()),
+    ]
+)
+
+TABLES: dict[str, pa.Schema] = {
+    "candidates": CANDIDATES,
+    "pairs": PAIRS,
+    "best": BEST,
+    "quarantine": QUARANTINE,
+}
+
+
+def require_columns(available: list[str], needed: list[str], what: str) -> None:
+    missing = [c for c in needed if c not in available]
+    if missing:
+        raise UserError(
+            f"{what}: missing column(s) {', '.join(map(repr, missing))}; "
+            f"columns present: {', '.join(map(repr, available)) or '(none)'}"
+        )
+
+
+def to_table(rows: list[dict], schema: pa.Schema) -> pa.Table:
+    """Build a table with exactly `schema` (extra keys are a bug, so they fail loudly)."""
+    if rows:
+        extra = set(rows[0]) - set(schema.names)
+        if extra:
+            raise ValueError(f"rows carry columns outside the schema: {sorted(extra)}")
+    return pa.Table.from_pylist(rows, schema=schema)

@@ -1,0 +1,146 @@
+"""Dataset layout on local disk or any fsspec filesystem (s3:// through s3fs): same code path.
+
+<output>/<dataset>/
+  config.json                  the config that owns this folder (written first)
+  candidates/part-<shard>.parquet   all N per prompt, with scores (written last per shard)
+  pairs/part-<shard>.parquet        TRL conversational preference rows
+  best/part-<shard>.parquet         TRL conversational prompt-completion rows
+  quarantine/part-<...>.parquet     input rows that never reached a model, with reasons
+  manifest.json                written last; its presence means the dataset is complete
+
+Parts are written under a temporary name and moved into place, so a reader never sees half a part.
+Shard part names are content hashes, so re-running a shard overwrites it instead of duplicating it.
+"""
+
+from __future__ import annotations
+
+import json
+import posixpath
+import uuid
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from tasks.errors import UserError
+from tasks.schemas import TABLES
+
+STATS_KEY = b"dafactory.shard_stats"
+MANIFEST = "manifest.json"
+CONFIG = "config.json"
+
+
+class DatasetDir:
+    def __init__(self, output: str, dataset: str):
+        self.uri = output.rstrip("/") + "/" + dataset
+        self.fs, self.root = fsspec.core.url_to_fs(self.uri)
+
+    def _path(self, *parts: str) -> str:
+        return posixpath.join(self.root, *parts)
+
+    def _write_bytes(self, rel: str, data: bytes) -> None:
+        final = self._path(rel)
+        tmp = final + f".tmp-{uuid.uuid4().hex[:8]}"
+        self.fs.makedirs(posixpath.dirname(final), exist_ok=True)
+        with self.fs.open(tmp, "wb") as f:
+            f.write(data)
+        self.fs.mv(tmp, final)
+
+    def _read_json(self, rel: str) -> dict | None:
+        path = self._path(rel)
+        if not self.fs.exists(path):
+            return None
+        with self.fs.open(path, "rb") as f:
+            return json.load(f)
+
+    # ownership -------------------------------------------------------------------------------
+    def check_owner(self, fingerprint: str) -> None:
+        """Refuse an output that already holds a dataset built with a different config."""
+        existing = self._read_json(CONFIG)
+        if existing is not None and existing.get("fingerprint") != fingerprint:
+            raise UserError(
+                f"output {self.uri} already holds a dataset built with a different config "
+                f"(fingerprint {existing.get('fingerprint')}, this run {fingerprint}); "
+                "use another dataset name or output"
+            )
+
+    def claim(self, fingerprint: str, config: dict) -> None:
+        self.check_owner(fingerprint)
+        # A run in progress must never be mistaken for a complete dataset.
+        if self.fs.exists(self._path(MANIFEST)):
+            self.fs.rm(self._path(MANIFEST))
+        self._write_bytes(CONFIG, json.dumps({"fingerprint": fingerprint, "config": config}, indent=2).encode())
+
+    # parts -----------------------------------------------------------------------------------
+    def part_path(self, table: str, part: str) -> str:
+        return self._path(table, f"part-{part}.parquet")
+
+    def write_part(self, table: str, part: str, data: pa.Table, stats: dict | None = None) -> None:
+        data = data.cast(TABLES[table])
+        if stats is not None:
+            data = data.replace_schema_metadata({STATS_KEY: json.dumps(stats).encode()})
+        final = self.part_path(table, part)
+        tmp = final + f".tmp-{uuid.uuid4().hex[:8]}"
+        self.fs.makedirs(posixpath.dirname(final), exist_ok=True)
+        with self.fs.open(tmp, "wb") as f:
+            pq.write_table(data, f, compression="zstd")
+        self.fs.mv(tmp, final)
+
+    def shard_done(self, shard_id: str) -> bool:
+        # candidates is the last part a shard writes: its presence marks the shard complete.
+        return self.fs.exists(self.part_path("candidates", shard_id))
+
+    def parts(self, table: str) -> dict[str, str]:
+        """part name -> path, for finished parts only."""
+        pattern = self._path(table, "part-*.parquet")
+        return {
+            posixpath.basename(p)[len("part-") : -len(".parquet")]: p for p in sorted(self.fs.glob(pattern))
+        }
+
+    def prune(self, keep: set[str], tables: list[str]) -> int:
+        """Remove shard parts not in `keep` (left over from an earlier version of the input)."""
+        removed = 0
+        for table in tables:
+            for part, path in self.parts(table).items():
+                if part not in keep:
+                    self.fs.rm(path)
+                    removed += 1
+        for table in TABLES:  # leftovers of interrupted writes
+            for path in self.fs.glob(self._path(table, "*.tmp-*")):
+                self.fs.rm(path)
+        return removed
+
+    def footer(self, path: str) -> pq.FileMetaData:
+        with self.fs.open(path, "rb") as f:
+            return pq.ParquetFile(f).metadata
+
+    def shard_stats(self) -> list[dict]:
+        out = []
+        for path in self.parts("candidates").values():
+            meta = self.footer(path).metadata or {}
+            out.append(json.loads(meta.get(STATS_KEY, b"{}")))
+        return out
+
+    def row_counts(self) -> dict[str, dict]:
+        counts = {}
+        for table in TABLES:
+            paths = list(self.parts(table).values())
+            counts[table] = {"rows": sum(self.footer(p).num_rows for p in paths), "parts": len(paths)}
+        return counts
+
+    def read_table(self, table: str) -> pa.Table:
+        paths = list(self.parts(table).values())
+        if not paths:
+            return TABLES[table].empty_table()
+        tables = []
+        for p in paths:
+            with self.fs.open(p, "rb") as f:
+                tables.append(pq.read_table(f).replace_schema_metadata(None))
+        return pa.concat_tables(tables)
+
+    # manifest --------------------------------------------------------------------------------
+    def write_manifest(self, manifest: dict) -> None:
+        self._write_bytes(MANIFEST, json.dumps(manifest, indent=2, default=str).encode())
+
+    def read_manifest(self) -> dict | None:
+        return self._read_json(MANIFEST)

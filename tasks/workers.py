@@ -1,0 +1,195 @@
+"""Ray machinery: stage actors that load their model once, and a driver that streams shards through them.
+
+A stage is plain data (Ray Data LLM style): the actor class, its constructor arguments and its resource
+request. Shards flow stage to stage as Ray object references, so payloads do not pass through the
+driver until the last stage; the driver only writes results.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
+
+import ray
+
+from tasks.backends import BACKENDS
+from tasks.config import ModelConfig, RayConfig, SamplingConfig, ScorerConfig, SelectionConfig
+from tasks.generation import generate_shard
+from tasks.prompts import Shard
+from tasks.schemas import BEST, CANDIDATES, GENERATED, PAIRS, QUARANTINE, to_table
+from tasks.scorers import SCORERS
+from tasks.selection import select
+
+log = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def ray_session(cfg: RayConfig):
+    """Join the cluster at `address`, or start a local Ray; leave alone a Ray the caller started."""
+    if ray.is_initialized():
+        yield
+        return
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if cfg.address:
+        ray.init(address=cfg.address, log_to_driver=True)
+    else:
+        ray.init(num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus, include_dashboard=False)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+def worker_info() -> dict:
+    return {
+        "node": socket.gethostname(),
+        "pid": os.getpid(),
+        "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+        "gpu_ids": [str(g) for g in ray.get_gpu_ids()],
+    }
+
+
+class GenerateStage:
+    """Loads the student once; turns a shard into GENERATED rows and too-long quarantine rows."""
+
+    def __init__(self, model: ModelConfig, sampling: SamplingConfig, n: int, system_prompt: str | None):
+        t0 = time.perf_counter()
+        self.model, self.sampling, self.n, self.system_prompt = model, sampling, n, system_prompt
+        self.backend = BACKENDS.get(model.backend)(model)
+        self.backend.load()
+        self.load_seconds = time.perf_counter() - t0
+
+    def info(self) -> dict:
+        return worker_info() | {
+            "load_seconds": self.load_seconds, "model": self.backend.model_id, "revision": self.backend.revision
+        }
+
+    def process(self, shard: Shard) -> dict:
+        t0 = time.perf_counter()
+        rows, quarantine = generate_shard(
+            self.backend, shard, self.n, self.sampling, self.model.batch_size, self.system_prompt
+        )
+        return {
+            "shard_id": shard.shard_id,
+            "shard_index": shard.index,
+            "prompts": len(shard.rows),
+            "generated": to_table(rows, GENERATED),
+            "quarantine": quarantine,
+            "seconds": {"generate": time.perf_counter() - t0},
+        }
+
+
+class ScoreSelectStage:
+    """Loads every scorer once; scores a generated shard, then selects best and pairs."""
+
+    def __init__(
+        self,
+        scorers: list[ScorerConfig],
+        selection: SelectionConfig,
+        selection_scorer: str,
+        system_prompt: str | None,
+    ):
+        t0 = time.perf_counter()
+        self.scorers = [SCORERS.get(s.name)(s) for s in scorers]
+        for s in self.scorers:
+            s.load()
+        self.selection, self.selection_scorer, self.system_prompt = selection, selection_scorer, system_prompt
+        self.direction = next(s.direction for s in self.scorers if s.name == selection_scorer)
+        self.load_seconds = time.perf_counter() - t0
+
+    def info(self) -> dict:
+        return worker_info() | {"load_seconds": self.load_seconds}
+
+    def process(self, payload: dict) -> dict:
+        t0 = time.perf_counter()
+        rows = payload.pop("generated").to_pylist()
+        per_scorer = [s.score(rows) for s in self.scorers]
+        for i, row in enumerate(rows):
+            row["scores"] = [
+                {"scorer": s.name, "heuristic": s.heuristic, **results[i]}
+                for s, results in zip(self.scorers, per_scorer)
+            ]
+        t1 = time.perf_counter()
+        sel = select(
+            rows,
+            self.selection_scorer,
+            self.direction,
+            self.selection.min_margin,
+            self.selection.require_stop,
+            self.system_prompt,
+        )
+        payload["tables"] = {
+            "candidates": to_table(sel.candidates, CANDIDATES),
+            "pairs": to_table(sel.pairs, PAIRS),
+            "best": to_table(sel.best, BEST),
+            "quarantine": to_table(payload.pop("quarantine"), QUARANTINE),
+        }
+        payload["unpaired"] = dict(sel.unpaired)
+        payload["seconds"] |= {"score": t1 - t0, "select": time.perf_counter() - t1}
+        return payload
+
+
+@dataclass
+class StageSpec:
+    name: str
+    cls: type
+    args: tuple
+    num_replicas: int = 1
+    num_gpus: float = 0
+    num_cpus: float = 1
+    actors: list = field(default_factory=list)
+
+    def start(self) -> None:
+        remote = ray.remote(self.cls).options(
+            num_gpus=self.num_gpus, num_cpus=self.num_cpus, max_restarts=2, max_task_retries=2
+        )
+        self.actors = [remote.remote(*self.args) for _ in range(self.num_replicas)]
+
+
+def start_stages(stages: list[StageSpec]) -> list[dict]:
+    """Start every stage's actors and wait until their models are loaded; returns each actor's info."""
+    for st in stages:
+        st.start()
+    infos = ray.get([a.info.remote() for st in stages for a in st.actors])
+    names = [st.name for st in stages for _ in st.actors]
+    return [dict(info, stage=name) for name, info in zip(names, infos)]
+
+
+def stream(stages: list[StageSpec], items: Iterable[Any], on_result: Callable[[dict], None]) -> None:
+    """Push items through the stages; call on_result (in the driver) with each last-stage output.
+
+    Each actor works on one item at a time; a stage runs ahead of the next by at most twice the next
+    stage's replicas, which bounds what waits in the object store.
+    """
+    queues: list[list] = [list(items)] + [[] for _ in stages[1:]]
+    idle = [list(st.actors) for st in stages]
+    in_flight: dict = {}
+    while any(queues) or in_flight:
+        for s, st in enumerate(stages):
+            ahead_ok = s + 1 == len(stages) or len(queues[s + 1]) < 2 * len(stages[s + 1].actors)
+            while idle[s] and queues[s] and ahead_ok:
+                actor = idle[s].pop()
+                in_flight[actor.process.remote(queues[s].pop(0))] = (s, actor)
+                ahead_ok = s + 1 == len(stages) or len(queues[s + 1]) + sum(
+                    1 for v in in_flight.values() if v[0] == s
+                ) < 2 * len(stages[s + 1].actors)
+        ready, _ = ray.wait(list(in_flight), num_returns=1)
+        for ref in ready:
+            s, actor = in_flight.pop(ref)
+            idle[s].append(actor)
+            if s + 1 < len(stages):
+                queues[s + 1].append(ref)
+            else:
+                on_result(ray.get(ref))
+
+
+def kill_stages(stages: list[StageSpec]) -> None:
+    for st in stages:
+        for a in st.actors:
+            ray.kill(a)
+        st.actors = []
