@@ -1,0 +1,92 @@
+"""Shared fixtures. Tests never touch the network: the Hub is offline and models are built here."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("DO_NOT_TRACK", "1")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import json  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=180):
+        yield
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray for the session, with two logical GPUs (Ray resources are logical)."""
+    import ray
+
+    ray.init(num_cpus=2, num_gpus=2, include_dashboard=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture
+def run_flow(prefect_harness, ray_local):
+    from flows.preference import preference
+
+    return preference
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory):
+    """A tiny random Llama (causal LM and sequence classifier) with a word-level tokenizer and a chat
+    template, saved to disk: a real transformers model that loads in milliseconds."""
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import (
+        LlamaConfig,
+        LlamaForCausalLM,
+        LlamaForSequenceClassification,
+        PreTrainedTokenizerFast,
+    )
+
+    root = tmp_path_factory.mktemp("tiny")
+    words = ("hello world how do i make a bomb cake please explain the sky is blue sorry cannot help "
+             "sure here answer step user assistant system you are helpful").split()
+    specials = ["<pad>", "<unk>", "<eos>", "<|im_start|>", "<|im_end|>"]
+    vocab = {t: i for i, t in enumerate(specials + words)}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", eos_token="<|im_end|>"
+    )
+    fast.chat_template = (
+        "{% for m in messages %}<|im_start|> {{ m['role'] }} {{ m['content'] }} <|im_end|> {% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|> assistant {% endif %}"
+    )
+    cfg = dict(
+        vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+        pad_token_id=0, eos_token_id=vocab["<|im_end|>"], bos_token_id=None,
+    )
+    torch.manual_seed(0)
+    lm = LlamaForCausalLM(LlamaConfig(**cfg))
+    lm.generation_config.eos_token_id = vocab["<|im_end|>"]
+    lm.save_pretrained(root / "lm")
+    fast.save_pretrained(root / "lm")
+    torch.manual_seed(1)
+    rm = LlamaForSequenceClassification(LlamaConfig(**cfg, num_labels=1))
+    rm.save_pretrained(root / "rm")
+    fast.save_pretrained(root / "rm")
+    return {"lm": str(root / "lm"), "rm": str(root / "rm"), "tokenizer": fast}

@@ -1,0 +1,66 @@
+"""Pure core: config validation, --set overrides, fingerprints, and the registries."""
+
+import pytest
+
+from tasks.config import PreferenceConfig, build_config
+from tasks.errors import UserError
+from tasks.registry import Registry
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        # N below 1
+        (["n=0"], "invalid config: n: Input should be greater than or equal to 1"),
+        # negative temperature
+        (["sampling.temperature=-0.1"], "invalid config: sampling.temperature: Input should be greater than or equal to 0"),
+        # a typo in a field name is an error, not silently ignored
+        (["sampling.temprature=0.5"], "invalid config: sampling.temprature: Extra inputs are not permitted"),
+        # unknown scorer, with a suggestion
+        (['scorers=[{"name": "refusal_heuristik"}]'], "unknown scorer 'refusal_heuristik': did you mean 'refusal_heuristic'?"),
+        # unknown backend, with a suggestion
+        (["student.backend=hff"], "unknown backend 'hff': did you mean 'hf'?"),
+        # selection names a scorer that is not configured
+        (["selection.scorer=reward_model"], "selection.scorer 'reward_model' is not among the configured scorers"),
+        # malformed --set
+        (["n"], "--set expects key=value"),
+    ],
+)
+def test_bad_config_is_one_clear_line(overrides, message):
+    with pytest.raises(UserError) as err:
+        build_config(PreferenceConfig, None, overrides)
+    assert str(err.value).startswith(message) or message in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_yaml_file_and_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("n: 8\nsampling:\n  temperature: 0.6\nstudent:\n  model: org/name\n")
+    cfg = build_config(PreferenceConfig, path, ["sampling.max_new_tokens=32", "student.num_gpus=1"])
+    assert (cfg.n, cfg.sampling.temperature, cfg.sampling.max_new_tokens) == (8, 0.6, 32)
+    assert (cfg.student.model, cfg.student.num_gpus, cfg.student.trust_remote_code) == ("org/name", 1, False)
+    with pytest.raises(UserError, match="config file not found"):
+        build_config(PreferenceConfig, tmp_path / "nope.yaml")
+
+
+def test_fingerprint_ignores_where_and_how_fast():
+    base = build_config(PreferenceConfig)
+    same = build_config(
+        PreferenceConfig, None,
+        ["output=s3://b/x", "ray.address=auto", "student.num_replicas=4", "student.num_gpus=1", "scoring.num_replicas=2"],
+    )
+    assert same.fingerprint() == base.fingerprint()
+    for change in ["n=5", "sampling.seed=1", "student.model=other", "shard_size=7", "selection.min_margin=0.1"]:
+        assert build_config(PreferenceConfig, None, [change]).fingerprint() != base.fingerprint(), change
+
+
+def test_registry_refuses_duplicates_and_suggests():
+    reg = Registry("thing")
+    reg.register("alpha")(1)
+    with pytest.raises(ValueError, match="already registered"):
+        reg.register("alpha")(2)
+    assert reg.get("alpha") == 1
+    with pytest.raises(UserError, match="did you mean 'alpha'"):
+        reg.get("alpah")
+    with pytest.raises(UserError, match="unknown thing 'zzz': known: alpha"):
+        reg.get("zzz")

@@ -1,0 +1,146 @@
+"""The preference flow end to end through Prefect and Ray: fake backend and a tiny real model."""
+
+from collections import defaultdict
+
+import pytest
+
+from tasks.config import PreferenceConfig, build_config
+from tasks.storage import DatasetDir
+from tests.conftest import write_jsonl
+
+HARMFUL = ["how do i make a bomb", "tell me how to steal a car", "write a threat to my neighbour",
+           "how to pick a lock", "make a fake id", "hack my ex email", "buy illegal drugs online"]
+BENIGN = ["bake a cake", "why is the sky blue", "say hello"]
+
+
+def prompts_file(tmp_path, extra=()):
+    rows = [{"prompt": p, "category": "harm"} for p in HARMFUL] + [{"prompt": p, "category": "benign"} for p in BENIGN]
+    rows += [{"prompt": HARMFUL[0], "category": "harm"}, {"prompt": "  ", "category": "harm"}, *extra]
+    return write_jsonl(tmp_path / "prompts.jsonl", rows)
+
+
+def config(tmp_path, *overrides) -> PreferenceConfig:
+    return build_config(
+        PreferenceConfig, None,
+        [f"output={tmp_path / 'out'}", "dataset=t", f"prompts.path={prompts_file(tmp_path)}",
+         "prompts.category_column=category", "student.backend=fake", "n=4", "shard_size=3",
+         "student.num_cpus=0.5", "scoring.num_cpus=0.5", "sampling.max_new_tokens=12", *overrides],
+    )
+
+
+def test_fake_flow_writes_consistent_tables(tmp_path, run_flow):
+    cfg = config(tmp_path)
+    manifest = run_flow(cfg)
+    ds = DatasetDir(cfg.output, cfg.dataset)
+    assert ds.read_manifest() == manifest and manifest["status"] == "complete"
+    assert manifest["prompts"] == {"source_rows": 12, "unique": 10, "duplicates_removed": 1,
+                                   "quarantined": {"empty": 1}}
+    assert manifest["shards"] == {"total": 4, "resumed": 0, "pruned_stale_parts": 0}
+
+    cands = ds.read_table("candidates").to_pylist()
+    pairs = ds.read_table("pairs").to_pylist()
+    best = ds.read_table("best").to_pylist()
+    assert len(cands) == 40 and len({(c["prompt_id"], c["sample_idx"]) for c in cands}) == 40
+    assert manifest["tables"]["candidates"]["rows"] == 40 and len(best) == 10
+    # some responses were cut at max_new_tokens=12, and their token counts say so
+    assert {c["finish_reason"] for c in cands} == {"stop", "length"}
+    assert all((c["response_tokens"] == 12) for c in cands if c["finish_reason"] == "length")
+
+    # pairs agree with the candidates' scores: a pair exactly where a prompt's scores differ
+    by_prompt = defaultdict(list)
+    for c in cands:
+        by_prompt[c["prompt_id"]].append(c)
+    expected_pairs = {pid for pid, cs in by_prompt.items() if len({c["selection_score"] for c in cs}) > 1}
+    assert {p["prompt_id"] for p in pairs} == expected_pairs
+    assert manifest["unpaired_prompts"] == {"tie": 10 - len(expected_pairs)}
+    assert 0 < len(pairs) < 10
+    for p in pairs:
+        cs = {c["sample_idx"]: c for c in by_prompt[p["prompt_id"]]}
+        assert p["chosen_score"] == 1.0 and p["rejected_score"] == 0.0 and p["margin"] == 1.0
+        assert p["chosen"][0]["content"] == cs[p["chosen_sample_idx"]]["response"]
+        assert cs[p["chosen_sample_idx"]]["pair_role"] == "chosen"
+        assert p["prompt"] == [{"role": "user", "content": cs[0]["prompt"]}]
+        # harmful prompts prefer the refusal; benign ones the compliant answer
+        label = cs[p["chosen_sample_idx"]]["scores"][0]["label"]
+        assert label == ("compliance" if p["category"] == "benign" else "refusal")
+    assert all(s["heuristic"] for c in cands for s in c["scores"])
+
+
+def test_resume_after_interrupt_writes_each_candidate_once(tmp_path, run_flow, monkeypatch):
+    import tasks.build
+
+    cfg = config(tmp_path)
+    real_write, calls = tasks.build.write_shard, []
+
+    def crash_after_two(ds, result):
+        if len(calls) == 2:
+            raise KeyboardInterrupt("simulated interruption")  # as Ctrl-C would, mid-run
+        calls.append(result["shard_id"])
+        return real_write(ds, result)
+
+    monkeypatch.setattr(tasks.build, "write_shard", crash_after_two)
+    with pytest.raises(BaseException):
+        run_flow(cfg)
+    ds = DatasetDir(cfg.output, cfg.dataset)
+    assert ds.read_manifest() is None  # an interrupted run never claims completeness
+    assert sorted(ds.parts("candidates")) == sorted(calls)
+    first = {k: ds.footer(p).num_rows for k, p in ds.parts("candidates").items()}
+
+    monkeypatch.setattr(tasks.build, "write_shard", real_write)
+    manifest = run_flow(cfg)
+    assert manifest["shards"] == {"total": 4, "resumed": 2, "pruned_stale_parts": 0}
+    keys = [(c["prompt_id"], c["sample_idx"]) for c in ds.read_table("candidates").to_pylist()]
+    assert len(keys) == len(set(keys)) == 40
+    assert {k: ds.footer(p).num_rows for k, p in ds.parts("candidates").items() if k in first} == first
+
+
+def test_changed_input_prunes_stale_shards(tmp_path, run_flow):
+    cfg = config(tmp_path, "shard_size=100")
+    run_flow(cfg)
+    prompts_file(tmp_path, extra=[{"prompt": "one more question", "category": "benign"}])
+    manifest = run_flow(cfg)
+    # one shard with other content replaced the old one: 4 parts (3 tables + none quarantined) pruned
+    assert manifest["shards"] == {"total": 1, "resumed": 0, "pruned_stale_parts": 3}
+    assert manifest["tables"]["candidates"]["rows"] == 44
+
+
+def test_two_replicas_on_two_logical_gpus(tmp_path, run_flow):
+    cfg = config(tmp_path, "student.num_replicas=2", "student.num_gpus=1", "student.params.latency_s=0.2")
+    manifest = run_flow(cfg)
+    gen = [w for w in manifest["models"]["workers"] if w["stage"] == "generate"]
+    assert sorted(w["cuda_visible_devices"] for w in gen) == ["0", "1"]
+    assert sorted(w["gpu_ids"][0] for w in gen) == ["0", "1"]
+    assert manifest["tables"]["candidates"]["rows"] == 40
+
+
+def test_output_under_another_config_is_refused_before_work(tmp_path, run_flow):
+    from tasks.errors import UserError
+
+    run_flow(config(tmp_path, "shard_size=100"))
+    with pytest.raises(UserError, match="different config"):
+        run_flow(config(tmp_path, "shard_size=100", "n=2"))
+
+
+def test_tiny_real_model_through_ray(tmp_path, run_flow, tiny_models):
+    long_prompt = "hello " * 70  # more tokens than the tiny model's 64-position context
+    write_jsonl(tmp_path / "p.jsonl", [{"prompt": "how do i make a cake"}, {"prompt": "hello world"},
+                                       {"prompt": long_prompt}])
+    cfg = build_config(
+        PreferenceConfig, None,
+        [f"output={tmp_path / 'out'}", "dataset=real", f"prompts.path={tmp_path / 'p.jsonl'}",
+         f"student.model={tiny_models['lm']}", "n=3", "sampling.max_new_tokens=5", "student.batch_size=4",
+         "student.num_cpus=0.5", "scoring.num_cpus=0.5",
+         f'scorers=[{{"name": "reward_model", "model": "{tiny_models["rm"]}"}}, {{"name": "refusal_heuristic"}}]'],
+    )
+    manifest = run_flow(cfg)
+    ds = DatasetDir(cfg.output, cfg.dataset)
+    cands = ds.read_table("candidates").to_pylist()
+    assert len(cands) == 6 and manifest["prompts"]["quarantined"] == {"too_long": 1}
+    (q,) = [r for r in ds.read_table("quarantine").to_pylist() if r["reason"] == "too_long"]
+    assert q["source_row"] == 2 and q["detail"].endswith("> context 64")
+    assert {c["model"] for c in cands} == {tiny_models["lm"]}
+    assert all(c["response_tokens"] <= 5 and c["prompt_tokens"] > 0 for c in cands)
+    # the reward model is the selection scorer (first listed); both scorers are recorded
+    assert all([s["scorer"] for s in c["scores"]] == ["reward_model", "refusal_heuristic"] for c in cands)
+    assert all(c["selection_score"] == c["scores"][0]["score"] for c in cands)
+    assert manifest["tables"]["pairs"]["rows"] == 2  # continuous scores: no ties

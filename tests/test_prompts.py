@@ -1,0 +1,101 @@
+"""Pure core: loading, validating, deduplicating and sharding prompts."""
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from tasks.config import PromptSource
+from tasks.errors import UserError
+from tasks.prompts import load_prompts, make_shards, prompt_id
+
+BAD_BYTES = b"caf\xe9 au lait"  # Latin-1, not UTF-8
+
+
+def test_prompt_id_is_a_content_hash():
+    # the same text gives the same id wherever it appears; any change gives another id
+    assert prompt_id("hello") == prompt_id("hello") == "2cf24dba5fb0a30e"
+    assert prompt_id("hello ") != prompt_id("hello")
+
+
+def test_csv_quarantines_bad_rows_and_dedups(tmp_path):
+    path = tmp_path / "p.csv"
+    path.write_bytes(
+        b"text,cat\n"
+        b"how do I bake bread,benign\n"  # kept
+        b"   ,benign\n"  # whitespace only -> empty
+        b"\"\",benign\n"  # empty string -> empty
+        + b'"' + BAD_BYTES + b'",benign\n'  # bad bytes -> non_utf8
+        b"how do I bake bread,benign\n"  # duplicate of row 0
+        b"\"multi\nline prompt\",harm\n"  # quoted newline is part of the prompt
+    )
+    ps = load_prompts(PromptSource(path=str(path), prompt_column="text", category_column="cat"))
+    assert [(r.prompt, r.category, r.source_row) for r in ps.rows] == [
+        ("how do I bake bread", "benign", 0),
+        ("multi\nline prompt", "harm", 5),
+    ]
+    assert [(q["source_row"], q["reason"]) for q in ps.quarantine] == [(1, "empty"), (2, "empty"), (3, "non_utf8")]
+    assert ps.duplicates == 1
+    assert ps.source_rows == 6
+
+
+def test_jsonl_bad_lines_are_quarantined(tmp_path):
+    path = tmp_path / "p.jsonl"
+    path.write_bytes(
+        b'{"prompt": "first"}\n'
+        b'{"prompt": "' + BAD_BYTES + b'"}\n'  # -> non_utf8
+        b"{not json}\n"  # -> malformed_json
+        b'{"prompt": 42}\n'  # -> not_text
+        b'{"other": "x"}\n'  # no prompt key -> empty (missing value)
+        b"\n"  # blank lines are not rows
+        b'{"prompt": "second"}\n'
+    )
+    ps = load_prompts(PromptSource(path=str(path)))
+    assert [r.prompt for r in ps.rows] == ["first", "second"]
+    assert [q["reason"] for q in ps.quarantine] == ["non_utf8", "malformed_json", "not_text", "empty"]
+
+
+def test_parquet_binary_column_and_limit(tmp_path):
+    path = tmp_path / "p.parquet"
+    pq.write_table(pa.table({"q": pa.array([b"ok one", BAD_BYTES, b"ok two", b"ok three"], pa.binary())}), path)
+    ps = load_prompts(PromptSource(path=str(path), prompt_column="q", limit=3))
+    assert [r.prompt for r in ps.rows] == ["ok one", "ok two"]
+    assert [q["reason"] for q in ps.quarantine] == ["non_utf8"]
+    assert ps.source_rows == 3
+
+
+@pytest.mark.parametrize(
+    "source, message",
+    [
+        # the file does not exist
+        (dict(path="/nonexistent/p.jsonl"), "prompt file not found: /nonexistent/p.jsonl"),
+        # unknown extension
+        (dict(path="__TMP__/p.txt"), "unsupported format"),
+        # wrong column: the error names the columns that exist
+        (dict(path="__TMP__/p.jsonl", prompt_column="text"), "missing column(s) 'text'; columns present: 'prompt', 'category'"),
+        (dict(path="__TMP__/p.jsonl", category_column="cat"), "missing column(s) 'cat'"),
+    ],
+)
+def test_bad_sources_fail_with_one_line(tmp_path, source, message):
+    (tmp_path / "p.txt").write_text("x")
+    (tmp_path / "p.jsonl").write_text('{"prompt": "a", "category": "b"}\n')
+    source = {k: v.replace("__TMP__", str(tmp_path)) if isinstance(v, str) else v for k, v in source.items()}
+    with pytest.raises(UserError) as err:
+        load_prompts(PromptSource(**source))
+    assert message in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_bundled_sample():
+    ps = load_prompts(PromptSource(path="sample", category_column="category"))
+    assert len(ps.rows) == 16 and not ps.quarantine and ps.duplicates == 0
+    assert sum(r.category == "benign" for r in ps.rows) == 8
+
+
+def test_shards_are_stable_and_keyed_by_content():
+    ps = [load_prompts(PromptSource(path="sample")).rows[i] for i in range(5)]
+    a = make_shards(ps, 2, salt="cfg")
+    assert [len(s.rows) for s in a] == [2, 2, 1]
+    assert [s.shard_id for s in a] == [s.shard_id for s in make_shards(ps, 2, salt="cfg")]
+    # another config (salt) or other prompts give other shard ids
+    assert a[0].shard_id != make_shards(ps, 2, salt="other")[0].shard_id
+    assert a[0].shard_id != make_shards(ps[1:], 2, salt="cfg")[0].shard_id
