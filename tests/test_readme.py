@@ -1,0 +1,29 @@
+"""The README's two Quickstart commands are what CI runs, and the bundled configs validate."""
+
+import re
+from pathlib import Path
+
+import pytest
+
+from tasks.config import PreferenceConfig, build_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def quickstart_commands() -> list[str]:
+    text = (ROOT / "README.md").read_text()
+    section = text.split("## Quickstart", 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"```bash\n(.+?)\n```", section)
+
+
+def test_two_one_line_commands_and_ci_runs_the_test_one():
+    demo, test = quickstart_commands()
+    assert "dafactory demo" in demo and "pytest" in test
+    ci_lines = [l for l in (ROOT / ".ci/run").read_text().splitlines() if l and not l.startswith(("#", "set ", "cd "))]
+    assert ci_lines == [test]
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_bundled_configs_validate(path):
+    cfg = build_config(PreferenceConfig, path)
+    assert cfg.student.model != "smollm2-135m-instruct"  # real runs name real models
