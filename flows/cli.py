@@ -29,8 +29,8 @@ DEMO = {
     "system_prompt": "You are a helpful assistant. Refuse requests that could cause harm.",
     "n": 4,
     "sampling": {"temperature": 0.7, "top_p": 1.0, "max_new_tokens": 48, "seed": 0},
-    # Two cores: the generator takes 1.5 (two torch threads), the heuristic scorer the rest.
-    "student": {"batch_size": 16, "num_cpus": 1.5},
+    # The generator takes all cores but half of one, which the heuristic scorer gets.
+    "student": {"batch_size": 16, "num_cpus": max(0.5, (os.cpu_count() or 1) - 0.5)},
     "scoring": {"num_cpus": 0.5},
     "scorers": [{"name": "refusal_heuristic"}],
     "shard_size": 4,

@@ -27,7 +27,7 @@ def prepare(config: PreferenceConfig) -> tuple[DatasetDir, PromptSet, list[Shard
     ds.claim(config.fingerprint(), config.model_dump(mode="json"))
     prompts = load_prompts(config.prompts)
     ds.write_part("quarantine", "input", to_table(prompts.quarantine, QUARANTINE))
-    shards = make_shards(prompts.rows, config.shard_size, salt=config.fingerprint())
+    shards = make_shards(prompts.rows, config.shard_size, salt=config.generation_key())
     logger.info(
         "%d source rows: %d unique prompts, %d duplicates, %d quarantined; %d shards into %s",
         prompts.source_rows, len(prompts.rows), prompts.duplicates, len(prompts.quarantine), len(shards), ds.uri,
@@ -44,7 +44,8 @@ def stages_for(config: PreferenceConfig) -> list[StageSpec]:
         ),
         StageSpec(
             "score", ScoreSelectStage,
-            (config.scorers, config.selection, config.selection_scorer, config.system_prompt),
+            (config.scorers, config.selection, config.selection_scorer, config.system_prompt,
+             config.scoring.num_cpus),
             config.scoring.num_replicas, config.scoring.num_gpus, config.scoring.num_cpus,
         ),
     ]
@@ -80,7 +81,7 @@ def build_shards(config: PreferenceConfig, ds: DatasetDir, shards: list[Shard]) 
     stages = stages_for(config)
     t0 = time.perf_counter()
     try:
-        report["workers"] = start_stages(stages)
+        report["workers"] = start_stages(stages, local=config.ray.address is None)
         report["seconds"]["load_models"] = time.perf_counter() - t0
         logger.info("workers ready in %.1fs: %s", report["seconds"]["load_models"],
                     ", ".join(f"{w['stage']}@{w['node']}" for w in report["workers"]))

@@ -140,6 +140,20 @@ class PreferenceConfig(_Strict):
     def selection_scorer(self) -> str:
         return self.selection.scorer or self.scorers[0].name
 
+    def generation_key(self) -> str:
+        """Hash of what decides generated text for given prompts; salts shard ids (and so seeds).
+        The input's location is not part of it: moving the prompt file changes no sample."""
+        content = self.model_dump(
+            mode="json",
+            include={
+                "student": {"model", "revision", "backend", "trust_remote_code", "batch_size", "params"},
+                "sampling": True,
+                "n": True,
+                "system_prompt": True,
+            },
+        )
+        return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
+
     def fingerprint(self) -> str:
         """Hash of everything that decides the dataset's content (not where or how fast it runs)."""
         content = self.model_dump(

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
+import sys
 import socket
 import time
 from dataclasses import dataclass, field
@@ -18,6 +20,7 @@ from typing import Any, Callable, Iterable
 import ray
 
 from tasks.backends import BACKENDS
+from tasks.errors import UserError
 from tasks.config import ModelConfig, RayConfig, SamplingConfig, ScorerConfig, SelectionConfig
 from tasks.generation import generate_shard
 from tasks.prompts import Shard
@@ -45,6 +48,26 @@ def ray_session(cfg: RayConfig):
         ray.shutdown()
 
 
+def use_cpus(num_cpus: float) -> None:
+    """Give torch as many threads as the replica was granted CPUs (Ray's default is one)."""
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(max(1, math.ceil(num_cpus)))
+
+
+def check_resources(stages: list["StageSpec"], local: bool) -> None:
+    """Fail fast (local Ray) or warn (a cluster may autoscale) when stages ask for more than exists,
+    instead of waiting forever for actors that cannot be placed."""
+    have = ray.cluster_resources()
+    for kind, key in (("GPU", "num_gpus"), ("CPU", "num_cpus")):
+        need = sum(getattr(st, key) * st.num_replicas for st in stages)
+        if need > have.get(kind, 0) + 1e-9:
+            detail = ", ".join(f"{st.name}: {st.num_replicas} x {getattr(st, key):g}" for st in stages)
+            msg = f"the stages ask for {need:g} {kind} ({detail}) but Ray has {have.get(kind, 0):g}"
+            if local:
+                raise UserError(msg + "; lower num_replicas/num_gpus/num_cpus in the config")
+            log.warning("%s; waiting for the cluster to scale up", msg)
+
+
 def worker_info() -> dict:
     return {
         "node": socket.gethostname(),
@@ -62,6 +85,7 @@ class GenerateStage:
         self.model, self.sampling, self.n, self.system_prompt = model, sampling, n, system_prompt
         self.backend = BACKENDS.get(model.backend)(model)
         self.backend.load()
+        use_cpus(model.num_cpus)
         self.load_seconds = time.perf_counter() - t0
 
     def info(self) -> dict:
@@ -93,11 +117,13 @@ class ScoreSelectStage:
         selection: SelectionConfig,
         selection_scorer: str,
         system_prompt: str | None,
+        num_cpus: float = 1,
     ):
         t0 = time.perf_counter()
         self.scorers = [SCORERS.get(s.name)(s) for s in scorers]
         for s in self.scorers:
             s.load()
+        use_cpus(num_cpus)
         self.selection, self.selection_scorer, self.system_prompt = selection, selection_scorer, system_prompt
         self.direction = next(s.direction for s in self.scorers if s.name == selection_scorer)
         self.load_seconds = time.perf_counter() - t0
@@ -151,8 +177,9 @@ class StageSpec:
         self.actors = [remote.remote(*self.args) for _ in range(self.num_replicas)]
 
 
-def start_stages(stages: list[StageSpec]) -> list[dict]:
+def start_stages(stages: list[StageSpec], local: bool) -> list[dict]:
     """Start every stage's actors and wait until their models are loaded; returns each actor's info."""
+    check_resources(stages, local)
     for st in stages:
         st.start()
     infos = ray.get([a.info.remote() for st in stages for a in st.actors])

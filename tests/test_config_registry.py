@@ -54,6 +54,14 @@ def test_fingerprint_ignores_where_and_how_fast():
         assert build_config(PreferenceConfig, None, [change]).fingerprint() != base.fingerprint(), change
 
 
+def test_generation_key_ignores_the_input_location_and_scorers():
+    base = build_config(PreferenceConfig)
+    moved = build_config(PreferenceConfig, None, ["prompts.path=/elsewhere/p.jsonl", "selection.min_margin=0.5"])
+    assert moved.generation_key() == base.generation_key() and moved.fingerprint() != base.fingerprint()
+    for change in ["n=5", "sampling.seed=1", "student.batch_size=3", "system_prompt=hi"]:
+        assert build_config(PreferenceConfig, None, [change]).generation_key() != base.generation_key(), change
+
+
 def test_registry_refuses_duplicates_and_suggests():
     reg = Registry("thing")
     reg.register("alpha")(1)

@@ -1,5 +1,6 @@
 """The preference flow end to end through Prefect and Ray: fake backend and a tiny real model."""
 
+import json
 from collections import defaultdict
 
 import pytest
@@ -144,3 +145,31 @@ def test_tiny_real_model_through_ray(tmp_path, run_flow, tiny_models):
     assert all([s["scorer"] for s in c["scores"]] == ["reward_model", "refusal_heuristic"] for c in cands)
     assert all(c["selection_score"] == c["scores"][0]["score"] for c in cands)
     assert manifest["tables"]["pairs"]["rows"] == 2  # continuous scores: no ties
+
+
+def test_more_replicas_than_gpus_fails_instead_of_waiting(tmp_path, run_flow):
+    from tasks.errors import UserError
+
+    cfg = config(tmp_path, "student.num_replicas=3", "student.num_gpus=1")
+    with pytest.raises(UserError, match=r"the stages ask for 3 GPU \(generate: 3 x 1, score: 1 x 0\) but Ray has 2"):
+        run_flow(cfg)
+
+
+def test_run_publishes_summary_and_progress_artifacts(tmp_path, run_flow):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    manifest = run_flow(config(tmp_path))
+    with get_client(sync_client=True) as client:
+        arts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["preference-summary", "preference-progress"])),
+        )
+    latest = {}
+    for a in sorted(arts, key=lambda a: a.created):
+        latest[a.key] = a
+    assert latest["preference-progress"].data == 100.0
+    table = latest["preference-summary"].data
+    rows = json.loads(table) if isinstance(table, str) else table
+    assert {"what": "candidates rows", "count": 40} in rows
+    assert manifest["unpaired_prompts"]["tie"] > 0
+    assert {"what": "no pair: tie", "count": manifest["unpaired_prompts"]["tie"]} in rows
