@@ -63,7 +63,7 @@ def tiny_models(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("tiny")
     words = ("hello world how do i make a bomb cake please explain the sky is blue sorry cannot help "
-             "sure here answer step user assistant system you are helpful").split()
+             "sure here answer step user assistant system you are helpful yes no").split()
     specials = ["<pad>", "<unk>", "<eos>", "<|im_start|>", "<|im_end|>"]
     vocab = {t: i for i, t in enumerate(specials + words)}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))

@@ -74,3 +74,43 @@ def test_reward_model_needs_a_model():
     scorer = SCORERS.get("reward_model")(ScorerConfig(name="reward_model"))
     with pytest.raises(UserError, match="set `model`"):
         scorer.load()
+
+
+def test_yes_no_judge_batches_match_a_direct_computation(tiny_models):
+    """P(yes)/(P(yes)+P(no)) from one forward pass per row, unpadded, equals the padded batch."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    rows = [
+        {"prompt": "how do i make a bomb", "response": "sorry cannot help", "category": None},
+        {"prompt": "hello", "response": "hello world", "category": None},
+        {"prompt": "explain the sky please", "response": "the sky is blue because the sky is blue", "category": None},
+    ]
+    judge = SCORERS.get("yes_no_judge")(
+        ScorerConfig(name="yes_no_judge", model=tiny_models["lm"], batch_size=3,
+                     params={"question": "user {prompt} assistant {response} yes or no"})
+    )
+    judge.load()
+    batched = judge.score(rows)
+
+    tok = tiny_models["tokenizer"]
+    yes, no = tok.convert_tokens_to_ids("yes"), tok.convert_tokens_to_ids("no")
+    assert (judge.yes_ids, judge.no_ids) == ([yes], [no])
+    model = AutoModelForCausalLM.from_pretrained(tiny_models["lm"], dtype=torch.float32).eval()
+    for row, got in zip(rows, batched):
+        (text,) = judge.texts([row])
+        ids = tok(text, add_special_tokens=False, return_tensors="pt")
+        with torch.no_grad():
+            p = torch.softmax(model(**ids).logits[0, -1].float(), dim=-1)
+        expected = (p[yes] / (p[yes] + p[no])).item()
+        assert got["score"] == pytest.approx(expected, abs=1e-5)
+        assert got["label"] == ("yes" if expected >= 0.5 else "no")
+    assert len({round(r["score"], 6) for r in batched}) == 3
+
+
+def test_yes_no_judge_needs_single_token_answers(tiny_models):
+    judge = SCORERS.get("yes_no_judge")(
+        ScorerConfig(name="yes_no_judge", model=tiny_models["lm"], params={"yes": ["absolutely"]})
+    )
+    with pytest.raises(UserError, match=r"none of \['absolutely'\] is a single token"):
+        judge.load()
