@@ -32,7 +32,9 @@ DEMO = {
     # The generator takes all cores but half of one, which the heuristic scorer gets.
     "student": {"batch_size": 16, "num_cpus": max(0.5, (os.cpu_count() or 1) - 0.5)},
     "scoring": {"num_cpus": 0.5},
-    "scorers": [{"name": "refusal_heuristic"}],
+    # The embedded model judges its own samples through P(yes): weak, but a continuous score that
+    # ranks; the refusal heuristic is recorded beside it.
+    "scorers": [{"name": "yes_no_judge", "model": "smollm2-135m-instruct"}, {"name": "refusal_heuristic"}],
     "shard_size": 4,
 }
 
