@@ -11,7 +11,7 @@ from tasks.config import PreferenceConfig
 from tasks.workers import ray_session
 
 
-@flow(name="preference", log_prints=False)
+@flow(name="preference", flow_run_name="preference-{config.dataset}", log_prints=False)
 def preference(config: PreferenceConfig) -> dict:
     """Sample N answers per prompt from the student, score them, and write chosen/rejected pairs."""
     logger = get_run_logger()

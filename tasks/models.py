@@ -43,17 +43,33 @@ def looks_like_path(ref: str) -> bool:
     return ref.startswith((".", "/", "~")) or os.sep in ref and Path(ref).expanduser().exists()
 
 
-def check_reference(ref: str) -> None:
+def hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+
+
+def check_reference(ref: str, revision: str | None = None) -> None:
     """Preflight, before any model loads: catch what can be caught without loading."""
     if ref == EMBEDDED_MODEL:
         if importlib.util.find_spec(EMBEDDED_PACKAGE) is None:
             raise UserError(f"the embedded default model is not installed; run: {INSTALL_HINT}")
-    elif looks_like_path(ref) and not Path(ref).expanduser().exists():
-        raise UserError(f"model path not found: {ref}")
+        return
+    if looks_like_path(ref):
+        if not Path(ref).expanduser().exists():
+            raise UserError(f"model path not found: {ref}")
+        return
+    from huggingface_hub import try_to_load_from_cache
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(ref)
+    except HFValidationError:
+        raise UserError(f"model {ref!r} is neither an existing local path nor a valid Hub id") from None
+    if hub_offline() and not isinstance(try_to_load_from_cache(ref, "config.json", revision=revision), str):
+        raise UserError(f"model {ref!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set")
 
 
 def resolve(ref: str, revision: str | None = None) -> ResolvedModel:
-    check_reference(ref)
+    check_reference(ref, revision)
     if ref == EMBEDDED_MODEL:
         return ResolvedModel(str(ensure_embedded()), "HuggingFaceTB/SmolLM2-135M-Instruct", EMBEDDED_REVISION)
     if looks_like_path(ref):
@@ -129,6 +145,9 @@ def load_tokenizer(resolved: ResolvedModel, trust_remote_code: bool, padding_sid
 
 
 def load_model(auto_class, resolved: ResolvedModel, trust_remote_code: bool):
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # one bar per replica would clutter the run log
     device, dtype = device_and_dtype()
     model = auto_class.from_pretrained(
         resolved.source,

@@ -13,11 +13,11 @@ def preflight(config: PreferenceConfig) -> DatasetDir:
     """Raise UserError on bad input (one line); return the dataset folder to build into."""
     check_columns(config.prompts)
     if config.student.backend == "hf":
-        check_reference(config.student.model)
+        check_reference(config.student.model, config.student.revision)
     for s in config.scorers:
         SCORERS.get(s.name)(s)  # constructors check params; only load() is heavy
         if s.model:
-            check_reference(s.model)
+            check_reference(s.model, s.revision)
     ds = DatasetDir(config.output, config.dataset)
     ds.check_owner(config.fingerprint())
     return ds

@@ -33,6 +33,10 @@ def prompts(tmp_path):
         (["student.backend=fak"], "unknown backend 'fak': did you mean 'fake'"),
         # a model path that does not exist
         (["student.backend=hf", "student.model=./no/such/model"], "model path not found: ./no/such/model"),
+        # a Hub id that is not cached while the Hub is offline (the tests run offline)
+        (["student.backend=hf", "student.model=nobody/no-such-model"], "model 'nobody/no-such-model' is not in the local Hugging Face cache and HF_HUB_OFFLINE is set"),
+        # neither a path nor a Hub id
+        (["student.backend=hf", "student.model=not a model"], "is neither an existing local path nor a valid Hub id"),
         # bad scorer params are caught before any worker starts
         (['scorers=[{"name": "refusal_heuristic", "params": {"prefer": "both"}}]'], "params.prefer must be"),
     ],
