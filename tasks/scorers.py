@@ -85,54 +85,89 @@ class RefusalHeuristic(Scorer):
         return out
 
 
-@SCORERS.register("reward_model")
-class RewardModel(Scorer):
-    """Any AutoModelForSequenceClassification; score = logit `params.label_index` (default 0, which
-    must be the only label unless label_index is set). The pair is rendered with the model's chat
-    template when it has one."""
+class ModelScorer(Scorer):
+    """A scorer backed by one transformers model, loaded once per worker and fed in batches."""
+
+    auto_class: ClassVar[str]  # transformers class name
+    padding_side: ClassVar[str]
+    model_kind: ClassVar[str]  # for the error when `model` is missing
 
     def load(self) -> None:
         import torch
-        from transformers import AutoModelForSequenceClassification
+        import transformers
 
         from tasks.models import load_model, load_tokenizer, resolve
 
         if not self.cfg.model:
-            raise UserError(f"scorer {self.name}: set `model` to a sequence-classification model")
+            raise UserError(f"scorer {self.name}: set `model` to a {self.model_kind} model")
         resolved = resolve(self.cfg.model, self.cfg.revision)
-        self.tok = load_tokenizer(resolved, self.cfg.trust_remote_code, padding_side="right")
-        self.model = load_model(AutoModelForSequenceClassification, resolved, self.cfg.trust_remote_code)
+        self.tok = load_tokenizer(resolved, self.cfg.trust_remote_code, padding_side=self.padding_side)
+        self.model = load_model(getattr(transformers, self.auto_class), resolved, self.cfg.trust_remote_code)
+        self.torch = torch
+        self.setup()
+
+    def setup(self) -> None:
+        pass
+
+    def encode(self, texts: list[str]):
+        # Templated text already holds its special tokens; adding them again would double BOS.
+        return self.tok(
+            texts, padding=True, add_special_tokens=not self.tok.chat_template, return_tensors="pt"
+        ).to(self.model.device)
+
+    def score(self, rows: list[dict]) -> list[dict]:
+        """Rows longer than the scorer's context get a null score with the reason, never a silent cut."""
+        texts = [self.text(r) for r in rows]
+        limit = getattr(self.model.config, "max_position_embeddings", None)
+        lengths = [len(ids) for ids in self.tok(texts, add_special_tokens=not self.tok.chat_template)["input_ids"]]
+        out: list[dict | None] = [None] * len(rows)
+        fits = []
+        for i, n in enumerate(lengths):
+            if limit and n > limit:
+                out[i] = {"score": None, "label": None, "reason": f"{n} tokens > scorer context {limit}"}
+            else:
+                fits.append(i)
+        bs = self.cfg.batch_size
+        for start in range(0, len(fits), bs):
+            idx = fits[start : start + bs]
+            for i, result in zip(idx, self.score_batch([texts[i] for i in idx])):
+                out[i] = result
+        return out
+
+    def text(self, row: dict) -> str:
+        raise NotImplementedError
+
+    def score_batch(self, texts: list[str]) -> list[dict]:
+        raise NotImplementedError
+
+
+@SCORERS.register("reward_model")
+class RewardModel(ModelScorer):
+    """Any AutoModelForSequenceClassification; score = logit `params.label_index` (default 0, which
+    must be the only label unless label_index is set). The pair is rendered with the model's chat
+    template when it has one."""
+
+    auto_class, padding_side, model_kind = "AutoModelForSequenceClassification", "right", "sequence-classification"
+
+    def setup(self) -> None:
         if self.model.config.pad_token_id is None:
             self.model.config.pad_token_id = self.tok.pad_token_id
         num_labels = self.model.config.num_labels
         self.label_index = int(self.cfg.params.get("label_index", 0))
         if "label_index" not in self.cfg.params and num_labels != 1:
             raise UserError(f"scorer {self.name}: the model has {num_labels} labels; set params.label_index")
-        self.torch = torch
 
-    def _text(self, row: dict) -> str:
+    def text(self, row: dict) -> str:
         conv = [{"role": "user", "content": row["prompt"]}, {"role": "assistant", "content": row["response"]}]
         if self.tok.chat_template:
             return self.tok.apply_chat_template(conv, tokenize=False)
         return row["prompt"] + "\n\n" + row["response"]
 
-    def score(self, rows: list[dict]) -> list[dict]:
-        out = []
-        bs = self.cfg.batch_size
-        for start in range(0, len(rows), bs):
-            chunk = rows[start : start + bs]
-            enc = self.tok(
-                [self._text(r) for r in chunk],
-                padding=True,
-                truncation=True,
-                add_special_tokens=not self.tok.chat_template,
-                return_tensors="pt",
-            ).to(self.model.device)
-            with self.torch.inference_mode():
-                logits = self.model(**enc).logits.float()
-            for v in logits[:, self.label_index].tolist():
-                out.append({"score": float(v), "label": None, "reason": None})
-        return out
+    def score_batch(self, texts: list[str]) -> list[dict]:
+        enc = self.encode(texts)
+        with self.torch.inference_mode():
+            logits = self.model(**enc).logits.float()
+        return [{"score": float(v), "label": None, "reason": None} for v in logits[:, self.label_index].tolist()]
 
 
 DEFAULT_JUDGE_QUESTION = (
@@ -144,7 +179,7 @@ DEFAULT_JUDGE_QUESTION = (
 
 
 @SCORERS.register("yes_no_judge")
-class YesNoJudge(Scorer):
+class YesNoJudge(ModelScorer):
     """A generative model as judge, read through its next-token probabilities instead of parsed text:
     score = P(yes) / (P(yes) + P(no)) for the first token of its answer to `params.question`.
     One prefill per candidate, no sampling, and a continuous score (few ties), on any causal LM.
@@ -152,21 +187,12 @@ class YesNoJudge(Scorer):
     params: question (a template with {prompt} and {response}), yes (["Yes", "yes"]), no (["No", "no"]).
     """
 
-    def load(self) -> None:
-        import torch
-        from transformers import AutoModelForCausalLM
+    auto_class, padding_side, model_kind = "AutoModelForCausalLM", "left", "generative (causal LM)"
 
-        from tasks.models import load_model, load_tokenizer, resolve
-
-        if not self.cfg.model:
-            raise UserError(f"scorer {self.name}: set `model` to a generative (causal LM) model")
-        resolved = resolve(self.cfg.model, self.cfg.revision)
-        self.tok = load_tokenizer(resolved, self.cfg.trust_remote_code, padding_side="left")
-        self.model = load_model(AutoModelForCausalLM, resolved, self.cfg.trust_remote_code)
+    def setup(self) -> None:
         self.question = self.cfg.params.get("question", DEFAULT_JUDGE_QUESTION)
         self.yes_ids = self._single_tokens(self.cfg.params.get("yes", ["Yes", "yes"]))
         self.no_ids = self._single_tokens(self.cfg.params.get("no", ["No", "no"]))
-        self.torch = torch
 
     def _single_tokens(self, words: list[str]) -> list[int]:
         ids = set()
@@ -179,38 +205,29 @@ class YesNoJudge(Scorer):
             raise UserError(f"scorer {self.name}: none of {words} is a single token for {self.cfg.model}")
         return sorted(ids)
 
-    def texts(self, rows: list[dict]) -> list[str]:
-        convs = [
-            [{"role": "user", "content": self.question.format(prompt=r["prompt"], response=r["response"])}]
-            for r in rows
-        ]
+    def text(self, row: dict) -> str:
+        conv = [{"role": "user", "content": self.question.format(prompt=row["prompt"], response=row["response"])}]
         if self.tok.chat_template:
-            return self.tok.apply_chat_template(convs, add_generation_prompt=True, tokenize=False)
-        return [c[0]["content"] + "\nAnswer:" for c in convs]
+            return self.tok.apply_chat_template(conv, add_generation_prompt=True, tokenize=False)
+        return conv[0]["content"] + "\nAnswer:"
 
-    def score(self, rows: list[dict]) -> list[dict]:
+    def score_batch(self, texts: list[str]) -> list[dict]:
+        enc = self.encode(texts)
+        # Left padding: the last position is every row's true last token; positions must skip pads.
+        positions = (enc["attention_mask"].cumsum(dim=-1) - 1).clamp(min=0)
+        with self.torch.inference_mode():
+            logits = self.model(**enc, position_ids=positions).logits[:, -1, :].float()
+        probs = self.torch.softmax(logits, dim=-1)
+        p_yes = probs[:, self.yes_ids].sum(dim=-1).tolist()
+        p_no = probs[:, self.no_ids].sum(dim=-1).tolist()
         out = []
-        bs = self.cfg.batch_size
-        for start in range(0, len(rows), bs):
-            chunk = rows[start : start + bs]
-            enc = self.tok(
-                self.texts(chunk), padding=True, add_special_tokens=not self.tok.chat_template, return_tensors="pt"
-            ).to(self.model.device)
-            # Left padding: the last position is every row's true last token; positions must skip pads.
-            positions = (enc["attention_mask"].cumsum(dim=-1) - 1).clamp(min=0)
-            with self.torch.inference_mode():
-                logits = self.model(**enc, position_ids=positions).logits[:, -1, :].float()
-            probs = self.torch.softmax(logits, dim=-1)
-            p_yes = probs[:, self.yes_ids].sum(dim=-1)
-            p_no = probs[:, self.no_ids].sum(dim=-1)
-            for y, n in zip(p_yes.tolist(), p_no.tolist()):
-                if y + n <= 0:
-                    out.append({"score": None, "label": None, "reason": "judge gave yes and no zero probability"})
-                    continue
-                s = y / (y + n)
-                out.append({
-                    "score": s,
-                    "label": "yes" if s >= 0.5 else "no",
-                    "reason": f"P(yes)={y:.4f} P(no)={n:.4f} of the first answer token",
-                })
+        for y, n in zip(p_yes, p_no):
+            if y + n <= 0:
+                out.append({"score": None, "label": None, "reason": "judge gave yes and no zero probability"})
+                continue
+            s = y / (y + n)
+            out.append(
+                {"score": s, "label": "yes" if s >= 0.5 else "no",
+                 "reason": f"P(yes)={y:.4f} P(no)={n:.4f} of the first answer token"}
+            )
         return out

@@ -70,6 +70,17 @@ def test_reward_model_batches_match_one_at_a_time(tiny_models):
     assert len(set(round(s, 6) for s in batched)) == 3  # the rows really differ
 
 
+def test_rows_longer_than_the_scorer_context_get_a_null_score(tiny_models):
+    scorer = SCORERS.get("reward_model")(ScorerConfig(name="reward_model", model=tiny_models["rm"]))
+    scorer.load()
+    rows = [{"prompt": "hello", "response": "sure", "category": None},
+            {"prompt": "hello " * 80, "response": "sure", "category": None}]
+    short, long = scorer.score(rows)
+    assert short["score"] is not None
+    # 80 words + 7 template tokens (<|im_start|> user <|im_end|> <|im_start|> assistant sure <|im_end|>)
+    assert long == {"score": None, "label": None, "reason": "87 tokens > scorer context 64"}
+
+
 def test_reward_model_needs_a_model():
     scorer = SCORERS.get("reward_model")(ScorerConfig(name="reward_model"))
     with pytest.raises(UserError, match="set `model`"):
@@ -98,7 +109,7 @@ def test_yes_no_judge_batches_match_a_direct_computation(tiny_models):
     assert (judge.yes_ids, judge.no_ids) == ([yes], [no])
     model = AutoModelForCausalLM.from_pretrained(tiny_models["lm"], dtype=torch.float32).eval()
     for row, got in zip(rows, batched):
-        (text,) = judge.texts([row])
+        text = judge.text(row)
         ids = tok(text, add_special_tokens=False, return_tensors="pt")
         with torch.no_grad():
             p = torch.softmax(model(**ids).logits[0, -1].float(), dim=-1)
