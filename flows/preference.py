@@ -19,7 +19,7 @@ def preference(config: PreferenceConfig) -> dict:
     ds, prompts, shards = prepare(config)
     t1 = time.perf_counter()
     with ray_session(config.ray):
-        report = build_shards(config, ds, shards)
+        report = build_shards.with_options(retries=config.retries)(config, ds, shards)
     t2 = time.perf_counter()
     manifest = finalize(config, ds, prompts, shards, report, {"prepare": round(t1 - t0, 3), "build": round(t2 - t1, 3)})
     logger.info("dataset complete: %s (%d pairs)", ds.uri, manifest["tables"]["pairs"]["rows"])

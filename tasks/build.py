@@ -9,6 +9,7 @@ from prefect.artifacts import create_progress_artifact, create_table_artifact, u
 from prefect.cache_policies import NONE
 
 from tasks.config import PreferenceConfig
+from tasks.errors import UserError
 from tasks.manifest import build_manifest, summary_rows
 from tasks.preflight import preflight
 from tasks.prompts import PromptSet, Shard, load_prompts, make_shards
@@ -67,7 +68,18 @@ def write_shard(ds: DatasetDir, result: dict) -> dict:
     return stats
 
 
-@task(cache_policy=NONE)
+def not_user_error(task, task_run, state) -> bool:
+    """Retry crashes and transient faults, not bad input: that fails the same way every time."""
+    try:
+        state.result()
+    except UserError:
+        return False
+    except Exception:
+        return True
+    return True
+
+
+@task(cache_policy=NONE, retry_delay_seconds=5, retry_condition_fn=not_user_error)
 def build_shards(config: PreferenceConfig, ds: DatasetDir, shards: list[Shard]) -> dict:
     """Generate, score and select every shard not yet written, on Ray; write each as it finishes."""
     logger = get_run_logger()

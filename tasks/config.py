@@ -118,6 +118,9 @@ class PreferenceConfig(_Strict):
     selection: SelectionConfig = Field(default_factory=SelectionConfig, description="Best-of-N rule.")
     shard_size: int = Field(64, ge=1, description="Prompts per shard: the unit of work and resume.")
     ray: RayConfig = Field(default_factory=RayConfig, description="Where Ray runs.")
+    retries: int = Field(
+        2, ge=0, description="Times the shard build is retried after a failure; each retry resumes."
+    )
 
     @model_validator(mode="after")
     def _check_names(self) -> "PreferenceConfig":
@@ -161,6 +164,7 @@ class PreferenceConfig(_Strict):
             exclude={
                 "output": True,
                 "ray": True,
+                "retries": True,
                 "scoring": True,
                 "student": {"num_replicas", "num_gpus", "num_cpus"},
             },

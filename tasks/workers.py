@@ -190,27 +190,31 @@ def start_stages(stages: list[StageSpec], local: bool) -> list[dict]:
 def stream(stages: list[StageSpec], items: Iterable[Any], on_result: Callable[[dict], None]) -> None:
     """Push items through the stages; call on_result (in the driver) with each last-stage output.
 
-    Each actor works on one item at a time; a stage runs ahead of the next by at most twice the next
+    Each actor works on one item at a time. A stage runs ahead of the next by at most twice the next
     stage's replicas, which bounds what waits in the object store.
     """
+    last = len(stages) - 1
     queues: list[list] = [list(items)] + [[] for _ in stages[1:]]
     idle = [list(st.actors) for st in stages]
-    in_flight: dict = {}
+    in_flight: dict = {}  # object ref -> (stage index, actor)
+
+    def room(s: int) -> bool:
+        if s == last:
+            return True
+        running = sum(1 for stage, _ in in_flight.values() if stage == s)
+        return len(queues[s + 1]) + running < 2 * len(stages[s + 1].actors)
+
     while any(queues) or in_flight:
-        for s, st in enumerate(stages):
-            ahead_ok = s + 1 == len(stages) or len(queues[s + 1]) < 2 * len(stages[s + 1].actors)
-            while idle[s] and queues[s] and ahead_ok:
+        for s in range(len(stages)):
+            while idle[s] and queues[s] and room(s):
                 actor = idle[s].pop()
                 in_flight[actor.process.remote(queues[s].pop(0))] = (s, actor)
-                ahead_ok = s + 1 == len(stages) or len(queues[s + 1]) + sum(
-                    1 for v in in_flight.values() if v[0] == s
-                ) < 2 * len(stages[s + 1].actors)
         ready, _ = ray.wait(list(in_flight), num_returns=1)
         for ref in ready:
             s, actor = in_flight.pop(ref)
             idle[s].append(actor)
-            if s + 1 < len(stages):
-                queues[s + 1].append(ref)
+            if s < last:
+                queues[s + 1].append(ref)  # handed on as a reference: the payload stays in the object store
             else:
                 on_result(ray.get(ref))
 

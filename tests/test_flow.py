@@ -173,3 +173,38 @@ def test_run_publishes_summary_and_progress_artifacts(tmp_path, run_flow):
     assert {"what": "candidates rows", "count": 40} in rows
     assert manifest["unpaired_prompts"]["tie"] > 0
     assert {"what": "no pair: tie", "count": manifest["unpaired_prompts"]["tie"]} in rows
+
+
+def test_a_transient_failure_is_retried_and_the_retry_resumes(tmp_path, run_flow, monkeypatch):
+    import tasks.build
+
+    real_write, calls = tasks.build.write_shard, []
+
+    def fail_once_after_two(ds, result):
+        calls.append(result["shard_id"])
+        if len(calls) == 3:
+            raise OSError("simulated storage hiccup")
+        return real_write(ds, result)
+
+    monkeypatch.setattr(tasks.build, "write_shard", fail_once_after_two)
+    manifest = run_flow(config(tmp_path, "retries=1"))
+    assert manifest["shards"]["resumed"] == 2  # the retry skipped the two shards written before the fault
+    assert manifest["tables"]["candidates"]["rows"] == 40
+    assert len(calls) == 3 + 2  # three attempts in the first try, the two missing shards in the retry
+
+
+def test_bad_input_inside_the_build_is_not_retried(tmp_path, run_flow, monkeypatch):
+    import tasks.build
+    from tasks.errors import UserError
+
+    real_start, attempts = tasks.build.start_stages, []
+
+    def counted(*args, **kwargs):  # the real start, counted
+        attempts.append(1)
+        return real_start(*args, **kwargs)
+
+    monkeypatch.setattr(tasks.build, "start_stages", counted)
+    cfg = config(tmp_path, "retries=3", "student.num_replicas=5", "student.num_gpus=1")
+    with pytest.raises(UserError, match="ask for 5 GPU"):
+        run_flow(cfg)
+    assert len(attempts) == 1
