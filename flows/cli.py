@@ -18,10 +18,10 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from tasks.config import PreferenceConfig, build_config  # noqa: E402
+from tasks.config import DistillConfig, PreferenceConfig, build_config  # noqa: E402
 from tasks.errors import UserError  # noqa: E402
 
-FLOWS = {"preference": PreferenceConfig}
+FLOWS = {"preference": PreferenceConfig, "distill": DistillConfig}
 
 DEMO = {
     "dataset": "demo-preference",
@@ -38,17 +38,39 @@ DEMO = {
     "shard_size": 4,
 }
 
+DEMO_DISTILL = {
+    "dataset": "demo-distill",
+    # Our own prompts across the spec's categories, one near duplicate and one StrongREJECT prompt, so
+    # that dedup and decontamination have something to show.
+    "prompts": {"path": "distill_sample", "category_column": "category"},
+    "k": 1,
+    "sampling": {"temperature": 0.7, "top_p": 1.0, "max_new_tokens": 96, "seed": 0},
+    "teacher": {"batch_size": 12, "num_cpus": max(0.5, (os.cpu_count() or 1) - 0.5)},
+    "judging": {"num_cpus": 0.5},
+    # The heuristic judge reads the answer: a refusal passes for harmful prompts, help for benign ones.
+    "judges": [{"name": "refusal_heuristic", "reads": ["answer"]}],
+    "shard_size": 6,
+}
+
 
 def _fail(message: str, code: int = 2) -> int:
     print(f"dafactory: error: {message}", file=sys.stderr)
     return code
 
 
-def _run_preference(config: PreferenceConfig) -> dict:
-    from flows.preference import preference
+def _run(config) -> dict:
+    """Check the input (bad input fails here, before Prefect, Ray or any model starts), then run."""
     from tasks.preflight import preflight
 
-    preflight(config)  # bad input fails here, before Prefect, Ray or any model starts
+    preflight(config)
+    if isinstance(config, DistillConfig):
+        from flows.distill import distill
+        from tasks.distill import check_categories, setup
+
+        check_categories(config, setup(config))
+        return distill(config)
+    from flows.preference import preference
+
     return preference(config)
 
 
@@ -63,18 +85,32 @@ def _print_summary(manifest: dict, uri: str) -> None:
     print(f"  time: prepare {t['prepare']}s, build {t['build']}s")
 
 
+def _demo_config(cls, demo: dict, output: str, overrides: list[str]):
+    data = dict(demo, output=output)
+    return build_config(cls, None, [f"{k}={json.dumps(v)}" for k, v in data.items()] + overrides)
+
+
 def cmd_demo(args) -> int:
-    data = dict(DEMO, output=args.output)
-    config = build_config(PreferenceConfig, None, [f"{k}={json.dumps(v)}" for k, v in data.items()] + args.set)
-    manifest = _run_preference(config)
-    _print_summary(manifest, f"{config.output.rstrip('/')}/{config.dataset}")
-    print(f"\nlook at it: dafactory inspect {config.output.rstrip('/')}/{config.dataset}")
+    """The main job (a preference set), then a small distilled set, on the embedded default model."""
+    configs = [_demo_config(PreferenceConfig, DEMO, args.output, args.set)]
+    if not args.skip_distill:
+        configs.append(_demo_config(DistillConfig, DEMO_DISTILL, args.output, args.set_distill))
+    for config in configs:
+        from tasks.preflight import preflight
+
+        preflight(config)  # every demo's input is checked before the first model loads
+    uris = []
+    for config in configs:
+        manifest = _run(config)
+        uris.append(f"{config.output.rstrip('/')}/{config.dataset}")
+        _print_summary(manifest, uris[-1])
+    print("\nlook at them: " + "; ".join(f"dafactory inspect {u}" for u in uris))
     return 0
 
 
 def cmd_run(args) -> int:
     config = build_config(FLOWS[args.flow], args.config, args.set)
-    manifest = _run_preference(config)
+    manifest = _run(config)
     _print_summary(manifest, f"{config.output.rstrip('/')}/{config.dataset}")
     return 0
 
@@ -104,10 +140,14 @@ def cmd_inspect(args) -> int:
         return 1
     _print_summary(manifest, uri)
     cfg = manifest["config"]
-    print(f"  student: {cfg['student']['model']} ({cfg['student']['backend']}), n={cfg['n']}, "
-          f"scorers: {', '.join(s['name'] for s in cfg['scorers'])}")
+    role = "student" if "student" in cfg else "teacher"
+    judges = cfg.get("scorers") or cfg.get("judges")
+    print(f"  {role}: {cfg[role]['model']} ({cfg[role]['backend']}), "
+          f"judged by: {', '.join(s['name'] for s in judges)}")
+    if "spec" in manifest:
+        print(f"  spec: {manifest['spec']['name']} v{manifest['spec']['version']} ({manifest['spec']['sha256'][:12]})")
     print(f"  code: {manifest['code']}")
-    for table in ("pairs", "best"):
+    for table in [t for t in manifest["tables"] if t not in ("candidates", "quarantine")]:
         rows = ds.read_table(table).slice(0, args.rows).to_pylist()
         print(f"\n{table} (first {len(rows)}):")
         for r in rows:
@@ -120,7 +160,11 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     d = sub.add_parser("demo", help="build a small preference set with the embedded default model")
     d.add_argument("--output", default="./dafactory-output", help="output root (default ./dafactory-output)")
-    d.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
+    d.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a field of the preference demo's config")
+    d.add_argument("--set-distill", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a field of the distillation demo's config")
+    d.add_argument("--skip-distill", action="store_true", help="build only the preference set")
     d.set_defaults(func=cmd_demo)
     r = sub.add_parser("run", help="run a flow from a YAML config")
     r.add_argument("flow", choices=sorted(FLOWS))

@@ -8,6 +8,8 @@ from prefect import flow, get_run_logger
 
 from tasks.build import build_shards, finalize, prepare
 from tasks.config import PreferenceConfig
+from tasks.preference import preference_models, preference_recipe
+from tasks.preflight import preflight
 from tasks.workers import ray_session
 
 
@@ -16,11 +18,14 @@ def preference(config: PreferenceConfig) -> dict:
     """Sample N answers per prompt from the student, score them, and write chosen/rejected pairs."""
     logger = get_run_logger()
     t0 = time.perf_counter()
-    ds, prompts, shards = prepare(config)
+    ds = preflight(config)
+    recipe = preference_recipe(config)
+    prompts, shards = prepare(config, ds, recipe.salt)
     t1 = time.perf_counter()
     with ray_session(config.ray):
-        report = build_shards.with_options(retries=config.retries)(config, ds, shards)
+        report = build_shards.with_options(retries=config.retries)(config, ds, shards, recipe)
     t2 = time.perf_counter()
-    manifest = finalize(config, ds, prompts, shards, report, {"prepare": round(t1 - t0, 3), "build": round(t2 - t1, 3)})
+    timings = {"prepare": round(t1 - t0, 3), "build": round(t2 - t1, 3)}
+    manifest = finalize(config, ds, prompts, shards, report, timings, recipe, preference_models(config))
     logger.info("dataset complete: %s (%d pairs)", ds.uri, manifest["tables"]["pairs"]["rows"])
     return manifest

@@ -8,7 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -26,7 +26,7 @@ class PromptSource(_Strict):
     path: str = Field(
         "sample",
         description="Parquet, JSONL or CSV file (local path or fsspec URI such as s3://...), "
-        "or 'sample' for the bundled 16-prompt sample.",
+        "or 'sample' / 'distill_sample' for the bundled samples.",
     )
     prompt_column: str = Field("prompt", description="Column holding the user request.")
     category_column: str | None = Field(
@@ -69,6 +69,12 @@ class ScorerConfig(_Strict):
     trust_remote_code: bool = Field(False, description="Run the scorer model's own code.")
     batch_size: int = Field(16, ge=1, description="Pairs per forward pass.")
     params: dict[str, Any] = Field(default_factory=dict, description="Scorer-specific options.")
+    reads: list[Literal["full", "answer", "reasoning"]] = Field(
+        default_factory=lambda: ["full"],
+        min_length=1,
+        description="Distillation: what the judge reads of each sample (thinking and answer, the answer "
+        "only, or the reasoning only); each entry is recorded as its own verdict.",
+    )
 
 
 class StageResources(_Strict):
@@ -95,13 +101,68 @@ class RayConfig(_Strict):
     num_gpus: int | None = Field(None, ge=0, description="GPUs for a local Ray (detected if empty).")
 
 
-class PreferenceConfig(_Strict):
+class RunConfig(_Strict):
+    """Fields and fingerprints every flow's config shares."""
+
+    # Fields that say where or how fast a run goes, never what it writes.
+    RUNTIME: ClassVar[dict] = {"output": True, "ray": True, "retries": True}
+    # Fields that decide the generated text for given prompts (they salt shard ids, and so seeds).
+    GENERATION: ClassVar[dict] = {}
+
+    output: str = Field("./dafactory-output", description="Output root: local path or s3://bucket/prefix.")
+    shard_size: int = Field(64, ge=1, description="Prompts per shard: the unit of work and resume.")
+    ray: RayConfig = Field(default_factory=RayConfig, description="Where Ray runs.")
+    retries: int = Field(
+        2, ge=0, description="Times the shard build is retried after a failure; each retry resumes."
+    )
+
+    @property
+    def generator(self) -> ModelConfig:
+        raise NotImplementedError
+
+    @property
+    def scorer_configs(self) -> list[ScorerConfig]:
+        raise NotImplementedError
+
+    def _hash(self, **dump_args) -> str:
+        blob = json.dumps(self.model_dump(mode="json", **dump_args), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+    def fingerprint(self) -> str:
+        """Hash of everything that decides the dataset's content (not where or how fast it runs)."""
+        return self._hash(exclude=self.RUNTIME)
+
+    def generation_key(self) -> str:
+        """Hash of what decides generated text for given prompts. The input's location is not part of
+        it: moving the prompt file changes no sample."""
+        return self._hash(include=self.GENERATION)
+
+
+def _check_scorers(scorers: list[ScorerConfig]) -> list[str]:
+    from tasks.scorers import SCORERS
+
+    names = [s.name for s in scorers]
+    for name in names:
+        SCORERS.check(name)
+    if len(set(names)) != len(names):
+        raise UserError(f"scorers are listed twice: {names}")
+    return names
+
+
+_MODEL_GENERATION = {"model", "revision", "backend", "trust_remote_code", "batch_size", "params"}
+
+
+class PreferenceConfig(RunConfig):
     """A Best-of-N preference-set build."""
+
+    RUNTIME: ClassVar[dict] = RunConfig.RUNTIME | {
+        "scoring": True, "student": {"num_replicas", "num_gpus", "num_cpus"}
+    }
+    GENERATION: ClassVar[dict] = {"student": _MODEL_GENERATION, "sampling": True, "n": True, "system_prompt": True}
 
     dataset: str = Field(
         "preference", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="Dataset name (a folder)."
     )
-    output: str = Field("./dafactory-output", description="Output root: local path or s3://bucket/prefix.")
     prompts: PromptSource = Field(default_factory=PromptSource, description="Where prompts come from.")
     system_prompt: str | None = Field(None, description="System message put before each request.")
     student: ModelConfig = Field(default_factory=ModelConfig, description="The model that samples.")
@@ -116,23 +177,13 @@ class PreferenceConfig(_Strict):
         default_factory=StageResources, description="Ray resources of the scoring stage."
     )
     selection: SelectionConfig = Field(default_factory=SelectionConfig, description="Best-of-N rule.")
-    shard_size: int = Field(64, ge=1, description="Prompts per shard: the unit of work and resume.")
-    ray: RayConfig = Field(default_factory=RayConfig, description="Where Ray runs.")
-    retries: int = Field(
-        2, ge=0, description="Times the shard build is retried after a failure; each retry resumes."
-    )
 
     @model_validator(mode="after")
     def _check_names(self) -> "PreferenceConfig":
         from tasks.backends import BACKENDS
-        from tasks.scorers import SCORERS
 
         BACKENDS.check(self.student.backend)
-        names = [s.name for s in self.scorers]
-        for name in names:
-            SCORERS.check(name)
-        if len(set(names)) != len(names):
-            raise UserError(f"scorers are listed twice: {names}")
+        names = _check_scorers(self.scorers)
         if self.selection.scorer is not None and self.selection.scorer not in names:
             raise UserError(
                 f"selection.scorer {self.selection.scorer!r} is not among the configured scorers {names}"
@@ -143,34 +194,86 @@ class PreferenceConfig(_Strict):
     def selection_scorer(self) -> str:
         return self.selection.scorer or self.scorers[0].name
 
-    def generation_key(self) -> str:
-        """Hash of what decides generated text for given prompts; salts shard ids (and so seeds).
-        The input's location is not part of it: moving the prompt file changes no sample."""
-        content = self.model_dump(
-            mode="json",
-            include={
-                "student": {"model", "revision", "backend", "trust_remote_code", "batch_size", "params"},
-                "sampling": True,
-                "n": True,
-                "system_prompt": True,
-            },
-        )
-        return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
+    @property
+    def generator(self) -> ModelConfig:
+        return self.student
 
-    def fingerprint(self) -> str:
-        """Hash of everything that decides the dataset's content (not where or how fast it runs)."""
-        content = self.model_dump(
-            mode="json",
-            exclude={
-                "output": True,
-                "ray": True,
-                "retries": True,
-                "scoring": True,
-                "student": {"num_replicas", "num_gpus", "num_cpus"},
-            },
-        )
-        blob = json.dumps(content, sort_keys=True).encode()
-        return hashlib.sha256(blob).hexdigest()[:16]
+    @property
+    def scorer_configs(self) -> list[ScorerConfig]:
+        return self.scorers
+
+
+class DecontaminationConfig(_Strict):
+    enabled: bool = Field(True, description="Drop training prompts that overlap evaluation prompts.")
+    eval_sets: list[str] = Field(
+        default_factory=lambda: ["strongreject", "dan"],
+        description="Bundled benchmarks ('strongreject', 'dan') or files with a 'prompt' column.",
+    )
+    ngram: int = Field(8, ge=2, description="Word n-gram size: one shared n-gram marks a prompt contaminated.")
+
+
+class DistillConfig(RunConfig):
+    """A deliberative-alignment distillation: teacher reasoning under a safety spec, judged and filtered."""
+
+    RUNTIME: ClassVar[dict] = RunConfig.RUNTIME | {
+        "judging": True, "teacher": {"num_replicas", "num_gpus", "num_cpus"}
+    }
+    GENERATION: ClassVar[dict] = {
+        "teacher": _MODEL_GENERATION, "sampling": True, "k": True, "spec": True, "template": True,
+        "missing_category": True,
+    }
+
+    dataset: str = Field(
+        "distill", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="Dataset name (a folder)."
+    )
+    prompts: PromptSource = Field(
+        default_factory=lambda: PromptSource(category_column="category"),
+        description="Prompts with one or more policy categories each.",
+    )
+    spec: str | None = Field(None, description="Safety spec YAML file; the bundled spec if empty.")
+    template: str | None = Field(
+        None, description="Teacher prompt template file with {prompt}, {spec}, {categories}; bundled if empty."
+    )
+    missing_category: Literal["error", "benign"] = Field(
+        "error", description="Rows without a category: an error, or governed by the benign policy."
+    )
+    teacher: ModelConfig = Field(default_factory=ModelConfig, description="The model that reasons.")
+    k: int = Field(1, ge=1, description="Teacher samples per prompt.")
+    sampling: SamplingConfig = Field(
+        default_factory=lambda: SamplingConfig(temperature=0.7, top_p=1.0, max_new_tokens=2048),
+        description="Teacher sampling (the paper: 0.7 / 1.0 / 2048).",
+    )
+    judges: list[ScorerConfig] = Field(
+        default_factory=lambda: [ScorerConfig(name="refusal_heuristic")],
+        min_length=1,
+        description="Judges; a sample is kept only if every judge view passes.",
+    )
+    judging: StageResources = Field(default_factory=StageResources, description="Ray resources of judging.")
+    student_system_prompt: str | None = Field(
+        "You are a helpful assistant.", description="System message of the training prompt (the spec is removed)."
+    )
+    near_duplicates: bool = Field(
+        True, description="Collapse prompts equal after normalising case, punctuation and whitespace."
+    )
+    decontamination: DecontaminationConfig = Field(
+        default_factory=DecontaminationConfig, description="Overlap checks against evaluation prompts."
+    )
+
+    @model_validator(mode="after")
+    def _check_names(self) -> "DistillConfig":
+        from tasks.backends import BACKENDS
+
+        BACKENDS.check(self.teacher.backend)
+        _check_scorers(self.judges)
+        return self
+
+    @property
+    def generator(self) -> ModelConfig:
+        return self.teacher
+
+    @property
+    def scorer_configs(self) -> list[ScorerConfig]:
+        return self.judges
 
 
 def _first_line(exc: ValidationError) -> str:

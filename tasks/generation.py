@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from tasks.config import ModelConfig, SamplingConfig
-from tasks.prompts import Shard
+from tasks.prompts import PromptRow, Shard
 from tasks.selection import messages
 
 
@@ -30,8 +30,21 @@ class Backend(Protocol):
     def __init__(self, cfg: ModelConfig) -> None: ...
     def load(self) -> None: ...
     def context_length(self) -> int | None: ...
-    def count_prompt_tokens(self, conversations: list[list[dict]]) -> list[int]: ...
-    def generate(self, conversations: list[list[dict]], sampling: SamplingConfig, seed: int) -> list[Generation]: ...
+    def count_prompt_tokens(self, conversations: list[list[dict]], prefill: str = "") -> list[int]: ...
+    def generate(
+        self, conversations: list[list[dict]], sampling: SamplingConfig, seed: int, prefill: str = ""
+    ) -> list[Generation]: ...
+
+
+@dataclass(frozen=True)
+class ChatPrompt:
+    """The plain conversation: an optional system message and the request."""
+
+    system_prompt: str | None = None
+    prefill: str = ""  # text that opens the assistant turn (the model continues it)
+
+    def __call__(self, row: PromptRow) -> list[dict]:
+        return messages(row.prompt, self.system_prompt)
 
 
 def batch_seed(base: int, shard_id: str, batch_index: int) -> int:
@@ -46,13 +59,15 @@ def generate_shard(
     n: int,
     sampling: SamplingConfig,
     batch_size: int,
-    system_prompt: str | None,
+    conversation,
 ) -> tuple[list[dict], list[dict]]:
-    """(GENERATED rows, QUARANTINE rows) for one shard."""
-    convs = [messages(r.prompt, system_prompt) for r in shard.rows]
+    """(GENERATED rows, QUARANTINE rows) for one shard; `conversation` turns a PromptRow into messages
+    and may open the assistant turn with `conversation.prefill`."""
+    prefill = conversation.prefill
+    convs = [conversation(r) for r in shard.rows]
     limit = backend.context_length()
     fits, quarantine = [], []
-    lengths = backend.count_prompt_tokens(convs) if limit else [0] * len(convs)
+    lengths = backend.count_prompt_tokens(convs, prefill) if limit else [0] * len(convs)
     for row, conv, length in zip(shard.rows, convs, lengths):
         if limit and length + sampling.max_new_tokens > limit:
             quarantine.append(
@@ -72,7 +87,7 @@ def generate_shard(
     for b, start in enumerate(range(0, len(seqs), batch_size)):
         chunk = seqs[start : start + batch_size]
         seed = batch_seed(sampling.seed, shard.shard_id, b)
-        gens = backend.generate([conv for _, conv, _ in chunk], sampling, seed)
+        gens = backend.generate([conv for _, conv, _ in chunk], sampling, seed, prefill)
         for (row, _, k), g in zip(chunk, gens):
             out.append(
                 {

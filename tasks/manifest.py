@@ -43,11 +43,13 @@ def build_manifest(
     prompts: PromptSet,
     shard_stats: list[dict],
     counts: dict,
+    outcomes_key: str,
     timings: dict,
     models: dict,
     shards_total: int,
     shards_resumed: int,
     pruned_parts: int,
+    extra: dict | None = None,
 ) -> dict:
     quarantined = Counter(q["reason"] for q in prompts.quarantine)
     quarantined.update(sum_counters(s.get("quarantined", {}) for s in shard_stats))
@@ -58,17 +60,18 @@ def build_manifest(
         "config": config,
         "models": models,
         "code": code_version(),
-        "tables": {name: counts[name] | {"schema": TABLES[name].to_string()} for name in TABLES},
+        "tables": {name: c | {"schema": TABLES[name].to_string()} for name, c in counts.items()},
         "prompts": {
             "source_rows": prompts.source_rows,
             "unique": len(prompts.rows),
             "duplicates_removed": prompts.duplicates,
             "quarantined": dict(sorted(quarantined.items())),
         },
-        "unpaired_prompts": sum_counters(s.get("unpaired", {}) for s in shard_stats),
+        "outcomes_key": outcomes_key,
+        outcomes_key: sum_counters(s.get("outcomes", {}) for s in shard_stats),
         "shards": {"total": shards_total, "resumed": shards_resumed, "pruned_stale_parts": pruned_parts},
         "timings_s": timings,
-    }
+    } | (extra or {})
 
 
 def summary_rows(manifest: dict) -> list[dict]:
@@ -78,5 +81,7 @@ def summary_rows(manifest: dict) -> list[dict]:
     rows.append({"what": "prompts (unique)", "count": p["unique"]})
     rows.append({"what": "duplicate prompts removed", "count": p["duplicates_removed"]})
     rows += [{"what": f"quarantined: {k}", "count": v} for k, v in p["quarantined"].items()]
-    rows += [{"what": f"no pair: {k}", "count": v} for k, v in manifest["unpaired_prompts"].items()]
+    key = manifest["outcomes_key"]
+    label = {"unpaired_prompts": "no pair", "filtered_samples": "filtered"}.get(key, key)
+    rows += [{"what": f"{label}: {k}", "count": v} for k, v in manifest[key].items()]
     return rows

@@ -2,19 +2,20 @@
 
 from __future__ import annotations
 
-from tasks.config import PreferenceConfig
+from tasks.config import RunConfig
 from tasks.models import check_reference
 from tasks.prompts import check_columns
 from tasks.scorers import SCORERS
 from tasks.storage import DatasetDir
 
 
-def preflight(config: PreferenceConfig) -> DatasetDir:
+def preflight(config: RunConfig) -> DatasetDir:
     """Raise UserError on bad input (one line); return the dataset folder to build into."""
     check_columns(config.prompts)
-    if config.student.backend == "hf":
-        check_reference(config.student.model, config.student.revision)
-    for s in config.scorers:
+    gen = config.generator
+    if gen.backend == "hf":
+        check_reference(gen.model, gen.revision)
+    for s in config.scorer_configs:
         SCORERS.get(s.name)(s)  # constructors check params; only load() is heavy
         if s.model:
             check_reference(s.model, s.revision)

@@ -21,7 +21,7 @@ from tasks.config import PromptSource
 from tasks.errors import UserError
 from tasks.schemas import require_columns
 
-SAMPLE = "sample"
+BUNDLED_SAMPLES = {"sample": "sample_prompts.jsonl", "distill_sample": "distill_sample.jsonl"}
 FORMATS = {".parquet": "parquet", ".pq": "parquet", ".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv"}
 
 
@@ -33,8 +33,9 @@ def prompt_id(text: str) -> str:
 class PromptRow:
     prompt_id: str
     prompt: str
-    category: str | None
+    category: str | None  # the categories joined with "; " (one string column in every table)
     source_row: int
+    categories: tuple[str, ...] = ()
 
 
 @dataclass
@@ -53,8 +54,8 @@ class Shard:
 
 
 def _source_path(src: PromptSource) -> str:
-    if src.path == SAMPLE:
-        return str(resources.files("tasks.data") / "sample_prompts.jsonl")
+    if src.path in BUNDLED_SAMPLES:
+        return str(resources.files("tasks.data") / BUNDLED_SAMPLES[src.path])
     return src.path
 
 
@@ -140,6 +141,17 @@ def _decode(value: object) -> tuple[str | None, str | None, str | None]:
     return value, None, None
 
 
+def _categories(raw: object) -> tuple[str, ...]:
+    """A category cell holds one category, or a list of them (as in STAR-41K)."""
+    items = raw if isinstance(raw, (list, tuple)) else [raw]
+    out = []
+    for item in items:
+        text, _, _ = _decode(item)
+        if text is not None:
+            out.append(text.strip())
+    return tuple(dict.fromkeys(out))
+
+
 def load_prompts(src: PromptSource) -> PromptSet:
     _, raw_prompts, raw_cats = _read_raw(src)
     if src.limit is not None:
@@ -158,8 +170,8 @@ def load_prompts(src: PromptSource) -> PromptSet:
             out.duplicates += 1
             continue
         seen.add(pid)
-        category, _, _ = _decode(raw_cat)
-        out.rows.append(PromptRow(pid, text, category, i))
+        cats = _categories(raw_cat)
+        out.rows.append(PromptRow(pid, text, "; ".join(cats) or None, i, cats))
     return out
 
 

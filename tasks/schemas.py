@@ -12,13 +12,17 @@ from tasks.errors import UserError
 MESSAGE = pa.struct([("role", pa.string()), ("content", pa.string())])
 MESSAGES = pa.list_(MESSAGE)
 
+DETAIL = pa.struct([("name", pa.string()), ("value", pa.float64())])
+
 SCORE = pa.struct(
     [
         ("scorer", pa.string()),
+        ("view", pa.string()),  # what the scorer read: "response", or "full"/"answer"/"reasoning"
         ("score", pa.float64()),  # null when the scorer could not score (reason says why)
         ("label", pa.string()),
         ("reason", pa.string()),
         ("heuristic", pa.bool_()),  # true for rule-based scorers such as refusal_heuristic
+        ("details", pa.list_(DETAIL)),  # sub-scores of rubric judges
     ]
 )
 
@@ -91,11 +95,37 @@ QUARANTINE = pa.schema(
     ]
 )
 
+# Distilled samples: `train` (kept) and `filtered` (excluded, with filter_reason) share this schema.
+# prompt/completion are TRL's conversational prompt-completion format, with the spec removed.
+DISTILLED = pa.schema(
+    [
+        ("prompt", MESSAGES),
+        ("completion", MESSAGES),  # one assistant message: <think>reasoning</think>answer
+        ("prompt_id", pa.string()),
+        ("category", pa.string()),
+        ("sample_idx", pa.int32()),
+        ("teacher", pa.string()),
+        ("teacher_revision", pa.string()),
+        ("seed", pa.int64()),
+        ("response", pa.string()),  # the teacher's raw output after the opened <think>
+        ("reasoning", pa.string()),
+        ("answer", pa.string()),
+        ("parse_status", pa.string()),  # ok, truncated, missing_think_close, empty_answer
+        ("finish_reason", pa.string()),
+        ("prompt_tokens", pa.int32()),
+        ("response_tokens", pa.int32()),
+        ("scores", pa.list_(SCORE)),  # every judge verdict, one per judge and view
+        ("filter_reason", pa.string()),  # null in train
+    ]
+)
+
 TABLES: dict[str, pa.Schema] = {
     "candidates": CANDIDATES,
     "pairs": PAIRS,
     "best": BEST,
     "quarantine": QUARANTINE,
+    "train": DISTILLED,
+    "filtered": DISTILLED,
 }
 
 

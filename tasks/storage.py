@@ -2,9 +2,10 @@
 
 <output>/<dataset>/
   config.json                  the config that owns this folder (written first)
-  candidates/part-<shard>.parquet   all N per prompt, with scores (written last per shard)
+  candidates/part-<shard>.parquet   (preference) all N per prompt, with scores (written last per shard)
   pairs/part-<shard>.parquet        TRL conversational preference rows
   best/part-<shard>.parquet         TRL conversational prompt-completion rows
+  train/, filtered/                 (distill) kept and excluded samples (filtered written last)
   quarantine/part-<...>.parquet     input rows that never reached a model, with reasons
   manifest.json                written last; its presence means the dataset is complete
 
@@ -86,9 +87,9 @@ class DatasetDir:
             pq.write_table(data, f, compression="zstd")
         self.fs.mv(tmp, final)
 
-    def shard_done(self, shard_id: str) -> bool:
-        # candidates is the last part a shard writes: its presence marks the shard complete.
-        return self.fs.exists(self.part_path("candidates", shard_id))
+    def shard_done(self, shard_id: str, marker: str) -> bool:
+        """`marker` is the table a shard writes last: its part's presence marks the shard complete."""
+        return self.fs.exists(self.part_path(marker, shard_id))
 
     def parts(self, table: str) -> dict[str, str]:
         """part name -> path, for finished parts only."""
@@ -114,16 +115,16 @@ class DatasetDir:
         with self.fs.open(path, "rb") as f:
             return pq.ParquetFile(f).metadata
 
-    def shard_stats(self) -> list[dict]:
+    def shard_stats(self, marker: str) -> list[dict]:
         out = []
-        for path in self.parts("candidates").values():
+        for path in self.parts(marker).values():
             meta = self.footer(path).metadata or {}
             out.append(json.loads(meta.get(STATS_KEY, b"{}")))
         return out
 
-    def row_counts(self) -> dict[str, dict]:
+    def row_counts(self, tables: list[str]) -> dict[str, dict]:
         counts = {}
-        for table in TABLES:
+        for table in tables:
             paths = list(self.parts(table).values())
             counts[table] = {"rows": sum(self.footer(p).num_rows for p in paths), "parts": len(paths)}
         return counts

@@ -24,7 +24,9 @@ from tasks.errors import UserError
 from tasks.config import ModelConfig, RayConfig, SamplingConfig, ScorerConfig, SelectionConfig
 from tasks.generation import generate_shard
 from tasks.prompts import Shard
-from tasks.schemas import BEST, CANDIDATES, GENERATED, PAIRS, QUARANTINE, to_table
+from tasks.filtering import distill_rows, parse_rows
+from tasks.reasoning import OK
+from tasks.schemas import BEST, CANDIDATES, DISTILLED, GENERATED, PAIRS, QUARANTINE, to_table
 from tasks.scorers import SCORERS
 from tasks.selection import select
 
@@ -78,11 +80,12 @@ def worker_info() -> dict:
 
 
 class GenerateStage:
-    """Loads the student once; turns a shard into GENERATED rows and too-long quarantine rows."""
+    """Loads a model once; turns a shard into GENERATED rows and too-long quarantine rows.
+    `conversation` builds each prompt's messages (a ChatPrompt, or a TeacherPrompt under a spec)."""
 
-    def __init__(self, model: ModelConfig, sampling: SamplingConfig, n: int, system_prompt: str | None):
+    def __init__(self, model: ModelConfig, sampling: SamplingConfig, n: int, conversation):
         t0 = time.perf_counter()
-        self.model, self.sampling, self.n, self.system_prompt = model, sampling, n, system_prompt
+        self.model, self.sampling, self.n, self.conversation = model, sampling, n, conversation
         self.backend = BACKENDS.get(model.backend)(model)
         self.backend.load()
         use_cpus(model.num_cpus)
@@ -96,7 +99,7 @@ class GenerateStage:
     def process(self, shard: Shard) -> dict:
         t0 = time.perf_counter()
         rows, quarantine = generate_shard(
-            self.backend, shard, self.n, self.sampling, self.model.batch_size, self.system_prompt
+            self.backend, shard, self.n, self.sampling, self.model.batch_size, self.conversation
         )
         return {
             "shard_id": shard.shard_id,
@@ -108,45 +111,42 @@ class GenerateStage:
         }
 
 
-class ScoreSelectStage:
-    """Loads every scorer once; scores a generated shard, then selects best and pairs."""
+class _ScoringStage:
+    """Loads every scorer once per actor."""
 
-    def __init__(
-        self,
-        scorers: list[ScorerConfig],
-        selection: SelectionConfig,
-        selection_scorer: str,
-        system_prompt: str | None,
-        num_cpus: float = 1,
-    ):
+    def __init__(self, scorers: list[ScorerConfig], num_cpus: float):
         t0 = time.perf_counter()
         self.scorers = [SCORERS.get(s.name)(s) for s in scorers]
         for s in self.scorers:
             s.load()
         use_cpus(num_cpus)
-        self.selection, self.selection_scorer, self.system_prompt = selection, selection_scorer, system_prompt
-        self.direction = next(s.direction for s in self.scorers if s.name == selection_scorer)
         self.load_seconds = time.perf_counter() - t0
 
     def info(self) -> dict:
         return worker_info() | {"load_seconds": self.load_seconds}
+
+    @staticmethod
+    def entry(scorer, view: str, result: dict) -> dict:
+        return {"scorer": scorer.name, "view": view, "heuristic": scorer.heuristic, "details": None, **result}
+
+
+class ScoreSelectStage(_ScoringStage):
+    """Scores a generated shard with every scorer, then selects best and pairs."""
+
+    def __init__(self, scorers, selection: SelectionConfig, selection_scorer: str, system_prompt, num_cpus=1):
+        super().__init__(scorers, num_cpus)
+        self.selection, self.selection_scorer, self.system_prompt = selection, selection_scorer, system_prompt
+        self.direction = next(s.direction for s in self.scorers if s.name == selection_scorer)
 
     def process(self, payload: dict) -> dict:
         t0 = time.perf_counter()
         rows = payload.pop("generated").to_pylist()
         per_scorer = [s.score(rows) for s in self.scorers]
         for i, row in enumerate(rows):
-            row["scores"] = [
-                {"scorer": s.name, "heuristic": s.heuristic, **results[i]}
-                for s, results in zip(self.scorers, per_scorer)
-            ]
+            row["scores"] = [self.entry(s, "response", res[i]) for s, res in zip(self.scorers, per_scorer)]
         t1 = time.perf_counter()
         sel = select(
-            rows,
-            self.selection_scorer,
-            self.direction,
-            self.selection.min_margin,
-            self.selection.require_stop,
+            rows, self.selection_scorer, self.direction, self.selection.min_margin, self.selection.require_stop,
             self.system_prompt,
         )
         payload["tables"] = {
@@ -155,8 +155,41 @@ class ScoreSelectStage:
             "best": to_table(sel.best, BEST),
             "quarantine": to_table(payload.pop("quarantine"), QUARANTINE),
         }
-        payload["unpaired"] = dict(sel.unpaired)
+        payload["outcomes"] = dict(sel.unpaired)
         payload["seconds"] |= {"score": t1 - t0, "select": time.perf_counter() - t1}
+        return payload
+
+
+class JudgeFilterStage(_ScoringStage):
+    """Parses teacher samples into reasoning and answer, judges each configured view of the samples
+    that parsed, and splits them into train and filtered."""
+
+    def __init__(self, judges: list[ScorerConfig], student_system_prompt: str | None, num_cpus: float = 1):
+        super().__init__(judges, num_cpus)
+        self.reads = [cfg.reads for cfg in judges]
+        self.system_prompt = student_system_prompt
+
+    def process(self, payload: dict) -> dict:
+        t0 = time.perf_counter()
+        rows = parse_rows(payload.pop("generated").to_pylist())
+        parsed = [r for r in rows if r["parse_status"] == OK]  # unparsed samples are not worth a judge call
+        for r in rows:
+            r["scores"], r["verdicts"] = [], []
+        for judge, views in zip(self.scorers, self.reads):
+            for view in views:
+                results = judge.score([dict(r, response=r["views"][view]) for r in parsed])
+                for r, res in zip(parsed, results):
+                    r["scores"].append(self.entry(judge, view, res))
+                    r["verdicts"].append((f"{judge.name}@{view}", judge.passes(res), res["label"], res["reason"]))
+        t1 = time.perf_counter()
+        train, filtered, counts = distill_rows(rows, self.system_prompt)
+        payload["tables"] = {
+            "train": to_table(train, DISTILLED),
+            "filtered": to_table(filtered, DISTILLED),
+            "quarantine": to_table(payload.pop("quarantine"), QUARANTINE),
+        }
+        payload["outcomes"] = dict(counts)
+        payload["seconds"] |= {"judge": t1 - t0, "filter": time.perf_counter() - t1}
         return payload
 
 

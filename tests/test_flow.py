@@ -73,11 +73,11 @@ def test_resume_after_interrupt_writes_each_candidate_once(tmp_path, run_flow, m
     cfg = config(tmp_path)
     real_write, calls = tasks.build.write_shard, []
 
-    def crash_after_two(ds, result):
+    def crash_after_two(ds, recipe, result):
         if len(calls) == 2:
             raise KeyboardInterrupt("simulated interruption")  # as Ctrl-C would, mid-run
         calls.append(result["shard_id"])
-        return real_write(ds, result)
+        return real_write(ds, recipe, result)
 
     monkeypatch.setattr(tasks.build, "write_shard", crash_after_two)
     with pytest.raises(BaseException):
@@ -180,11 +180,11 @@ def test_a_transient_failure_is_retried_and_the_retry_resumes(tmp_path, run_flow
 
     real_write, calls = tasks.build.write_shard, []
 
-    def fail_once_after_two(ds, result):
+    def fail_once_after_two(ds, recipe, result):
         calls.append(result["shard_id"])
         if len(calls) == 3:
             raise OSError("simulated storage hiccup")
-        return real_write(ds, result)
+        return real_write(ds, recipe, result)
 
     monkeypatch.setattr(tasks.build, "write_shard", fail_once_after_two)
     manifest = run_flow(config(tmp_path, "retries=1"))

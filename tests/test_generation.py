@@ -4,7 +4,7 @@ import pytest
 
 from tasks.backends.fake import FakeBackend
 from tasks.config import ModelConfig, SamplingConfig
-from tasks.generation import batch_seed, generate_shard
+from tasks.generation import ChatPrompt, batch_seed, generate_shard
 from tasks.prompts import PromptRow, Shard, prompt_id
 
 
@@ -15,7 +15,7 @@ def shard(texts, sid="s1"):
 def test_rows_cover_every_prompt_and_sample_once():
     b = FakeBackend(ModelConfig(backend="fake", model="m"))
     rows, quarantine = generate_shard(b, shard(["a b", "c d e"]), n=3, sampling=SamplingConfig(), batch_size=4,
-                                      system_prompt=None)
+                                      conversation=ChatPrompt())
     assert [(r["prompt"], r["sample_idx"]) for r in rows] == [
         ("a b", 0), ("a b", 1), ("a b", 2), ("c d e", 0), ("c d e", 1), ("c d e", 2)
     ]
@@ -28,7 +28,7 @@ def test_prompts_too_long_for_the_context_are_quarantined():
     b = FakeBackend(ModelConfig(backend="fake", params={"context_length": 10}))
     s = shard(["one two three", "w " * 8])
     rows, quarantine = generate_shard(b, s, n=2, sampling=SamplingConfig(max_new_tokens=4), batch_size=8,
-                                      system_prompt=None)
+                                      conversation=ChatPrompt())
     assert {r["prompt"] for r in rows} == {"one two three"}
     assert [(q["reason"], q["detail"]) for q in quarantine] == [
         ("too_long", "8 prompt tokens + max_new_tokens 4 > context 10")

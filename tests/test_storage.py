@@ -24,7 +24,7 @@ def test_parts_are_zstd_parquet_with_the_schema_and_stats(tmp_path):
     assert list((tmp_path / "d" / "quarantine").iterdir())[0].name == "part-a.parquet"  # no temp files left
     # rewriting the same part replaces it, never duplicates it
     ds.write_part("quarantine", "a", to_table(qrows(3), QUARANTINE))
-    assert ds.row_counts()["quarantine"] == {"rows": 3, "parts": 1}
+    assert ds.row_counts(["quarantine"]) == {"quarantine": {"rows": 3, "parts": 1}}
 
 
 def test_rows_outside_the_schema_fail_loudly():

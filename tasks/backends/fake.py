@@ -33,14 +33,16 @@ class FakeBackend:
     def context_length(self) -> int | None:
         return self._context
 
-    def count_prompt_tokens(self, conversations: list[list[dict]]) -> list[int]:
-        return [sum(len(m["content"].split()) for m in conv) for conv in conversations]
+    def count_prompt_tokens(self, conversations: list[list[dict]], prefill: str = "") -> list[int]:
+        return [sum(len(m["content"].split()) for m in conv) + len(prefill.split()) for conv in conversations]
 
-    def generate(self, conversations: list[list[dict]], sampling: SamplingConfig, seed: int) -> list[Generation]:
+    def generate(
+        self, conversations: list[list[dict]], sampling: SamplingConfig, seed: int, prefill: str = ""
+    ) -> list[Generation]:
         if self.latency_s:
             time.sleep(self.latency_s)
         out = []
-        prompt_lens = self.count_prompt_tokens(conversations)
+        prompt_lens = self.count_prompt_tokens(conversations, prefill)
         for i, (conv, plen) in enumerate(zip(conversations, prompt_lens)):
             h = hashlib.blake2b(f"{seed}:{i}:{conv[-1]['content']}".encode(), digest_size=8).digest()
             if h[0] / 256 < self.refusal_rate:
@@ -48,6 +50,12 @@ class FakeBackend:
             else:
                 topic = " ".join(conv[-1]["content"].split()[:4])
                 words = f"Sure. Here is a detailed answer about {topic}:".split() + ["step"] * (h[1] % 24)
+            if prefill:
+                # A reasoning trace closed by </think>; one in ten leaves it open, one in ten answers nothing.
+                thought = "The request touches the policy. I weigh it and decide.".split()
+                words = thought + (
+                    [] if h[2] % 10 == 0 else ["</think>"] if h[2] % 10 == 1 else ["</think>"] + words
+                )
             finish = "stop"
             if len(words) > sampling.max_new_tokens:
                 words, finish = words[: sampling.max_new_tokens], "length"

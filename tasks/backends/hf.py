@@ -40,27 +40,32 @@ class HFBackend:
     def context_length(self) -> int | None:
         return getattr(self.model.config, "max_position_embeddings", None)
 
-    def _texts(self, conversations: list[list[dict]]) -> list[str]:
+    def _texts(self, conversations: list[list[dict]], prefill: str) -> list[str]:
         if self.tok.chat_template:
-            return self.tok.apply_chat_template(conversations, add_generation_prompt=True, tokenize=False)
-        # No template: plain concatenation, with BOS added by the tokenizer if the model uses one.
-        return ["\n\n".join(m["content"] for m in conv) for conv in conversations]
+            texts = self.tok.apply_chat_template(conversations, add_generation_prompt=True, tokenize=False)
+        else:
+            # No template: plain concatenation, with BOS added by the tokenizer if the model uses one.
+            texts = ["\n\n".join(m["content"] for m in conv) + "\n\n" for conv in conversations]
+        # Some templates (newer DeepSeek-R1 distills) already open <think>: never open it twice.
+        return [t if prefill and t.rstrip().endswith(prefill.strip()) else t + prefill for t in texts]
 
-    def _encode(self, conversations: list[list[dict]], padding: bool):
+    def _encode(self, conversations: list[list[dict]], padding: bool, prefill: str = ""):
         return self.tok(
-            self._texts(conversations),
+            self._texts(conversations, prefill),
             add_special_tokens=not self.tok.chat_template,
             padding=padding,
             return_tensors="pt" if padding else None,
         )
 
-    def count_prompt_tokens(self, conversations: list[list[dict]]) -> list[int]:
-        return [len(ids) for ids in self._encode(conversations, padding=False)["input_ids"]]
+    def count_prompt_tokens(self, conversations: list[list[dict]], prefill: str = "") -> list[int]:
+        return [len(ids) for ids in self._encode(conversations, padding=False, prefill=prefill)["input_ids"]]
 
-    def generate(self, conversations: list[list[dict]], sampling: SamplingConfig, seed: int) -> list[Generation]:
+    def generate(
+        self, conversations: list[list[dict]], sampling: SamplingConfig, seed: int, prefill: str = ""
+    ) -> list[Generation]:
         import torch
 
-        batch = self._encode(conversations, padding=True).to(self.model.device)
+        batch = self._encode(conversations, padding=True, prefill=prefill).to(self.model.device)
         kwargs = dict(max_new_tokens=sampling.max_new_tokens, pad_token_id=self.tok.pad_token_id)
         if sampling.temperature > 0:
             kwargs.update(

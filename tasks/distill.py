@@ -1,0 +1,89 @@
+"""The distill recipe: a teacher reasons under the safety spec; samples are parsed, judged and filtered."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+from tasks.build import Recipe
+from tasks.config import DistillConfig
+from tasks.errors import UserError
+from tasks.dedup import Decontaminator, collapse_near_duplicates
+from tasks.prompts import PromptSet, load_prompts
+from tasks.reasoning import TeacherPrompt, load_template
+from tasks.spec import Spec, load_spec
+from tasks.workers import GenerateStage, JudgeFilterStage, StageSpec
+
+
+@dataclass(frozen=True)
+class DistillSetup:
+    spec: Spec
+    template: str
+    template_source: str
+    teacher_prompt: TeacherPrompt
+
+    @property
+    def template_sha256(self) -> str:
+        return hashlib.sha256(self.template.encode()).hexdigest()
+
+
+def setup(config: DistillConfig) -> DistillSetup:
+    """Load spec and template; bad ones fail here, before any model loads."""
+    spec = load_spec(config.spec)
+    template, source = load_template(config.template)
+    return DistillSetup(spec, template, source, TeacherPrompt(template, spec, config.missing_category))
+
+
+def check_categories(config: DistillConfig, ds: DistillSetup) -> None:
+    """Every row's categories must be known to the spec (or the benign policy must cover it)."""
+    if config.prompts.category_column is None and config.missing_category == "error":
+        raise UserError("distillation needs categories: set prompts.category_column (or missing_category: benign)")
+    for row in load_prompts(config.prompts).rows:
+        ds.teacher_prompt.check(row)
+
+
+def screen(config: DistillConfig, ds: DistillSetup):
+    def run(prompts: PromptSet) -> PromptSet:
+        for row in prompts.rows:
+            ds.teacher_prompt.check(row)
+        rows, quarantine = prompts.rows, list(prompts.quarantine)
+        if config.near_duplicates:
+            rows, dropped = collapse_near_duplicates(rows)
+            quarantine += dropped
+        if config.decontamination.enabled:
+            dc = config.decontamination
+            rows, dropped = Decontaminator(dc.eval_sets, dc.ngram).split(rows)
+            quarantine += dropped
+        return PromptSet(rows=rows, quarantine=quarantine, duplicates=prompts.duplicates,
+                         source_rows=prompts.source_rows)
+
+    return run
+
+
+def distill_recipe(config: DistillConfig, ds: DistillSetup) -> Recipe:
+    t, j = config.teacher, config.judging
+    return Recipe(
+        name="distill",
+        stages=[
+            StageSpec("generate", GenerateStage, (t, config.sampling, config.k, ds.teacher_prompt),
+                      t.num_replicas, t.num_gpus, t.num_cpus),
+            StageSpec("judge", JudgeFilterStage, (config.judges, config.student_system_prompt, j.num_cpus),
+                      j.num_replicas, j.num_gpus, j.num_cpus),
+        ],
+        tables=["train", "quarantine", "filtered"],
+        outcomes_key="filtered_samples",
+        # The spec's and template's text decide what the teacher reads, not just their file names.
+        salt=config.generation_key() + ds.spec.sha256 + ds.template_sha256,
+        manifest_extra={
+            "spec": {"name": ds.spec.name, "version": ds.spec.version, "sha256": ds.spec.sha256,
+                     "source": ds.spec.source},
+            "template": {"source": ds.template_source, "sha256": ds.template_sha256, "text": ds.template},
+        },
+    )
+
+
+def distill_models(config: DistillConfig) -> dict:
+    return {
+        "teacher": config.teacher.model_dump(mode="json", include={"model", "revision", "backend"}),
+        "judges": [s.model_dump(mode="json", include={"name", "model", "revision", "reads"}) for s in config.judges],
+    }

@@ -1,0 +1,32 @@
+"""The preference recipe: generate N candidates per prompt, score, select best-of-N and pairs."""
+
+from __future__ import annotations
+
+from tasks.build import Recipe
+from tasks.config import PreferenceConfig
+from tasks.generation import ChatPrompt
+from tasks.workers import GenerateStage, ScoreSelectStage, StageSpec
+
+
+def preference_recipe(config: PreferenceConfig) -> Recipe:
+    st, sc = config.student, config.scoring
+    return Recipe(
+        name="preference",
+        stages=[
+            StageSpec("generate", GenerateStage, (st, config.sampling, config.n, ChatPrompt(config.system_prompt)),
+                      st.num_replicas, st.num_gpus, st.num_cpus),
+            StageSpec("score", ScoreSelectStage,
+                      (config.scorers, config.selection, config.selection_scorer, config.system_prompt, sc.num_cpus),
+                      sc.num_replicas, sc.num_gpus, sc.num_cpus),
+        ],
+        tables=["pairs", "best", "quarantine", "candidates"],
+        outcomes_key="unpaired_prompts",
+        salt=config.generation_key(),
+    )
+
+
+def preference_models(config: PreferenceConfig) -> dict:
+    return {
+        "student": config.student.model_dump(mode="json", include={"model", "revision", "backend"}),
+        "scorers": [s.model_dump(mode="json", include={"name", "model", "revision"}) for s in config.scorers],
+    }
