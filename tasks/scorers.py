@@ -125,6 +125,8 @@ class ModelScorer(Scorer):
 
     def score(self, rows: list[dict]) -> list[dict]:
         """Rows longer than the scorer's context get a null score with the reason, never a silent cut."""
+        if not rows:
+            return []
         texts = [self.text(r) for r in rows]
         limit = getattr(self.model.config, "max_position_embeddings", None)
         lengths = [len(ids) for ids in self.tok(texts, add_special_tokens=not self.tok.chat_template)["input_ids"]]

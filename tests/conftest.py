@@ -85,8 +85,13 @@ def tiny_models(tmp_path_factory):
     lm.generation_config.eos_token_id = vocab["<|im_end|>"]
     lm.save_pretrained(root / "lm")
     fast.save_pretrained(root / "lm")
+    torch.manual_seed(0)
+    long = LlamaForCausalLM(LlamaConfig(**(cfg | {"max_position_embeddings": 1024})))  # for long judge prompts
+    long.generation_config.eos_token_id = vocab["<|im_end|>"]
+    long.save_pretrained(root / "lm_long")
+    fast.save_pretrained(root / "lm_long")
     torch.manual_seed(1)
     rm = LlamaForSequenceClassification(LlamaConfig(**cfg, num_labels=1))
     rm.save_pretrained(root / "rm")
     fast.save_pretrained(root / "rm")
-    return {"lm": str(root / "lm"), "rm": str(root / "rm"), "tokenizer": fast}
+    return {"lm": str(root / "lm"), "lm_long": str(root / "lm_long"), "rm": str(root / "rm"), "tokenizer": fast}

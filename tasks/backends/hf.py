@@ -58,6 +58,8 @@ class HFBackend:
         )
 
     def count_prompt_tokens(self, conversations: list[list[dict]], prefill: str = "") -> list[int]:
+        if not conversations:
+            return []
         return [len(ids) for ids in self._encode(conversations, padding=False, prefill=prefill)["input_ids"]]
 
     def generate(
@@ -65,6 +67,8 @@ class HFBackend:
     ) -> list[Generation]:
         import torch
 
+        if not conversations:
+            return []
         batch = self._encode(conversations, padding=True, prefill=prefill).to(self.model.device)
         kwargs = dict(max_new_tokens=sampling.max_new_tokens, pad_token_id=self.tok.pad_token_id)
         if sampling.temperature > 0:
