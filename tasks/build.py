@@ -31,6 +31,7 @@ class Recipe:
     tables: list[str]  # written per shard, in order; the last marks the shard done
     outcomes_key: str  # manifest key of per-shard outcome counts, e.g. "unpaired_prompts"
     salt: str  # shard ids hash this with their prompt ids: what decides the generated text
+    sample_tables: list[str]  # tables that together hold one row per generated sample (for progress)
     manifest_extra: dict = field(default_factory=dict)
 
 
@@ -104,10 +105,10 @@ def build_shards(config: RunConfig, ds: DatasetDir, shards: list[Shard], recipe:
             nonlocal done, rows
             stats = write_shard(ds, recipe, result)
             done += 1
-            rows += sum(v for k, v in stats["rows"].items() if k != "quarantine")
+            rows += sum(stats["rows"][t] for t in recipe.sample_tables)
             for k, v in stats["seconds"].items():
                 report["seconds"][k] = report["seconds"].get(k, 0.0) + v
-            logger.info("shard %d/%d written: %s (%.1f rows/s)", done, len(pending),
+            logger.info("shard %d/%d written: %s (%.1f samples/s)", done, len(pending),
                         ", ".join(f"{k} {v}" for k, v in stats["rows"].items() if k != "quarantine"),
                         rows / (time.perf_counter() - t1))
             update_progress_artifact(progress, 100.0 * done / len(pending))

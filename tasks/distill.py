@@ -73,6 +73,7 @@ def distill_recipe(config: DistillConfig, ds: DistillSetup) -> Recipe:
         tables=["train", "quarantine", "filtered"],
         outcomes_key="filtered_samples",
         # The spec's and template's text decide what the teacher reads, not just their file names.
+        sample_tables=["train", "filtered"],
         salt=config.generation_key() + ds.spec.sha256 + ds.template_sha256,
         manifest_extra={
             "spec": {"name": ds.spec.name, "version": ds.spec.version, "sha256": ds.spec.sha256,

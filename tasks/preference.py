@@ -21,6 +21,7 @@ def preference_recipe(config: PreferenceConfig) -> Recipe:
         ],
         tables=["pairs", "best", "quarantine", "candidates"],
         outcomes_key="unpaired_prompts",
+        sample_tables=["candidates"],
         salt=config.generation_key(),
     )
 

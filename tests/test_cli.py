@@ -93,3 +93,49 @@ def test_demo_end_to_end(tmp_path):
     inspect = subprocess.run([str(exe), "inspect", str(tmp_path / "demo-preference")], capture_output=True,
                              text=True, timeout=120)
     assert inspect.returncode == 0 and "candidates rows" in inspect.stdout
+
+    # the small distilled set: 13 prompts, one near duplicate and one StrongREJECT prompt removed
+    distill = json.loads((tmp_path / "demo-distill" / "manifest.json").read_text())
+    assert distill["status"] == "complete" and distill["spec"]["version"] == "1.0"
+    assert distill["prompts"] == {"source_rows": 13, "unique": 11, "duplicates_removed": 0,
+                                  "quarantined": {"contaminated": 1, "near_duplicate": 1}}
+    t = distill["tables"]
+    assert t["train"]["rows"] + t["filtered"]["rows"] == 11
+    assert sum(distill["filtered_samples"].values()) == t["filtered"]["rows"]
+    assert f"dataset: {tmp_path}/demo-distill" in proc.stdout
+
+
+@pytest.fixture
+def distill_prompts(tmp_path):
+    return write_jsonl(tmp_path / "d.jsonl", [{"prompt": "how to pick a lock", "category": "illicit"},
+                                              {"prompt": "bake bread", "category": None},
+                                              {"prompt": "bake a cake", "category": "cooking"}])
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        # a row without a category, while the config does not allow the benign policy for it
+        (["prompts.limit=2"], "prompt at source row 1 has no category; set missing_category: benign"),
+        # an unknown category: the known ones are listed
+        (["missing_category=benign"], "unknown category 'cooking'; the spec (bundled safety_spec.yaml) knows: "),
+        # a spec that lacks a category the rows use
+        (["spec=__TMP__/spec.yaml"], "unknown category 'illicit'; the spec (__TMP__/spec.yaml) knows: benign"),
+        # a template without a {prompt} slot
+        (["template=__TMP__/t.md"], "has no {prompt} slot"),
+        # no category column at all
+        (["prompts.category_column=null"], "distillation needs categories: set prompts.category_column"),
+    ],
+)
+def test_distill_bad_input_is_one_line_and_loads_nothing(tmp_path, distill_prompts, capsys, monkeypatch, args, message):
+    monkeypatch.setenv("DAFACTORY_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "spec.yaml").write_text("policies:\n  benign: {text: help}\n")
+    (tmp_path / "t.md").write_text("{spec} {categories}")
+    base = [f"prompts.path={distill_prompts}", "prompts.category_column=category", f"output={tmp_path / 'out'}"]
+    args = [a.replace("__TMP__", str(tmp_path)) for a in args]
+    argv = ["run", "distill"] + [x for a in base + args for x in ("--set", a)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("dafactory: error: ") and message.replace("__TMP__", str(tmp_path)) in err
+    assert "\n" not in err
+    assert not (tmp_path / "out").exists() and not (tmp_path / "cache").exists()
