@@ -243,5 +243,6 @@ class YesNoJudge(ModelScorer):
         return out
 
 
-# Judges that decode a verdict with a generative model register themselves in SCORERS too.
+# Judges that decode a verdict, and the paper's latent signals, register themselves in SCORERS too.
 import tasks.judges  # noqa: E402,F401
+import tasks.latent  # noqa: E402,F401

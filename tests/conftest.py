@@ -90,8 +90,12 @@ def tiny_models(tmp_path_factory):
     long.generation_config.eos_token_id = vocab["<|im_end|>"]
     long.save_pretrained(root / "lm_long")
     fast.save_pretrained(root / "lm_long")
+    torch.manual_seed(5)
+    ft = LlamaForCausalLM(LlamaConfig(**cfg))  # another student: same shape and tokenizer, other weights
+    ft.save_pretrained(root / "lm_ft")
+    fast.save_pretrained(root / "lm_ft")
     torch.manual_seed(1)
     rm = LlamaForSequenceClassification(LlamaConfig(**cfg, num_labels=1))
     rm.save_pretrained(root / "rm")
     fast.save_pretrained(root / "rm")
-    return {"lm": str(root / "lm"), "lm_long": str(root / "lm_long"), "rm": str(root / "rm"), "tokenizer": fast}
+    return {"lm": str(root / "lm"), "lm_long": str(root / "lm_long"), "lm_ft": str(root / "lm_ft"), "rm": str(root / "rm"), "tokenizer": fast}
