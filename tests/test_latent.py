@@ -116,3 +116,35 @@ def test_layers_beyond_the_model_are_refused(tiny_models):
         name="latent_attribution", model=tiny_models["lm_ft"], params={"base": tiny_models["lm"], "layers": [12]}))
     with pytest.raises(UserError, match=r"layers \[12\] outside 0..2"):
         s.load()
+
+
+def test_a_peft_adapter_shares_weights_with_its_base(tiny_models, tmp_path):
+    """FT given as a LoRA adapter: one model in memory, the base pass with the adapter disabled, and the
+    same signals as two separate models (the adapter merged into a copy of the base)."""
+    import torch
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(7)
+    base = AutoModelForCausalLM.from_pretrained(tiny_models["lm"], dtype=torch.float32)
+    lora = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    lora.save_pretrained(tmp_path / "adapter")
+    merged = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(tiny_models["lm"], dtype=torch.float32), tmp_path / "adapter"
+    ).merge_and_unload()
+    merged.save_pretrained(tmp_path / "merged")
+    tiny_models["tokenizer"].save_pretrained(tmp_path / "merged")
+
+    shared = SCORERS.get("latent_attribution")(ScorerConfig(
+        name="latent_attribution", model=str(tmp_path / "adapter"), params={"layers": [1, 2]}))
+    assert shared.base_ref == tiny_models["lm"]  # resolved from the adapter config
+    shared.load()
+    assert shared.base is None  # one set of weights in memory
+    separate = SCORERS.get("latent_attribution")(ScorerConfig(
+        name="latent_attribution", model=str(tmp_path / "merged"), params={"base": tiny_models["lm"], "layers": [1, 2]}))
+    separate.load()
+    for a, b in zip(shared.score(ROWS), separate.score(ROWS)):
+        for da, db in zip(a["details"], b["details"]):
+            assert da["name"] == db["name"]
+            assert (da["value"] is None and db["value"] is None) or da["value"] == pytest.approx(db["value"], abs=1e-5)
+        assert a["score"] < 0.99999  # the adapter really changes the hidden states
