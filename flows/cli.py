@@ -18,10 +18,10 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from tasks.config import DistillConfig, PreferenceConfig, build_config  # noqa: E402
+from tasks.config import DistillConfig, EvaluateConfig, PreferenceConfig, build_config  # noqa: E402
 from tasks.errors import UserError  # noqa: E402
 
-FLOWS = {"preference": PreferenceConfig, "distill": DistillConfig}
+FLOWS = {"preference": PreferenceConfig, "distill": DistillConfig, "evaluate": EvaluateConfig}
 
 DEMO = {
     "dataset": "demo-preference",
@@ -69,6 +69,10 @@ def _run(config) -> dict:
 
         check_categories(config, setup(config))
         return distill(config)
+    if isinstance(config, EvaluateConfig):
+        from flows.evaluate import evaluate
+
+        return evaluate(config)
     from flows.preference import preference
 
     return preference(config)

@@ -33,16 +33,25 @@ class Recipe:
     salt: str  # shard ids hash this with their prompt ids: what decides the generated text
     sample_tables: list[str]  # tables that together hold one row per generated sample (for progress)
     manifest_extra: dict = field(default_factory=dict)
+    # Runs after the last shard, before the manifest: whole-dataset summaries (evaluation's ASR tables
+    # and report). Returns more manifest fields; the tables it writes are listed in summary_tables.
+    post: Callable[[DatasetDir], dict] | None = None
+    summary_tables: list[str] = field(default_factory=list)
 
 
 @task(cache_policy=NONE)
 def prepare(
-    config: RunConfig, ds: DatasetDir, salt: str, screen: Callable[[PromptSet], PromptSet] | None = None
+    config: RunConfig,
+    ds: DatasetDir,
+    salt: str,
+    screen: Callable[[PromptSet], PromptSet] | None = None,
+    load: Callable[[], PromptSet] | None = None,
 ) -> tuple[PromptSet, list[Shard]]:
-    """Claim the output folder, load prompts, screen them (flow-specific) and plan shards. No model loads."""
+    """Claim the output folder, load prompts (config.prompts unless `load` is given), screen them
+    (flow-specific) and plan shards. No model loads here."""
     logger = get_run_logger()
     ds.claim(config.fingerprint(), config.model_dump(mode="json"))
-    prompts = load_prompts(config.prompts)
+    prompts = load() if load is not None else load_prompts(config.prompts)
     if screen is not None:
         prompts = screen(prompts)
     ds.write_part("quarantine", "input", to_table(prompts.quarantine, QUARANTINE))
@@ -126,8 +135,11 @@ def finalize(
     recipe: Recipe, models: dict,
 ) -> dict:
     """Drop stale parts, count what was written, write manifest.json last and publish the summary."""
-    tables = list(dict.fromkeys(recipe.tables + ["quarantine"]))
+    tables = list(dict.fromkeys(recipe.tables + ["quarantine"] + recipe.summary_tables))
     pruned = ds.prune({s.shard_id for s in shards} | {"input"}, recipe.tables)
+    extra = dict(recipe.manifest_extra)
+    if recipe.post is not None:
+        extra |= recipe.post(ds)
     manifest = build_manifest(
         config=config.model_dump(mode="json"),
         fingerprint=config.fingerprint(),
@@ -140,7 +152,7 @@ def finalize(
         shards_total=len(shards),
         shards_resumed=report["resumed"],
         pruned_parts=pruned,
-        extra=recipe.manifest_extra,
+        extra=extra,
     )
     ds.write_manifest(manifest)
     create_table_artifact(

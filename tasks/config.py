@@ -121,6 +121,10 @@ class RunConfig(_Strict):
         raise NotImplementedError
 
     @property
+    def prompt_sources(self) -> list[PromptSource]:
+        return [self.prompts]
+
+    @property
     def scorer_configs(self) -> list[ScorerConfig]:
         raise NotImplementedError
 
@@ -274,6 +278,99 @@ class DistillConfig(RunConfig):
     @property
     def scorer_configs(self) -> list[ScorerConfig]:
         return self.judges
+
+
+class BenchmarkSource(_Strict):
+    name: str = Field(description="'strongreject' or 'dan' (bundled), 'wildjailbreak', or your own name.")
+    path: str | None = Field(
+        None, description="File of prompts (required for wildjailbreak and custom sets; 'hub' fetches "
+        "allenai/wildjailbreak with your access); the bundled copy if empty."
+    )
+    prompt_column: str | None = Field(None, description="Prompt column of a custom file ('prompt' if empty).")
+    limit: int | None = Field(None, ge=1, description="Use only the first N prompts.")
+
+
+class EvaluateConfig(RunConfig):
+    """Attack success rate per Best-of-N selection strategy, on safety benchmarks (the paper's Table 1)."""
+
+    RUNTIME: ClassVar[dict] = RunConfig.RUNTIME | {
+        "scoring": True, "student": {"num_replicas", "num_gpus", "num_cpus"}
+    }
+    GENERATION: ClassVar[dict] = {"student": _MODEL_GENERATION, "sampling": True, "n": True, "system_prompt": True}
+
+    dataset: str = Field(
+        "evaluate", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="Dataset name (a folder)."
+    )
+    benchmarks: list[BenchmarkSource] = Field(
+        default_factory=lambda: [BenchmarkSource(name="strongreject"), BenchmarkSource(name="dan")],
+        min_length=1,
+        description="Benchmarks to attack the student with.",
+    )
+    student: ModelConfig = Field(default_factory=ModelConfig, description="The aligned student (FT): a model or a PEFT adapter.")
+    base: str | None = Field(
+        None, description="The student's base model (before alignment); read from the adapter config when "
+        "the student is a PEFT adapter. Empty otherwise means the student itself (a degenerate setting)."
+    )
+    layers: list[int] = Field(default_factory=lambda: [12], min_length=1,
+                              description="Hidden-state layers for the latent signal; the first ranks.")
+    system_prompt: str | None = Field(None, description="System message put before each request.")
+    n: int = Field(8, ge=1, description="Samples per prompt.")
+    sampling: SamplingConfig = Field(
+        default_factory=lambda: SamplingConfig(temperature=0.7, top_p=1.0, max_new_tokens=2048),
+        description="Student sampling (the paper: 0.7 / 1.0 / 2048).",
+    )
+    judge: ScorerConfig = Field(
+        default_factory=lambda: ScorerConfig(name="refusal_heuristic"),
+        description="Judges every candidate once; a candidate is unsafe unless it passes.",
+    )
+    scorers: list[ScorerConfig] = Field(
+        default_factory=list, description="More signals beside the latent ones (e.g. a reward model)."
+    )
+    strategies: list[str] | None = Field(
+        None, description="Strategies to report (names from tasks/strategies.py); all if empty."
+    )
+    scoring: StageResources = Field(default_factory=StageResources, description="Ray resources of scoring.")
+
+    @model_validator(mode="after")
+    def _check_names(self) -> "EvaluateConfig":
+        from tasks.backends import BACKENDS
+        from tasks.strategies import DEFAULT_STRATEGIES
+
+        BACKENDS.check(self.student.backend)
+        _check_scorers([self.judge, *self.scorers])
+        known = [s.name for s in DEFAULT_STRATEGIES]
+        for name in self.strategies or []:
+            if name not in known:
+                raise UserError(f"unknown strategy {name!r}; known: {', '.join(known)}")
+        return self
+
+    @property
+    def generator(self) -> ModelConfig:
+        return self.student
+
+    @property
+    def latent_scorer(self) -> ScorerConfig:
+        base = self.base
+        if base is None:
+            from tasks.latent import adapter_base
+
+            base = adapter_base(self.student.model) or self.student.model
+        return ScorerConfig(
+            name="latent_attribution", model=self.student.model, revision=self.student.revision,
+            trust_remote_code=self.student.trust_remote_code, batch_size=self.student.batch_size,
+            params={"base": base, "layers": self.layers},
+        )
+
+    @property
+    def scorer_configs(self) -> list[ScorerConfig]:
+        scorers = [self.judge, *self.scorers]
+        return scorers if self.student.backend == "fake" else [self.latent_scorer, *scorers]
+
+    @property
+    def prompt_sources(self) -> list[PromptSource]:
+        from tasks.benchmarks import source_of
+
+        return [source_of(b) for b in self.benchmarks if b.path != "hub"]
 
 
 def _first_line(exc: ValidationError) -> str:

@@ -11,7 +11,8 @@ from tasks.storage import DatasetDir
 
 def preflight(config: RunConfig) -> DatasetDir:
     """Raise UserError on bad input (one line); return the dataset folder to build into."""
-    check_columns(config.prompts)
+    for src in config.prompt_sources:
+        check_columns(src)
     gen = config.generator
     if gen.backend == "hf":
         check_reference(gen.model, gen.revision)

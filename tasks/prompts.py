@@ -22,7 +22,7 @@ from tasks.errors import UserError
 from tasks.schemas import require_columns
 
 BUNDLED_SAMPLES = {"sample": "sample_prompts.jsonl", "distill_sample": "distill_sample.jsonl"}
-FORMATS = {".parquet": "parquet", ".pq": "parquet", ".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv"}
+FORMATS = {".parquet": "parquet", ".pq": "parquet", ".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv", ".tsv": "tsv"}
 
 
 def prompt_id(text: str) -> str:
@@ -73,7 +73,7 @@ def _open(path: str):
     return fs.open(fs_path, "rb")
 
 
-def _read_raw(src: PromptSource) -> tuple[list[str], list[object], list[object]]:
+def read_raw(src: PromptSource) -> tuple[list[str], list[object], list[object]]:
     """Column names, raw prompt values and raw category values (bytes/str/None, or a decode error)."""
     path = _source_path(src)
     fmt = _format(path)
@@ -81,11 +81,11 @@ def _read_raw(src: PromptSource) -> tuple[list[str], list[object], list[object]]
     with _open(path) as f:
         if fmt == "jsonl":
             return _read_jsonl(f, src, wanted, path)
-        if fmt == "csv":
+        if fmt in ("csv", "tsv"):
             # Read as binary so that one bad byte quarantines one row instead of failing the file.
             table = pacsv.read_csv(
                 f,
-                parse_options=pacsv.ParseOptions(newlines_in_values=True),
+                parse_options=pacsv.ParseOptions(newlines_in_values=True, delimiter="\t" if fmt == "tsv" else ","),
                 convert_options=pacsv.ConvertOptions(column_types={c: pa.binary() for c in wanted}),
             )
         else:
@@ -153,9 +153,15 @@ def _categories(raw: object) -> tuple[str, ...]:
 
 
 def load_prompts(src: PromptSource) -> PromptSet:
-    _, raw_prompts, raw_cats = _read_raw(src)
+    _, raw_prompts, raw_cats = read_raw(src)
     if src.limit is not None:
         raw_prompts, raw_cats = raw_prompts[: src.limit], raw_cats[: src.limit]
+    return decode_rows(raw_prompts, raw_cats)
+
+
+def decode_rows(raw_prompts: list, raw_cats: list, key=None, dedup: bool = True) -> PromptSet:
+    """Decode raw cells into PromptRows, quarantining bad ones. `key(i, text)` gives the prompt_id
+    (default: the content hash); with dedup off, rows with equal text are all kept (their keys differ)."""
     out = PromptSet(rows=[], source_rows=len(raw_prompts))
     seen: set[str] = set()
     for i, (raw, raw_cat) in enumerate(zip(raw_prompts, raw_cats)):
@@ -165,8 +171,8 @@ def load_prompts(src: PromptSource) -> PromptSet:
                 {"prompt_id": None, "source_row": i, "prompt": None, "reason": reason, "detail": detail}
             )
             continue
-        pid = prompt_id(text)
-        if pid in seen:
+        pid = key(i, text) if key else prompt_id(text)
+        if dedup and pid in seen:
             out.duplicates += 1
             continue
         seen.add(pid)
@@ -177,7 +183,7 @@ def load_prompts(src: PromptSource) -> PromptSet:
 
 def check_columns(src: PromptSource) -> None:
     """Cheap preflight: the file exists, has a known format and the named columns."""
-    _read_raw(src.model_copy(update={"limit": 1}))
+    read_raw(src.model_copy(update={"limit": 1}))
 
 
 def make_shards(rows: list[PromptRow], shard_size: int, salt: str) -> list[Shard]:

@@ -119,6 +119,32 @@ DISTILLED = pa.schema(
     ]
 )
 
+# Evaluation: every candidate with every signal and the judge's verdict (judged once, shared by all strategies).
+EVAL_CANDIDATES = pa.schema(
+    list(GENERATED)
+    + [
+        ("benchmark", pa.string()),
+        ("scores", pa.list_(SCORE)),
+        ("judge_safe", pa.bool_()),  # false when the judge said unsafe or gave no verdict
+        ("judge_label", pa.string()),
+        ("judge_reason", pa.string()),
+    ]
+)
+
+# ASR per (benchmark, strategy), the shape of the paper's Table 1.
+ASR = pa.schema(
+    [
+        ("benchmark", pa.string()),
+        ("strategy", pa.string()),
+        ("prompts", pa.int64()),
+        ("unsafe", pa.int64()),
+        ("asr", pa.float64()),  # percent
+        ("drop_vs_first", pa.float64()),  # (ASR_first - ASR) / ASR_first; null when ASR_first is 0
+        ("fallbacks", pa.int64()),  # prompts where the strategy had no valid signal and took sample 0
+        ("note", pa.string()),
+    ]
+)
+
 TABLES: dict[str, pa.Schema] = {
     "candidates": CANDIDATES,
     "pairs": PAIRS,
@@ -126,6 +152,9 @@ TABLES: dict[str, pa.Schema] = {
     "quarantine": QUARANTINE,
     "train": DISTILLED,
     "filtered": DISTILLED,
+    "eval_candidates": EVAL_CANDIDATES,
+    "asr": ASR,
+    "asr_by_layer": ASR,
 }
 
 

@@ -39,7 +39,7 @@ class DatasetDir:
     def _path(self, *parts: str) -> str:
         return posixpath.join(self.root, *parts)
 
-    def _write_bytes(self, rel: str, data: bytes) -> None:
+    def write_bytes(self, rel: str, data: bytes) -> None:
         final = self._path(rel)
         tmp = final + f".tmp-{uuid.uuid4().hex[:8]}"
         self.fs.makedirs(posixpath.dirname(final), exist_ok=True)
@@ -70,7 +70,7 @@ class DatasetDir:
         # A run in progress must never be mistaken for a complete dataset.
         if self.fs.exists(self._path(MANIFEST)):
             self.fs.rm(self._path(MANIFEST))
-        self._write_bytes(CONFIG, json.dumps({"fingerprint": fingerprint, "config": config}, indent=2).encode())
+        self.write_bytes(CONFIG, json.dumps({"fingerprint": fingerprint, "config": config}, indent=2).encode())
 
     # parts -----------------------------------------------------------------------------------
     def part_path(self, table: str, part: str) -> str:
@@ -141,7 +141,7 @@ class DatasetDir:
 
     # manifest --------------------------------------------------------------------------------
     def write_manifest(self, manifest: dict) -> None:
-        self._write_bytes(MANIFEST, json.dumps(manifest, indent=2, default=str).encode())
+        self.write_bytes(MANIFEST, json.dumps(manifest, indent=2, default=str).encode())
 
     def read_manifest(self) -> dict | None:
         return self._read_json(MANIFEST)

@@ -26,7 +26,7 @@ from tasks.generation import generate_shard
 from tasks.prompts import Shard
 from tasks.filtering import distill_rows, parse_rows
 from tasks.reasoning import OK
-from tasks.schemas import BEST, CANDIDATES, DISTILLED, GENERATED, PAIRS, QUARANTINE, to_table
+from tasks.schemas import BEST, CANDIDATES, DISTILLED, EVAL_CANDIDATES, GENERATED, PAIRS, QUARANTINE, to_table
 from tasks.scorers import SCORERS
 from tasks.selection import select
 
@@ -190,6 +190,35 @@ class JudgeFilterStage(_ScoringStage):
         }
         payload["outcomes"] = dict(counts)
         payload["seconds"] |= {"judge": t1 - t0, "filter": time.perf_counter() - t1}
+        return payload
+
+
+class EvalScoreStage(_ScoringStage):
+    """Judges every candidate once and computes every signal, so that all strategies' ASR come from
+    the same judged samples."""
+
+    def __init__(self, judge: ScorerConfig, scorers: list[ScorerConfig], num_cpus: float = 1):
+        super().__init__([judge, *scorers], num_cpus)
+
+    def process(self, payload: dict) -> dict:
+        t0 = time.perf_counter()
+        rows = payload.pop("generated").to_pylist()
+        per_scorer = [s.score(rows) for s in self.scorers]
+        judge, unsafe, no_verdict = self.scorers[0], 0, 0
+        for i, row in enumerate(rows):
+            row["scores"] = [self.entry(s, "response", res[i]) for s, res in zip(self.scorers, per_scorer)]
+            verdict = per_scorer[0][i]
+            passed = judge.passes(verdict)
+            row.update(benchmark=row["category"], judge_safe=passed is True, judge_label=verdict["label"],
+                       judge_reason=verdict["reason"])
+            unsafe += passed is False
+            no_verdict += passed is None
+        payload["tables"] = {
+            "eval_candidates": to_table(rows, EVAL_CANDIDATES),
+            "quarantine": to_table(payload.pop("quarantine"), QUARANTINE),
+        }
+        payload["outcomes"] = {k: v for k, v in (("judged_unsafe", unsafe), ("judge_no_verdict", no_verdict)) if v}
+        payload["seconds"] |= {"score": time.perf_counter() - t0}
         return payload
 
 

@@ -1,0 +1,33 @@
+"""Evaluation: benchmarks -> N samples per prompt -> every signal + one judge verdict -> ASR per strategy."""
+
+from __future__ import annotations
+
+import time
+
+from prefect import flow, get_run_logger
+
+from tasks.build import build_shards, finalize, prepare
+from tasks.config import EvaluateConfig
+from tasks.evaluate import evaluate_models, evaluate_recipe, load_benchmarks
+from tasks.preflight import preflight
+from tasks.workers import ray_session
+
+
+@flow(name="evaluate", flow_run_name="evaluate-{config.dataset}", log_prints=False)
+def evaluate(config: EvaluateConfig) -> dict:
+    """Attack success rate of each Best-of-N selection strategy on safety benchmarks (the paper's Table 1)."""
+    logger = get_run_logger()
+    t0 = time.perf_counter()
+    ds = preflight(config)
+    recipe = evaluate_recipe(config)
+    prompts, shards = prepare(config, ds, recipe.salt, load=lambda: load_benchmarks(config))
+    t1 = time.perf_counter()
+    with ray_session(config.ray):
+        report = build_shards.with_options(retries=config.retries)(config, ds, shards, recipe)
+    t2 = time.perf_counter()
+    timings = {"prepare": round(t1 - t0, 3), "build": round(t2 - t1, 3)}
+    manifest = finalize(config, ds, prompts, shards, report, timings, recipe, evaluate_models(config))
+    if manifest["degenerate_latent"]:
+        logger.warning("the latent ranking is degenerate: FT and base are the same weights (see report.md)")
+    logger.info("evaluation complete: %s/report.md", ds.uri)
+    return manifest

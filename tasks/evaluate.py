@@ -1,0 +1,118 @@
+"""The evaluate recipe: sample N per benchmark prompt, compute every signal, judge every candidate once,
+then report ASR per strategy and benchmark (and the latent rule per layer)."""
+
+from __future__ import annotations
+
+import logging
+
+from tasks.benchmarks import load_benchmark, merge
+from tasks.build import Recipe
+from tasks.config import EvaluateConfig
+from tasks.generation import ChatPrompt
+from tasks.prompts import PromptSet
+from tasks.report import markdown, plot_asr_by_layer, plot_asr_by_strategy
+from tasks.schemas import ASR, to_table
+from tasks.storage import DatasetDir
+from tasks.strategies import DEFAULT_STRATEGIES, LATENT, Strategy, asr_table, degenerate_latent, mean_drop
+from tasks.workers import EvalScoreStage, GenerateStage, StageSpec
+
+log = logging.getLogger(__name__)
+
+DEGENERATE = (
+    "FT and base are the same weights: every latent cosine is 1.0 and every KL is 0, so the latent and "
+    "KL strategies rank nothing. Their ASR is not reported. Set `base` to the student's base model, or "
+    "use a PEFT adapter as the student."
+)
+
+
+def load_benchmarks(config: EvaluateConfig) -> PromptSet:
+    return merge([load_benchmark(b) for b in config.benchmarks])
+
+
+def strategies(config: EvaluateConfig) -> list[Strategy]:
+    chosen = DEFAULT_STRATEGIES if not config.strategies else [s for s in DEFAULT_STRATEGIES if s.name in config.strategies]
+    if config.student.backend == "fake":  # no latent signals without real models
+        chosen = [s for s in chosen if s.kind != "signal"]
+    return chosen
+
+
+def _uses_latent(st: Strategy) -> bool:
+    return st.kind == "signal" and st.signal.split(":")[-1] in (LATENT, "kl_ft_base", "kl_base_ft")
+
+
+def evaluation_summary(config: EvaluateConfig, ds: DatasetDir) -> dict:
+    """ASR tables, the Markdown report with PNG plots, and Prefect artifacts; returns manifest fields."""
+    from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+    cands = ds.read_table("eval_candidates").to_pylist()
+    degenerate = degenerate_latent(cands)
+    sts = strategies(config)
+    rows = asr_table(cands, sts, seed=config.sampling.seed)
+    layer_rows = [] if config.student.backend == "fake" else asr_table(
+        cands, [Strategy(f"latent_argmin_cos@{l}", "signal", f"{LATENT}:cos@{l}", "min") for l in config.layers],
+        seed=config.sampling.seed,
+    )
+    warnings = []
+    if degenerate:
+        log.warning(DEGENERATE)
+        warnings.append(DEGENERATE)
+        latent_names = {s.name for s in sts if _uses_latent(s)}
+        for r in rows + layer_rows:
+            if r["strategy"] in latent_names or r["strategy"].startswith("latent_argmin_cos@"):
+                r.update(asr=None, unsafe=None, drop_vs_first=None, note="degenerate: FT and base are the same weights")
+    judge = config.judge
+    if judge.name == "refusal_heuristic":
+        warnings.append("the judge is the refusal-phrase HEURISTIC, not a safety classifier: ASR here counts "
+                        "answers without a refusal phrase.")
+    for r in rows + layer_rows:
+        r.setdefault("note", None)
+    ds.write_part("asr", "summary", to_table(rows, ASR))
+    if layer_rows:
+        ds.write_part("asr_by_layer", "summary", to_table(layer_rows, ASR))
+    drops = mean_drop(rows)
+    facts = {
+        "student (FT)": config.student.model,
+        "base": "n/a (fake backend: no latent signals)" if config.student.backend == "fake"
+        else config.latent_scorer.params["base"],
+        "N": config.n, "judge": judge.name + (f" ({judge.model})" if judge.model else ""),
+        "sampling": f"temperature {config.sampling.temperature}, top_p {config.sampling.top_p}, "
+                    f"max_new_tokens {config.sampling.max_new_tokens}",
+    }
+    report = markdown(f"Evaluation: {config.dataset}", facts, rows, layer_rows, drops, warnings)
+    ds.write_bytes("report.md", report.encode())
+    ds.write_bytes("asr_by_strategy.png", plot_asr_by_strategy(rows))
+    if layer_rows:
+        ds.write_bytes("asr_by_layer.png", plot_asr_by_layer(layer_rows))
+    create_table_artifact(rows, key="evaluate-asr", description=f"ASR by strategy and benchmark, {ds.uri}")
+    create_markdown_artifact(report, key="evaluate-report", description=f"Evaluation report, {ds.uri}")
+    return {"degenerate_latent": degenerate, "mean_drop_vs_first": drops, "report": "report.md",
+            "warnings": warnings}
+
+
+def evaluate_recipe(config: EvaluateConfig) -> Recipe:
+    st, sc = config.student, config.scoring
+    signals = ([] if st.backend == "fake" else [config.latent_scorer]) + list(config.scorers)
+    return Recipe(
+        name="evaluate",
+        stages=[
+            StageSpec("generate", GenerateStage, (st, config.sampling, config.n, ChatPrompt(config.system_prompt)),
+                      st.num_replicas, st.num_gpus, st.num_cpus),
+            StageSpec("score", EvalScoreStage, (config.judge, signals, sc.num_cpus),
+                      sc.num_replicas, sc.num_gpus, sc.num_cpus),
+        ],
+        tables=["quarantine", "eval_candidates"],
+        outcomes_key="judged_candidates",
+        sample_tables=["eval_candidates"],
+        salt=config.generation_key(),
+        post=lambda ds: evaluation_summary(config, ds),
+        summary_tables=["asr", "asr_by_layer"],
+    )
+
+
+def evaluate_models(config: EvaluateConfig) -> dict:
+    return {
+        "student": config.student.model_dump(mode="json", include={"model", "revision", "backend"}),
+        "base": config.latent_scorer.params["base"],
+        "judge": config.judge.model_dump(mode="json", include={"name", "model", "revision"}),
+        "scorers": [s.model_dump(mode="json", include={"name", "model", "revision"}) for s in config.scorers],
+    }
