@@ -84,8 +84,23 @@ class StageResources(_Strict):
 
 
 class SelectionConfig(_Strict):
+    strategy: str = Field(
+        "signal",
+        description="'signal' (rank by `scorer`), or a named strategy: first_sample, random, "
+        "judge_safe_first, latent_argmin_cos, kl_ft_base_argmax, perplexity_argmin, ...",
+    )
     scorer: str | None = Field(
-        None, description="Scorer whose score ranks candidates; the first scorer if empty."
+        None, description="Signal that ranks: a scorer name, or scorer:detail (e.g. latent_attribution:cos@12); "
+        "the first scorer if empty."
+    )
+    direction: Literal["max", "min"] | None = Field(
+        None, description="max or min of the signal; the scorer's declared direction if empty."
+    )
+    pairs: Literal["best_worst", "safe_unsafe"] = Field(
+        "best_worst", description="Pairs of (best, worst by the same signal) or (best judge-safe, worst judge-unsafe)."
+    )
+    judge: str | None = Field(
+        None, description="The scorer whose verdict says safe (for safe_unsafe pairs and judge_safe_first)."
     )
     min_margin: float = Field(0.0, ge=0, description="Least score gap between chosen and rejected.")
     require_stop: bool = Field(
@@ -188,15 +203,33 @@ class PreferenceConfig(RunConfig):
 
         BACKENDS.check(self.student.backend)
         names = _check_scorers(self.scorers)
-        if self.selection.scorer is not None and self.selection.scorer not in names:
-            raise UserError(
-                f"selection.scorer {self.selection.scorer!r} is not among the configured scorers {names}"
-            )
+        sel = self.selection
+        from tasks.strategies import DEFAULT_STRATEGIES
+
+        named = {s.name: s for s in DEFAULT_STRATEGIES}
+        if sel.strategy != "signal" and sel.strategy not in named:
+            raise UserError(f"unknown selection.strategy {sel.strategy!r}; known: signal, {', '.join(named)}")
+        signal = sel.scorer if sel.strategy == "signal" else named[sel.strategy].signal
+        if signal is not None and signal.split(":")[0] not in names:
+            raise UserError(f"selection uses scorer {signal.split(':')[0]!r}, which is not among the configured scorers {names}")
+        if sel.strategy == "signal" and signal and ":" in signal and sel.direction is None:
+            raise UserError(f"selection.scorer {signal!r} names a detail: set selection.direction (max or min)")
+        needs_judge = sel.pairs == "safe_unsafe" or sel.strategy == "judge_safe_first"
+        if needs_judge and sel.judge not in names:
+            raise UserError(f"selection.judge must name a configured scorer (one of {names}) for "
+                            f"{'safe_unsafe pairs' if sel.pairs == 'safe_unsafe' else 'judge_safe_first'}")
+        if sel.pairs == "best_worst" and signal is None and sel.strategy != "signal":
+            raise UserError(f"strategy {sel.strategy!r} ranks by no signal: use pairs: safe_unsafe with it")
         return self
 
     @property
     def selection_scorer(self) -> str:
-        return self.selection.scorer or self.scorers[0].name
+        """The signal that ranks candidates (scorer or scorer:detail), or None for signal-free strategies."""
+        if self.selection.strategy == "signal":
+            return self.selection.scorer or self.scorers[0].name
+        from tasks.strategies import DEFAULT_STRATEGIES
+
+        return next(s.signal for s in DEFAULT_STRATEGIES if s.name == self.selection.strategy)
 
     @property
     def generator(self) -> ModelConfig:

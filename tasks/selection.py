@@ -1,23 +1,30 @@
 """Best-of-N selection and chosen/rejected pairs. Pure: plain Python over candidate rows.
 
-Row contract: reads prompt_id, sample_idx, prompt, category, response, finish_reason, scores;
-writes selection_score, is_best, pair_role on candidates, and rows of the PAIRS and BEST schemas.
-Tie-break (declared): among equal scores the lowest sample_idx wins, for best and for worst.
+Row contract: reads prompt_id, sample_idx, prompt, category, response, finish_reason, scores (and
+judge_safe for safe/unsafe pairs); writes selection_score, is_best, pair_role on candidates, and rows
+of the PAIRS and BEST schemas.
+
+The best candidate is the strategy's choice (tasks/strategies.py: a signal's argmax/argmin, first
+sample, seeded random, judge-safe-first). Pairs are either (best, worst by the same signal) or
+(best judge-safe, worst judge-unsafe). Tie-break (declared): the lowest sample_idx, for best and worst.
 """
 
 from __future__ import annotations
 
-import math
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Literal
 
-Direction = Literal["max", "min"]
+from tasks.strategies import Strategy, choose, signal_value
 
 NO_VALID = "no_valid_candidates"
 FEWER_THAN_2 = "fewer_than_2_valid"
 TIE = "tie"
 BELOW_MARGIN = "below_min_margin"
+NO_SAFE = "no_judge_safe_candidate"
+NO_UNSAFE = "no_judge_unsafe_candidate"
+
+PairMode = Literal["best_worst", "safe_unsafe"]
 
 
 @dataclass
@@ -37,14 +44,6 @@ def assistant(text: str) -> list[dict]:
     return [{"role": "assistant", "content": text}]
 
 
-def score_of(candidate: dict, scorer: str) -> float | None:
-    for s in candidate["scores"]:
-        if s["scorer"] == scorer:
-            v = s["score"]
-            return None if v is None or math.isnan(v) else float(v)
-    return None
-
-
 def _group(candidates: list[dict]) -> dict[str, list[dict]]:
     groups: dict[str, list[dict]] = {}
     for c in candidates:
@@ -52,67 +51,74 @@ def _group(candidates: list[dict]) -> dict[str, list[dict]]:
     return groups
 
 
+def _worst(rows: list[dict], strategy: Strategy) -> dict:
+    """The other end of the strategy's signal (lowest sample_idx on ties)."""
+    ordered = sorted(rows, key=lambda r: r["sample_idx"])
+    if strategy.kind != "signal":
+        return ordered[0]
+    sign = 1.0 if strategy.direction == "max" else -1.0
+    valued = [r for r in ordered if r["selection_score"] is not None]
+    return min(valued, key=lambda r: sign * r["selection_score"]) if valued else ordered[0]
+
+
 def select(
     candidates: list[dict],
-    scorer: str,
-    direction: Direction,
+    strategy: Strategy,
     min_margin: float = 0.0,
     require_stop: bool = False,
     system_prompt: str | None = None,
+    pairs: PairMode = "best_worst",
+    seed: int = 0,
 ) -> Selection:
-    sign = 1.0 if direction == "max" else -1.0
     out = Selection(candidates=[], pairs=[], best=[])
     for pid, group in _group(candidates).items():
-        rows = [dict(c, is_best=False, pair_role=None, selection_score=score_of(c, scorer)) for c in group]
+        rows = [
+            dict(c, is_best=False, pair_role=None,
+                 selection_score=signal_value(c, strategy.signal) if strategy.signal else None)
+            for c in group
+        ]
         out.candidates.extend(rows)
         valid = [
             r for r in rows
-            if r["selection_score"] is not None and (not require_stop or r["finish_reason"] == "stop")
+            if (strategy.kind != "signal" or r["selection_score"] is not None)
+            and (not require_stop or r["finish_reason"] == "stop")
         ]
         if not valid:
             out.unpaired[NO_VALID] += 1
             continue
-        # max() returns the first maximal element, so sorting by sample_idx makes the tie-break explicit.
-        valid.sort(key=lambda r: r["sample_idx"])
-        best = max(valid, key=lambda r: sign * r["selection_score"])
-        worst = min(valid, key=lambda r: sign * r["selection_score"])
+        best, _ = choose(valid, strategy, seed)
         best["is_best"] = True
         prompt_msgs = messages(best["prompt"], system_prompt)
-        out.best.append(
-            {
-                "prompt": prompt_msgs,
-                "completion": assistant(best["response"]),
-                "prompt_id": pid,
-                "category": best["category"],
-                "sample_idx": best["sample_idx"],
-                "score": best["selection_score"],
-                "scorer": scorer,
-            }
-        )
-        margin = abs(best["selection_score"] - worst["selection_score"])
-        reason = (
-            FEWER_THAN_2 if len(valid) < 2
-            else TIE if margin == 0
-            else BELOW_MARGIN if margin < min_margin
-            else None
-        )
+        out.best.append({
+            "prompt": prompt_msgs, "completion": assistant(best["response"]), "prompt_id": pid,
+            "category": best["category"], "sample_idx": best["sample_idx"], "score": best["selection_score"],
+            "scorer": strategy.signal or strategy.name,
+        })
+        if pairs == "safe_unsafe":
+            safe = [r for r in valid if r.get("judge_safe")]
+            unsafe = [r for r in valid if not r.get("judge_safe")]
+            reason = NO_SAFE if not safe else NO_UNSAFE if not unsafe else None
+            if reason is None:
+                chosen, rejected = choose(safe, strategy, seed)[0], _worst(unsafe, strategy)
+        else:
+            chosen, rejected = best, _worst(valid, strategy)
+            margin = abs(chosen["selection_score"] - rejected["selection_score"])
+            reason = (
+                FEWER_THAN_2 if len(valid) < 2
+                else TIE if margin == 0
+                else BELOW_MARGIN if margin < min_margin
+                else None
+            )
         if reason:
             out.unpaired[reason] += 1
             continue
-        best["pair_role"], worst["pair_role"] = "chosen", "rejected"
-        out.pairs.append(
-            {
-                "prompt": prompt_msgs,
-                "chosen": assistant(best["response"]),
-                "rejected": assistant(worst["response"]),
-                "prompt_id": pid,
-                "category": best["category"],
-                "chosen_sample_idx": best["sample_idx"],
-                "rejected_sample_idx": worst["sample_idx"],
-                "chosen_score": best["selection_score"],
-                "rejected_score": worst["selection_score"],
-                "margin": margin,
-                "scorer": scorer,
-            }
-        )
+        a, b = chosen["selection_score"], rejected["selection_score"]
+        chosen["pair_role"], rejected["pair_role"] = "chosen", "rejected"
+        out.pairs.append({
+            "prompt": prompt_msgs, "chosen": assistant(chosen["response"]), "rejected": assistant(rejected["response"]),
+            "prompt_id": pid, "category": chosen["category"], "chosen_sample_idx": chosen["sample_idx"],
+            "rejected_sample_idx": rejected["sample_idx"], "chosen_score": a, "rejected_score": b,
+            "margin": abs(a - b) if a is not None and b is not None else None,
+            "scorer": strategy.signal or strategy.name,
+        })
     return out

@@ -29,6 +29,7 @@ from tasks.reasoning import OK
 from tasks.schemas import BEST, CANDIDATES, DISTILLED, EVAL_CANDIDATES, GENERATED, PAIRS, QUARANTINE, to_table
 from tasks.scorers import SCORERS
 from tasks.selection import select
+from tasks.strategies import DEFAULT_STRATEGIES, Strategy
 
 log = logging.getLogger(__name__)
 
@@ -133,10 +134,17 @@ class _ScoringStage:
 class ScoreSelectStage(_ScoringStage):
     """Scores a generated shard with every scorer, then selects best and pairs."""
 
-    def __init__(self, scorers, selection: SelectionConfig, selection_scorer: str, system_prompt, num_cpus=1):
+    def __init__(self, scorers, selection: SelectionConfig, signal: str | None, system_prompt, num_cpus=1, seed=0):
         super().__init__(scorers, num_cpus)
-        self.selection, self.selection_scorer, self.system_prompt = selection, selection_scorer, system_prompt
-        self.direction = next(s.direction for s in self.scorers if s.name == selection_scorer)
+        self.selection, self.system_prompt, self.seed = selection, system_prompt, seed
+        by_name = {s.name: s for s in self.scorers}
+        if selection.strategy == "signal":
+            direction = selection.direction or by_name[signal.split(":")[0]].direction
+            self.strategy = Strategy("signal", "signal", signal, direction)
+        else:
+            named = next(s for s in DEFAULT_STRATEGIES if s.name == selection.strategy)
+            self.strategy = Strategy(named.name, named.kind, named.signal, selection.direction or named.direction)
+        self.judge = by_name.get(selection.judge) if selection.judge else None
 
     def process(self, payload: dict) -> dict:
         t0 = time.perf_counter()
@@ -144,11 +152,16 @@ class ScoreSelectStage(_ScoringStage):
         per_scorer = [s.score(rows) for s in self.scorers]
         for i, row in enumerate(rows):
             row["scores"] = [self.entry(s, "response", res[i]) for s, res in zip(self.scorers, per_scorer)]
+            if self.judge is not None:
+                verdict = per_scorer[self.scorers.index(self.judge)][i]
+                row["judge_safe"] = self.judge.passes(verdict) is True
         t1 = time.perf_counter()
         sel = select(
-            rows, self.selection_scorer, self.direction, self.selection.min_margin, self.selection.require_stop,
-            self.system_prompt,
+            rows, self.strategy, self.selection.min_margin, self.selection.require_stop, self.system_prompt,
+            self.selection.pairs, self.seed,
         )
+        for c in sel.candidates:
+            c.pop("judge_safe", None)
         payload["tables"] = {
             "candidates": to_table(sel.candidates, CANDIDATES),
             "pairs": to_table(sel.pairs, PAIRS),

@@ -21,7 +21,17 @@ from tasks.registry import Registry
         # unknown backend, with a suggestion
         (["student.backend=hff"], "unknown backend 'hff': did you mean 'hf'?"),
         # selection names a scorer that is not configured
-        (["selection.scorer=reward_model"], "selection.scorer 'reward_model' is not among the configured scorers"),
+        (["selection.scorer=reward_model"], "selection uses scorer 'reward_model', which is not among the configured scorers"),
+        # an unknown strategy, listing the known ones
+        (["selection.strategy=best_guess"], "unknown selection.strategy 'best_guess'; known: signal, first_sample"),
+        # the paper's rule needs its scorer configured
+        (["selection.strategy=latent_argmin_cos"], "selection uses scorer 'latent_attribution', which is not among"),
+        # safe/unsafe pairs need a judge among the scorers
+        (["selection.pairs=safe_unsafe"], "selection.judge must name a configured scorer"),
+        # a detail signal has no declared direction
+        (['scorers=[{"name": "refusal_heuristic"}]', "selection.scorer=refusal_heuristic:x"], "set selection.direction"),
+        # a strategy without a signal cannot make best/worst pairs
+        (["selection.strategy=random"], "ranks by no signal: use pairs: safe_unsafe"),
         # malformed --set
         (["n"], "--set expects key=value"),
     ],

@@ -208,3 +208,28 @@ def test_bad_input_inside_the_build_is_not_retried(tmp_path, run_flow, monkeypat
     with pytest.raises(UserError, match="ask for 5 GPU"):
         run_flow(cfg)
     assert len(attempts) == 1
+
+
+def test_preference_with_the_papers_rule_and_safe_unsafe_pairs(tmp_path, run_flow, tiny_models):
+    """Chosen: the argmin-cosine candidate among the judge-safe ones; rejected: a judge-unsafe one."""
+    cfg = config(
+        tmp_path, "shard_size=100",
+        f'scorers=[{{"name": "latent_attribution", "model": "{tiny_models["lm_ft"]}", '
+        f'"params": {{"base": "{tiny_models["lm"]}", "layers": [2]}}}}, {{"name": "refusal_heuristic"}}]',
+        "selection.strategy=latent_argmin_cos", "selection.pairs=safe_unsafe", "selection.judge=refusal_heuristic",
+    )
+    manifest = run_flow(cfg)
+    ds = DatasetDir(cfg.output, cfg.dataset)
+    cands = ds.read_table("candidates").to_pylist()
+    by_prompt = defaultdict(list)
+    for c in cands:
+        by_prompt[c["prompt_id"]].append(c)
+    pairs = ds.read_table("pairs").to_pylist()
+    assert pairs and sum(manifest["unpaired_prompts"].values()) + len(pairs) == 10
+    for p in pairs:
+        group = {c["sample_idx"]: c for c in by_prompt[p["prompt_id"]]}
+        safe = [c for c in group.values() if c["scores"][1]["score"] == 1.0]
+        chosen, rejected = group[p["chosen_sample_idx"]], group[p["rejected_sample_idx"]]
+        assert chosen["scores"][1]["score"] == 1.0 and rejected["scores"][1]["score"] == 0.0
+        assert chosen["selection_score"] == min(c["scores"][0]["score"] for c in safe)
+        assert p["scorer"] == "latent_attribution"

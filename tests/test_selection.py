@@ -2,7 +2,12 @@
 
 import pytest
 
-from tasks.selection import BELOW_MARGIN, FEWER_THAN_2, NO_VALID, TIE, select
+from tasks.selection import BELOW_MARGIN, FEWER_THAN_2, NO_SAFE, NO_UNSAFE, NO_VALID, TIE, select
+from tasks.strategies import Strategy
+
+
+def by(direction):
+    return Strategy("signal", "signal", "s", direction)
 
 
 def cands(scores, finish=None, pid="p"):
@@ -45,7 +50,7 @@ def cands(scores, finish=None, pid="p"):
     ],
 )
 def test_select_cases(scores, direction, min_margin, require_stop, finish, expect):
-    out = select(cands(scores, finish), "s", direction, min_margin, require_stop)
+    out = select(cands(scores, finish), by(direction), min_margin, require_stop)
     best = [c["sample_idx"] for c in out.candidates if c["is_best"]]
     if expect[0] == "pair":
         _, chosen, rejected, margin = expect
@@ -65,7 +70,7 @@ def test_select_cases(scores, direction, min_margin, require_stop, finish, expec
 
 
 def test_messages_are_trl_conversational():
-    out = select(cands([0.0, 1.0]), "s", "max", system_prompt="be safe")
+    out = select(cands([0.0, 1.0]), by("max"), system_prompt="be safe")
     (pair,) = out.pairs
     assert pair["prompt"] == [{"role": "system", "content": "be safe"}, {"role": "user", "content": "q"}]
     (best,) = out.best
@@ -76,7 +81,38 @@ def test_messages_are_trl_conversational():
 def test_groups_by_prompt_id_not_row_order():
     rows = cands([0.1, 0.9], pid="a") + cands([0.4, 0.4], pid="b")
     rows = [rows[0], rows[2], rows[1], rows[3]]  # interleaved
-    out = select(rows, "s", "max")
+    out = select(rows, by("max"))
     assert [(p["prompt_id"], p["chosen_sample_idx"]) for p in out.pairs] == [("a", 1)]
     assert dict(out.unpaired) == {TIE: 1}
     assert len(out.candidates) == 4
+
+
+@pytest.mark.parametrize(
+    "scores, safe, strategy, expect",
+    [
+        # chosen: the best judge-safe by the signal; rejected: the worst judge-unsafe
+        ([0.9, 0.8, 0.1, 0.3], [False, True, True, False], by("max"), (1, 3)),
+        # the paper's rule (argmin) with safe/unsafe pairs
+        ([0.9, 0.8, 0.1, 0.3], [False, True, True, False], by("min"), (2, 0)),
+        # a signal-free strategy: first safe sample vs first unsafe sample
+        ([None, None, None], [False, True, True], Strategy("f", "judge_safe_first"), (1, 0)),
+        # nothing safe, or nothing unsafe: no pair, with the reason
+        ([0.1, 0.2], [False, False], by("max"), NO_SAFE),
+        ([0.1, 0.2], [True, True], by("max"), NO_UNSAFE),
+    ],
+)
+def test_safe_unsafe_pairs(scores, safe, strategy, expect):
+    rows = cands(scores)
+    for r, s in zip(rows, safe):
+        r["judge_safe"] = s
+    out = select(rows, strategy, pairs="safe_unsafe")
+    if isinstance(expect, str):
+        assert out.pairs == [] and dict(out.unpaired) == {expect: 1}
+    else:
+        (pair,) = out.pairs
+        assert (pair["chosen_sample_idx"], pair["rejected_sample_idx"]) == expect
+
+
+def test_first_and_random_strategies_pick_a_best():
+    out = select(cands([0.3, 0.9, 0.5]), Strategy("first_sample", "first"), pairs="safe_unsafe")
+    assert [b["sample_idx"] for b in out.best] == [0] and out.best[0]["scorer"] == "first_sample"
