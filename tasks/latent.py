@@ -27,12 +27,24 @@ from tasks.scorers import SCORERS, Scorer
 log = logging.getLogger(__name__)
 
 
-def adapter_base(ref: str) -> str | None:
-    """The base model named by a local PEFT adapter's config, or None if `ref` is not an adapter."""
-    cfg = Path(ref).expanduser() / "adapter_config.json"
-    if cfg.is_file():
-        return json.loads(cfg.read_text()).get("base_model_name_or_path")
-    return None
+def adapter_config(ref: str, revision: str | None = None) -> dict | None:
+    """A PEFT adapter's config (local folder or Hub repo), or None if `ref` is not an adapter."""
+    local = Path(ref).expanduser()
+    if local.is_dir():
+        cfg = local / "adapter_config.json"
+        return json.loads(cfg.read_text()) if cfg.is_file() else None
+    try:
+        from huggingface_hub import hf_hub_download
+
+        return json.loads(Path(hf_hub_download(ref, "adapter_config.json", revision=revision)).read_text())
+    except Exception:  # not an adapter, not on the Hub, or offline and not cached
+        return None
+
+
+def adapter_base(ref: str, revision: str | None = None) -> str | None:
+    """The base model named by a PEFT adapter's config, or None if `ref` is not an adapter."""
+    cfg = adapter_config(ref, revision)
+    return cfg.get("base_model_name_or_path") if cfg else None
 
 
 @SCORERS.register("latent_attribution")
@@ -56,7 +68,8 @@ class LatentAttribution(Scorer):
             raise UserError(f"scorer {cfg.name}: padding_side must be 'left' or 'right'")
         if not cfg.model:
             raise UserError(f"scorer {cfg.name}: set `model` to the aligned (FT) student")
-        self.base_ref = p.get("base") or adapter_base(cfg.model)
+        self.adapter_base = adapter_base(cfg.model, cfg.revision)
+        self.base_ref = p.get("base") or self.adapter_base
         if not self.base_ref:
             raise UserError(f"scorer {cfg.name}: set params.base to the student's base model")
 
@@ -70,7 +83,8 @@ class LatentAttribution(Scorer):
         cfg = self.cfg
         ft = resolve(cfg.model, cfg.revision)
         base = resolve(self.base_ref)
-        self.shared = adapter_base(cfg.model) is not None
+        # The adapter's own base: one set of weights, the base pass with the adapter disabled.
+        self.shared = self.adapter_base is not None and self.base_ref == self.adapter_base
         if self.shared:
             try:
                 from peft import PeftModel
@@ -78,7 +92,7 @@ class LatentAttribution(Scorer):
                 raise ImportError("a PEFT adapter as model needs the peft extra: pip install 'dafactory[peft]'") from None
             device, _ = device_and_dtype()
             backbone = load_model(AutoModelForCausalLM, base, cfg.trust_remote_code)
-            self.ft = PeftModel.from_pretrained(backbone, ft.source).to(device).eval()
+            self.ft = PeftModel.from_pretrained(backbone, ft.source, revision=ft.revision).to(device).eval()
             self.base = None
             tok_source = ft if (Path(ft.source) / "tokenizer_config.json").exists() else base
         else:
@@ -113,19 +127,23 @@ class LatentAttribution(Scorer):
         return model(**kwargs)
 
     def score(self, rows: list[dict]) -> list[dict]:
-        out = []
+        # Batches of similar length waste little compute on padding; results go back in input order.
+        encoded = [self.encode(r) for r in rows]
+        order = sorted(range(len(rows)), key=lambda i: len(encoded[i][0]))
+        out: list[dict | None] = [None] * len(rows)
         bs = self.cfg.batch_size
-        for s in range(0, len(rows), bs):
-            out += self._score_batch(rows[s : s + bs])
+        for s in range(0, len(order), bs):
+            idx = order[s : s + bs]
+            for i, result in zip(idx, self._score_batch([encoded[i] for i in idx])):
+                out[i] = result
         return out
 
-    def _score_batch(self, rows: list[dict]) -> list[dict]:
+    def _score_batch(self, encoded: list[tuple[list[int], int]]) -> list[dict]:
         torch = self.torch
-        encoded = [self.encode(r) for r in rows]
         width = max(len(ids) for ids, _ in encoded)
         pad = self.tok.pad_token_id
-        ids = torch.full((len(rows), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        ids = torch.full((len(encoded), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(encoded), width), dtype=torch.long)
         offsets = []
         for i, (row_ids, _) in enumerate(encoded):
             off = width - len(row_ids) if self.padding_side == "left" else 0

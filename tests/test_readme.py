@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from tasks.config import DistillConfig, PreferenceConfig, build_config
+from tasks.config import DistillConfig, EvaluateConfig, PreferenceConfig, build_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -25,7 +25,7 @@ def test_two_one_line_commands_and_ci_runs_the_test_one():
 
 @pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
 def test_bundled_configs_validate(path):
-    cls = DistillConfig if path.name.startswith("distill") else PreferenceConfig
+    cls = {"distill": DistillConfig, "evaluate": EvaluateConfig}.get(path.name.split("-")[0], PreferenceConfig)
     cfg = build_config(cls, path)
     assert cfg.generator.model != "smollm2-135m-instruct"  # real runs name real models
     assert all(s.model for s in cfg.scorer_configs if s.name != "refusal_heuristic")
