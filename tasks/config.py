@@ -120,7 +120,7 @@ class RunConfig(_Strict):
     """Fields and fingerprints every flow's config shares."""
 
     # Fields that say where or how fast a run goes, never what it writes.
-    RUNTIME: ClassVar[dict] = {"output": True, "ray": True, "retries": True}
+    RUNTIME: ClassVar[dict] = {"output": True, "ray": True, "retries": True, "storage_timeout_s": True}
     # Fields that decide the generated text for given prompts (they salt shard ids, and so seeds).
     GENERATION: ClassVar[dict] = {}
 
@@ -129,6 +129,9 @@ class RunConfig(_Strict):
     ray: RayConfig = Field(default_factory=RayConfig, description="Where Ray runs.")
     retries: int = Field(
         2, ge=0, description="Times the shard build is retried after a failure; each retry resumes."
+    )
+    storage_timeout_s: float = Field(
+        30, gt=0, description="Connect/read timeout for remote output stores (S3), so a bad endpoint fails fast."
     )
 
     @property

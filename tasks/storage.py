@@ -9,13 +9,17 @@
   quarantine/part-<...>.parquet     input rows that never reached a model, with reasons
   manifest.json                written last; its presence means the dataset is complete
 
-Parts are written under a temporary name and moved into place, so a reader never sees half a part.
-Shard part names are content hashes, so re-running a shard overwrites it instead of duplicating it.
+On local disk a part is written under a temporary name and renamed into place; on object stores (S3)
+a single PUT is already atomic, so parts go straight to their key. Either way a reader never sees half a
+part. Shard part names are content hashes, so re-running a shard overwrites it instead of duplicating
+it. The manifest, written last with exclusive create, lists every part of every table: readers trust
+only parts the manifest lists, so a run in progress or a failed run is never read as a dataset.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import posixpath
 import uuid
 
@@ -31,21 +35,50 @@ MANIFEST = "manifest.json"
 CONFIG = "config.json"
 
 
+def storage_options(uri: str, timeout_s: float) -> dict:
+    """Timeouts for remote stores, so that an unreachable endpoint fails instead of hanging.
+    Credentials are never passed here: they come from the standard AWS environment or profile."""
+    if uri.startswith(("s3://", "s3a://")):
+        return {"config_kwargs": {"connect_timeout": timeout_s, "read_timeout": timeout_s,
+                                  "retries": {"max_attempts": 2}}}
+    return {}
+
+
 class DatasetDir:
-    def __init__(self, output: str, dataset: str):
+    def __init__(self, output: str, dataset: str, timeout_s: float = 30):
         self.uri = output.rstrip("/") + "/" + dataset
-        self.fs, self.root = fsspec.core.url_to_fs(self.uri)
+        self.fs, self.root = fsspec.core.url_to_fs(self.uri, **storage_options(self.uri, timeout_s))
+        self.local = "file" in (self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,))
 
     def _path(self, *parts: str) -> str:
         return posixpath.join(self.root, *parts)
 
-    def write_bytes(self, rel: str, data: bytes) -> None:
-        final = self._path(rel)
-        tmp = final + f".tmp-{uuid.uuid4().hex[:8]}"
+    def _put(self, final: str, write) -> None:
+        """Write atomically: temp file + rename on local disk, one PUT on object stores."""
+        if not self.local:
+            # No makedirs on object stores: s3fs would create a missing bucket instead of failing.
+            with self.fs.open(final, "wb") as f:
+                write(f)
+            return
         self.fs.makedirs(posixpath.dirname(final), exist_ok=True)
+        tmp = final + f".tmp-{uuid.uuid4().hex[:8]}"
         with self.fs.open(tmp, "wb") as f:
-            f.write(data)
+            write(f)
         self.fs.mv(tmp, final)
+
+    def write_bytes(self, rel: str, data: bytes) -> None:
+        self._put(self._path(rel), lambda f: f.write(data))
+
+    def check_writable(self) -> None:
+        """Fail before any model loads when the output cannot be written (missing bucket, no rights,
+        unreachable endpoint)."""
+        probe = self._path(f".write-probe-{uuid.uuid4().hex[:8]}")
+        try:
+            self.write_bytes(posixpath.relpath(probe, self.root), b"")
+            self.fs.rm(probe)
+        except Exception as exc:  # any storage failure is the user's output setting
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise UserError(f"cannot write to output {self.uri}: {first}") from None
 
     def _read_json(self, rel: str) -> dict | None:
         path = self._path(rel)
@@ -80,12 +113,7 @@ class DatasetDir:
         data = data.cast(TABLES[table])
         if stats is not None:
             data = data.replace_schema_metadata({STATS_KEY: json.dumps(stats).encode()})
-        final = self.part_path(table, part)
-        tmp = final + f".tmp-{uuid.uuid4().hex[:8]}"
-        self.fs.makedirs(posixpath.dirname(final), exist_ok=True)
-        with self.fs.open(tmp, "wb") as f:
-            pq.write_table(data, f, compression="zstd")
-        self.fs.mv(tmp, final)
+        self._put(self.part_path(table, part), lambda f: pq.write_table(data, f, compression="zstd"))
 
     def shard_done(self, shard_id: str, marker: str) -> bool:
         """`marker` is the table a shard writes last: its part's presence marks the shard complete."""
@@ -123,14 +151,22 @@ class DatasetDir:
         return out
 
     def row_counts(self, tables: list[str]) -> dict[str, dict]:
+        """Rows and the exact part files of each table (what the manifest lists for readers)."""
         counts = {}
         for table in tables:
             paths = list(self.parts(table).values())
-            counts[table] = {"rows": sum(self.footer(p).num_rows for p in paths), "parts": len(paths)}
+            rows = [self.footer(p).num_rows for p in paths]
+            counts[table] = {"rows": sum(rows), "parts": len(paths),
+                             "files": [f"{table}/{posixpath.basename(p)}" for p in paths]}
         return counts
 
     def read_table(self, table: str) -> pa.Table:
-        paths = list(self.parts(table).values())
+        """The table's parts: those the manifest lists when there is one, else what is on disk."""
+        manifest = self.read_manifest()
+        if manifest is not None and table in manifest.get("tables", {}):
+            paths = [self._path(f) for f in manifest["tables"][table]["files"]]
+        else:
+            paths = list(self.parts(table).values())
         if not paths:
             return TABLES[table].empty_table()
         tables = []
@@ -141,7 +177,20 @@ class DatasetDir:
 
     # manifest --------------------------------------------------------------------------------
     def write_manifest(self, manifest: dict) -> None:
-        self.write_bytes(MANIFEST, json.dumps(manifest, indent=2, default=str).encode())
+        """Exclusive create: two runs finishing into one folder cannot both claim it."""
+        data = json.dumps(manifest, indent=2, default=str).encode()
+        final = self._path(MANIFEST)
+        if not self.local:
+            with self.fs.open(final, "xb") as f:  # a conditional PUT (If-None-Match) on S3
+                f.write(data)
+            return
+        tmp = final + f".tmp-{uuid.uuid4().hex[:8]}"
+        with self.fs.open(tmp, "wb") as f:
+            f.write(data)
+        try:
+            os.link(tmp, final)  # atomic, and fails if the manifest exists
+        finally:
+            self.fs.rm(tmp)
 
     def read_manifest(self) -> dict | None:
         return self._read_json(MANIFEST)

@@ -24,7 +24,7 @@ def test_parts_are_zstd_parquet_with_the_schema_and_stats(tmp_path):
     assert list((tmp_path / "d" / "quarantine").iterdir())[0].name == "part-a.parquet"  # no temp files left
     # rewriting the same part replaces it, never duplicates it
     ds.write_part("quarantine", "a", to_table(qrows(3), QUARANTINE))
-    assert ds.row_counts(["quarantine"]) == {"quarantine": {"rows": 3, "parts": 1}}
+    assert ds.row_counts(["quarantine"]) == {"quarantine": {"rows": 3, "parts": 1, "files": ["quarantine/part-a.parquet"]}}
 
 
 def test_rows_outside_the_schema_fail_loudly():
@@ -57,3 +57,16 @@ def test_prune_removes_stale_parts_and_temp_files(tmp_path):
     (tmp_path / "d" / "quarantine" / "part-x.parquet.tmp-1234").write_bytes(b"half")
     assert ds.prune({"keep"}, ["quarantine"]) == 1
     assert sorted(p.name for p in (tmp_path / "d" / "quarantine").iterdir()) == ["part-keep.parquet"]
+
+
+def test_manifest_is_created_exclusively_and_lists_what_readers_read(tmp_path):
+    ds = DatasetDir(str(tmp_path), "d")
+    ds.write_part("quarantine", "a", to_table(qrows(2), QUARANTINE))
+    counts = ds.row_counts(["quarantine"])
+    ds.write_manifest({"status": "complete", "tables": counts})
+    with pytest.raises(FileExistsError):
+        ds.write_manifest({"status": "complete", "tables": counts})  # a second writer cannot claim it
+    # a part written after the manifest (a run in progress) is not part of the dataset
+    ds.write_part("quarantine", "b", to_table(qrows(5), QUARANTINE))
+    assert ds.read_table("quarantine").num_rows == 2
+    assert sorted(p.name for p in (tmp_path / "d").iterdir()) == ["manifest.json", "quarantine"]  # no temp files
