@@ -119,6 +119,13 @@ def cmd_run(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    from flows.deploy import serve
+
+    serve(args.config)
+    return 0
+
+
 def _short(value, n=100) -> str:
     text = json.dumps(value, ensure_ascii=False) if not isinstance(value, str) else value
     text = text.replace("\n", " ")
@@ -175,6 +182,9 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--config", required=False, help="YAML config file")
     r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
     r.set_defaults(func=cmd_run)
+    sv = sub.add_parser("serve", help="register the deployments of a deploy config and serve them")
+    sv.add_argument("--config", required=True, help="deploy YAML (see configs/deploy.yaml)")
+    sv.set_defaults(func=cmd_serve)
     i = sub.add_parser("inspect", help="summarise a dataset folder")
     i.add_argument("path")
     i.add_argument("--rows", type=int, default=3)

@@ -14,6 +14,7 @@ from typing import Callable
 from prefect import get_run_logger, task
 from prefect.artifacts import create_progress_artifact, create_table_artifact, update_progress_artifact
 from prefect.cache_policies import NONE
+from prefect.concurrency.sync import concurrency
 
 from tasks.config import RunConfig
 from tasks.errors import UserError
@@ -22,6 +23,8 @@ from tasks.prompts import PromptSet, Shard, load_prompts, make_shards
 from tasks.schemas import QUARANTINE, to_table
 from tasks.storage import DatasetDir
 from tasks.workers import StageSpec, kill_stages, start_stages, stream
+
+GPU_LIMIT = "dafactory-gpu"
 
 
 @dataclass
@@ -122,7 +125,10 @@ def build_shards(config: RunConfig, ds: DatasetDir, shards: list[Shard], recipe:
                         rows / (time.perf_counter() - t1))
             update_progress_artifact(progress, 100.0 * done / len(pending))
 
-        stream(recipe.stages, pending, on_result)
+        # One slot of the global GPU limit while the Ray work runs (a no-op where the limit does not
+        # exist, e.g. ephemeral runs): two scheduled builds never oversubscribe the cluster.
+        with concurrency(GPU_LIMIT, occupy=1, strict=False):
+            stream(recipe.stages, pending, on_result)
         report["seconds"]["build_wall"] = time.perf_counter() - t1
     finally:
         kill_stages(recipe.stages)

@@ -1,0 +1,143 @@
+"""Deployments against a real Prefect server started here (SQLite, 127.0.0.1, analytics off):
+serve them, trigger a run through the API as the UI's Run button does, and check schedules."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+pytestmark = pytest.mark.server
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(predicate, timeout, what):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        result = predicate()
+        if result:
+            return result
+        time.sleep(1)
+    raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    home = tmp_path_factory.mktemp("prefect-home")
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/api"
+    env = dict(os.environ, PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false", DO_NOT_TRACK="1",
+               PREFECT_UI_ENABLED="false", PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS="2",
+               PREFECT_API_DATABASE_CONNECTION_URL=f"sqlite+aiosqlite:///{home}/prefect.db")
+    env.pop("PREFECT_API_URL", None)
+    log = open(home / "server.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port",
+                             str(port)], env=env, stdout=log, stderr=subprocess.STDOUT)
+
+    def healthy():
+        try:
+            return httpx.get(f"{url}/health", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    try:
+        wait_for(healthy, 120, "the Prefect server")
+        yield {"url": url, "home": home, "env": env}
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+@pytest.fixture(scope="module")
+def served(server, tmp_path_factory):
+    work = tmp_path_factory.mktemp("deploy")
+    prompts = work / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"question {i}"}) + "\n" for i in range(4)))
+    (work / "pref.yaml").write_text(yaml.safe_dump({
+        "output": str(work / "out"), "dataset": "served", "prompts": {"path": str(prompts)},
+        "student": {"backend": "fake", "num_cpus": 0.5}, "scoring": {"num_cpus": 0.5}, "n": 2, "shard_size": 2,
+    }))
+    (work / "deploy.yaml").write_text(yaml.safe_dump({
+        "gpu_concurrency": 1,
+        "deployments": [{"name": "nightly", "flow": "preference", "config": "pref.yaml", "cron": "0 2 * * *"}],
+    }))
+    env = dict(server["env"], PREFECT_API_URL=server["url"])
+    log = open(work / "serve.log", "w")
+    exe = Path(sys.executable).with_name("dafactory")
+    proc = subprocess.Popen([str(exe), "serve", "--config", str(work / "deploy.yaml")], cwd=ROOT, env=env,
+                            stdout=log, stderr=subprocess.STDOUT)
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings({PREFECT_API_URL: server["url"]}):
+        from prefect.client.orchestration import get_client
+
+        with get_client(sync_client=True) as client:
+            def deployed():
+                try:
+                    return client.read_deployment_by_name("preference/nightly")
+                except Exception:
+                    return None
+
+            try:
+                deployment = wait_for(deployed, 180, "the served deployment")
+                yield {"client": client, "deployment": deployment, "work": work}
+            finally:
+                proc.terminate()
+                proc.wait(30)
+
+
+def test_a_run_triggered_like_the_ui_completes_with_its_artifacts(served):
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    client, dep = served["client"], served["deployment"]
+    params = dict(dep.parameters)
+    params["config"] = dict(params["config"], dataset="from-ui", n=3)  # the form, edited
+    run = client.create_flow_run_from_deployment(dep.id, parameters=params)
+    final = wait_for(lambda: (r := client.read_flow_run(run.id)).state.is_final() and r, 240, "the flow run")
+    assert final.state.is_completed(), final.state
+    manifest = json.loads((served["work"] / "out" / "from-ui" / "manifest.json").read_text())
+    assert manifest["tables"]["candidates"]["rows"] == 4 * 3
+    keys = {a.key for a in client.read_artifacts(artifact_filter=ArtifactFilter(
+        flow_run_id=ArtifactFilterFlowRunId(any_=[run.id])))}
+    assert {"preference-summary", "preference-progress"} <= keys
+
+
+def test_invalid_parameters_are_rejected_by_the_server(served):
+    client, dep = served["client"], served["deployment"]
+    params = {"config": dict(dep.parameters["config"], n=0)}  # the schema says n >= 1
+    with pytest.raises(Exception, match="(?i)validation"):
+        client.create_flow_run_from_deployment(dep.id, parameters=params)
+
+
+def test_the_cron_schedule_creates_runs_and_the_gpu_limit_exists(served):
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId, FlowRunFilter, FlowRunFilterState, FlowRunFilterStateType
+    from prefect.client.schemas.objects import StateType
+
+    client, dep = served["client"], served["deployment"]
+    assert [s.schedule.cron for s in dep.schedules] == ["0 2 * * *"]
+
+    def scheduled():
+        return client.read_flow_runs(
+            deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[dep.id])),
+            flow_run_filter=FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.SCHEDULED]))),
+        )
+
+    runs = wait_for(scheduled, 60, "scheduled runs")
+    assert all(r.expected_start_time.hour == 2 and r.expected_start_time.minute == 0 for r in runs)
+    assert client.read_global_concurrency_limit_by_name("dafactory-gpu").limit == 1
+    # the parameter form: descriptions come from the pydantic config
+    schema = dep.parameter_openapi_schema
+    assert "config" in schema["properties"]
+    assert "Samples per prompt." in json.dumps(schema)
