@@ -8,6 +8,7 @@ progress, retries, the manifest written last) is the same code for every flow.
 from __future__ import annotations
 
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -15,6 +16,7 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_progress_artifact, create_table_artifact, update_progress_artifact
 from prefect.cache_policies import NONE
 from prefect.concurrency.sync import concurrency
+from prefect.settings import PREFECT_API_URL
 
 from tasks.config import RunConfig
 from tasks.errors import UserError
@@ -125,9 +127,10 @@ def build_shards(config: RunConfig, ds: DatasetDir, shards: list[Shard], recipe:
                         rows / (time.perf_counter() - t1))
             update_progress_artifact(progress, 100.0 * done / len(pending))
 
-        # One slot of the global GPU limit while the Ray work runs (a no-op where the limit does not
-        # exist, e.g. ephemeral runs): two scheduled builds never oversubscribe the cluster.
-        with concurrency(GPU_LIMIT, occupy=1, strict=False):
+        # One slot of the global GPU limit while the Ray work runs, on a Prefect server (`dafactory
+        # serve` creates it): two scheduled builds never oversubscribe the cluster. Ephemeral runs skip it.
+        guard = concurrency(GPU_LIMIT, occupy=1, strict=False) if PREFECT_API_URL.value() else nullcontext()
+        with guard:
             stream(recipe.stages, pending, on_result)
         report["seconds"]["build_wall"] = time.perf_counter() - t1
     finally:

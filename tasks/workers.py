@@ -74,6 +74,7 @@ def check_resources(stages: list["StageSpec"], local: bool) -> None:
 def worker_info() -> dict:
     return {
         "node": socket.gethostname(),
+        "node_id": ray.get_runtime_context().get_node_id(),
         "pid": os.getpid(),
         "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
         "gpu_ids": [str(g) for g in ray.get_gpu_ids()],
@@ -246,8 +247,10 @@ class StageSpec:
     actors: list = field(default_factory=list)
 
     def start(self) -> None:
+        # SPREAD puts replicas on different nodes; a replica lost with its node restarts elsewhere.
         remote = ray.remote(self.cls).options(
-            num_gpus=self.num_gpus, num_cpus=self.num_cpus, max_restarts=2, max_task_retries=2
+            num_gpus=self.num_gpus, num_cpus=self.num_cpus, max_restarts=2, max_task_retries=2,
+            scheduling_strategy="SPREAD",
         )
         self.actors = [remote.remote(*self.args) for _ in range(self.num_replicas)]
 
@@ -262,16 +265,32 @@ def start_stages(stages: list[StageSpec], local: bool) -> list[dict]:
     return [dict(info, stage=name) for name, info in zip(names, infos)]
 
 
-def stream(stages: list[StageSpec], items: Iterable[Any], on_result: Callable[[dict], None]) -> None:
+def _lost(exc: BaseException) -> bool:
+    """A failure of the cluster (a node or actor died, an object was lost), not of the work itself."""
+    from ray import exceptions as rx
+
+    infra = (rx.RayActorError, rx.ObjectLostError, rx.WorkerCrashedError, rx.NodeDiedError, rx.OwnerDiedError)
+    if isinstance(exc, rx.RayTaskError):
+        return isinstance(getattr(exc, "cause", None), infra)
+    return isinstance(exc, infra)
+
+
+def stream(
+    stages: list[StageSpec], items: Iterable[Any], on_result: Callable[[dict], None], max_attempts: int = 3
+) -> None:
     """Push items through the stages; call on_result (in the driver) with each last-stage output.
 
     Each actor works on one item at a time. A stage runs ahead of the next by at most twice the next
-    stage's replicas, which bounds what waits in the object store.
+    stage's replicas, which bounds what waits in the object store. An item whose work was lost with a
+    node or an actor (Ray restarts actors elsewhere) starts again from the first stage, up to
+    `max_attempts` times; an error raised by the work itself fails the run.
     """
     last = len(stages) - 1
     queues: list[list] = [list(items)] + [[] for _ in stages[1:]]
     idle = [list(st.actors) for st in stages]
     in_flight: dict = {}  # object ref -> (stage index, actor)
+    origin: dict = {}  # object ref -> the item it came from
+    attempts: dict[int, int] = {}
 
     def room(s: int) -> bool:
         if s == last:
@@ -283,15 +302,29 @@ def stream(stages: list[StageSpec], items: Iterable[Any], on_result: Callable[[d
         for s in range(len(stages)):
             while idle[s] and queues[s] and room(s):
                 actor = idle[s].pop()
-                in_flight[actor.process.remote(queues[s].pop(0))] = (s, actor)
+                work = queues[s].pop(0)
+                ref = actor.process.remote(work)
+                origin[ref] = work if s == 0 else origin.pop(work)
+                in_flight[ref] = (s, actor)
         ready, _ = ray.wait(list(in_flight), num_returns=1)
         for ref in ready:
             s, actor = in_flight.pop(ref)
             idle[s].append(actor)
             if s < last:
                 queues[s + 1].append(ref)  # handed on as a reference: the payload stays in the object store
-            else:
-                on_result(ray.get(ref))
+                continue
+            item = origin.pop(ref)
+            try:
+                result = ray.get(ref)
+            except Exception as exc:
+                key = id(item)
+                attempts[key] = attempts.get(key, 1) + 1
+                if not _lost(exc) or attempts[key] > max_attempts:
+                    raise
+                log.warning("work lost with a node or actor (%s); starting the item again", type(exc).__name__)
+                queues[0].append(item)
+                continue
+            on_result(result)
 
 
 def kill_stages(stages: list[StageSpec]) -> None:
