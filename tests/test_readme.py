@@ -23,7 +23,8 @@ def test_two_one_line_commands_and_ci_runs_the_test_one():
     assert ci_lines == [test]
 
 
-@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
+@pytest.mark.parametrize("path", sorted(p for p in (ROOT / "configs").glob("*.yaml") if p.name != "deploy.yaml"),
+                         ids=lambda p: p.name)
 def test_bundled_configs_validate(path):
     cls = {"distill": DistillConfig, "evaluate": EvaluateConfig}.get(path.name.split("-")[0], PreferenceConfig)
     cfg = build_config(cls, path)
