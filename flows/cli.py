@@ -60,9 +60,10 @@ def _fail(message: str, code: int = 2) -> int:
 
 def _run(config) -> dict:
     """Check the input (bad input fails here, before Prefect, Ray or any model starts), then run."""
-    from tasks.preflight import preflight
+    from tasks.preflight import check_endpoints, preflight
 
     preflight(config)
+    check_endpoints(config)
     if isinstance(config, DistillConfig):
         from flows.distill import distill
         from tasks.distill import check_categories, setup

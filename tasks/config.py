@@ -114,6 +114,9 @@ class RayConfig(_Strict):
     )
     num_cpus: int | None = Field(None, ge=1, description="CPUs for a local Ray (all if empty).")
     num_gpus: int | None = Field(None, ge=0, description="GPUs for a local Ray (detected if empty).")
+    connect_timeout_s: float = Field(
+        15, gt=0, description="How long to wait for the Ray address (and a Prefect API) before failing."
+    )
 
 
 class RunConfig(_Strict):

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import socket
+from urllib.parse import urlparse
+
 from tasks.config import RunConfig
+from tasks.errors import UserError
 from tasks.models import check_reference
 from tasks.prompts import check_columns
 from tasks.scorers import SCORERS
@@ -25,3 +30,30 @@ def preflight(config: RunConfig) -> DatasetDir:
         ds.check_writable()  # a missing bucket or a bad endpoint fails here, before any model loads
     ds.check_owner(config.fingerprint())
     return ds
+
+
+def _reachable(host: str, port: int, timeout_s: float) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=timeout_s):
+            return True
+    except OSError:
+        return False
+
+
+def check_endpoints(config: RunConfig) -> None:
+    """A Ray address or Prefect API that cannot be reached fails with one line, within the timeout,
+    instead of hanging in a client's retries."""
+    timeout = config.ray.connect_timeout_s
+    address = config.ray.address or os.environ.get("RAY_ADDRESS")
+    if address and address not in ("auto", "local"):
+        parsed = urlparse(address if "://" in address else f"tcp://{address}")
+        if parsed.hostname and parsed.port and not _reachable(parsed.hostname, parsed.port, timeout):
+            raise UserError(f"the Ray cluster at {address} is unreachable (no answer within {timeout:g}s)")
+    api = os.environ.get("PREFECT_API_URL")
+    if api:
+        import httpx
+
+        try:
+            httpx.get(api.rstrip("/") + "/health", timeout=timeout).raise_for_status()
+        except httpx.HTTPError as exc:
+            raise UserError(f"the Prefect API at {api} is unreachable ({type(exc).__name__})") from None

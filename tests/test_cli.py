@@ -139,3 +139,24 @@ def test_distill_bad_input_is_one_line_and_loads_nothing(tmp_path, distill_promp
     assert err.startswith("dafactory: error: ") and message.replace("__TMP__", str(tmp_path)) in err
     assert "\n" not in err
     assert not (tmp_path / "out").exists() and not (tmp_path / "cache").exists()
+
+
+@pytest.mark.parametrize(
+    "env, args, message",
+    [
+        # a Ray address where nothing listens
+        ({}, ["ray.address=127.0.0.1:9", "ray.connect_timeout_s=2"], "the Ray cluster at 127.0.0.1:9 is unreachable"),
+        ({}, ["ray.address=ray://127.0.0.1:9", "ray.connect_timeout_s=2"], "the Ray cluster at ray://127.0.0.1:9 is unreachable"),
+        # a Prefect API where nothing listens
+        ({"PREFECT_API_URL": "http://127.0.0.1:9/api"}, ["ray.connect_timeout_s=2"],
+         "the Prefect API at http://127.0.0.1:9/api is unreachable"),
+    ],
+)
+def test_unreachable_services_are_one_line(tmp_path, prompts, capsys, monkeypatch, env, args, message):
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    base = [f"prompts.path={prompts}", f"output={tmp_path / 'out'}", "student.backend=fake"]
+    argv = ["run", "preference"] + [x for a in base + args for x in ("--set", a)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("dafactory: error: ") and message in err and "\n" not in err
