@@ -7,6 +7,7 @@ progress, retries, the manifest written last) is the same code for every flow.
 
 from __future__ import annotations
 
+import os
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -109,7 +110,8 @@ def build_shards(config: RunConfig, ds: DatasetDir, shards: list[Shard], recipe:
     progress = create_progress_artifact(0.0, key=f"{recipe.name}-progress", description=f"shards of {ds.uri}")
     t0 = time.perf_counter()
     try:
-        report["workers"] = start_stages(recipe.stages, local=config.ray.address is None)
+        on_cluster = bool(config.ray.address or os.environ.get("RAY_ADDRESS"))
+        report["workers"] = start_stages(recipe.stages, local=not on_cluster)
         report["seconds"]["load_models"] = time.perf_counter() - t0
         logger.info("workers ready in %.1fs: %s", report["seconds"]["load_models"],
                     ", ".join(f"{w['stage']}@{w['node']}" for w in report["workers"]))
