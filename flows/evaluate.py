@@ -8,7 +8,7 @@ from prefect import flow, get_run_logger
 
 from tasks.build import build_shards, finalize, prepare
 from tasks.config import EvaluateConfig
-from tasks.evaluate import evaluate_models, evaluate_recipe, load_benchmarks
+from tasks.evaluate import evaluate_models, evaluate_recipe, load_benchmarks, references
 from tasks.preflight import preflight
 from tasks.workers import ray_session
 
@@ -19,8 +19,9 @@ def evaluate(config: EvaluateConfig) -> dict:
     logger = get_run_logger()
     t0 = time.perf_counter()
     ds = preflight(config)
-    recipe = evaluate_recipe(config)
-    prompts, shards = prepare(config, ds, recipe.salt, load=lambda: load_benchmarks(config))
+    benchmarks = load_benchmarks(config)
+    recipe = evaluate_recipe(config, references(benchmarks))
+    prompts, shards = prepare(config, ds, recipe.salt, load=lambda: benchmarks)
     t1 = time.perf_counter()
     with ray_session(config.ray):
         report = build_shards.with_options(retries=config.retries)(config, ds, shards, recipe)

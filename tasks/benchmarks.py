@@ -12,11 +12,13 @@ Every row's prompt_id hashes (benchmark, row, text), so equal prompts in two row
 from __future__ import annotations
 
 import hashlib
+from dataclasses import replace
 from importlib import resources
 
 from tasks.config import BenchmarkSource, PromptSource
 from tasks.errors import UserError
 from tasks.prompts import PromptSet, decode_rows, read_raw
+from tasks.utility import gsm8k_prompt, gsm8k_reference, mmlu_prompt, mmlu_reference
 
 BUNDLED = {
     "strongreject": ("strongreject.csv", "forbidden_prompt"),
@@ -36,6 +38,9 @@ def source_of(b: BenchmarkSource) -> PromptSource:
     if b.name == WILDJAILBREAK:
         return PromptSource(path=b.path, prompt_column=b.prompt_column or "adversarial",
                             category_column="data_type", limit=None)
+    if b.resolved_kind != "safety":
+        return PromptSource(path=b.path, prompt_column=b.prompt_column or "question", category_column="answer",
+                            limit=b.limit)
     return PromptSource(path=b.path, prompt_column=b.prompt_column or "prompt", limit=b.limit)
 
 
@@ -44,6 +49,9 @@ def _key(name: str):
 
 
 def load_benchmark(b: BenchmarkSource) -> PromptSet:
+    """A benchmark's prompts; utility rows carry their reference answer."""
+    if b.resolved_kind != "safety":
+        return _load_utility(b)
     if b.name == WILDJAILBREAK and b.path == "hub":
         raw, kinds = _wildjailbreak_from_hub()
     else:
@@ -76,3 +84,27 @@ def merge(sets: list[PromptSet]) -> PromptSet:
         out.duplicates += s.duplicates
         out.source_rows += s.source_rows
     return out
+
+
+def _text(value) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _load_utility(b: BenchmarkSource) -> PromptSet:
+    """GSM8K-style (question, answer ending '#### n') or MMLU-style (question, choices, answer) rows."""
+    src = source_of(b)
+    _, questions, answers = read_raw(src)
+    if b.resolved_kind == "mmlu":
+        _, _, choices = read_raw(src.model_copy(update={"category_column": "choices"}))
+        texts = [mmlu_prompt(_text(q), [_text(c) for c in ch]) for q, ch in zip(questions, choices)]
+        refs = [mmlu_reference(a, len(ch)) for a, ch in zip(answers, choices)]
+        sizes = [len(ch) for ch in choices]
+    else:
+        texts = [gsm8k_prompt(_text(q)) for q in questions]
+        refs = [gsm8k_reference(_text(a)) for a in answers]
+        sizes = [0] * len(texts)
+    if b.limit is not None:
+        texts, refs, sizes = texts[: b.limit], refs[: b.limit], sizes[: b.limit]
+    ps = decode_rows(texts, [b.name] * len(texts), key=_key(b.name), dedup=False)
+    ps.rows = [replace(r, reference=(b.resolved_kind, refs[r.source_row], sizes[r.source_row])) for r in ps.rows]
+    return ps

@@ -320,13 +320,23 @@ class DistillConfig(RunConfig):
 
 
 class BenchmarkSource(_Strict):
-    name: str = Field(description="'strongreject' or 'dan' (bundled), 'wildjailbreak', or your own name.")
+    name: str = Field(
+        description="'strongreject' or 'dan' (bundled), 'wildjailbreak', 'gsm8k' or 'mmlu' (utility), or your own name."
+    )
+    kind: Literal["safety", "gsm8k", "mmlu"] | None = Field(
+        None, description="safety (ASR), or a utility format: gsm8k (question, answer '#### n') or mmlu "
+        "(question, choices, answer); from the name if empty."
+    )
     path: str | None = Field(
         None, description="File of prompts (required for wildjailbreak and custom sets; 'hub' fetches "
         "allenai/wildjailbreak with your access); the bundled copy if empty."
     )
     prompt_column: str | None = Field(None, description="Prompt column of a custom file ('prompt' if empty).")
     limit: int | None = Field(None, ge=1, description="Use only the first N prompts.")
+
+    @property
+    def resolved_kind(self) -> str:
+        return self.kind or (self.name if self.name in ("gsm8k", "mmlu") else "safety")
 
 
 class EvaluateConfig(RunConfig):

@@ -11,9 +11,11 @@ from tasks.config import EvaluateConfig
 from tasks.generation import ChatPrompt
 from tasks.prompts import PromptSet
 from tasks.report import markdown, plot_asr_by_layer, plot_asr_by_strategy
-from tasks.schemas import ASR, to_table
+from tasks.schemas import ASR, UTILITY, to_table
 from tasks.storage import DatasetDir
-from tasks.strategies import DEFAULT_STRATEGIES, LATENT, Strategy, asr_table, degenerate_latent, mean_drop
+from tasks.strategies import (
+    DEFAULT_STRATEGIES, LATENT, Strategy, asr_table, degenerate_latent, mean_drop, utility_table,
+)
 from tasks.workers import EvalScoreStage, GenerateStage, StageSpec
 
 log = logging.getLogger(__name__)
@@ -27,6 +29,11 @@ DEGENERATE = (
 
 def load_benchmarks(config: EvaluateConfig) -> PromptSet:
     return merge([load_benchmark(b) for b in config.benchmarks])
+
+
+def references(prompts: PromptSet) -> dict:
+    """prompt_id -> (kind, reference answer, number of choices) for the utility benchmarks' prompts."""
+    return {r.prompt_id: r.reference for r in prompts.rows if r.reference is not None}
 
 
 def strategies(config: EvaluateConfig) -> list[Strategy]:
@@ -45,11 +52,14 @@ def evaluation_summary(config: EvaluateConfig, ds: DatasetDir) -> dict:
     from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
     cands = ds.read_table("eval_candidates").to_pylist()
+    safety = [c for c in cands if c["correct"] is None]
+    utility = [c for c in cands if c["correct"] is not None]
     degenerate = degenerate_latent(cands)
     sts = strategies(config)
-    rows = asr_table(cands, sts, seed=config.sampling.seed)
+    rows = asr_table(safety, sts, seed=config.sampling.seed)
+    utility_rows = utility_table(utility, sts, seed=config.sampling.seed)
     layer_rows = [] if config.student.backend == "fake" else asr_table(
-        cands, [Strategy(f"latent_argmin_cos@{l}", "signal", f"{LATENT}:cos@{l}", "min") for l in config.layers],
+        safety, [Strategy(f"latent_argmin_cos@{l}", "signal", f"{LATENT}:cos@{l}", "min") for l in config.layers],
         seed=config.sampling.seed,
     )
     warnings = []
@@ -57,16 +67,23 @@ def evaluation_summary(config: EvaluateConfig, ds: DatasetDir) -> dict:
         log.warning(DEGENERATE)
         warnings.append(DEGENERATE)
         latent_names = {s.name for s in sts if _uses_latent(s)}
+        note = "degenerate: FT and base are the same weights"
         for r in rows + layer_rows:
             if r["strategy"] in latent_names or r["strategy"].startswith("latent_argmin_cos@"):
-                r.update(asr=None, unsafe=None, drop_vs_first=None, note="degenerate: FT and base are the same weights")
+                r.update(asr=None, unsafe=None, drop_vs_first=None, note=note)
+        for r in utility_rows:
+            if r["strategy"] in latent_names:
+                r.update(accuracy=None, correct=None, drop_vs_first=None, note=note)
     judge = config.judge
     if judge.name == "refusal_heuristic":
         warnings.append("the judge is the refusal-phrase HEURISTIC, not a safety classifier: ASR here counts "
                         "answers without a refusal phrase.")
-    for r in rows + layer_rows:
+    for r in rows + layer_rows + utility_rows:
         r.setdefault("note", None)
-    ds.write_part("asr", "summary", to_table(rows, ASR))
+    if rows:
+        ds.write_part("asr", "summary", to_table(rows, ASR))
+    if utility_rows:
+        ds.write_part("utility", "summary", to_table(utility_rows, UTILITY))
     if layer_rows:
         ds.write_part("asr_by_layer", "summary", to_table(layer_rows, ASR))
     drops = mean_drop(rows)
@@ -78,18 +95,20 @@ def evaluation_summary(config: EvaluateConfig, ds: DatasetDir) -> dict:
         "sampling": f"temperature {config.sampling.temperature}, top_p {config.sampling.top_p}, "
                     f"max_new_tokens {config.sampling.max_new_tokens}",
     }
-    report = markdown(f"Evaluation: {config.dataset}", facts, rows, layer_rows, drops, warnings)
+    report = markdown(f"Evaluation: {config.dataset}", facts, rows, layer_rows, drops, warnings, utility_rows)
     ds.write_bytes("report.md", report.encode())
-    ds.write_bytes("asr_by_strategy.png", plot_asr_by_strategy(rows))
+    if rows:
+        ds.write_bytes("asr_by_strategy.png", plot_asr_by_strategy(rows))
     if layer_rows:
         ds.write_bytes("asr_by_layer.png", plot_asr_by_layer(layer_rows))
-    create_table_artifact(rows, key="evaluate-asr", description=f"ASR by strategy and benchmark, {ds.uri}")
+    create_table_artifact(rows + utility_rows, key="evaluate-asr",
+                          description=f"ASR (safety) and accuracy (utility) by strategy and benchmark, {ds.uri}")
     create_markdown_artifact(report, key="evaluate-report", description=f"Evaluation report, {ds.uri}")
     return {"degenerate_latent": degenerate, "mean_drop_vs_first": drops, "report": "report.md",
-            "warnings": warnings}
+            "utility_cost_vs_first": mean_drop(utility_rows), "warnings": warnings}
 
 
-def evaluate_recipe(config: EvaluateConfig) -> Recipe:
+def evaluate_recipe(config: EvaluateConfig, refs: dict | None = None) -> Recipe:
     st, sc = config.student, config.scoring
     signals = ([] if st.backend == "fake" else [config.latent_scorer]) + list(config.scorers)
     return Recipe(
@@ -97,7 +116,7 @@ def evaluate_recipe(config: EvaluateConfig) -> Recipe:
         stages=[
             StageSpec("generate", GenerateStage, (st, config.sampling, config.n, ChatPrompt(config.system_prompt)),
                       st.num_replicas, st.num_gpus, st.num_cpus),
-            StageSpec("score", EvalScoreStage, (config.judge, signals, sc.num_cpus),
+            StageSpec("score", EvalScoreStage, (config.judge, signals, sc.num_cpus, refs or {}),
                       sc.num_replicas, sc.num_gpus, sc.num_cpus),
         ],
         tables=["quarantine", "eval_candidates"],
@@ -105,7 +124,7 @@ def evaluate_recipe(config: EvaluateConfig) -> Recipe:
         sample_tables=["eval_candidates"],
         salt=config.generation_key(),
         post=lambda ds: evaluation_summary(config, ds),
-        summary_tables=["asr", "asr_by_layer"],
+        summary_tables=["asr", "asr_by_layer", "utility"],
     )
 
 

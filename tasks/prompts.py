@@ -36,6 +36,7 @@ class PromptRow:
     category: str | None  # the categories joined with "; " (one string column in every table)
     source_row: int
     categories: tuple[str, ...] = ()
+    reference: tuple | None = None  # utility benchmarks: (kind, reference answer, number of choices)
 
 
 @dataclass

@@ -13,7 +13,7 @@ def _fmt(v, pct=False) -> str:
 
 
 def markdown(title: str, facts: dict, asr_rows: list[dict], layer_rows: list[dict], mean_drops: dict,
-             warnings: list[str]) -> str:
+             warnings: list[str], utility_rows: list[dict] = ()) -> str:
     benches = sorted({r["benchmark"] for r in asr_rows})
     strategies = list(dict.fromkeys(r["strategy"] for r in asr_rows))
     cell = {(r["strategy"], r["benchmark"]): r for r in asr_rows}
@@ -34,7 +34,18 @@ def markdown(title: str, facts: dict, asr_rows: list[dict], layer_rows: list[dic
     lines += ["", "![ASR by strategy](asr_by_strategy.png)", ""]
     if layer_rows:
         lines += ["## ASR of the latent rule by layer (%)", "", "![ASR by layer](asr_by_layer.png)", ""]
-    prompts = {r["benchmark"]: r["prompts"] for r in asr_rows}
+    if utility_rows:
+        ubench = sorted({r["benchmark"] for r in utility_rows})
+        ucell = {(r["strategy"], r["benchmark"]): r for r in utility_rows}
+        lines += ["## Utility: accuracy by strategy (%, utility cost against first sample in brackets)", ""]
+        lines.append("| strategy | " + " | ".join(ubench) + " |")
+        lines.append("|---" * (len(ubench) + 1) + "|")
+        for st in dict.fromkeys(r["strategy"] for r in utility_rows):
+            cells = [f"{_fmt(ucell[(st, b)]['accuracy'])} ({_fmt(ucell[(st, b)]['drop_vs_first'], pct=True)})"
+                     for b in ubench if (st, b) in ucell]
+            lines.append(f"| {st} | " + " | ".join(cells) + " |")
+        lines.append("")
+    prompts = {r["benchmark"]: r["prompts"] for r in list(asr_rows) + list(utility_rows)}
     lines += ["Prompts per benchmark: " + ", ".join(f"{b} {n}" for b, n in sorted(prompts.items())), ""]
     return "\n".join(lines)
 

@@ -125,9 +125,24 @@ EVAL_CANDIDATES = pa.schema(
     + [
         ("benchmark", pa.string()),
         ("scores", pa.list_(SCORE)),
-        ("judge_safe", pa.bool_()),  # false when the judge said unsafe or gave no verdict
+        ("judge_safe", pa.bool_()),  # false when the judge said unsafe or gave no verdict; null on utility sets
         ("judge_label", pa.string()),
         ("judge_reason", pa.string()),
+        ("correct", pa.bool_()),  # utility sets: the answer matches the reference; null on safety sets
+    ]
+)
+
+# Accuracy per (utility benchmark, strategy): the utility cost of a selection rule.
+UTILITY = pa.schema(
+    [
+        ("benchmark", pa.string()),
+        ("strategy", pa.string()),
+        ("prompts", pa.int64()),
+        ("correct", pa.int64()),
+        ("accuracy", pa.float64()),  # percent
+        ("drop_vs_first", pa.float64()),  # (acc_first - acc) / acc_first: the utility cost; null if acc_first is 0
+        ("fallbacks", pa.int64()),
+        ("note", pa.string()),
     ]
 )
 
@@ -155,6 +170,7 @@ TABLES: dict[str, pa.Schema] = {
     "eval_candidates": EVAL_CANDIDATES,
     "asr": ASR,
     "asr_by_layer": ASR,
+    "utility": UTILITY,
 }
 
 

@@ -30,6 +30,7 @@ from tasks.schemas import BEST, CANDIDATES, DISTILLED, EVAL_CANDIDATES, GENERATE
 from tasks.scorers import SCORERS
 from tasks.selection import select
 from tasks.strategies import DEFAULT_STRATEGIES, Strategy
+from tasks.utility import is_correct
 
 log = logging.getLogger(__name__)
 
@@ -208,30 +209,41 @@ class JudgeFilterStage(_ScoringStage):
 
 
 class EvalScoreStage(_ScoringStage):
-    """Judges every candidate once and computes every signal, so that all strategies' ASR come from
-    the same judged samples."""
+    """Computes every signal for every candidate; judges every safety candidate once (so that all
+    strategies' ASR come from the same judged samples) and checks every utility answer."""
 
-    def __init__(self, judge: ScorerConfig, scorers: list[ScorerConfig], num_cpus: float = 1):
+    def __init__(self, judge: ScorerConfig, scorers: list[ScorerConfig], num_cpus: float = 1,
+                 references: dict | None = None):
         super().__init__([judge, *scorers], num_cpus)
+        self.references = references or {}  # prompt_id -> (kind, reference answer, number of choices)
 
     def process(self, payload: dict) -> dict:
         t0 = time.perf_counter()
         rows = payload.pop("generated").to_pylist()
-        per_scorer = [s.score(rows) for s in self.scorers]
-        judge, unsafe, no_verdict = self.scorers[0], 0, 0
+        judge, signals = self.scorers[0], self.scorers[1:]
+        safety = [r for r in rows if r["prompt_id"] not in self.references]
+        verdicts = dict(zip((id(r) for r in safety), judge.score(safety)))
+        per_scorer = [s.score(rows) for s in signals]
+        counts = {"judged_unsafe": 0, "judge_no_verdict": 0, "utility_wrong": 0}
         for i, row in enumerate(rows):
-            row["scores"] = [self.entry(s, "response", res[i]) for s, res in zip(self.scorers, per_scorer)]
-            verdict = per_scorer[0][i]
-            passed = judge.passes(verdict)
-            row.update(benchmark=row["category"], judge_safe=passed is True, judge_label=verdict["label"],
-                       judge_reason=verdict["reason"])
-            unsafe += passed is False
-            no_verdict += passed is None
+            row["scores"] = [self.entry(s, "response", res[i]) for s, res in zip(signals, per_scorer)]
+            row.update(benchmark=row["category"], judge_safe=None, judge_label=None, judge_reason=None, correct=None)
+            if id(row) in verdicts:
+                verdict = verdicts[id(row)]
+                row["scores"].insert(0, self.entry(judge, "response", verdict))
+                passed = judge.passes(verdict)
+                row.update(judge_safe=passed is True, judge_label=verdict["label"], judge_reason=verdict["reason"])
+                counts["judged_unsafe"] += passed is False
+                counts["judge_no_verdict"] += passed is None
+            else:
+                kind, reference, n_choices = self.references[row["prompt_id"]]
+                row["correct"] = is_correct(kind, row["response"], reference, n_choices or 4)
+                counts["utility_wrong"] += not row["correct"]
         payload["tables"] = {
             "eval_candidates": to_table(rows, EVAL_CANDIDATES),
             "quarantine": to_table(payload.pop("quarantine"), QUARANTINE),
         }
-        payload["outcomes"] = {k: v for k, v in (("judged_unsafe", unsafe), ("judge_no_verdict", no_verdict)) if v}
+        payload["outcomes"] = {k: v for k, v in counts.items() if v}
         payload["seconds"] |= {"score": time.perf_counter() - t0}
         return payload
 

@@ -98,3 +98,38 @@ def test_same_weights_are_reported_as_degenerate(tmp_path, run_flow, tiny_models
     assert rows["kl_ft_base_argmax"]["asr"] is None
     assert rows["perplexity_argmin"]["asr"] is not None  # FT-only signals still mean something
     assert "FT and base are the same weights" in (tmp_path / "out" / "e" / "report.md").read_text()
+
+
+def test_utility_sets_report_accuracy_beside_asr(tmp_path, run_flow):
+    from flows.evaluate import evaluate
+
+    write = lambda name, rows: (tmp_path / name).write_text("".join(json.dumps(r) + "\n" for r in rows))  # noqa: E731
+    write("gsm8k.jsonl", [{"question": f"What is {i} + {i}?", "answer": f"{i} + {i} = {2 * i}\n#### {2 * i}"}
+                          for i in range(3)])
+    write("mmlu.jsonl", [{"question": "Capital of France?", "choices": ["Rome", "Paris", "Oslo", "Bern"], "answer": 1}])
+    manifest = evaluate(config(
+        tmp_path, "student.backend=fake", "sampling.max_new_tokens=20",
+        f'benchmarks=[{{"name": "strongreject", "limit": 2}}, {{"name": "gsm8k", "path": "{tmp_path}/gsm8k.jsonl"}},'
+        f' {{"name": "mmlu", "path": "{tmp_path}/mmlu.jsonl"}}]',
+    ))
+    ds = DatasetDir(str(tmp_path / "out"), "e")
+    cands = ds.read_table("eval_candidates").to_pylist()
+    utility = [c for c in cands if c["benchmark"] in ("gsm8k", "mmlu")]
+    assert len(utility) == 4 * 3 and all(c["judge_safe"] is None for c in utility)
+    assert all(c["correct"] is None and c["judge_safe"] is not None for c in cands if c["benchmark"] == "strongreject")
+    assert "Capital of France?\n\nA. Rome\nB. Paris" in next(c["prompt"] for c in utility if c["benchmark"] == "mmlu")
+    # each answer was checked against its own prompt's reference
+    from tasks.utility import extract_choice, extract_number
+
+    for c in utility:
+        if c["benchmark"] == "gsm8k":
+            i = int(c["prompt"].split()[2])
+            assert c["correct"] == (extract_number(c["response"]) == 2 * i)
+        else:
+            assert c["correct"] == (extract_choice(c["response"]) == "B")
+    acc = {(r["benchmark"], r["strategy"]): r for r in ds.read_table("utility").to_pylist()}
+    firsts = [c for c in utility if c["benchmark"] == "gsm8k" and c["sample_idx"] == 0]
+    assert acc[("gsm8k", "first_sample")]["accuracy"] == pytest.approx(100 * sum(c["correct"] for c in firsts) / 3)
+    assert manifest["judged_candidates"]["utility_wrong"] == sum(not c["correct"] for c in utility)
+    assert {r["benchmark"] for r in ds.read_table("asr").to_pylist()} == {"strongreject"}
+    assert "## Utility: accuracy by strategy" in (tmp_path / "out" / "e" / "report.md").read_text()

@@ -86,3 +86,18 @@ def test_degenerate_latent():
 def test_default_strategies_have_unique_names():
     names = [s.name for s in DEFAULT_STRATEGIES]
     assert len(names) == len(set(names)) and names[0] == "first_sample"
+
+
+def test_utility_table_reports_accuracy_and_its_cost():
+    def u(pid, idx, correct, cos):
+        c = cand(pid, idx, None, cos, bench="gsm8k")
+        c["correct"] = correct
+        return c
+
+    cands = [u("a", 0, True, 0.9), u("a", 1, False, 0.1), u("b", 0, True, 0.5), u("b", 1, True, 0.2)]
+    from tasks.strategies import utility_table
+
+    rows = {r["strategy"]: r for r in utility_table(cands, [Strategy("first_sample", "first"), LATENT_MIN])}
+    assert (rows["first_sample"]["accuracy"], rows["first_sample"]["drop_vs_first"]) == (100.0, 0.0)
+    # the latent rule picks a's wrong answer: accuracy 50%, a utility cost of half
+    assert (rows["latent"]["correct"], rows["latent"]["accuracy"], rows["latent"]["drop_vs_first"]) == (1, 50.0, 0.5)
