@@ -1,4 +1,4 @@
-"""`dafactory` command line: demo, run, inspect.
+"""`dafactory` command line: demo, run, serve, inspect.
 
 Bad input is reported as one line on stderr with exit code 2, before any model loads.
 """
@@ -60,23 +60,17 @@ def _fail(message: str, code: int = 2) -> int:
 
 def _run(config) -> dict:
     """Check the input (bad input fails here, before Prefect, Ray or any model starts), then run."""
+    from flows.deploy import flow_of
     from tasks.preflight import check_endpoints, preflight
 
     preflight(config)
     check_endpoints(config)
     if isinstance(config, DistillConfig):
-        from flows.distill import distill
         from tasks.distill import check_categories, setup
 
         check_categories(config, setup(config))
-        return distill(config)
-    if isinstance(config, EvaluateConfig):
-        from flows.evaluate import evaluate
-
-        return evaluate(config)
-    from flows.preference import preference
-
-    return preference(config)
+    name = next(name for name, cls in FLOWS.items() if isinstance(config, cls))
+    return flow_of(name)(config)
 
 
 def _print_summary(manifest: dict, uri: str) -> None:
