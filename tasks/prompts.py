@@ -90,7 +90,7 @@ def read_raw(src: PromptSource) -> tuple[list[str], list[object], list[object]]:
                 convert_options=pacsv.ConvertOptions(column_types={c: pa.binary() for c in wanted}),
             )
         else:
-            table = pq.read_table(f)
+            table = pq.read_table(f, use_threads=False)  # see DatasetDir.read_table
     require_columns(table.column_names, wanted, f"prompt file {path}")
     prompts = table.column(src.prompt_column).to_pylist()
     cats = table.column(src.category_column).to_pylist() if src.category_column else [None] * len(prompts)

@@ -163,8 +163,9 @@ class DatasetDir:
     def read_table(self, table: str) -> pa.Table:
         """The table's parts: those the manifest lists when there is one, else what is on disk."""
         manifest = self.read_manifest()
-        if manifest is not None and table in manifest.get("tables", {}):
-            paths = [self._path(f) for f in manifest["tables"][table]["files"]]
+        listed = (manifest or {}).get("tables", {}).get(table, {}).get("files")
+        if listed is not None:  # manifests before 0.1 list no files: read what is on disk
+            paths = [self._path(f) for f in listed]
         else:
             paths = list(self.parts(table).values())
         if not paths:
@@ -172,7 +173,9 @@ class DatasetDir:
         tables = []
         for p in paths:
             with self.fs.open(p, "rb") as f:
-                tables.append(pq.read_table(f).replace_schema_metadata(None))
+                # use_threads=False: pyarrow 26 reading from Python file objects with threads can abort the
+                # process at exit ("terminate called without an active exception"); parts are small.
+                tables.append(pq.read_table(f, use_threads=False).replace_schema_metadata(None))
         return pa.concat_tables(tables)
 
     # manifest --------------------------------------------------------------------------------
