@@ -70,3 +70,18 @@ def test_manifest_is_created_exclusively_and_lists_what_readers_read(tmp_path):
     ds.write_part("quarantine", "b", to_table(qrows(5), QUARANTINE))
     assert ds.read_table("quarantine").num_rows == 2
     assert sorted(p.name for p in (tmp_path / "d").iterdir()) == ["manifest.json", "quarantine"]  # no temp files
+
+
+def test_reading_parts_never_aborts_the_process_at_exit(tmp_path):
+    """pyarrow's threaded read from Python file objects aborted about one process in three at exit
+    ('terminate called without an active exception'); reads are single-threaded now."""
+    import subprocess
+    import sys
+
+    ds = DatasetDir(str(tmp_path), "d")
+    for part in "abcd":
+        ds.write_part("quarantine", part, to_table(qrows(50), QUARANTINE))
+    code = (f"from tasks.storage import DatasetDir; "
+            f"assert DatasetDir({str(tmp_path)!r}, 'd').read_table('quarantine').num_rows == 200")
+    codes = [subprocess.run([sys.executable, "-c", code], capture_output=True).returncode for _ in range(8)]
+    assert codes == [0] * 8
