@@ -1,4 +1,4 @@
-"""`dafactory` command line: demo, run, serve, inspect.
+"""`dafactory` command line: demo, run, serve, inspect, verify.
 
 Bad input is reported as one line on stderr with exit code 2, before any model loads.
 """
@@ -19,7 +19,7 @@ os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from tasks.config import DistillConfig, EvaluateConfig, PreferenceConfig, build_config  # noqa: E402
-from tasks.errors import UserError  # noqa: E402
+from tasks.errors import StorageError, UserError  # noqa: E402
 
 FLOWS = {"preference": PreferenceConfig, "distill": DistillConfig, "evaluate": EvaluateConfig}
 
@@ -127,24 +127,36 @@ def _short(value, n=100) -> str:
     return text if len(text) <= n else text[: n - 3] + "..."
 
 
-def cmd_inspect(args) -> int:
+def _dataset(path: str):
     import fsspec
 
     from tasks.storage import DatasetDir
 
-    uri = args.path.rstrip("/")
+    uri = path.rstrip("/")
     fs, root = fsspec.core.url_to_fs(uri)
     if not fs.exists(root):
         raise UserError(f"no such dataset: {uri}")
     output, _, name = uri.rpartition("/")
-    ds = DatasetDir(output or ".", name)
+    return DatasetDir(output or ".", name)
+
+
+def cmd_inspect(args) -> int:
+    ds = _dataset(args.path)
+    uri = ds.uri
     manifest = ds.read_manifest()
     if manifest is None:
         print(f"{uri}: INCOMPLETE (no manifest.json: a run is in progress or failed)")
         for table, c in ds.row_counts().items():
-            print(f"  {table}: {c['rows']} rows in {c['parts']} parts so far")
+            staged = len(ds.parts(table, staged=True))
+            if c["parts"] or staged:
+                print(f"  {table}: {c['rows']} rows published, {staged} parts staged so far")
         return 1
     _print_summary(manifest, uri)
+    if manifest.get("status", "complete") != "complete":
+        s = manifest["shards"]
+        print(f"  INCOMPLETE: {s['done']} of {s['total']} shards done, {len(s['failed'])} failed, "
+              f"{s['not_built']} not built{' (stopped: ' + manifest['stopped'] + ')' if manifest.get('stopped') else ''}; "
+              "re-run the same config to finish it")
     cfg = manifest["config"]
     role = "student" if "student" in cfg else "teacher"
     judges = cfg.get("scorers") or cfg.get("judges")
@@ -159,6 +171,26 @@ def cmd_inspect(args) -> int:
         for r in rows:
             print("  " + _short({k: r[k] for k in list(r)[:5]}, 200))
     return 0
+
+
+def cmd_verify(args) -> int:
+    """Recompute the accounting from the files alone; 0 complete and consistent, 3 consistent but
+    incomplete, 1 any mismatch."""
+    from tasks.verify import verify
+
+    ds = _dataset(args.path)
+    v = verify(ds)
+    for problem in v.problems:
+        print(f"MISMATCH {problem}")
+    c = v.counts
+    if c:
+        print(f"{ds.uri}: {c['source_rows']} source rows = {c['set_aside_at_input']} set aside at input "
+              f"+ {c['planned_prompts']} planned; planned = {c['prompts_with_output']} with output "
+              f"+ {c['prompts_quarantined_in_shards']} quarantined in shards + {c['prompts_in_failed_shards']} "
+              f"in failed shards + {c['prompts_in_unbuilt_shards']} in shards not built")
+    verdict = "MISMATCH" if v.problems else "ok" if v.status == "complete" else "ok but INCOMPLETE"
+    print(f"verify: {verdict} ({len(v.problems)} problems, status {v.status})")
+    return v.code
 
 
 def parser() -> argparse.ArgumentParser:
@@ -184,6 +216,10 @@ def parser() -> argparse.ArgumentParser:
     i.add_argument("path")
     i.add_argument("--rows", type=int, default=3)
     i.set_defaults(func=cmd_inspect)
+    v = sub.add_parser("verify", help="check that every input row is accounted for, from the files alone "
+                       "(exit 0 ok, 1 mismatch, 3 ok but incomplete)")
+    v.add_argument("path")
+    v.set_defaults(func=cmd_verify)
     return p
 
 
@@ -193,8 +229,17 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except UserError as exc:
         return _fail(str(exc))
+    except StorageError as exc:
+        return _fail(f"{exc}; nothing was marked complete, re-run to resume", 1)
     except KeyboardInterrupt:
-        return _fail("interrupted; re-run the same command to resume", 130)
+        return _fail("stopped; the shards written are kept (manifest status incomplete); "
+                     "re-run the same command to resume", 130)
+    except Exception as exc:
+        from tasks.build import ShardsFailed
+
+        if isinstance(exc, ShardsFailed):
+            return _fail(str(exc), 1)
+        raise
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ import time
 
 from prefect import flow, get_run_logger
 
-from tasks.build import build_shards, finalize, prepare
+from tasks.build import build_shards, conclude, finalize, prepare
 from tasks.config import DistillConfig
 from tasks.distill import distill_models, distill_recipe, screen, setup
 from tasks.preflight import preflight
@@ -21,12 +21,12 @@ def distill(config: DistillConfig) -> dict:
     ds = preflight(config)
     spec = setup(config)
     recipe = distill_recipe(config, spec)
-    prompts, shards = prepare(config, ds, recipe.salt, screen(config, spec))
+    plan = prepare(config, ds, recipe.salt, screen(config, spec))
     t1 = time.perf_counter()
     with ray_session(config.ray):
-        report = build_shards.with_options(retries=config.retries)(config, ds, shards, recipe)
+        report = build_shards.with_options(retries=config.retries)(config, ds, plan, recipe)
     t2 = time.perf_counter()
     timings = {"prepare": round(t1 - t0, 3), "build": round(t2 - t1, 3)}
-    manifest = finalize(config, ds, prompts, shards, report, timings, recipe, distill_models(config))
+    manifest = conclude(finalize(config, ds, plan, report, timings, recipe, distill_models(config)), report, ds.uri)
     logger.info("dataset complete: %s (%d training rows)", ds.uri, manifest["tables"]["train"]["rows"])
     return manifest

@@ -6,7 +6,7 @@ import time
 
 from prefect import flow, get_run_logger
 
-from tasks.build import build_shards, finalize, prepare
+from tasks.build import build_shards, conclude, finalize, prepare
 from tasks.config import EvaluateConfig
 from tasks.evaluate import evaluate_models, evaluate_recipe, load_benchmarks, references
 from tasks.preflight import preflight
@@ -21,13 +21,13 @@ def evaluate(config: EvaluateConfig) -> dict:
     ds = preflight(config)
     benchmarks = load_benchmarks(config)
     recipe = evaluate_recipe(config, references(benchmarks))
-    prompts, shards = prepare(config, ds, recipe.salt, load=lambda: benchmarks)
+    plan = prepare(config, ds, recipe.salt, load=lambda: benchmarks)
     t1 = time.perf_counter()
     with ray_session(config.ray):
-        report = build_shards.with_options(retries=config.retries)(config, ds, shards, recipe)
+        report = build_shards.with_options(retries=config.retries)(config, ds, plan, recipe)
     t2 = time.perf_counter()
     timings = {"prepare": round(t1 - t0, 3), "build": round(t2 - t1, 3)}
-    manifest = finalize(config, ds, prompts, shards, report, timings, recipe, evaluate_models(config))
+    manifest = conclude(finalize(config, ds, plan, report, timings, recipe, evaluate_models(config)), report, ds.uri)
     if manifest["degenerate_latent"]:
         logger.warning("the latent ranking is degenerate: FT and base are the same weights (see report.md)")
     logger.info("evaluation complete: %s/report.md", ds.uri)

@@ -6,7 +6,7 @@ import time
 
 from prefect import flow, get_run_logger
 
-from tasks.build import build_shards, finalize, prepare
+from tasks.build import build_shards, conclude, finalize, prepare
 from tasks.config import PreferenceConfig
 from tasks.preference import preference_models, preference_recipe
 from tasks.preflight import preflight
@@ -20,12 +20,12 @@ def preference(config: PreferenceConfig) -> dict:
     t0 = time.perf_counter()
     ds = preflight(config)
     recipe = preference_recipe(config)
-    prompts, shards = prepare(config, ds, recipe.salt)
+    plan = prepare(config, ds, recipe.salt)
     t1 = time.perf_counter()
     with ray_session(config.ray):
-        report = build_shards.with_options(retries=config.retries)(config, ds, shards, recipe)
+        report = build_shards.with_options(retries=config.retries)(config, ds, plan, recipe)
     t2 = time.perf_counter()
     timings = {"prepare": round(t1 - t0, 3), "build": round(t2 - t1, 3)}
-    manifest = finalize(config, ds, prompts, shards, report, timings, recipe, preference_models(config))
+    manifest = conclude(finalize(config, ds, plan, report, timings, recipe, preference_models(config)), report, ds.uri)
     logger.info("dataset complete: %s (%d pairs)", ds.uri, manifest["tables"]["pairs"]["rows"])
     return manifest

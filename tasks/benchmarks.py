@@ -18,6 +18,7 @@ from importlib import resources
 from tasks.config import BenchmarkSource, PromptSource
 from tasks.errors import UserError
 from tasks.prompts import PromptSet, decode_rows, read_raw
+from tasks.prompts import merge as merge_sets
 from tasks.utility import gsm8k_prompt, gsm8k_reference, mmlu_prompt, mmlu_reference
 
 BUNDLED = {
@@ -77,13 +78,16 @@ def _wildjailbreak_from_hub() -> tuple[list, list]:
 
 
 def merge(sets: list[PromptSet]) -> PromptSet:
-    out = PromptSet(rows=[], quarantine=[], duplicates=0, source_rows=0)
+    """One prompt set from several benchmarks; source rows are numbered across them, in order."""
+    offset, shifted = 0, []
     for s in sets:
-        out.rows += s.rows
-        out.quarantine += s.quarantine
-        out.duplicates += s.duplicates
-        out.source_rows += s.source_rows
-    return out
+        shifted.append(PromptSet(
+            rows=[replace(r, source_row=r.source_row + offset) for r in s.rows],
+            quarantine=[q | {"source_row": q["source_row"] + offset} for q in s.quarantine],
+            duplicates=s.duplicates, source_rows=s.source_rows,
+        ))
+        offset += s.source_rows
+    return merge_sets(shifted)
 
 
 def _text(value) -> str:

@@ -53,6 +53,9 @@ class ModelConfig(_Strict):
     trust_remote_code: bool = Field(
         False, description="Run the model repository's own Python code. Off unless you trust it."
     )
+    allow_pickle_weights: bool = Field(
+        False, description="Load pickle weights (.bin/.pt), which can run code when loaded; off: safetensors only."
+    )
     batch_size: int = Field(16, ge=1, description="Sequences per generate() call (prompts x samples).")
     num_replicas: int = Field(1, ge=1, description="Ray actors, each holding one copy of the model.")
     num_gpus: float = Field(0, ge=0, description="GPUs per replica (0 on a CPU machine).")
@@ -67,6 +70,10 @@ class ScorerConfig(_Strict):
     model: str | None = Field(None, description="Model for model-based scorers (Hub id or path).")
     revision: str | None = Field(None, description="Hub revision of the scorer's model.")
     trust_remote_code: bool = Field(False, description="Run the scorer model's own code.")
+    allow_pickle_weights: bool = Field(
+        False, description="Load the scorer model's pickle weights (.bin/.pt), which can run code; "
+        "off: safetensors only."
+    )
     batch_size: int = Field(16, ge=1, description="Pairs per forward pass.")
     params: dict[str, Any] = Field(default_factory=dict, description="Scorer-specific options.")
     reads: list[Literal["full", "answer", "reasoning"]] = Field(
@@ -123,7 +130,10 @@ class RunConfig(_Strict):
     """Fields and fingerprints every flow's config shares."""
 
     # Fields that say where or how fast a run goes, never what it writes.
-    RUNTIME: ClassVar[dict] = {"output": True, "ray": True, "retries": True, "storage_timeout_s": True}
+    RUNTIME: ClassVar[dict] = {
+        "output": True, "ray": True, "retries": True, "shard_retries": True, "storage_timeout_s": True,
+        "storage_retries": True,
+    }
     # Fields that decide the generated text for given prompts (they salt shard ids, and so seeds).
     GENERATION: ClassVar[dict] = {}
 
@@ -133,8 +143,16 @@ class RunConfig(_Strict):
     retries: int = Field(
         2, ge=0, description="Times the shard build is retried after a failure; each retry resumes."
     )
+    shard_retries: int = Field(
+        2, ge=0, description="Times a shard is started again after its work failed or was lost with a worker; "
+        "then it is listed as failed in the manifest and the other shards go on.",
+    )
     storage_timeout_s: float = Field(
         30, gt=0, description="Connect/read timeout for remote output stores (S3), so a bad endpoint fails fast."
+    )
+    storage_retries: int = Field(
+        4, ge=0, description="Times a store operation is retried, with exponential backoff from 1 s, "
+        "before the run fails (no manifest is written then).",
     )
 
     @property

@@ -16,7 +16,7 @@ from functools import lru_cache
 from importlib import resources
 
 from tasks.config import PromptSource
-from tasks.prompts import PromptRow, load_prompts
+from tasks.prompts import PromptRow, SeenIds, load_prompts, prompt_id
 
 BUNDLED = {"strongreject": ("strongreject.csv", "forbidden_prompt"), "dan": ("dan_jailbreak_prompts_2023_12_25.csv", "prompt")}
 
@@ -29,14 +29,17 @@ def normalize(text: str) -> str:
     return " ".join(words(text))
 
 
-def collapse_near_duplicates(rows: list[PromptRow]) -> tuple[list[PromptRow], list[dict]]:
-    """(kept rows, quarantine rows for the collapsed ones), first occurrence kept."""
+def collapse_near_duplicates(rows: list[PromptRow], seen: SeenIds | None = None) -> tuple[list[PromptRow], list[dict]]:
+    """(kept rows, quarantine rows for the collapsed ones), first occurrence kept. Pass the same `seen`
+    for every batch of a stream to collapse across batches."""
+    seen = seen if seen is not None else SeenIds()
     first: dict[str, PromptRow] = {}
     kept, dropped = [], []
     for r in rows:
         key = normalize(r.prompt)
-        if key in first:
-            dropped.append(_quarantine(r, "near_duplicate", f"same as source row {first[key].source_row} after normalising"))
+        if not seen.add(prompt_id(key)):
+            where = f"source row {first[key].source_row}" if key in first else "an earlier row"
+            dropped.append(_quarantine(r, "near_duplicate", f"same as {where} after normalising"))
         else:
             first[key] = r
             kept.append(r)

@@ -9,7 +9,7 @@ from tasks.build import Recipe
 from tasks.config import DistillConfig
 from tasks.errors import UserError
 from tasks.dedup import Decontaminator, collapse_near_duplicates
-from tasks.prompts import PromptSet, load_prompts
+from tasks.prompts import PromptSet, SeenIds, iter_prompts
 from tasks.reasoning import TeacherPrompt, load_template
 from tasks.spec import Spec, load_spec
 from tasks.workers import GenerateStage, JudgeFilterStage, StageSpec
@@ -38,21 +38,27 @@ def check_categories(config: DistillConfig, ds: DistillSetup) -> None:
     """Every row's categories must be known to the spec (or the benign policy must cover it)."""
     if config.prompts.category_column is None and config.missing_category == "error":
         raise UserError("distillation needs categories: set prompts.category_column (or missing_category: benign)")
-    for row in load_prompts(config.prompts).rows:
-        ds.teacher_prompt.check(row)
+    for batch in iter_prompts(config.prompts):
+        for row in batch.rows:
+            ds.teacher_prompt.check(row)
 
 
 def screen(config: DistillConfig, ds: DistillSetup):
+    """Per batch of a prompt stream: check categories, collapse near duplicates (across batches) and
+    set aside prompts that overlap the evaluation sets."""
+    seen = SeenIds()
+    decontaminator = Decontaminator(config.decontamination.eval_sets, config.decontamination.ngram) \
+        if config.decontamination.enabled else None
+
     def run(prompts: PromptSet) -> PromptSet:
         for row in prompts.rows:
             ds.teacher_prompt.check(row)
         rows, quarantine = prompts.rows, list(prompts.quarantine)
         if config.near_duplicates:
-            rows, dropped = collapse_near_duplicates(rows)
+            rows, dropped = collapse_near_duplicates(rows, seen)
             quarantine += dropped
-        if config.decontamination.enabled:
-            dc = config.decontamination
-            rows, dropped = Decontaminator(dc.eval_sets, dc.ngram).split(rows)
+        if decontaminator is not None:
+            rows, dropped = decontaminator.split(rows)
             quarantine += dropped
         return PromptSet(rows=rows, quarantine=quarantine, duplicates=prompts.duplicates,
                          source_rows=prompts.source_rows)

@@ -23,6 +23,7 @@ def preference_recipe(config: PreferenceConfig) -> Recipe:
         tables=["pairs", "best", "quarantine", "candidates"],
         outcomes_key="unpaired_prompts",
         sample_tables=["candidates"],
+        one_row_per_prompt=["pairs", "best"],
         salt=config.generation_key(),
     )
 

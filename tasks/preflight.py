@@ -25,7 +25,7 @@ def preflight(config: RunConfig) -> DatasetDir:
         SCORERS.get(s.name)(s)  # constructors check params; only load() is heavy
         if s.model:
             check_reference(s.model, s.revision)
-    ds = DatasetDir(config.output, config.dataset, timeout_s=config.storage_timeout_s)
+    ds = DatasetDir(config.output, config.dataset, timeout_s=config.storage_timeout_s, retries=config.storage_retries)
     if not ds.local:
         ds.check_writable()  # a missing bucket or a bad endpoint fails here, before any model loads
     ds.check_owner(config.fingerprint())

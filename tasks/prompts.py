@@ -10,9 +10,11 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass, field
+from typing import Iterator
 from importlib import resources
 
 import fsspec
+import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
@@ -74,27 +76,67 @@ def _open(path: str):
     return fs.open(fs_path, "rb")
 
 
-def read_raw(src: PromptSource) -> tuple[list[str], list[object], list[object]]:
-    """Column names, raw prompt values and raw category values (bytes/str/None, or a decode error)."""
+def _check(columns: list[str], wanted: list[str], path: str) -> None:
+    require_columns(columns, wanted, f"prompt file {path}")
+
+
+def iter_raw(src: PromptSource, batch_rows: int = 8192) -> Iterator[tuple[list, list]]:
+    """Raw prompt and category values (bytes/str/None, or a decode error), `batch_rows` source rows at
+    a time: the file is streamed, never read whole. Stops after `src.limit` rows."""
     path = _source_path(src)
     fmt = _format(path)
     wanted = [src.prompt_column] + ([src.category_column] if src.category_column else [])
+    left = src.limit if src.limit is not None else float("inf")
     with _open(path) as f:
         if fmt == "jsonl":
-            return _read_jsonl(f, src, wanted, path)
-        if fmt in ("csv", "tsv"):
-            # Read as binary so that one bad byte quarantines one row instead of failing the file.
-            table = pacsv.read_csv(
-                f,
-                parse_options=pacsv.ParseOptions(newlines_in_values=True, delimiter="\t" if fmt == "tsv" else ","),
-                convert_options=pacsv.ConvertOptions(column_types={c: pa.binary() for c in wanted}),
-            )
+            chunks = _jsonl_chunks(f, src, wanted, path, batch_rows)
+        elif fmt in ("csv", "tsv"):
+            chunks = _arrow_chunks(_csv_batches(f, fmt, wanted, batch_rows), src, wanted, path)
         else:
-            table = pq.read_table(f, use_threads=False)  # see DatasetDir.read_table
-    require_columns(table.column_names, wanted, f"prompt file {path}")
-    prompts = table.column(src.prompt_column).to_pylist()
-    cats = table.column(src.category_column).to_pylist() if src.category_column else [None] * len(prompts)
-    return table.column_names, prompts, cats
+            pf = pq.ParquetFile(f)
+            _check(pf.schema_arrow.names, wanted, path)
+            # use_threads=False: see DatasetDir.read_table
+            chunks = _arrow_chunks(pf.iter_batches(batch_rows, columns=wanted, use_threads=False), src, wanted, path)
+        for prompts, cats in chunks:
+            if left <= 0:
+                return
+            if len(prompts) > left:
+                prompts, cats = prompts[: int(left)], cats[: int(left)]
+            left -= len(prompts)
+            yield prompts, cats
+
+
+def _csv_batches(f, fmt: str, wanted: list[str], batch_rows: int):
+    # Read as binary so that one bad byte quarantines one row instead of failing the file.
+    return pacsv.open_csv(
+        f,
+        read_options=pacsv.ReadOptions(use_threads=False, block_size=1 << 22),
+        parse_options=pacsv.ParseOptions(newlines_in_values=True, delimiter="\t" if fmt == "tsv" else ","),
+        convert_options=pacsv.ConvertOptions(column_types={c: pa.binary() for c in wanted}),
+    )
+
+
+def _arrow_chunks(batches, src: PromptSource, wanted: list[str], path: str):
+    checked = False
+    for batch in batches:
+        if not checked:
+            _check(batch.schema.names, wanted, path)
+            checked = True
+        prompts = batch.column(src.prompt_column).to_pylist()
+        cats = batch.column(src.category_column).to_pylist() if src.category_column else [None] * len(prompts)
+        yield prompts, cats
+    if not checked and hasattr(batches, "schema"):  # an empty CSV: still check its header
+        _check(batches.schema.names, wanted, path)
+
+
+def read_raw(src: PromptSource) -> tuple[list[str], list[object], list[object]]:
+    """Column names, raw prompt values and raw category values of the whole file (small files:
+    benchmarks; large inputs go through iter_raw)."""
+    prompts, cats = [], []
+    for p, c in iter_raw(src):
+        prompts += p
+        cats += c
+    return [src.prompt_column], prompts, cats
 
 
 class _BadLine:
@@ -102,7 +144,7 @@ class _BadLine:
         self.reason, self.detail = reason, detail
 
 
-def _read_jsonl(f, src: PromptSource, wanted: list[str], path: str):
+def _jsonl_chunks(f, src: PromptSource, wanted: list[str], path: str, batch_rows: int):
     prompts, cats, seen_cols = [], [], {}
     for raw in f:
         if not raw.strip():
@@ -120,8 +162,13 @@ def _read_jsonl(f, src: PromptSource, wanted: list[str], path: str):
         else:
             prompts.append(obj if isinstance(obj, _BadLine) else _BadLine("malformed_json", "not an object"))
             cats.append(None)
-    require_columns(list(seen_cols), wanted, f"prompt file {path}")
-    return list(seen_cols), prompts, cats
+        if len(prompts) == batch_rows:
+            _check(list(seen_cols), wanted, path)
+            yield prompts, cats
+            prompts, cats = [], []
+    _check(list(seen_cols), wanted, path)
+    if prompts:
+        yield prompts, cats
 
 
 def _decode(value: object) -> tuple[str | None, str | None, str | None]:
@@ -153,19 +200,60 @@ def _categories(raw: object) -> tuple[str, ...]:
     return tuple(dict.fromkeys(out))
 
 
+class SeenIds:
+    """A set of prompt ids (hex content hashes) in 8 bytes each: a sorted numpy array plus a small
+    Python set of recent ids, merged in from time to time. Dedup over millions of prompts stays small."""
+
+    def __init__(self, flush_at: int = 1 << 16):
+        self.sorted = np.empty(0, dtype=np.uint64)
+        self.recent: set[int] = set()
+        self.flush_at = flush_at
+
+    def add(self, pid: str) -> bool:
+        """Add an id; False if it was already there."""
+        key = int(pid[:16], 16)
+        if key in self.recent:
+            return False
+        i = np.searchsorted(self.sorted, np.uint64(key))
+        if i < len(self.sorted) and self.sorted[i] == key:
+            return False
+        self.recent.add(key)
+        if len(self.recent) >= self.flush_at:
+            self.sorted = np.union1d(self.sorted, np.fromiter(self.recent, dtype=np.uint64, count=len(self.recent)))
+            self.recent = set()
+        return True
+
+
+def iter_prompts(src: PromptSource, batch_rows: int = 8192) -> Iterator[PromptSet]:
+    """The prompt file as PromptSets of at most `batch_rows` source rows, deduplicated across batches."""
+    seen, offset = SeenIds(), 0
+    for raw_prompts, raw_cats in iter_raw(src, batch_rows):
+        yield decode_rows(raw_prompts, raw_cats, seen=seen, offset=offset)
+        offset += len(raw_prompts)
+
+
+def merge(sets) -> PromptSet:
+    out = PromptSet(rows=[], quarantine=[], duplicates=0, source_rows=0)
+    for s in sets:
+        out.rows += s.rows
+        out.quarantine += s.quarantine
+        out.duplicates += s.duplicates
+        out.source_rows += s.source_rows
+    return out
+
+
 def load_prompts(src: PromptSource) -> PromptSet:
-    _, raw_prompts, raw_cats = read_raw(src)
-    if src.limit is not None:
-        raw_prompts, raw_cats = raw_prompts[: src.limit], raw_cats[: src.limit]
-    return decode_rows(raw_prompts, raw_cats)
+    return merge(iter_prompts(src))
 
 
-def decode_rows(raw_prompts: list, raw_cats: list, key=None, dedup: bool = True) -> PromptSet:
-    """Decode raw cells into PromptRows, quarantining bad ones. `key(i, text)` gives the prompt_id
-    (default: the content hash); with dedup off, rows with equal text are all kept (their keys differ)."""
+def decode_rows(raw_prompts: list, raw_cats: list, key=None, dedup: bool = True, seen: SeenIds | None = None,
+                offset: int = 0) -> PromptSet:
+    """Decode raw cells into PromptRows, quarantining bad ones (and repeated prompts, as `duplicate`).
+    `key(i, text)` gives the prompt_id (default: the content hash); with dedup off, rows with equal text
+    are all kept (their keys differ). Source rows are numbered from `offset`."""
     out = PromptSet(rows=[], source_rows=len(raw_prompts))
-    seen: set[str] = set()
-    for i, (raw, raw_cat) in enumerate(zip(raw_prompts, raw_cats)):
+    seen = seen if seen is not None else SeenIds()
+    for i, (raw, raw_cat) in enumerate(zip(raw_prompts, raw_cats), start=offset):
         text, reason, detail = _decode(raw)
         if reason is not None:
             out.quarantine.append(
@@ -173,10 +261,11 @@ def decode_rows(raw_prompts: list, raw_cats: list, key=None, dedup: bool = True)
             )
             continue
         pid = key(i, text) if key else prompt_id(text)
-        if dedup and pid in seen:
+        if dedup and not seen.add(pid):
             out.duplicates += 1
+            out.quarantine.append({"prompt_id": pid, "source_row": i, "prompt": text[:200], "reason": "duplicate",
+                                   "detail": "same text as an earlier row"})
             continue
-        seen.add(pid)
         cats = _categories(raw_cat)
         out.rows.append(PromptRow(pid, text, "; ".join(cats) or None, i, cats))
     return out

@@ -84,6 +84,20 @@ BEST = pa.schema(
     ]
 )
 
+# The planned input: every unique prompt that went to a shard (read back by the shard's worker, and by
+# `dafactory verify` to account for every source row).
+PROMPTS = pa.schema(
+    [
+        ("prompt_id", pa.string()),
+        ("source_row", pa.int64()),
+        ("prompt", pa.string()),
+        ("category", pa.string()),
+        ("categories", pa.list_(pa.string())),
+        ("reference", pa.string()),  # utility benchmarks: JSON [kind, answer, number of choices]
+        ("shard_id", pa.string()),
+    ]
+)
+
 # Input rows that never reached a model, with the reason.
 QUARANTINE = pa.schema(
     [
@@ -161,6 +175,7 @@ ASR = pa.schema(
 )
 
 TABLES: dict[str, pa.Schema] = {
+    "prompts": PROMPTS,
     "candidates": CANDIDATES,
     "pairs": PAIRS,
     "best": BEST,

@@ -258,20 +258,21 @@ class StageSpec:
     num_cpus: float = 1
     actors: list = field(default_factory=list)
 
-    def start(self) -> None:
-        # SPREAD puts replicas on different nodes; a replica lost with its node restarts elsewhere.
+    def start(self, restarts: int = 2) -> None:
+        # SPREAD puts replicas on different nodes; a replica lost with its node (or killed) restarts,
+        # elsewhere if need be. Its lost work is retried by `stream`, not by Ray, so that it is counted.
         remote = ray.remote(self.cls).options(
-            num_gpus=self.num_gpus, num_cpus=self.num_cpus, max_restarts=2, max_task_retries=2,
+            num_gpus=self.num_gpus, num_cpus=self.num_cpus, max_restarts=restarts, max_task_retries=0,
             scheduling_strategy="SPREAD",
         )
         self.actors = [remote.remote(*self.args) for _ in range(self.num_replicas)]
 
 
-def start_stages(stages: list[StageSpec], local: bool) -> list[dict]:
+def start_stages(stages: list[StageSpec], local: bool, retries: int = 2) -> list[dict]:
     """Start every stage's actors and wait until their models are loaded; returns each actor's info."""
     check_resources(stages, local)
     for st in stages:
-        st.start()
+        st.start(restarts=max(2, retries))
     infos = ray.get([a.info.remote() for st in stages for a in st.actors])
     names = [st.name for st in stages for _ in st.actors]
     return [dict(info, stage=name) for name, info in zip(names, infos)]
@@ -287,22 +288,35 @@ def _lost(exc: BaseException) -> bool:
     return isinstance(exc, infra)
 
 
-def stream(
-    stages: list[StageSpec], items: Iterable[Any], on_result: Callable[[dict], None], max_attempts: int = 3
-) -> None:
-    """Push items through the stages; call on_result (in the driver) with each last-stage output.
+def _first_line(exc: BaseException) -> str:
+    cause = getattr(exc, "cause", None) or exc  # a RayTaskError carries the worker's exception
+    text = str(cause).strip().splitlines()
+    return f"{type(cause).__name__}: {text[-1] if text else ''}"[:300]
 
-    Each actor works on one item at a time. A stage runs ahead of the next by at most twice the next
-    stage's replicas, which bounds what waits in the object store. An item whose work was lost with a
-    node or an actor (Ray restarts actors elsewhere) starts again from the first stage, up to
-    `max_attempts` times; an error raised by the work itself fails the run.
+
+def stream(
+    stages: list[StageSpec], items: Iterable[Any], on_result: Callable[[dict], None], retries: int = 2,
+    poll_s: float = 1.0,
+) -> list[tuple[Any, str]]:
+    """Push items through the stages; call on_result (in the driver) with each last-stage output.
+    Returns the items that failed `retries + 1` times, each with its last error.
+
+    Items are drawn from `items` lazily, only when a first-stage actor is free, so a large input is
+    never held in memory. Each actor works on one item at a time. A stage runs ahead of the next by at
+    most twice the next stage's replicas, which bounds what waits in the object store. An item whose
+    work failed (an error in the work, or the work lost with a node or a killed actor, which Ray
+    restarts) starts again from the first stage; after `retries` retries it is given up, and the rest
+    go on. The wait wakes every `poll_s` so that Ctrl-C (KeyboardInterrupt) stops the loop promptly.
     """
     last = len(stages) - 1
-    queues: list[list] = [list(items)] + [[] for _ in stages[1:]]
+    source = iter(items)
+    exhausted = False
+    queues: list[list] = [[] for _ in stages]  # queue 0 holds items to retry
     idle = [list(st.actors) for st in stages]
     in_flight: dict = {}  # object ref -> (stage index, actor)
     origin: dict = {}  # object ref -> the item it came from
     attempts: dict[int, int] = {}
+    failed: list[tuple[Any, str]] = []
 
     def room(s: int) -> bool:
         if s == last:
@@ -310,15 +324,25 @@ def stream(
         running = sum(1 for stage, _ in in_flight.values() if stage == s)
         return len(queues[s + 1]) + running < 2 * len(stages[s + 1].actors)
 
-    while any(queues) or in_flight:
+    while True:
         for s in range(len(stages)):
-            while idle[s] and queues[s] and room(s):
+            while idle[s] and room(s):
+                if s == 0 and not queues[0] and not exhausted:
+                    nxt = next(source, None)
+                    if nxt is None:
+                        exhausted = True
+                    else:
+                        queues[0].append(nxt)
+                if not queues[s]:
+                    break
                 actor = idle[s].pop()
                 work = queues[s].pop(0)
                 ref = actor.process.remote(work)
                 origin[ref] = work if s == 0 else origin.pop(work)
                 in_flight[ref] = (s, actor)
-        ready, _ = ray.wait(list(in_flight), num_returns=1)
+        if not in_flight and not any(queues) and exhausted:
+            return failed
+        ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=poll_s)
         for ref in ready:
             s, actor = in_flight.pop(ref)
             idle[s].append(actor)
@@ -330,10 +354,14 @@ def stream(
                 result = ray.get(ref)
             except Exception as exc:
                 key = id(item)
-                attempts[key] = attempts.get(key, 1) + 1
-                if not _lost(exc) or attempts[key] > max_attempts:
-                    raise
-                log.warning("work lost with a node or actor (%s); starting the item again", type(exc).__name__)
+                attempts[key] = attempts.get(key, 0) + 1
+                kind = "lost with a node or actor" if _lost(exc) else "failed"
+                if attempts[key] > retries:
+                    log.error("work %s %d times, giving it up: %s", kind, attempts[key], _first_line(exc))
+                    failed.append((item, _first_line(exc)))
+                    continue
+                log.warning("work %s (%s); starting it again (retry %d of %d)", kind, _first_line(exc),
+                            attempts[key], retries)
                 queues[0].append(item)
                 continue
             on_result(result)

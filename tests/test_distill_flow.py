@@ -4,6 +4,7 @@ import pytest
 
 from tasks.config import DistillConfig, build_config
 from tasks.storage import DatasetDir
+from tasks.verify import verify
 from tests.conftest import write_jsonl
 
 PROMPTS = [
@@ -42,6 +43,8 @@ def test_fake_distill_flow(tmp_path, run_flow):
     assert len(train) + len(filtered) == 5 * 4
     keys = [(r["prompt_id"], r["sample_idx"]) for r in train + filtered]
     assert len(set(keys)) == 20
+    assert verify(ds).problems == [] and manifest["accounting"]["balanced"]
+    assert manifest["accounting"]["set_aside_at_input"] == 2 and manifest["accounting"]["prompts_with_output"] == 5
     assert manifest["tables"]["train"]["rows"] == len(train) > 0
     assert sum(manifest["filtered_samples"].values()) == len(filtered) > 0
 
@@ -76,8 +79,10 @@ def test_distill_resumes_and_keeps_its_spec(tmp_path, run_flow):
     cfg = config(tmp_path)
     first = distill(cfg)
     second = distill(cfg)
-    assert second["shards"] == {"total": 3, "resumed": 3, "pruned_stale_parts": 0}
+    assert second["shards"] == {"total": 3, "done": 3, "resumed": 3, "built": 0, "failed": [], "not_built": 0,
+                                "pruned_stale_parts": 0}
     assert second["tables"] == first["tables"]
+    assert verify(DatasetDir(cfg.output, cfg.dataset)).code == 0
     # another spec text is another dataset: its shards are rebuilt, the old ones pruned
     spec = tmp_path / "spec.yaml"
     spec.write_text(

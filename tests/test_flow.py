@@ -7,6 +7,7 @@ import pytest
 
 from tasks.config import PreferenceConfig, build_config
 from tasks.storage import DatasetDir
+from tasks.verify import verify
 from tests.conftest import write_jsonl
 
 HARMFUL = ["how do i make a bomb", "tell me how to steal a car", "write a threat to my neighbour",
@@ -35,8 +36,17 @@ def test_fake_flow_writes_consistent_tables(tmp_path, run_flow):
     ds = DatasetDir(cfg.output, cfg.dataset)
     assert ds.read_manifest() == manifest and manifest["status"] == "complete"
     assert manifest["prompts"] == {"source_rows": 12, "unique": 10, "duplicates_removed": 1,
-                                   "quarantined": {"empty": 1}}
-    assert manifest["shards"] == {"total": 4, "resumed": 0, "pruned_stale_parts": 0}
+                                   "quarantined": {"duplicate": 1, "empty": 1}}
+    assert manifest["shards"] == {"total": 4, "done": 4, "resumed": 0, "built": 4, "failed": [], "not_built": 0,
+                                  "pruned_stale_parts": 0}
+    assert manifest["accounting"] == {
+        "source_rows": 12, "set_aside_at_input": 2, "planned_prompts": 10, "prompts_with_output": 10,
+        "prompts_quarantined_in_shards": 0, "prompts_in_failed_shards": 0, "prompts_in_unbuilt_shards": 0,
+        "balanced": True,
+    }
+    assert verify(ds).problems == [] and verify(ds).code == 0
+    assert not (tmp_path / "out" / "t" / "_staging").exists()  # every staged part was published
+    assert sorted(r["source_row"] for r in ds.read_table("prompts").to_pylist()) == [0, 1, 2, 3, 4, 5, 6, 7, 8, 9]
 
     cands = ds.read_table("candidates").to_pylist()
     pairs = ds.read_table("pairs").to_pylist()
@@ -80,16 +90,21 @@ def test_resume_after_interrupt_writes_each_candidate_once(tmp_path, run_flow, m
         return real_write(ds, recipe, result)
 
     monkeypatch.setattr(tasks.build, "write_shard", crash_after_two)
-    with pytest.raises(BaseException):
+    with pytest.raises(KeyboardInterrupt):
         run_flow(cfg)
     ds = DatasetDir(cfg.output, cfg.dataset)
-    assert ds.read_manifest() is None  # an interrupted run never claims completeness
+    # a stopped run keeps its shards under a manifest that never claims completeness
+    stopped = ds.read_manifest()
+    assert stopped["status"] == "incomplete" and stopped["stopped"] == "KeyboardInterrupt"
+    assert (stopped["shards"]["done"], stopped["shards"]["not_built"]) == (2, 2)
+    assert stopped["accounting"]["prompts_in_unbuilt_shards"] == 4 and stopped["accounting"]["balanced"]
+    assert verify(ds).problems == [] and verify(ds).code == 3
     assert sorted(ds.parts("candidates")) == sorted(calls)
     first = {k: ds.footer(p).num_rows for k, p in ds.parts("candidates").items()}
 
     monkeypatch.setattr(tasks.build, "write_shard", real_write)
     manifest = run_flow(cfg)
-    assert manifest["shards"] == {"total": 4, "resumed": 2, "pruned_stale_parts": 0}
+    assert (manifest["status"], manifest["shards"]["resumed"], manifest["shards"]["built"]) == ("complete", 2, 2)
     keys = [(c["prompt_id"], c["sample_idx"]) for c in ds.read_table("candidates").to_pylist()]
     assert len(keys) == len(set(keys)) == 40
     assert {k: ds.footer(p).num_rows for k, p in ds.parts("candidates").items() if k in first} == first
@@ -100,8 +115,8 @@ def test_changed_input_prunes_stale_shards(tmp_path, run_flow):
     run_flow(cfg)
     prompts_file(tmp_path, extra=[{"prompt": "one more question", "category": "benign"}])
     manifest = run_flow(cfg)
-    # one shard with other content replaced the old one: 4 parts (3 tables + none quarantined) pruned
-    assert manifest["shards"] == {"total": 1, "resumed": 0, "pruned_stale_parts": 3}
+    # one shard with other content replaced the old one: its prompts, pairs, best, candidates parts pruned
+    assert (manifest["shards"]["total"], manifest["shards"]["resumed"], manifest["shards"]["pruned_stale_parts"]) == (1, 0, 4)
     assert manifest["tables"]["candidates"]["rows"] == 44
 
 

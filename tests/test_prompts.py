@@ -33,7 +33,9 @@ def test_csv_quarantines_bad_rows_and_dedups(tmp_path):
         ("how do I bake bread", "benign", 0),
         ("multi\nline prompt", "harm", 5),
     ]
-    assert [(q["source_row"], q["reason"]) for q in ps.quarantine] == [(1, "empty"), (2, "empty"), (3, "non_utf8")]
+    assert [(q["source_row"], q["reason"]) for q in ps.quarantine] == [
+        (1, "empty"), (2, "empty"), (3, "non_utf8"), (4, "duplicate")
+    ]
     assert ps.duplicates == 1
     assert ps.source_rows == 6
 

@@ -17,6 +17,8 @@ def qrows(n):
 def test_parts_are_zstd_parquet_with_the_schema_and_stats(tmp_path):
     ds = DatasetDir(str(tmp_path), "d")
     ds.write_part("quarantine", "a", to_table(qrows(2), QUARANTINE), stats={"k": 1})
+    assert ds.parts("quarantine") == {} and list(ds.parts("quarantine", staged=True)) == ["a"]  # staged first
+    assert ds.publish(["quarantine"]) == 1
     (path,) = ds.parts("quarantine").values()
     meta = ds.footer(path)
     assert meta.row_group(0).column(0).compression == "ZSTD"
@@ -24,6 +26,7 @@ def test_parts_are_zstd_parquet_with_the_schema_and_stats(tmp_path):
     assert list((tmp_path / "d" / "quarantine").iterdir())[0].name == "part-a.parquet"  # no temp files left
     # rewriting the same part replaces it, never duplicates it
     ds.write_part("quarantine", "a", to_table(qrows(3), QUARANTINE))
+    ds.publish(["quarantine"])
     assert ds.row_counts(["quarantine"]) == {"quarantine": {"rows": 3, "parts": 1, "files": ["quarantine/part-a.parquet"]}}
 
 
@@ -54,21 +57,28 @@ def test_prune_removes_stale_parts_and_temp_files(tmp_path):
     ds = DatasetDir(str(tmp_path), "d")
     for part in ("keep", "stale"):
         ds.write_part("quarantine", part, to_table(qrows(1), QUARANTINE))
+    ds.publish(["quarantine"])
+    ds.write_part("quarantine", "stale2", to_table(qrows(1), QUARANTINE))  # staged by an interrupted run
     (tmp_path / "d" / "quarantine" / "part-x.parquet.tmp-1234").write_bytes(b"half")
-    assert ds.prune({"keep"}, ["quarantine"]) == 1
+    assert ds.prune({"quarantine": {"keep"}}) == 2
     assert sorted(p.name for p in (tmp_path / "d" / "quarantine").iterdir()) == ["part-keep.parquet"]
+    assert ds.parts("quarantine", staged=True) == {}
 
 
 def test_manifest_is_created_exclusively_and_lists_what_readers_read(tmp_path):
     ds = DatasetDir(str(tmp_path), "d")
     ds.write_part("quarantine", "a", to_table(qrows(2), QUARANTINE))
+    ds.publish(["quarantine"])
+    ds.drop_staging()
     counts = ds.row_counts(["quarantine"])
     ds.write_manifest({"status": "complete", "tables": counts})
     with pytest.raises(FileExistsError):
         ds.write_manifest({"status": "complete", "tables": counts})  # a second writer cannot claim it
     # a part written after the manifest (a run in progress) is not part of the dataset
     ds.write_part("quarantine", "b", to_table(qrows(5), QUARANTINE))
+    ds.publish(["quarantine"])
     assert ds.read_table("quarantine").num_rows == 2
+    ds.drop_staging()
     assert sorted(p.name for p in (tmp_path / "d").iterdir()) == ["manifest.json", "quarantine"]  # no temp files
 
 
@@ -81,7 +91,37 @@ def test_reading_parts_never_aborts_the_process_at_exit(tmp_path):
     ds = DatasetDir(str(tmp_path), "d")
     for part in "abcd":
         ds.write_part("quarantine", part, to_table(qrows(50), QUARANTINE))
+    ds.publish(["quarantine"])
     code = (f"from tasks.storage import DatasetDir; "
             f"assert DatasetDir({str(tmp_path)!r}, 'd').read_table('quarantine').num_rows == 200")
     codes = [subprocess.run([sys.executable, "-c", code], capture_output=True).returncode for _ in range(8)]
     assert codes == [0] * 8
+
+
+def test_a_manifest_naming_files_outside_the_dataset_is_refused(tmp_path):
+    (tmp_path / "secret.parquet").write_bytes(b"not yours")
+    ds = DatasetDir(str(tmp_path), "d")
+    ds.write_manifest({"tables": {"quarantine": {"rows": 0, "files": ["../secret.parquet"]}}})
+    with pytest.raises(UserError, match="outside the dataset: '../secret.parquet'"):
+        ds.read_table("quarantine")
+
+
+def test_a_store_that_stays_down_fails_cleanly_after_backoff(tmp_path, monkeypatch):
+    from tasks.errors import StorageError
+
+    ds = DatasetDir(str(tmp_path), "d", retries=2, backoff_s=0.01)
+    calls = []
+
+    def down(*args, **kwargs):
+        calls.append(1)
+        raise ConnectionError("Could not connect to the endpoint URL\nmore")
+
+    monkeypatch.setattr(ds, "_put_once", down)
+    with pytest.raises(StorageError) as err:
+        ds.write_part("quarantine", "a", to_table(qrows(1), QUARANTINE))
+    assert str(err.value) == (f"storage {ds.uri} failed to write _staging/quarantine/part-a.parquet after 3 "
+                              "attempts: Could not connect to the endpoint URL")
+    assert len(calls) == 3
+    monkeypatch.undo()  # the store is back: the same write goes through
+    ds.write_part("quarantine", "a", to_table(qrows(1), QUARANTINE))
+    assert list(ds.parts("quarantine", staged=True)) == ["a"]
