@@ -54,7 +54,9 @@ DEMO_DISTILL = {
 
 
 def _fail(message: str, code: int = 2) -> int:
-    print(f"dafactory: error: {message}", file=sys.stderr)
+    from tasks.redact import redact_text
+
+    print(f"dafactory: error: {redact_text(message)}", file=sys.stderr)
     return code
 
 
@@ -224,6 +226,9 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from tasks.redact import install_log_filter
+
+    install_log_filter()
     args = parser().parse_args(argv)
     try:
         return args.func(args)
@@ -234,11 +239,16 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return _fail("stopped; the shards written are kept (manifest status incomplete); "
                      "re-run the same command to resume", 130)
-    except Exception as exc:
+    except BaseException as exc:
+        from prefect.exceptions import TerminationSignal
+
         from tasks.build import ShardsFailed
 
         if isinstance(exc, ShardsFailed):
             return _fail(str(exc), 1)
+        if isinstance(exc, TerminationSignal):
+            return _fail("terminated; the shards written are kept (manifest status incomplete); "
+                         "re-run the same command to resume", 143)
         raise
 
 

@@ -10,9 +10,10 @@ from __future__ import annotations
 import json
 import os
 import signal
+import threading
 import time
 from collections import Counter
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -186,6 +187,24 @@ def not_user_error(task, task_run, state) -> bool:
 STOPS = (KeyboardInterrupt, TerminationSignal)  # Ctrl-C, and SIGTERM (a cancel from the Prefect UI)
 
 
+@contextmanager
+def sigterm_stops():
+    """While shards stream, SIGTERM (how a Prefect runner cancels a run, and how Kubernetes stops a pod)
+    stops the build like Ctrl-C does, instead of Ray's driver handler exiting the process at once."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame):
+        raise TerminationSignal(signum)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 @task(cache_policy=NONE, retry_delay_seconds=5, retry_condition_fn=not_user_error)
 def build_shards(config: RunConfig, ds: DatasetDir, plan: Plan, recipe: Recipe) -> dict:
     """Run every shard not yet written through the recipe's Ray stages; stage each as it finishes.
@@ -226,7 +245,7 @@ def build_shards(config: RunConfig, ds: DatasetDir, plan: Plan, recipe: Recipe) 
         # serve` creates it): two scheduled builds never oversubscribe the cluster. Ephemeral runs skip it.
         guard = concurrency(GPU_LIMIT, occupy=1, strict=False) if PREFECT_API_URL.value() else nullcontext()
         try:
-            with guard:
+            with guard, sigterm_stops():
                 shards = (load_shard(ds, ref) for ref in pending)
                 failed = stream(recipe.stages, shards, on_result, retries=config.shard_retries)
             report["failed"] = [{"shard_id": s.shard_id, "index": s.index, "prompts": len(s.rows), "error": e}
@@ -263,8 +282,8 @@ def finalize(
     ds.drop_staging()
     counts = ds.row_counts(tables)
     stats = ds.shard_stats(recipe.tables[-1])
-    manifest = build_manifest(
-        config=redact(config.model_dump(mode="json")),
+    manifest = redact(build_manifest(
+        config=config.model_dump(mode="json"),
         fingerprint=config.fingerprint(),
         plan=plan,
         shard_stats=stats,
@@ -275,7 +294,7 @@ def finalize(
         report=report,
         pruned_parts=pruned,
         extra=extra,
-    )
+    ))
     ds.write_manifest(manifest)
     create_table_artifact(
         redact(summary_rows(manifest)), key=f"{recipe.name}-summary", description=f"{recipe.name} dataset {ds.uri}"

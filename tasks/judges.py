@@ -160,7 +160,8 @@ class GenerativeJudge(Scorer):
 
             raise UserError(f"scorer {self.name}: set `model` to the judge model")
         self.backend = HFBackend(
-            ModelConfig(model=self.cfg.model, revision=self.cfg.revision, trust_remote_code=self.cfg.trust_remote_code)
+            ModelConfig(model=self.cfg.model, revision=self.cfg.revision, trust_remote_code=self.cfg.trust_remote_code,
+                        allow_pickle_weights=self.cfg.allow_pickle_weights)
         )
         self.backend.load()
         self.sampling = SamplingConfig(

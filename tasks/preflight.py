@@ -10,22 +10,27 @@ from tasks.config import RunConfig
 from tasks.errors import UserError
 from tasks.models import check_reference
 from tasks.prompts import check_columns
+from tasks.redact import install_log_filter
 from tasks.scorers import SCORERS
-from tasks.storage import DatasetDir
+from tasks.storage import DatasetDir, credentials_from_block
 
 
 def preflight(config: RunConfig) -> DatasetDir:
-    """Raise UserError on bad input (one line); return the dataset folder to build into."""
+    """Raise UserError on bad input (one line); return the dataset folder to build into. First, from
+    here on every log record of the process masks secrets (the flows start with this)."""
+    install_log_filter()
     for src in config.prompt_sources:
         check_columns(src)
     gen = config.generator
     if gen.backend == "hf":
-        check_reference(gen.model, gen.revision)
+        check_reference(gen.model, gen.revision, gen.allow_pickle_weights)
     for s in config.scorer_configs:
         SCORERS.get(s.name)(s)  # constructors check params; only load() is heavy
         if s.model:
-            check_reference(s.model, s.revision)
-    ds = DatasetDir(config.output, config.dataset, timeout_s=config.storage_timeout_s, retries=config.storage_retries)
+            check_reference(s.model, s.revision, s.allow_pickle_weights)
+    credentials = credentials_from_block(config.storage_credentials) if config.storage_credentials else None
+    ds = DatasetDir(config.output, config.dataset, timeout_s=config.storage_timeout_s, retries=config.storage_retries,
+                    credentials=credentials)
     if not ds.local:
         ds.check_writable()  # a missing bucket or a bad endpoint fails here, before any model loads
     ds.check_owner(config.fingerprint())

@@ -108,7 +108,7 @@ class ModelScorer(Scorer):
 
         if not self.cfg.model:
             raise UserError(f"scorer {self.name}: set `model` to a {self.model_kind} model")
-        resolved = resolve(self.cfg.model, self.cfg.revision)
+        resolved = resolve(self.cfg.model, self.cfg.revision, self.cfg.allow_pickle_weights)
         self.tok = load_tokenizer(resolved, self.cfg.trust_remote_code, padding_side=self.padding_side)
         self.model = load_model(getattr(transformers, self.auto_class), resolved, self.cfg.trust_remote_code)
         self.torch = torch

@@ -44,19 +44,45 @@ CONFIG = "config.json"
 STAGING = "_staging"
 
 
-def storage_options(uri: str, timeout_s: float) -> dict:
-    """Timeouts for remote stores, so that an unreachable endpoint fails instead of hanging.
-    Credentials are never passed here: they come from the standard AWS environment or profile."""
-    if uri.startswith(("s3://", "s3a://")):
-        return {"config_kwargs": {"connect_timeout": timeout_s, "read_timeout": timeout_s,
-                                  "retries": {"max_attempts": 2}}}
-    return {}
+CREDENTIAL_KEYS = {"aws_access_key_id": "key", "aws_secret_access_key": "secret", "aws_session_token": "token"}
+CLIENT_KEYS = ("endpoint_url", "region_name")
+
+
+def storage_options(uri: str, timeout_s: float, credentials: dict | None = None) -> dict:
+    """Timeouts for remote stores, so that an unreachable endpoint fails instead of hanging. Credentials
+    come from the standard AWS environment or profile, or from `credentials` (a Prefect Secret block's
+    value, see credentials_from_block); they live only in the filesystem object, never in what is written."""
+    if not uri.startswith(("s3://", "s3a://")):
+        return {}
+    options = {"config_kwargs": {"connect_timeout": timeout_s, "read_timeout": timeout_s,
+                                 "retries": {"max_attempts": 2}}}
+    creds = credentials or {}
+    options |= {fs_key: creds[k] for k, fs_key in CREDENTIAL_KEYS.items() if creds.get(k)}
+    client = {k: creds[k] for k in CLIENT_KEYS if creds.get(k)}
+    return options | ({"client_kwargs": client} if client else {})
+
+
+def credentials_from_block(name: str) -> dict:
+    """The value of the Prefect Secret block `name`: a JSON object with aws_access_key_id,
+    aws_secret_access_key and optionally aws_session_token, endpoint_url, region_name."""
+    from prefect.blocks.system import Secret
+
+    try:
+        value = Secret.load(name).get()
+    except ValueError as exc:
+        raise UserError(f"storage_credentials: no Prefect Secret block named {name!r} ({str(exc)[:80]})") from None
+    allowed = set(CREDENTIAL_KEYS) | set(CLIENT_KEYS)
+    if not isinstance(value, dict) or not value.get("aws_access_key_id") or set(value) - allowed:
+        raise UserError(f"storage_credentials: the Secret block {name!r} must hold a JSON object with keys "
+                        f"from {sorted(allowed)}, aws_access_key_id and aws_secret_access_key at least")
+    return value
 
 
 class DatasetDir:
-    def __init__(self, output: str, dataset: str, timeout_s: float = 30, retries: int = 4, backoff_s: float = 1.0):
+    def __init__(self, output: str, dataset: str, timeout_s: float = 30, retries: int = 4, backoff_s: float = 1.0,
+                 credentials: dict | None = None):
         self.uri = output.rstrip("/") + "/" + dataset
-        self.fs, self.root = fsspec.core.url_to_fs(self.uri, **storage_options(self.uri, timeout_s))
+        self.fs, self.root = fsspec.core.url_to_fs(self.uri, **storage_options(self.uri, timeout_s, credentials))
         self.local = "file" in (self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,))
         self.retries, self.backoff_s = retries, backoff_s
 

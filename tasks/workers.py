@@ -42,14 +42,25 @@ def ray_session(cfg: RayConfig):
         yield
         return
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    # Workers mask secrets in their logs too (tasks.redact).
+    runtime_env = {"worker_process_setup_hook": "tasks.redact.install_log_filter"}
     if cfg.address:
-        ray.init(address=cfg.address, log_to_driver=True)
+        ray.init(address=cfg.address, log_to_driver=True, runtime_env=runtime_env)
+        saved = None
     else:
-        ray.init(num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus, include_dashboard=False)
+        # Ray binds every server to all interfaces, and turns 127.0.0.1 into the host's address, unless
+        # clusters are off (its macOS/Windows default): then a local Ray listens on loopback only.
+        from ray._private import ray_constants
+
+        saved = ray_constants.ENABLE_RAY_CLUSTER
+        ray_constants.ENABLE_RAY_CLUSTER = False
+        ray.init(num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus, include_dashboard=False, runtime_env=runtime_env)
     try:
         yield
     finally:
         ray.shutdown()
+        if saved is not None:
+            ray_constants.ENABLE_RAY_CLUSTER = saved
 
 
 def use_cpus(num_cpus: float) -> None:
@@ -272,7 +283,7 @@ def start_stages(stages: list[StageSpec], local: bool, retries: int = 2) -> list
     """Start every stage's actors and wait until their models are loaded; returns each actor's info."""
     check_resources(stages, local)
     for st in stages:
-        st.start(restarts=max(2, retries))
+        st.start(restarts=4 * (retries + 1))  # room for a few shards that each kill their worker
     infos = ray.get([a.info.remote() for st in stages for a in st.actors])
     names = [st.name for st in stages for _ in st.actors]
     return [dict(info, stage=name) for name, info in zip(names, infos)]

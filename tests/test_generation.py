@@ -1,10 +1,13 @@
 """Generation bookkeeping, with the fake backend and with a tiny real transformers model."""
 
+import os
+from collections import Counter
+
 import pytest
 
 from tasks.backends.fake import FakeBackend
 from tasks.config import ModelConfig, SamplingConfig
-from tasks.generation import ChatPrompt, batch_seed, generate_shard
+from tasks.generation import ChatPrompt, batch_seed, generate_shard, sub_batch_seed
 from tasks.prompts import PromptRow, Shard, prompt_id
 
 
@@ -72,3 +75,116 @@ def test_hf_greedy_is_identical_across_samples(tiny_lm):
     # left padding does not change a greedy continuation: same text alone as in the batch
     (alone,) = tiny_lm.generate(convs[:1], SamplingConfig(max_new_tokens=5, temperature=0), seed=0)
     assert alone.text == gens[0].text
+
+
+# --- generation faults: a batch that raises is split in halves down to one sequence -------------------
+
+class RecordingBackend(FakeBackend):
+    """The fake backend, keeping (batch size, whether it raised) for each generate() call."""
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.calls = []
+
+    def generate(self, conversations, sampling, seed, prefill=""):
+        try:
+            gens = super().generate(conversations, sampling, seed, prefill)
+        except Exception:
+            self.calls.append((len(conversations), "raised"))
+            raise
+        self.calls.append((len(conversations), "ok"))
+        return gens
+
+
+FIVE = ["p0 alpha", "p1 beta", "p2 gamma", "p3 BAD delta", "p4 epsilon"]
+
+
+def run(backend, texts, n=3, batch_size=8, stats=None):
+    return generate_shard(backend, shard(texts), n=n, sampling=SamplingConfig(), batch_size=batch_size,
+                          conversation=ChatPrompt(), stats=stats)
+
+
+def test_a_failing_prompt_is_quarantined_and_the_rest_of_its_batch_retried(caplog):
+    stats = Counter()
+    b = RecordingBackend(ModelConfig(backend="fake", params={"fail_on": "BAD"}))
+    rows, quarantine = run(b, FIVE, stats=stats)
+    # 15 sequences: batch 0 is p0, p1 and two samples of p2; batch 1 (7) is p2's last sample, p3 and p4.
+    # Batch 1 splits 7 -> 3 + 4, 3 -> 1 + 2, 2 -> 1 + 1, 4 -> 2 + 2, 2 -> 1 + 1: only calls with p3 raise.
+    assert b.calls == [
+        (8, "ok"), (7, "raised"), (3, "raised"), (1, "ok"), (2, "raised"), (1, "raised"), (1, "raised"),
+        (4, "raised"), (2, "raised"), (1, "raised"), (1, "ok"), (2, "ok"),
+    ]
+    assert quarantine == [{
+        "prompt_id": prompt_id("p3 BAD delta"), "source_row": 3, "prompt": "p3 BAD delta",
+        "reason": "generation_error", "detail": "RuntimeError: injected failure on a prompt containing BAD",
+    }]
+    assert [(r["prompt"], r["sample_idx"]) for r in rows] == [(t, k) for t in FIVE if "BAD" not in t for k in range(3)]
+    # each row records the seed of the call that produced it: the batch's, or its sub-range's after a split
+    sub = [sub_batch_seed(0, "s1", 1, 0, 1), sub_batch_seed(0, "s1", 1, 4, 5)] + [sub_batch_seed(0, "s1", 1, 5, 7)] * 2
+    assert [r["seed"] for r in rows] == [batch_seed(0, "s1", 0)] * 8 + sub
+    assert stats == {"splits": 5, "generation_error": 1}
+    assert [r.getMessage() for r in caplog.records if r.name == "tasks.generation"] == [
+        f"generate() of {size} sequences raised RuntimeError; retrying in halves" for size in (7, 3, 2, 4, 2)
+    ]
+    # the batch that did not fail is exactly what a run without fail_on gives
+    clean, _ = run(FakeBackend(ModelConfig(backend="fake")), FIVE)
+    assert rows[:8] == clean[:8]
+
+
+class FailsInLaterBatches(FakeBackend):
+    """Raises on "gamma" in every call but batch 0's (the seed of batch 0 of shard s1, base 0)."""
+
+    def generate(self, conversations, sampling, seed, prefill=""):
+        self.fail_on = None if seed == batch_seed(0, "s1", 0) else "gamma"
+        return super().generate(conversations, sampling, seed, prefill)
+
+
+def test_a_prompt_with_one_failed_sample_keeps_none_of_its_samples():
+    b = FailsInLaterBatches(ModelConfig(backend="fake"))
+    rows, quarantine = run(b, FIVE)
+    # p2's first two samples succeed in batch 0, its third fails alone in batch 1: p2 is only in quarantine
+    assert [q["prompt"] for q in quarantine] == ["p2 gamma"]
+    assert [r["prompt"] for r in rows] == [t for t in FIVE if t != "p2 gamma" for _ in range(3)]
+
+
+class AlwaysRaises(RecordingBackend):
+    def __init__(self, cfg, exc):
+        super().__init__(cfg)
+        self.exc = exc
+
+    def generate(self, conversations, sampling, seed, prefill=""):
+        self.calls.append((len(conversations), "raised"))
+        raise self.exc
+
+
+def test_a_backend_that_always_raises_quarantines_every_prompt_once():
+    stats = Counter()
+    cfg = ModelConfig(backend="fake", params={"context_length": 300})
+    b = AlwaysRaises(cfg, ValueError("x" * 300 + "\nsecond line"))
+    texts = ["a b", "c d", "w " * 300, "e f"]  # the third does not fit the context
+    rows, quarantine = run(b, texts, n=2, batch_size=4, stats=stats)
+    assert rows == []
+    # too long first (never generated), then each failed prompt once: none lost, none duplicated
+    assert [(q["prompt"][:3], q["reason"]) for q in quarantine] == [
+        ("w w", "too_long"), ("a b", "generation_error"), ("c d", "generation_error"), ("e f", "generation_error")
+    ]
+    assert quarantine[1]["detail"] == "ValueError: " + "x" * 200  # first line, cut at 200 characters
+    # batch 0 (4): 4 -> 2 + 2 -> four singles; batch 1 (2): 2 -> two singles
+    assert [size for size, _ in b.calls] == [4, 2, 1, 1, 2, 1, 1, 2, 1, 1]
+    assert stats == {"splits": 4, "generation_error": 3, "too_long": 1}
+
+
+@pytest.mark.parametrize("exc", [KeyboardInterrupt(), SystemExit(1)])
+def test_interrupts_are_not_generation_errors(exc):
+    # only Exception is caught: a user's Ctrl-C or an exit stops the shard at the first call
+    b = AlwaysRaises(ModelConfig(backend="fake"), exc)
+    with pytest.raises(type(exc)):
+        run(b, FIVE)
+    assert b.calls == [(8, "raised")]
+
+
+def test_fake_backend_appends_its_pid_at_load(tmp_path):
+    path = tmp_path / "pids"
+    for _ in range(2):
+        FakeBackend(ModelConfig(backend="fake", params={"pid_file": str(path)})).load()
+    assert path.read_text() == f"{os.getpid()}\n" * 2

@@ -4,12 +4,17 @@ Each sequence's text is a function of (seed, position in batch, prompt): refusal
 answers of varied length, some cut off at max_new_tokens. Tokens are whitespace-separated words.
 
 params: refusal_rate (0.5), context_length (4096), latency_s (0: seconds slept per batch, to
-stand in for a real model in tests of interruption and throughput).
+stand in for a real model in tests of interruption and throughput), fail_on (None: generate() raises
+RuntimeError when the last message of any conversation in the batch contains this text, to test
+generation faults), pid_file (None: load() appends the process id and a newline to this file, so that
+a test can find and kill the Ray worker that holds the backend), exit_on (None: the process exits at
+once, as a segfault or a fatal CUDA error would, when a prompt in the batch contains this text).
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
 import time
 
 from tasks.config import ModelConfig, SamplingConfig
@@ -26,9 +31,14 @@ class FakeBackend:
         self.refusal_rate = float(cfg.params.get("refusal_rate", 0.5))
         self.latency_s = float(cfg.params.get("latency_s", 0.0))
         self._context = int(cfg.params.get("context_length", 4096))
+        self.fail_on = cfg.params.get("fail_on")
+        self.pid_file = cfg.params.get("pid_file")
+        self.exit_on = cfg.params.get("exit_on")
 
     def load(self) -> None:
-        pass
+        if self.pid_file:
+            with open(self.pid_file, "a") as f:
+                f.write(f"{os.getpid()}\n")
 
     def context_length(self) -> int | None:
         return self._context
@@ -41,6 +51,10 @@ class FakeBackend:
     ) -> list[Generation]:
         if self.latency_s:
             time.sleep(self.latency_s)
+        if self.exit_on is not None and any(self.exit_on in conv[-1]["content"] for conv in conversations):
+            os._exit(1)
+        if self.fail_on is not None and any(self.fail_on in conv[-1]["content"] for conv in conversations):
+            raise RuntimeError(f"injected failure on a prompt containing {self.fail_on}")
         out = []
         prompt_lens = self.count_prompt_tokens(conversations, prefill)
         for i, (conv, plen) in enumerate(zip(conversations, prompt_lens)):

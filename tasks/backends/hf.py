@@ -25,7 +25,7 @@ class HFBackend:
     def load(self) -> None:
         from transformers import AutoModelForCausalLM
 
-        resolved = resolve(self.cfg.model, self.cfg.revision)
+        resolved = resolve(self.cfg.model, self.cfg.revision, self.cfg.allow_pickle_weights)
         self.tok = load_tokenizer(resolved, self.cfg.trust_remote_code, padding_side="left")
         self.model = load_model(AutoModelForCausalLM, resolved, self.cfg.trust_remote_code)
         self.model_id = resolved.model_id

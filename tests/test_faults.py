@@ -1,0 +1,197 @@
+"""Nothing lost, nothing duplicated: `verify` catches tampering, and runs survive killed workers, a killed
+or stopped flow process and a failing shard, with every input row accounted for."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from flows.cli import main
+from tasks.config import PreferenceConfig, build_config
+from tasks.storage import DatasetDir
+from tasks.verify import verify
+from tests.conftest import write_jsonl
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def prompts(tmp_path, n=16):
+    return write_jsonl(tmp_path / "p.jsonl", [{"prompt": f"question number {i}"} for i in range(n)]
+                       + [{"prompt": "question number 0"}, {"prompt": ""}])
+
+
+def config(tmp_path, *overrides) -> PreferenceConfig:
+    return build_config(PreferenceConfig, None, [
+        f"output={tmp_path / 'out'}", "dataset=f", f"prompts.path={prompts(tmp_path)}", "student.backend=fake",
+        "n=2", "shard_size=2", "student.num_cpus=0.5", "scoring.num_cpus=0.5", *overrides,
+    ])
+
+
+@pytest.fixture
+def built(tmp_path, run_flow):
+    cfg = config(tmp_path)
+    run_flow(cfg)
+    ds = DatasetDir(cfg.output, cfg.dataset)
+    assert verify(ds).problems == [] and verify(ds).code == 0
+    return ds
+
+
+def rewrite(path: str, edit) -> None:
+    table = pq.read_table(path)
+    pq.write_table(edit(table), path)
+
+
+def test_verify_recomputes_the_accounting(built, capsys):
+    assert main(["verify", built.uri]) == 0
+    out = capsys.readouterr().out
+    assert (f"{built.uri}: 18 source rows = 2 set aside at input + 16 planned; planned = 16 with output "
+            "+ 0 quarantined in shards + 0 in failed shards + 0 in shards not built") in out
+    assert out.strip().endswith("verify: ok (0 problems, status complete)")
+
+
+def test_verify_catches_a_lost_row(built, capsys):
+    (path, *_) = built.listed_files("candidates")
+    shard = Path(path).stem[len("part-"):]
+    first = pq.read_table(path).column("prompt_id")[0].as_py()
+    rewrite(path, lambda t: t.filter(pa.array([p != first for p in t.column("prompt_id").to_pylist()])))
+    assert main(["verify", built.uri]) == 1
+    out = capsys.readouterr().out
+    assert "MISMATCH candidates: the manifest says 32 rows, the files hold 30" in out
+    assert f"MISMATCH shard {shard}: prompts missing (no output, no quarantine): 1" in out
+    assert "prompts_with_output = 16, the files say 15" in out
+
+
+def test_verify_catches_a_duplicated_row(built, capsys):
+    (path, *_) = built.listed_files("candidates")
+    rewrite(path, lambda t: pa.concat_tables([t, t.slice(0, 1)]))
+    assert main(["verify", built.uri]) == 1
+    assert "(prompt_id, sample_idx) written twice: 1" in capsys.readouterr().out
+
+
+def test_verify_catches_a_missing_source_row(built, capsys):
+    path = built.listed_files("prompts")[0]
+    rewrite(path, lambda t: t.slice(1))
+    assert main(["verify", built.uri]) == 1
+    out = capsys.readouterr().out
+    assert "MISMATCH source rows missing (neither planned nor set aside): 1 (" in out
+    assert "rows for prompts not planned in it: 1" in out
+
+
+def test_a_killed_worker_is_replaced_and_its_shard_retried(tmp_path, run_flow):
+    pid_file = tmp_path / "pids"
+    cfg = config(tmp_path, f"student.params.pid_file={pid_file}", "student.params.latency_s=0.3", "shard_retries=2")
+    ds = DatasetDir(cfg.output, cfg.dataset)
+    killed = []
+
+    def killer():  # kill the generate worker once the first shard is written, mid-way through the run
+        while not ds.parts("candidates", staged=True):
+            time.sleep(0.05)
+        pid = int(pid_file.read_text().split()[0])
+        os.kill(pid, signal.SIGKILL)
+        killed.append(pid)
+
+    t = threading.Thread(target=killer, daemon=True)
+    t.start()
+    manifest = run_flow(cfg)
+    t.join(5)
+    pids = [int(p) for p in pid_file.read_text().split()]
+    assert killed and len(pids) == 2 and pids[0] == killed[0]  # Ray restarted the actor in a new process
+    assert manifest["status"] == "complete" and manifest["shards"]["failed"] == []
+    assert manifest["tables"]["candidates"]["rows"] == 32
+    assert verify(ds).problems == []
+
+
+def test_a_shard_that_keeps_failing_is_listed_and_the_rest_go_on(tmp_path, run_flow):
+    from tasks.build import ShardsFailed
+
+    # a prompt that kills the worker process every time (as a segfault or a fatal CUDA error would)
+    cfg = config(tmp_path, "student.params.exit_on=number 5", "shard_retries=1")
+    with pytest.raises(ShardsFailed, match="1 of 8 shards failed after retries"):
+        run_flow(cfg)
+    ds = DatasetDir(cfg.output, cfg.dataset)
+    manifest = ds.read_manifest()
+    (failed,) = manifest["shards"]["failed"]
+    assert manifest["status"] == "incomplete" and failed["prompts"] == 2
+    assert failed["error"].split(":")[0] in ("ActorDiedError", "ActorUnavailableError", "RayActorError")
+    assert manifest["accounting"]["prompts_in_failed_shards"] == 2
+    assert manifest["accounting"]["prompts_with_output"] == 14 and manifest["accounting"]["balanced"]
+    assert verify(ds).problems == [] and verify(ds).code == 3
+
+
+def cli(tmp_path, cfg: PreferenceConfig) -> subprocess.Popen:
+    path = tmp_path / "config.yaml"
+    path.write_text(json.dumps(cfg.model_dump(mode="json")))
+    (tmp_path / "home").mkdir(exist_ok=True)
+    env = dict(os.environ, HOME=str(tmp_path / "home"))
+    env.pop("PREFECT_API_URL", None)  # its own temporary Prefect, as a user's command would
+    log = open(tmp_path / "cli.log", "a")  # a file, not a pipe: a pipe nobody reads would block the process
+    return subprocess.Popen([sys.executable, "-m", "flows.cli", "run", "preference", "--config", str(path)],
+                            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def output(tmp_path) -> str:
+    return (tmp_path / "cli.log").read_text()
+
+
+def wait_for_parts(ds: DatasetDir, proc: subprocess.Popen, n: int, timeout_s: float = 240) -> None:
+    t0 = time.time()
+    while len(ds.parts("candidates", staged=True)) < n:
+        assert proc.poll() is None, output(Path(ds.uri).parents[1])
+        if time.time() - t0 > timeout_s:
+            proc.kill()
+            pytest.fail(output(Path(ds.uri).parents[1])[-3000:])
+        time.sleep(0.05)
+
+
+@pytest.mark.server
+def test_sigkill_mid_run_then_rerun_recomputes_only_shards_in_flight(tmp_path):
+    cfg = config(tmp_path, "student.params.latency_s=1.0")
+    ds = DatasetDir(cfg.output, cfg.dataset)
+    proc = cli(tmp_path, cfg)
+    wait_for_parts(ds, proc, 3)
+    tree = [proc.pid] + [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]
+    for pid in tree:  # the flow process and everything it started, Ray included: no chance to clean up
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait()
+    done_before = set(ds.parts("candidates", staged=True))
+    assert 3 <= len(done_before) < 8 and ds.read_manifest() is None
+
+    proc = cli(tmp_path, cfg)
+    assert proc.wait(timeout=300) == 0, output(tmp_path)
+    manifest = ds.read_manifest()
+    assert manifest["status"] == "complete"
+    assert manifest["shards"]["resumed"] == len(done_before)  # what was written survived the kill
+    assert manifest["shards"]["built"] == 8 - len(done_before)  # only shards not written are computed again
+    assert verify(ds).problems == []
+
+
+@pytest.mark.server
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_graceful_stop_keeps_finished_shards_under_an_incomplete_manifest(tmp_path, sig):
+    cfg = config(tmp_path, "student.params.latency_s=1.0")
+    ds = DatasetDir(cfg.output, cfg.dataset)
+    proc = cli(tmp_path, cfg)
+    wait_for_parts(ds, proc, 2)
+    proc.send_signal(sig)
+    code = proc.wait(timeout=120)
+    assert code in (130, 143, -sig), output(tmp_path)
+    manifest = ds.read_manifest()
+    assert manifest["status"] == "incomplete" and manifest["stopped"], output(tmp_path)
+    kept = manifest["shards"]["done"]
+    assert 2 <= kept < 8 and manifest["shards"]["not_built"] == 8 - kept
+    assert verify(ds).code == 3 and verify(ds).problems == []
+    shown = subprocess.run([sys.executable, "-m", "flows.cli", "inspect", ds.uri], cwd=ROOT, capture_output=True,
+                           text=True)
+    assert f"INCOMPLETE: {kept} of 8 shards done, 0 failed, {8 - kept} not built" in shown.stdout
