@@ -132,7 +132,7 @@ class RunConfig(_Strict):
     # Fields that say where or how fast a run goes, never what it writes.
     RUNTIME: ClassVar[dict] = {
         "output": True, "ray": True, "retries": True, "shard_retries": True, "storage_timeout_s": True,
-        "storage_retries": True, "storage_credentials": True,
+        "storage_retries": True, "storage_block": True,
     }
     # Fields that decide the generated text for given prompts (they salt shard ids, and so seeds).
     GENERATION: ClassVar[dict] = {}
@@ -150,7 +150,7 @@ class RunConfig(_Strict):
     storage_timeout_s: float = Field(
         30, gt=0, description="Connect/read timeout for remote output stores (S3), so a bad endpoint fails fast."
     )
-    storage_credentials: str | None = Field(
+    storage_block: str | None = Field(
         None, description="Name of a Prefect Secret block holding S3 credentials as JSON (aws_access_key_id, "
         "aws_secret_access_key, optional aws_session_token, endpoint_url, region_name); the AWS environment "
         "or profile if empty.",

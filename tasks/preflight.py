@@ -28,7 +28,7 @@ def preflight(config: RunConfig) -> DatasetDir:
         SCORERS.get(s.name)(s)  # constructors check params; only load() is heavy
         if s.model:
             check_reference(s.model, s.revision, s.allow_pickle_weights)
-    credentials = credentials_from_block(config.storage_credentials) if config.storage_credentials else None
+    credentials = credentials_from_block(config.storage_block) if config.storage_block else None
     ds = DatasetDir(config.output, config.dataset, timeout_s=config.storage_timeout_s, retries=config.storage_retries,
                     credentials=credentials)
     if not ds.local:

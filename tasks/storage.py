@@ -54,8 +54,10 @@ def storage_options(uri: str, timeout_s: float, credentials: dict | None = None)
     value, see credentials_from_block); they live only in the filesystem object, never in what is written."""
     if not uri.startswith(("s3://", "s3a://")):
         return {}
+    # A filesystem of its own: fsspec's shared instance would keep credentials and endpoints of an
+    # earlier run (rotated keys, another block) for the life of a serving process.
     options = {"config_kwargs": {"connect_timeout": timeout_s, "read_timeout": timeout_s,
-                                 "retries": {"max_attempts": 2}}}
+                                 "retries": {"max_attempts": 2}}, "skip_instance_cache": True}
     creds = credentials or {}
     options |= {fs_key: creds[k] for k, fs_key in CREDENTIAL_KEYS.items() if creds.get(k)}
     client = {k: creds[k] for k in CLIENT_KEYS if creds.get(k)}
@@ -70,10 +72,10 @@ def credentials_from_block(name: str) -> dict:
     try:
         value = Secret.load(name).get()
     except ValueError as exc:
-        raise UserError(f"storage_credentials: no Prefect Secret block named {name!r} ({str(exc)[:80]})") from None
+        raise UserError(f"storage_block: no Prefect Secret block named {name!r} ({str(exc)[:80]})") from None
     allowed = set(CREDENTIAL_KEYS) | set(CLIENT_KEYS)
     if not isinstance(value, dict) or not value.get("aws_access_key_id") or set(value) - allowed:
-        raise UserError(f"storage_credentials: the Secret block {name!r} must hold a JSON object with keys "
+        raise UserError(f"storage_block: the Secret block {name!r} must hold a JSON object with keys "
                         f"from {sorted(allowed)}, aws_access_key_id and aws_secret_access_key at least")
     return value
 

@@ -79,3 +79,83 @@ def test_unreachable_endpoint_fails_fast_with_one_line(tmp_path, s3, capsys, mon
     assert time.perf_counter() - t0 < 60
     err = capsys.readouterr().err.strip()
     assert err.startswith("dafactory: error: cannot write to output s3://datasets/y/preference:") and "\n" not in err
+
+
+def no_aws_credentials(monkeypatch, tmp_path):
+    for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+
+
+def test_credentials_from_a_prefect_secret_block(tmp_path, s3, run_flow, monkeypatch):
+    from prefect.blocks.system import Secret
+
+    from tasks.errors import UserError
+
+    block_secret = "block-secret-value-1234567890"
+    Secret(value={"aws_access_key_id": "from-block", "aws_secret_access_key": block_secret}).save(
+        "s3-creds", overwrite=True)
+    no_aws_credentials(monkeypatch, tmp_path)
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": f"q {i}"} for i in range(4)])
+    base = ["output=s3://datasets/blocks", f"prompts.path={prompts}", "student.backend=fake", "n=2",
+            "student.num_cpus=0.5", "scoring.num_cpus=0.5", "storage_retries=0"]
+    # without credentials anywhere the output cannot be written: found before any model loads
+    with pytest.raises(UserError, match="cannot write to output s3://datasets/blocks/no-creds"):
+        run_flow(build_config(PreferenceConfig, None, base + ["dataset=no-creds"]))
+    with pytest.raises(UserError, match="no Prefect Secret block named 'missing'"):
+        run_flow(build_config(PreferenceConfig, None, base + ["dataset=x", "storage_block=missing"]))
+    cfg = build_config(PreferenceConfig, None, base + ["dataset=with-block", "storage_block=s3-creds"])
+    manifest = run_flow(cfg)
+    assert manifest["status"] == "complete" and manifest["config"]["storage_block"] == "s3-creds"
+    for key in ("manifest.json", "config.json"):
+        assert block_secret not in s3.cat(f"datasets/blocks/with-block/{key}").decode()
+
+
+def test_store_down_mid_run_fails_cleanly_then_a_rerun_completes(tmp_path, s3, run_flow, monkeypatch):
+    """The endpoint goes away mid-run: writes retry with backoff, then the run fails with no manifest;
+    once the endpoint is back, the same run resumes and completes."""
+    import threading
+
+    from moto.server import ThreadedMotoServer
+
+    from tasks.errors import StorageError
+    from tasks.verify import verify
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://{host}:{port}")
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": f"question {i}"} for i in range(10)])
+    cfg = build_config(PreferenceConfig, None, [
+        "output=s3://datasets/flaky", "dataset=d", f"prompts.path={prompts}", "student.backend=fake", "n=2",
+        "shard_size=2", "student.params.latency_s=0.5", "student.num_cpus=0.5", "scoring.num_cpus=0.5",
+        "storage_retries=2", "storage_timeout_s=2", "retries=0",
+    ])
+    ds = DatasetDir(cfg.output, cfg.dataset)
+
+    def outage():
+        while not s3.glob("datasets/flaky/d/_staging/candidates/*.parquet"):
+            time.sleep(0.05)
+        server.stop()
+
+    t = threading.Thread(target=outage, daemon=True)
+    t.start()
+    t0 = time.perf_counter()
+    with pytest.raises(StorageError, match=r"storage s3://datasets/flaky/d failed to .* after 3 attempts"):
+        run_flow(cfg)
+    assert time.perf_counter() - t0 < 120
+    t.join(5)
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)  # the endpoint is back
+    server.start()
+    try:
+        assert ds.read_manifest() is None  # the failed run never looks complete
+        staged = len(ds.parts("candidates", staged=True))
+        assert 1 <= staged < 5
+        manifest = run_flow(cfg)
+        assert manifest["status"] == "complete" and manifest["shards"]["resumed"] == staged
+        assert verify(ds).problems == []
+    finally:
+        server.stop()
