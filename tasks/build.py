@@ -138,6 +138,8 @@ def prepare(
     """Claim the output folder, stream the prompts (config.prompts unless `load` is given) through the
     flow's screen, and stage them as shards. No model loads here."""
     logger = get_run_logger()
+    # The run's config in its log (secrets masked by the log filter that preflight installed).
+    logger.info("config %s: %s", config.fingerprint(), config.model_dump_json(exclude_defaults=True))
     ds.claim(config.fingerprint(), redact(config.model_dump(mode="json")))
     planner = Planner(ds, config.shard_size, salt)
     for batch in [load()] if load is not None else iter_prompts(config.prompts):

@@ -434,3 +434,47 @@ def test_local_ray_listens_on_loopback_only_and_its_workers_redact():
     exposed = [f for f in found if f[1] not in ("127.0.0.1", "::1", "::ffff:127.0.0.1")]
     assert exposed == [], exposed
     assert result["worker_log"] == "worker got ***\n"
+
+
+# --- end to end: a planted credential never reaches what a run writes --------------------------------
+
+
+def test_planted_credential_never_reaches_files_logs_or_artifacts(tmp_path, run_flow, monkeypatch):
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, LogFilter, LogFilterFlowRunId
+
+    from tasks.config import PreferenceConfig, build_config
+    from tests.conftest import write_jsonl
+
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", PLANTED)
+    token = "hf_" + "A1b2C3d4" * 5
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": f"q {i}"} for i in range(3)])
+    cfg = build_config(PreferenceConfig, None, [
+        f"output={tmp_path / 'out'}", "dataset=s", f"prompts.path={prompts}", "student.backend=fake", "n=2",
+        "student.num_cpus=0.5", "scoring.num_cpus=0.5",
+        f"student.params.api_token={PLANTED}", f"student.params.note=uses {token}",
+    ])
+    manifest = run_flow(cfg)
+    assert manifest["config"]["student"]["params"] == {"api_token": "***", "note": "uses ***"}
+    written = [p for p in (tmp_path / "out").rglob("*") if p.is_file()]
+    assert len(written) >= 6
+    for path in written:
+        data = path.read_bytes()
+        assert PLANTED.encode() not in data and token.encode() not in data, path
+
+    async def logs_and_artifacts():
+        async with get_client() as client:
+            runs = await client.read_flow_runs(limit=200)
+            (run,) = [r for r in runs if r.name == "preference-s"]
+            logs = await client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run.id])), limit=200)
+            artifacts = await client.read_artifacts(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run.id])))
+            return [log.message for log in logs], [str(a.data) + str(a.description) for a in artifacts]
+
+    logs, artifacts = asyncio.run(logs_and_artifacts())
+    (config_line,) = [m for m in logs if m.startswith("config ")]  # the run's config is logged, masked
+    assert '"api_token":"***"' in config_line.replace(" ", "") and "uses ***" in config_line
+    assert artifacts and logs
+    for text in logs + artifacts:
+        assert PLANTED not in text and token not in text
