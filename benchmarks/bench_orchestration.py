@@ -1,6 +1,7 @@
 """Orchestration throughput: the preference flow on the fake backend against plain pyarrow.
 
     python benchmarks/bench_orchestration.py --prompts 100000 --n 4
+    python benchmarks/bench_orchestration.py --prompts 1000000 --n 4   # RSS stays flat: the input streams
 
 Runs the whole flow (Prefect ephemeral, local Ray, fake generation, refusal heuristic, selection,
 Parquet writes) and then, in the same command, the baseline: pyarrow writing the same candidate rows
@@ -80,6 +81,13 @@ def main() -> None:
     build = manifest["timings_s"]["workers_build_wall"]
     driver_peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
+    from tasks.verify import verify
+
+    t2 = time.perf_counter()
+    verdict = verify(DatasetDir(cfg.output, cfg.dataset))
+    verify_s = time.perf_counter() - t2
+    verify_peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
     table = DatasetDir(cfg.output, cfg.dataset).read_table("candidates")
     t1 = time.perf_counter()
     pq.write_table(table, work / "baseline.parquet", compression="zstd")
@@ -93,6 +101,8 @@ def main() -> None:
     print(f"baseline pyarrow write  : {base:8.2f} s  {base_rate:10.0f} candidate rows/s")
     print(f"ratio flow/baseline     : {flow_rate / base_rate:.3f} (build phase), {rows / wall / base_rate:.3f} (whole)")
     print(f"peak RSS: driver {driver_peak_mb:.0f} MB, Ray workers (sum) {sampler.peak / 2**20:.0f} MB")
+    print(f"verify: {verify_s:.1f} s, {len(verdict.problems)} problems, accounting {verdict.counts}; "
+          f"driver peak RSS after verify {verify_peak_mb:.0f} MB")
     print(f"stage seconds (summed over shards): "
           + ", ".join(f"{k}={v}" for k, v in manifest["timings_s"].items()))
 

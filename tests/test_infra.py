@@ -22,6 +22,8 @@ def test_yaml_parses_and_the_kuberay_cluster_scales_gpus_from_zero():
     assert limits["nvidia.com/gpu"] == "1"
     compose = yaml.safe_load((INFRA / "docker-compose.yaml").read_text())
     assert {"postgres", "prefect-server", "minio", "minio-init", "worker"} <= set(compose["services"])
+    published = [p for svc in compose["services"].values() for p in svc.get("ports", [])]
+    assert published and all(p.startswith("127.0.0.1:") for p in published)  # the local stack is this host's only
 
 
 def test_ray_version_matches_the_installed_ray():
