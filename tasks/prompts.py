@@ -108,25 +108,58 @@ def iter_raw(src: PromptSource, batch_rows: int = 8192) -> Iterator[tuple[list, 
 
 def _csv_batches(f, fmt: str, wanted: list[str], batch_rows: int):
     # Read as binary so that one bad byte quarantines one row instead of failing the file.
-    return pacsv.open_csv(
-        f,
-        read_options=pacsv.ReadOptions(use_threads=False, block_size=1 << 22),
+    # A generator, so that Arrow's parse errors surface in _arrow_chunks, which names the file.
+    block = 1 << 22
+    options = dict(
+        read_options=pacsv.ReadOptions(use_threads=False, block_size=block),
         parse_options=pacsv.ParseOptions(newlines_in_values=True, delimiter="\t" if fmt == "tsv" else ","),
         convert_options=pacsv.ConvertOptions(column_types={c: pa.binary() for c in wanted}),
     )
+    try:
+        reader = pacsv.open_csv(f, **options)
+    except pa.ArrowInvalid:
+        # Arrow cannot read a lone header line with no newline after it: give it one.
+        f.seek(0)
+        head = f.read(block + 1)
+        if not head.strip() or len(head) > block or b"\n" in head or b"\r" in head:
+            raise
+        reader = pacsv.open_csv(pa.BufferReader(head + b"\n"), **options)
+    empty = True
+    for batch in reader:  # Arrow's batches are blocks of bytes: cut them to batch_rows rows
+        for start in range(0, batch.num_rows, batch_rows):
+            empty = False
+            yield batch.slice(start, batch_rows)
+    if empty:  # a header and no rows: one empty batch, so that the header is still checked
+        yield pa.RecordBatch.from_pylist([], schema=reader.schema)
 
 
 def _arrow_chunks(batches, src: PromptSource, wanted: list[str], path: str):
-    checked = False
-    for batch in batches:
+    def cells(column: pa.Array) -> list:
+        try:
+            return column.to_pylist()
+        except UnicodeDecodeError:  # a string column holding bytes that are not UTF-8 (not every writer checks)
+            out = []
+            for i in range(len(column)):
+                try:
+                    out.append(column[i].as_py())
+                except UnicodeDecodeError as exc:
+                    out.append(_BadLine("non_utf8", str(exc)))
+            return out
+
+    checked, batches = False, iter(batches)
+    while True:
+        try:
+            batch = next(batches)
+        except StopIteration:
+            return
+        except pa.ArrowInvalid as exc:  # a CSV row with another number of fields, an empty CSV file
+            raise UserError(f"prompt file {path}: {' '.join(str(exc).split())[:300]}") from None
         if not checked:
             _check(batch.schema.names, wanted, path)
             checked = True
-        prompts = batch.column(src.prompt_column).to_pylist()
-        cats = batch.column(src.category_column).to_pylist() if src.category_column else [None] * len(prompts)
+        prompts = cells(batch.column(src.prompt_column))
+        cats = cells(batch.column(src.category_column)) if src.category_column else [None] * len(prompts)
         yield prompts, cats
-    if not checked and hasattr(batches, "schema"):  # an empty CSV: still check its header
-        _check(batches.schema.names, wanted, path)
 
 
 def read_raw(src: PromptSource) -> tuple[list[str], list[object], list[object]]:
@@ -145,7 +178,10 @@ class _BadLine:
 
 
 def _jsonl_chunks(f, src: PromptSource, wanted: list[str], path: str, batch_rows: int):
-    prompts, cats, seen_cols = [], [], {}
+    # The columns are checked once, over the keys of the first `window` rows (the whole file if shorter),
+    # and batches are held back until then: whether a file fails must not depend on batch_rows.
+    window = 8192
+    prompts, cats, seen_cols, held, rows = [], [], {}, [], 0
     for raw in f:
         if not raw.strip():
             continue
@@ -153,20 +189,28 @@ def _jsonl_chunks(f, src: PromptSource, wanted: list[str], path: str, batch_rows
             obj = json.loads(raw)
         except UnicodeDecodeError as exc:
             obj = _BadLine("non_utf8", str(exc))
-        except json.JSONDecodeError as exc:
+        except (ValueError, RecursionError) as exc:  # bad JSON, an int past 4300 digits, too deeply nested
             obj = _BadLine("malformed_json", str(exc))
         if isinstance(obj, dict):
-            seen_cols.update(dict.fromkeys(obj))
+            if rows < window:
+                seen_cols.update(dict.fromkeys(obj))
             prompts.append(obj.get(src.prompt_column))
             cats.append(obj.get(src.category_column) if src.category_column else None)
         else:
             prompts.append(obj if isinstance(obj, _BadLine) else _BadLine("malformed_json", "not an object"))
             cats.append(None)
+        rows += 1
         if len(prompts) == batch_rows:
-            _check(list(seen_cols), wanted, path)
-            yield prompts, cats
+            held.append((prompts, cats))
             prompts, cats = [], []
-    _check(list(seen_cols), wanted, path)
+        if rows == window:
+            _check(list(seen_cols), wanted, path)
+        if rows >= window:
+            yield from held
+            held = []
+    if rows < window:
+        _check(list(seen_cols), wanted, path)
+    yield from held
     if prompts:
         yield prompts, cats
 
@@ -184,6 +228,11 @@ def _decode(value: object) -> tuple[str | None, str | None, str | None]:
             return None, "non_utf8", str(exc)
     if not isinstance(value, str):
         return None, "not_text", f"value of type {type(value).__name__}"
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:  # a lone surrogate, from a "\ud800" escape in JSON
+        # or from surrogate bytes, which json.loads decodes with surrogatepass
+        return None, "non_utf8", str(exc)
     if not value.strip():
         return None, "empty", "empty or whitespace-only"
     return value, None, None
