@@ -7,6 +7,7 @@ progress, retries, the manifest written last) is the same code for every flow.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -15,7 +16,10 @@ import time
 from collections import Counter
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
+
+import fsspec
 
 from prefect import get_run_logger, task
 from prefect.artifacts import create_progress_artifact, create_table_artifact, update_progress_artifact
@@ -26,11 +30,11 @@ from prefect.settings import PREFECT_API_URL
 
 from tasks.config import RunConfig
 from tasks.errors import UserError
-from tasks.manifest import build_manifest, summary_rows
-from tasks.prompts import PromptRow, PromptSet, Shard, iter_prompts, make_shards
+from tasks.manifest import build_manifest, code_version, summary_rows
+from tasks.prompts import PromptRow, PromptSet, Shard, iter_prompts, make_shards, source_path
 from tasks.redact import redact
 from tasks.schemas import PROMPTS, QUARANTINE, to_table
-from tasks.storage import DatasetDir
+from tasks.storage import DatasetDir, storage_options
 from tasks.workers import StageSpec, kill_stages, start_stages, stream
 
 GPU_LIMIT = "dafactory-gpu"
@@ -127,7 +131,6 @@ def load_shard(ds: DatasetDir, ref: ShardRef) -> Shard:
     ))
 
 
-@task(cache_policy=NONE)
 def prepare(
     config: RunConfig,
     ds: DatasetDir,
@@ -135,12 +138,32 @@ def prepare(
     screen: Callable[[PromptSet], PromptSet] | None = None,
     load: Callable[[], PromptSet] | None = None,
 ) -> Plan:
-    """Claim the output folder, stream the prompts (config.prompts unless `load` is given) through the
-    flow's screen, and stage them as shards. No model loads here."""
+    """Claim the output folder and plan the input into shards (the `prepare` task). With
+    `result_storage` set, the plan is a cached, persisted Prefect result: a run retried on another
+    machine that shares the storage skips the planning, unless the planned shards are gone."""
     logger = get_run_logger()
     # The run's config in its log (secrets masked by the log filter that preflight installed).
     logger.info("config %s: %s", config.fingerprint(), config.model_dump_json(exclude_defaults=True))
     ds.claim(config.fingerprint(), redact(config.model_dump(mode="json")))
+    planned = plan_input.with_options(**result_options(config))
+    plan = planned(config, ds, salt, screen, load)
+    if not ds.holds_plan([s.shard_id for s in plan.shards]):
+        logger.warning("the cached plan's shards are not in %s any more: planning again", ds.uri)
+        plan = planned.with_options(refresh_cache=True)(config, ds, salt, screen, load)
+    return plan
+
+
+@task(name="prepare", cache_policy=NONE)
+def plan_input(
+    config: RunConfig,
+    ds: DatasetDir,
+    salt: str,
+    screen: Callable[[PromptSet], PromptSet] | None = None,
+    load: Callable[[], PromptSet] | None = None,
+) -> Plan:
+    """Stream the prompts (config.prompts unless `load` is given) through the flow's screen, and stage
+    them as shards. No model loads here."""
+    logger = get_run_logger()
     planner = Planner(ds, config.shard_size, salt)
     for batch in [load()] if load is not None else iter_prompts(config.prompts):
         planner.add(screen(batch) if screen is not None else batch)
@@ -151,6 +174,38 @@ def prepare(
         ", ".join(f"{k} {v}" for k, v in sorted(plan.quarantined.items())) or "none", ds.uri,
     )
     return plan
+
+
+def plan_key(context, parameters: dict) -> str | None:
+    """What decides a plan: the dataset, the config's content, the salt, the code version and the input
+    file's identity (size and modification time, or the object's ETag). None (no caching) for inputs
+    the flow loads itself (evaluation benchmarks)."""
+    if parameters.get("load") is not None:
+        return None
+    config, ds = parameters["config"], parameters["ds"]
+    src = source_path(config.prompts)
+    fs, path = fsspec.core.url_to_fs(src)
+    ident = [ds.uri, config.fingerprint(), parameters["salt"], code_version().get("git_commit", ""),
+             src, str(fs.ukey(path))]
+    return "dafactory-plan-" + hashlib.sha256("\x00".join(ident).encode()).hexdigest()[:32]
+
+
+def result_options(config: RunConfig) -> dict:
+    """Task options that persist results to `config.result_storage` and cache the plan there."""
+    if not config.result_storage:
+        return {}
+    from prefect.cache_policies import CacheKeyFnPolicy
+    from prefect.filesystems import LocalFileSystem, RemoteFileSystem
+
+    uri = config.result_storage
+    if "://" in uri and not uri.startswith("file://"):
+        # Prefect keeps result storage as a block on its server, so it carries no credentials: they come
+        # from the worker's AWS environment or profile (a storage_block's keys are not copied into it).
+        storage = RemoteFileSystem(basepath=uri.rstrip("/"), settings=storage_options(uri, config.storage_timeout_s))
+    else:
+        storage = LocalFileSystem(basepath=str(Path(uri.removeprefix("file://")).expanduser().resolve()))
+    storage.save(f"dafactory-results-{hashlib.sha256(storage.basepath.encode()).hexdigest()[:12]}", overwrite=True)
+    return {"persist_result": True, "result_storage": storage, "cache_policy": CacheKeyFnPolicy(cache_key_fn=plan_key)}
 
 
 def write_shard(ds: DatasetDir, recipe: Recipe, result: dict) -> dict:

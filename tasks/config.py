@@ -132,7 +132,7 @@ class RunConfig(_Strict):
     # Fields that say where or how fast a run goes, never what it writes.
     RUNTIME: ClassVar[dict] = {
         "output": True, "ray": True, "retries": True, "shard_retries": True, "storage_timeout_s": True,
-        "storage_retries": True, "storage_block": True,
+        "storage_retries": True, "storage_block": True, "result_storage": True,
     }
     # Fields that decide the generated text for given prompts (they salt shard ids, and so seeds).
     GENERATION: ClassVar[dict] = {}
@@ -149,6 +149,11 @@ class RunConfig(_Strict):
     )
     storage_timeout_s: float = Field(
         30, gt=0, description="Connect/read timeout for remote output stores (S3), so a bad endpoint fails fast."
+    )
+    result_storage: str | None = Field(
+        None, description="Where Prefect persists task results (local path or s3://bucket/prefix); the input "
+        "plan is cached there, so a run retried on another machine that shares it skips planning. Off if empty. "
+        "S3 credentials for it come from the AWS environment or profile.",
     )
     storage_block: str | None = Field(
         None, description="Name of a Prefect Secret block holding S3 credentials as JSON (aws_access_key_id, "

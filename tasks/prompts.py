@@ -56,7 +56,7 @@ class Shard:
     rows: tuple[PromptRow, ...]
 
 
-def _source_path(src: PromptSource) -> str:
+def source_path(src: PromptSource) -> str:
     if src.path in BUNDLED_SAMPLES:
         return str(resources.files("tasks.data") / BUNDLED_SAMPLES[src.path])
     return src.path
@@ -83,7 +83,7 @@ def _check(columns: list[str], wanted: list[str], path: str) -> None:
 def iter_raw(src: PromptSource, batch_rows: int = 8192) -> Iterator[tuple[list, list]]:
     """Raw prompt and category values (bytes/str/None, or a decode error), `batch_rows` source rows at
     a time: the file is streamed, never read whole. Stops after `src.limit` rows."""
-    path = _source_path(src)
+    path = source_path(src)
     fmt = _format(path)
     wanted = [src.prompt_column] + ([src.category_column] if src.category_column else [])
     left = src.limit if src.limit is not None else float("inf")

@@ -203,6 +203,11 @@ class DatasetDir:
         path = staged if self._retry("look up a part", lambda: self.fs.exists(staged)) else self.part_path(table, part)
         return self._read_parquet(path)
 
+    def holds_plan(self, shard_ids: list[str]) -> bool:
+        """Every planned shard's prompts part is here (staged or published)."""
+        have = set(self.parts("prompts", staged=True)) | set(self.parts("prompts"))
+        return set(shard_ids) <= have
+
     def _read_parquet(self, path: str) -> pa.Table:
         def read():
             with self.fs.open(path, "rb") as f:

@@ -13,7 +13,11 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import json  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
 
 import pytest  # noqa: E402
 
@@ -99,3 +103,20 @@ def tiny_models(tmp_path_factory):
     rm.save_pretrained(root / "rm")
     fast.save_pretrained(root / "rm")
     return {"lm": str(root / "lm"), "lm_long": str(root / "lm_long"), "lm_ft": str(root / "lm_ft"), "rm": str(root / "rm"), "tokenizer": fast}
+
+
+def cli(tmp_path, cfg) -> subprocess.Popen:
+    """`dafactory run preference` on `cfg` in a process of its own, with its own HOME (so its own
+    temporary Prefect): another machine, as far as Prefect knows. Output goes to tmp_path/cli.log."""
+    path = tmp_path / "config.yaml"
+    path.write_text(json.dumps(cfg.model_dump(mode="json")))
+    (tmp_path / "home").mkdir(exist_ok=True)
+    env = dict(os.environ, HOME=str(tmp_path / "home"))
+    env.pop("PREFECT_API_URL", None)  # its own temporary Prefect, as a user's command would
+    log = open(tmp_path / "cli.log", "a")  # a file, not a pipe: a pipe nobody reads would block the process
+    return subprocess.Popen([sys.executable, "-m", "flows.cli", "run", "preference", "--config", str(path)],
+                            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def output(tmp_path) -> str:
+    return (tmp_path / "cli.log").read_text()

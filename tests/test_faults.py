@@ -19,7 +19,7 @@ from flows.cli import main
 from tasks.config import PreferenceConfig, build_config
 from tasks.storage import DatasetDir
 from tasks.verify import verify
-from tests.conftest import write_jsonl
+from tests.conftest import cli, output, write_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -125,21 +125,6 @@ def test_a_shard_that_keeps_failing_is_listed_and_the_rest_go_on(tmp_path, run_f
     assert manifest["accounting"]["prompts_in_failed_shards"] == 2
     assert manifest["accounting"]["prompts_with_output"] == 14 and manifest["accounting"]["balanced"]
     assert verify(ds).problems == [] and verify(ds).code == 3
-
-
-def cli(tmp_path, cfg: PreferenceConfig) -> subprocess.Popen:
-    path = tmp_path / "config.yaml"
-    path.write_text(json.dumps(cfg.model_dump(mode="json")))
-    (tmp_path / "home").mkdir(exist_ok=True)
-    env = dict(os.environ, HOME=str(tmp_path / "home"))
-    env.pop("PREFECT_API_URL", None)  # its own temporary Prefect, as a user's command would
-    log = open(tmp_path / "cli.log", "a")  # a file, not a pipe: a pipe nobody reads would block the process
-    return subprocess.Popen([sys.executable, "-m", "flows.cli", "run", "preference", "--config", str(path)],
-                            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-
-
-def output(tmp_path) -> str:
-    return (tmp_path / "cli.log").read_text()
 
 
 def wait_for_parts(ds: DatasetDir, proc: subprocess.Popen, n: int, timeout_s: float = 240) -> None:

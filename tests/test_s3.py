@@ -9,7 +9,7 @@ import pytest
 from flows.cli import main
 from tasks.config import PreferenceConfig, build_config
 from tasks.storage import DatasetDir
-from tests.conftest import write_jsonl
+from tests.conftest import cli, output, write_jsonl
 
 pytestmark = pytest.mark.server
 
@@ -159,3 +159,26 @@ def test_store_down_mid_run_fails_cleanly_then_a_rerun_completes(tmp_path, s3, r
         assert verify(ds).problems == []
     finally:
         server.stop()
+
+
+def test_prefect_results_on_s3_let_another_machine_skip_planning(tmp_path, s3, run_flow):
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": f"question {i}"} for i in range(6)])
+    cfg = build_config(PreferenceConfig, None, [
+        "output=s3://datasets/shared", "dataset=r", f"prompts.path={prompts}", "student.backend=fake", "n=2",
+        "shard_size=2", "student.num_cpus=0.5", "scoring.num_cpus=0.5", "result_storage=s3://datasets/prefect-results",
+    ])
+    first = run_flow(cfg)
+    (record,) = s3.ls("datasets/prefect-results")  # the plan, persisted under its cache key
+    assert record.split("/")[-1].startswith("dafactory-plan-")
+    # Another machine (its own process, HOME and temporary Prefect) runs the same config: the plan comes
+    # from the shared result storage, the shards from the dataset.
+    proc = cli(tmp_path, cfg)
+    assert proc.wait(timeout=300) == 0, output(tmp_path)
+    log = output(tmp_path)
+    assert "Task run 'prepare-" in log and "Finished in state Cached(type=COMPLETED)" in log, log[-3000:]
+    second = DatasetDir(cfg.output, cfg.dataset).read_manifest()
+    assert second["shards"]["resumed"] == 3 and second["tables"]["candidates"] == first["tables"]["candidates"]
+    # the dataset is removed: the cached plan names shards that are gone, so the input is planned again
+    s3.rm("datasets/shared/r", recursive=True)
+    again = run_flow(cfg)
+    assert again["status"] == "complete" and again["shards"]["built"] == 3
