@@ -244,16 +244,31 @@ def not_user_error(task, task_run, state) -> bool:
 STOPS = (KeyboardInterrupt, TerminationSignal)  # Ctrl-C, and SIGTERM (a cancel from the Prefect UI)
 
 
+def stop_in(exc: BaseException) -> BaseException | None:
+    """The stop (Ctrl-C, SIGTERM) behind an exception: a signal that lands inside Ray's C code surfaces
+    as a SystemError whose context is the stop."""
+    while exc is not None:
+        if isinstance(exc, STOPS):
+            return exc
+        exc = exc.__context__
+    return None
+
+
 @contextmanager
 def sigterm_stops():
     """While shards stream, SIGTERM (how a Prefect runner cancels a run, and how Kubernetes stops a pod)
-    stops the build like Ctrl-C does, instead of Ray's driver handler exiting the process at once."""
+    stops the build like Ctrl-C does, instead of Ray's driver handler (installed by ray.init) exiting the
+    process at once. The handler is Prefect's own SIGTERM bridge: it raises TerminationSignal, and a
+    runner that sees it installed can record the cancellation, so the run ends Cancelled, not Crashed."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
+    try:
+        from prefect.utilities.engine import _prefect_sigterm_handler as stop
+    except ImportError:  # another Prefect: the same behaviour, without the runner's acknowledgement
 
-    def stop(signum, frame):
-        raise TerminationSignal(signum)
+        def stop(signum, frame):
+            raise TerminationSignal(signum)
 
     previous = signal.signal(signal.SIGTERM, stop)
     try:
@@ -307,9 +322,12 @@ def build_shards(config: RunConfig, ds: DatasetDir, plan: Plan, recipe: Recipe) 
                 failed = stream(recipe.stages, shards, on_result, retries=config.shard_retries)
             report["failed"] = [{"shard_id": s.shard_id, "index": s.index, "prompts": len(s.rows), "error": e}
                                 for s, e in failed]
-        except STOPS as stop:
+        except BaseException as exc:
+            stop = stop_in(exc)
+            if stop is None:
+                raise
             report["stopped"] = type(stop).__name__
-            logger.warning("stopped (%s) after %d of %d shards; keeping them", type(stop).__name__,
+            logger.warning("stopped (%s) after %d of %d shards; keeping them", report["stopped"],
                            report["built"], len(pending))
         report["seconds"]["build_wall"] = time.perf_counter() - t1
     finally:

@@ -21,6 +21,7 @@ def main(out_dir: str, remove_node: bool) -> None:
 
     from tasks.config import PreferenceConfig, build_config
     from tasks.storage import DatasetDir
+    from tasks.verify import verify
 
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "num_gpus": 0})
     workers = [cluster.add_node(num_cpus=2, num_gpus=1) for _ in range(2)]
@@ -45,9 +46,9 @@ def main(out_dir: str, remove_node: bool) -> None:
     runner = threading.Thread(target=lambda: result.update(manifest=preference(cfg)), daemon=True)
     runner.start()
     if remove_node:
-        while len(ds.parts("candidates")) < 2 and runner.is_alive():
+        while len(ds.parts("candidates", staged=True)) < 2 and runner.is_alive():
             time.sleep(0.1)
-        removed["after_parts"] = len(ds.parts("candidates"))
+        removed["after_parts"] = len(ds.parts("candidates", staged=True))
         cluster.remove_node(workers[1])  # the node dies with its replica and the work on it
         cluster.add_node(num_cpus=2, num_gpus=1)  # a replacement, as an autoscaler would bring
     runner.join(timeout=400)
@@ -57,7 +58,7 @@ def main(out_dir: str, remove_node: bool) -> None:
     print(json.dumps({
         "rows": len(keys), "unique": len(set(keys)), "status": manifest["status"],
         "generate_nodes": sorted(w["node_id"] for w in gen), "removed": removed,
-        "worker_nodes": sorted(n.node_id for n in workers),
+        "worker_nodes": sorted(n.node_id for n in workers), "verify_problems": verify(ds).problems,
     }))
     ray.shutdown()
     cluster.shutdown()

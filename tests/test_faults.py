@@ -180,3 +180,25 @@ def test_a_graceful_stop_keeps_finished_shards_under_an_incomplete_manifest(tmp_
     shown = subprocess.run([sys.executable, "-m", "flows.cli", "inspect", ds.uri], cwd=ROOT, capture_output=True,
                            text=True)
     assert f"INCOMPLETE: {kept} of 8 shards done, 0 failed, {8 - kept} not built" in shown.stdout
+
+
+def test_one_bad_prompt_is_quarantined_and_never_fails_its_batch(tmp_path, run_flow):
+    # the backend raises on any batch holding "number 5" (a tokenizer error, an OOM on one long row)
+    cfg = config(tmp_path, "student.params.fail_on=number 5", "student.batch_size=4")
+    manifest = run_flow(cfg)
+    ds = DatasetDir(cfg.output, cfg.dataset)
+    (bad,) = [q for q in ds.read_table("quarantine").to_pylist() if q["reason"] == "generation_error"]
+    assert bad["prompt"] == "question number 5"
+    assert bad["detail"] == "RuntimeError: injected failure on a prompt containing number 5"
+    assert manifest["status"] == "complete" and manifest["tables"]["candidates"]["rows"] == 15 * 2
+    assert manifest["accounting"]["prompts_quarantined_in_shards"] == 1 and manifest["accounting"]["balanced"]
+    assert verify(ds).problems == []
+
+
+@pytest.mark.parametrize("name", ["../escape", "a/b", ".hidden", "..", "/abs"])
+def test_dataset_names_cannot_leave_the_output_root(tmp_path, name, capsys):
+    argv = ["run", "preference", "--set", f"prompts.path={prompts(tmp_path)}", "--set", f"output={tmp_path}/out",
+            "--set", f"dataset={name}", "--set", "student.backend=fake"]
+    assert main(argv) == 2
+    assert "invalid config: dataset: String should match pattern" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists() and not (tmp_path / "escape").exists()

@@ -141,3 +141,23 @@ def test_the_cron_schedule_creates_runs_and_the_gpu_limit_exists(served):
     schema = dep.parameter_openapi_schema
     assert "config" in schema["properties"]
     assert "Samples per prompt." in json.dumps(schema)
+
+
+def test_cancel_from_the_ui_keeps_finished_shards_under_an_incomplete_manifest(served):
+    from prefect.states import Cancelling
+
+    client, dep = served["client"], served["deployment"]
+    prompts = served["work"] / "many.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"item {i}"}) + "\n" for i in range(30)))
+    params = dict(dep.parameters)
+    params["config"] = dict(params["config"], dataset="cancelled", shard_size=1, prompts={"path": str(prompts)},
+                            student=dict(params["config"]["student"], params={"latency_s": 2.0}))
+    run = client.create_flow_run_from_deployment(dep.id, parameters=params)
+    staged = served["work"] / "out" / "cancelled" / "_staging" / "candidates"
+    wait_for(lambda: staged.exists() and any(staged.glob("*.parquet")), 240, "a first shard")
+    client.set_flow_run_state(run.id, Cancelling(), force=True)  # what the UI's Cancel button does
+    final = wait_for(lambda: (r := client.read_flow_run(run.id)).state.is_final() and r, 120, "the cancellation")
+    assert final.state.is_cancelled(), final.state
+    manifest = json.loads((served["work"] / "out" / "cancelled" / "manifest.json").read_text())
+    assert manifest["status"] == "incomplete" and manifest["stopped"] == "TerminationSignal"
+    assert 1 <= manifest["shards"]["done"] < 30 and manifest["accounting"]["balanced"]

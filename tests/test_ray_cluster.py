@@ -30,3 +30,4 @@ def test_a_worker_node_removed_mid_run(tmp_path):
     out = run(tmp_path, "remove")
     assert out["removed"]["after_parts"] >= 2  # the node went away while shards were still to do
     assert out["rows"] == out["unique"] == 24 * 3 and out["status"] == "complete"
+    assert out["verify_problems"] == []
