@@ -26,23 +26,28 @@ os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 
 
 class RayRssSampler(threading.Thread):
-    """Peak of the summed RSS of Ray worker processes, sampled every 0.2 s."""
+    """Peaks of the summed RSS and USS (memory unique to each process, so without the shared object
+    store pages that RSS counts in every process touching them) of Ray worker processes, every 0.5 s."""
 
     def __init__(self):
         super().__init__(daemon=True)
-        self.peak, self.stop = 0, threading.Event()
+        self.peak, self.peak_uss, self.stop = 0, 0, threading.Event()
 
     def run(self):
         import psutil
 
         while not self.stop.is_set():
-            total = 0
-            for p in psutil.process_iter(["name", "cmdline", "memory_info"]):
+            rss = uss = 0
+            for p in psutil.process_iter(["name", "cmdline"]):
                 cmd = " ".join(p.info["cmdline"] or [])
                 if "ray::" in (p.info["name"] or "") or "default_worker.py" in cmd:
-                    total += p.info["memory_info"].rss if p.info["memory_info"] else 0
-            self.peak = max(self.peak, total)
-            time.sleep(0.2)
+                    try:
+                        mem = p.memory_full_info()
+                    except (psutil.NoSuchProcess, psutil.AccessDenied):
+                        continue
+                    rss, uss = rss + mem.rss, uss + mem.uss
+            self.peak, self.peak_uss = max(self.peak, rss), max(self.peak_uss, uss)
+            time.sleep(0.5)
 
 
 def main() -> None:
@@ -100,7 +105,8 @@ def main() -> None:
           f"(includes Prefect server start, prompt load, worker start, manifest)")
     print(f"baseline pyarrow write  : {base:8.2f} s  {base_rate:10.0f} candidate rows/s")
     print(f"ratio flow/baseline     : {flow_rate / base_rate:.3f} (build phase), {rows / wall / base_rate:.3f} (whole)")
-    print(f"peak RSS: driver {driver_peak_mb:.0f} MB, Ray workers (sum) {sampler.peak / 2**20:.0f} MB")
+    print(f"peak RSS: driver {driver_peak_mb:.0f} MB, Ray workers (sum) {sampler.peak / 2**20:.0f} MB "
+          f"(USS, without shared object-store pages: {sampler.peak_uss / 2**20:.0f} MB)")
     print(f"verify: {verify_s:.1f} s, {len(verdict.problems)} problems, accounting {verdict.counts}; "
           f"driver peak RSS after verify {verify_peak_mb:.0f} MB")
     print(f"stage seconds (summed over shards): "

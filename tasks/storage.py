@@ -201,14 +201,14 @@ class DatasetDir:
         """One part, staged (this run) or published (an earlier run)."""
         staged = self.part_path(table, part, staged=True)
         path = staged if self._retry("look up a part", lambda: self.fs.exists(staged)) else self.part_path(table, part)
-        return self._read_parquet(path)
+        return self.read_file(path)
 
     def holds_plan(self, shard_ids: list[str]) -> bool:
         """Every planned shard's prompts part is here (staged or published)."""
         have = set(self.parts("prompts", staged=True)) | set(self.parts("prompts"))
         return set(shard_ids) <= have
 
-    def _read_parquet(self, path: str) -> pa.Table:
+    def read_file(self, path: str) -> pa.Table:
         def read():
             with self.fs.open(path, "rb") as f:
                 # use_threads=False: pyarrow 26 reading from Python file objects with threads can abort the
@@ -287,7 +287,7 @@ class DatasetDir:
         paths = self.listed_files(table)
         if not paths:
             return TABLES[table].empty_table()
-        return pa.concat_tables([self._read_parquet(p) for p in paths])
+        return pa.concat_tables([self.read_file(p) for p in paths])
 
     # manifest --------------------------------------------------------------------------------
     def write_manifest(self, manifest: dict) -> None:

@@ -79,7 +79,7 @@ def verify(ds: DatasetDir) -> Verdict:
         if rows != entry["rows"]:
             p.append(f"{table}: the manifest says {entry['rows']} rows, the files hold {rows}")
 
-    # 2. Every source row exactly once: planned, or set aside at input.
+    # 2. Every source row exactly once: planned (below), or set aside at input.
     plan_parts = _by_part(ds, manifest, "prompts")
     quarantine_parts = _by_part(ds, manifest, "quarantine")
     source_rows = manifest["accounting"]["source_rows"]
@@ -87,50 +87,41 @@ def verify(ds: DatasetDir) -> Verdict:
     set_aside = 0
     for name, path in quarantine_parts.items():
         if name.startswith("input"):
-            q = ds._read_parquet(path)
+            q = ds.read_file(path)
             set_aside += q.num_rows
             rows_seen.append(q.column("source_row").to_numpy(zero_copy_only=False))
-    planned: dict[str, set] = {}
-    for shard_id, path in plan_parts.items():
-        t = ds._read_parquet(path)
-        rows_seen.append(t.column("source_row").to_numpy(zero_copy_only=False))
-        ids = _ids(t)
-        planned[shard_id] = set(ids)
-        dup_ids += [i for i in ids if not seen_ids.add(i)]
-    _too_many(p, "prompt ids planned more than once", dup_ids)
-    all_rows = np.concatenate(rows_seen) if rows_seen else np.empty(0, dtype=np.int64)
-    out_of_range = all_rows[(all_rows < 0) | (all_rows >= source_rows)]
-    _too_many(p, "source rows outside the input", out_of_range.tolist())
-    seen = np.bincount(all_rows[(all_rows >= 0) & (all_rows < source_rows)], minlength=source_rows)
-    _too_many(p, "source rows accounted for more than once", np.flatnonzero(seen > 1).tolist())
-    _too_many(p, "source rows missing (neither planned nor set aside)", np.flatnonzero(seen == 0).tolist())
-
-    # 3. Shard by shard: every planned prompt has output or a quarantine row, and no key twice.
+    # 3. Shard by shard (one shard in memory at a time): every planned prompt has output or a quarantine
+    # row, and no key is there twice.
     sample_parts = {t: _by_part(ds, manifest, t) for t in layout["sample_tables"]}
     unique_parts = {t: _by_part(ds, manifest, t) for t in layout.get("one_row_per_prompt", [])}
     marker = _by_part(ds, manifest, layout["marker"])
     failed = {f["shard_id"] for f in manifest["shards"]["failed"]}
     acc = Counter()
-    for shard_id, ids in planned.items():
+    for shard_id, path in plan_parts.items():
+        t = ds.read_file(path)
+        rows_seen.append(t.column("source_row").to_numpy(zero_copy_only=False))
+        ids = set(_ids(t))
+        acc["planned_prompts"] += t.num_rows
+        dup_ids += [i for i in _ids(t) if not seen_ids.add(i)]
         out, keys = set(), Counter()
-        for t, parts in sample_parts.items():
+        for table, parts in sample_parts.items():
             if shard_id in parts:
-                part = ds._read_parquet(parts[shard_id])
+                part = ds.read_file(parts[shard_id])
                 out.update(_ids(part))
                 keys.update(zip(_ids(part), part.column("sample_idx").to_pylist()))
         quarantined = Counter()
         if shard_id in quarantine_parts:
-            quarantined.update(_ids(ds._read_parquet(quarantine_parts[shard_id])))
+            quarantined.update(_ids(ds.read_file(quarantine_parts[shard_id])))
         _too_many(p, f"shard {shard_id}: (prompt_id, sample_idx) written twice",
                   [k for k, n in keys.items() if n > 1])
         _too_many(p, f"shard {shard_id}: prompts quarantined twice", [k for k, n in quarantined.items() if n > 1])
         _too_many(p, f"shard {shard_id}: prompts both in output and quarantine", out & set(quarantined))
         _too_many(p, f"shard {shard_id}: rows for prompts not planned in it", (out | set(quarantined)) - ids)
-        for t, parts in unique_parts.items():
+        for table, parts in unique_parts.items():
             if shard_id in parts:
-                c = Counter(_ids(ds._read_parquet(parts[shard_id])))
-                _too_many(p, f"shard {shard_id}: {t} rows twice for a prompt", [k for k, n in c.items() if n > 1])
-                _too_many(p, f"shard {shard_id}: {t} rows for prompts without output", set(c) - out)
+                c = Counter(_ids(ds.read_file(parts[shard_id])))
+                _too_many(p, f"shard {shard_id}: {table} rows twice for a prompt", [k for k, n in c.items() if n > 1])
+                _too_many(p, f"shard {shard_id}: {table} rows for prompts without output", set(c) - out)
         if shard_id in marker:
             _too_many(p, f"shard {shard_id}: prompts missing (no output, no quarantine)", ids - out - set(quarantined))
             acc["prompts_with_output"] += len(out)
@@ -142,9 +133,18 @@ def verify(ds: DatasetDir) -> Verdict:
         if shard_id not in marker and (out or quarantined):
             p.append(f"shard {shard_id}: not marked done but has output or quarantine rows")
 
+    # The source rows, all together (8 bytes each): each exactly once.
+    _too_many(p, "prompt ids planned more than once", dup_ids)
+    all_rows = np.concatenate(rows_seen) if rows_seen else np.empty(0, dtype=np.int64)
+    out_of_range = all_rows[(all_rows < 0) | (all_rows >= source_rows)]
+    _too_many(p, "source rows outside the input", out_of_range.tolist())
+    seen = np.bincount(all_rows[(all_rows >= 0) & (all_rows < source_rows)], minlength=source_rows)
+    _too_many(p, "source rows accounted for more than once", np.flatnonzero(seen > 1).tolist())
+    _too_many(p, "source rows missing (neither planned nor set aside)", np.flatnonzero(seen == 0).tolist())
+
     # 4. The manifest's accounting against the recomputed one.
     recomputed = {"source_rows": source_rows, "set_aside_at_input": set_aside,
-                  "planned_prompts": sum(map(len, planned.values())),
+                  "planned_prompts": acc["planned_prompts"],
                   **{k: acc[k] for k in ("prompts_with_output", "prompts_quarantined_in_shards",
                                           "prompts_in_failed_shards", "prompts_in_unbuilt_shards")}}
     for k, value in recomputed.items():
