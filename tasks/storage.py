@@ -233,15 +233,23 @@ class DatasetDir:
         return removed
 
     def publish(self, tables: list[str]) -> int:
-        """Move every staged part into its table (overwriting the same shard's older part)."""
+        """Move every staged part into its table (overwriting the same shard's older part). On object
+        stores the copies and deletes of a table go out as concurrent batches."""
         moved = 0
         for table in tables:
-            for part, path in self.parts(table, staged=True).items():
-                final = self.part_path(table, part)
-                if self.local:
-                    self.fs.makedirs(posixpath.dirname(final), exist_ok=True)
-                self._retry(f"publish {table}/{part}", lambda: self.fs.mv(path, final))
-                moved += 1
+            staged = self.parts(table, staged=True)
+            if not staged:
+                continue
+            sources = list(staged.values())
+            targets = [self.part_path(table, part) for part in staged]
+            if self.local:  # a rename each: atomic, no bytes copied
+                self.fs.makedirs(posixpath.dirname(targets[0]), exist_ok=True)
+                for src, dst in zip(sources, targets):
+                    os.replace(src, dst)
+            else:
+                self._retry(f"publish {table}", lambda: self.fs.copy(sources, targets))
+                self._retry(f"publish {table}", lambda: self.fs.rm(sources))
+            moved += len(sources)
         return moved
 
     def drop_staging(self) -> None:
