@@ -478,3 +478,16 @@ def test_planted_credential_never_reaches_files_logs_or_artifacts(tmp_path, run_
     assert artifacts and logs
     for text in logs + artifacts:
         assert PLANTED not in text and token not in text
+
+
+def test_the_temporary_prefect_server_listens_on_loopback_only(prefect_harness):
+    from urllib.parse import urlparse
+
+    import psutil
+
+    from prefect.settings import PREFECT_API_URL
+
+    port = urlparse(PREFECT_API_URL.value()).port
+    listening = [c.laddr.ip for c in psutil.net_connections(kind="inet")
+                 if c.status == psutil.CONN_LISTEN and c.laddr.port == port]
+    assert listening == ["127.0.0.1"]
