@@ -93,7 +93,10 @@ def iter_raw(src: PromptSource, batch_rows: int = 8192) -> Iterator[tuple[list, 
         elif fmt in ("csv", "tsv"):
             chunks = _arrow_chunks(_csv_batches(f, fmt, wanted, batch_rows), src, wanted, path)
         else:
-            pf = pq.ParquetFile(f)
+            try:
+                pf = pq.ParquetFile(f)
+            except (pa.ArrowException, OSError) as exc:  # not Parquet at all, or a truncated file
+                raise UserError(f"prompt file {path}: not a readable Parquet file ({str(exc).strip()[:200]})") from None
             _check(pf.schema_arrow.names, wanted, path)
             # use_threads=False: see DatasetDir.read_table
             chunks = _arrow_chunks(pf.iter_batches(batch_rows, columns=wanted, use_threads=False), src, wanted, path)

@@ -101,3 +101,11 @@ def test_shards_are_stable_and_keyed_by_content():
     # another config (salt) or other prompts give other shard ids
     assert a[0].shard_id != make_shards(ps, 2, salt="other")[0].shard_id
     assert a[0].shard_id != make_shards(ps[1:], 2, salt="cfg")[0].shard_id
+
+
+def test_a_file_named_parquet_that_is_not_parquet_is_one_line(tmp_path):
+    path = tmp_path / "p.parquet"
+    path.write_text('{"prompt": "hello"}\n')
+    with pytest.raises(UserError, match=r"p.parquet: not a readable Parquet file \(.*magic bytes") as err:
+        load_prompts(PromptSource(path=str(path)))
+    assert "\n" not in str(err.value)
