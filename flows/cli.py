@@ -106,6 +106,7 @@ def cmd_demo(args) -> int:
         uris.append(f"{config.output.rstrip('/')}/{config.dataset}")
         _print_summary(manifest, uris[-1])
     print("\nlook at them: " + "; ".join(f"dafactory inspect {u}" for u in uris))
+    print("check every input row is accounted for: " + "; ".join(f"dafactory verify {u}" for u in uris))
     return 0
 
 
