@@ -157,9 +157,9 @@ def cmd_inspect(args) -> int:
     _print_summary(manifest, uri)
     if manifest.get("status", "complete") != "complete":
         s = manifest["shards"]
+        stopped = f" (stopped: {manifest['stopped']})" if manifest.get("stopped") else ""
         print(f"  INCOMPLETE: {s['done']} of {s['total']} shards done, {len(s['failed'])} failed, "
-              f"{s['not_built']} not built{' (stopped: ' + manifest['stopped'] + ')' if manifest.get('stopped') else ''}; "
-              "re-run the same config to finish it")
+              f"{s['not_built']} not built{stopped}; re-run the same config to finish it")
     cfg = manifest["config"]
     role = "student" if "student" in cfg else "teacher"
     judges = cfg.get("scorers") or cfg.get("judges")

@@ -35,7 +35,7 @@ from tasks.prompts import PromptRow, PromptSet, Shard, iter_prompts, make_shards
 from tasks.redact import redact
 from tasks.schemas import PROMPTS, QUARANTINE, to_table
 from tasks.storage import DatasetDir, storage_options
-from tasks.workers import StageSpec, kill_stages, start_stages, stream
+from tasks.workers import StageSpec, kill_stages, ray_session, start_stages, stream
 
 GPU_LIMIT = "dafactory-gpu"
 
@@ -129,28 +129,6 @@ def load_shard(ds: DatasetDir, ref: ShardRef) -> Shard:
                   None if r["reference"] is None else tuple(json.loads(r["reference"])))
         for r in rows
     ))
-
-
-def prepare(
-    config: RunConfig,
-    ds: DatasetDir,
-    salt: str,
-    screen: Callable[[PromptSet], PromptSet] | None = None,
-    load: Callable[[], PromptSet] | None = None,
-) -> Plan:
-    """Claim the output folder and plan the input into shards (the `prepare` task). With
-    `result_storage` set, the plan is a cached, persisted Prefect result: a run retried on another
-    machine that shares the storage skips the planning, unless the planned shards are gone."""
-    logger = get_run_logger()
-    # The run's config in its log (secrets masked by the log filter that preflight installed).
-    logger.info("config %s: %s", config.fingerprint(), config.model_dump_json(exclude_defaults=True))
-    ds.claim(config.fingerprint(), redact(config.model_dump(mode="json")))
-    planned = plan_input.with_options(**result_options(config))
-    plan = planned(config, ds, salt, screen, load)
-    if not ds.holds_plan([s.shard_id for s in plan.shards]):
-        logger.warning("the cached plan's shards are not in %s any more: planning again", ds.uri)
-        plan = planned.with_options(refresh_cache=True)(config, ds, salt, screen, load)
-    return plan
 
 
 @task(name="prepare", cache_policy=NONE)
@@ -282,8 +260,7 @@ def build_shards(config: RunConfig, ds: DatasetDir, plan: Plan, recipe: Recipe) 
     """Run every shard not yet written through the recipe's Ray stages; stage each as it finishes.
     A stop (Ctrl-C, SIGTERM) keeps what is written and returns; shards that keep failing are listed."""
     logger = get_run_logger()
-    marker = recipe.tables[-1]
-    done_ids = set(ds.parts(marker, staged=True)) | set(ds.parts(marker))
+    done_ids = ds.written(recipe.tables[-1])
     pending = [s for s in plan.shards if s.shard_id not in done_ids]
     report = {"resumed": len(plan.shards) - len(pending), "built": 0, "workers": [], "seconds": {},
               "failed": [], "stopped": None}
@@ -349,7 +326,8 @@ def finalize(
     ds.publish(tables)
     complete = not report["failed"] and not report["stopped"]
     extra = dict(recipe.manifest_extra) | {"layout": {
-        "marker": recipe.tables[-1], "sample_tables": recipe.sample_tables, "one_row_per_prompt": recipe.one_row_per_prompt,
+        "marker": recipe.tables[-1], "sample_tables": recipe.sample_tables,
+        "one_row_per_prompt": recipe.one_row_per_prompt,
     }}
     if recipe.post is not None and complete:
         extra |= recipe.post(ds)
@@ -375,6 +353,37 @@ def finalize(
         redact(summary_rows(manifest)), key=f"{recipe.name}-summary", description=f"{recipe.name} dataset {ds.uri}"
     )
     return manifest
+
+
+def build_dataset(
+    config: RunConfig,
+    ds: DatasetDir,
+    recipe: Recipe,
+    models: dict,
+    screen: Callable[[PromptSet], PromptSet] | None = None,
+    load: Callable[[], PromptSet] | None = None,
+) -> dict:
+    """What every flow does once its recipe is set: claim the output folder, plan the input into shards
+    (the `prepare` task), build the shards on Ray, finalize, and end the run as what happened (see
+    conclude). Returns the manifest.
+
+    With `result_storage` set, the plan is a cached, persisted Prefect result: a run retried on another
+    machine that shares the storage skips the planning, unless the planned shards are gone."""
+    logger = get_run_logger()
+    t0 = time.perf_counter()
+    # The run's config in its log (secrets masked by the log filter that preflight installed).
+    logger.info("config %s: %s", config.fingerprint(), config.model_dump_json(exclude_defaults=True))
+    ds.claim(config.fingerprint(), redact(config.model_dump(mode="json")))
+    planned = plan_input.with_options(**result_options(config))
+    plan = planned(config, ds, recipe.salt, screen, load)
+    if not {s.shard_id for s in plan.shards} <= ds.written("prompts"):
+        logger.warning("the cached plan's shards are not in %s any more: planning again", ds.uri)
+        plan = planned.with_options(refresh_cache=True)(config, ds, recipe.salt, screen, load)
+    t1 = time.perf_counter()
+    with ray_session(config.ray):
+        report = build_shards.with_options(retries=config.retries)(config, ds, plan, recipe)
+    timings = {"prepare": round(t1 - t0, 3), "build": round(time.perf_counter() - t1, 3)}
+    return conclude(finalize(config, ds, plan, report, timings, recipe, models), report, ds.uri)
 
 
 class ShardsFailed(Exception):

@@ -185,11 +185,10 @@ class DatasetDir:
             data = data.replace_schema_metadata({STATS_KEY: json.dumps(stats).encode()})
         self._put(self.part_path(table, part, staged=True), lambda f: pq.write_table(data, f, compression="zstd"))
 
-    def shard_done(self, shard_id: str, marker: str) -> bool:
-        """`marker` is the table a shard writes last: its part, staged or published, marks the shard done."""
-        return self._retry("look up a shard", lambda: any(
-            self.fs.exists(self.part_path(marker, shard_id, staged)) for staged in (True, False)
-        ))
+    def written(self, table: str) -> set[str]:
+        """Names of the table's parts, staged (this run) or published (an earlier one). For the table a
+        shard writes last, these are the shards done."""
+        return set(self.parts(table, staged=True)) | set(self.parts(table))
 
     def parts(self, table: str, staged: bool = False) -> dict[str, str]:
         """part name -> path, for finished parts only."""
@@ -202,11 +201,6 @@ class DatasetDir:
         staged = self.part_path(table, part, staged=True)
         path = staged if self._retry("look up a part", lambda: self.fs.exists(staged)) else self.part_path(table, part)
         return self.read_file(path)
-
-    def holds_plan(self, shard_ids: list[str]) -> bool:
-        """Every planned shard's prompts part is here (staged or published)."""
-        have = set(self.parts("prompts", staged=True)) | set(self.parts("prompts"))
-        return set(shard_ids) <= have
 
     def read_file(self, path: str) -> pa.Table:
         def read():
