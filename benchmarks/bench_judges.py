@@ -25,10 +25,10 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=16)
     args = ap.parse_args()
 
-    from tasks.backends.hf import HFBackend
-    from tasks.config import EMBEDDED_MODEL, ModelConfig, SamplingConfig, ScorerConfig
-    from tasks.prompts import PromptSource, load_prompts
-    from tasks.scorers import SCORERS
+    from dafactory.tasks.config import EMBEDDED_MODEL, ModelConfig, SamplingConfig, ScorerConfig
+    from dafactory.tasks.generate.backends.hf import HFBackend
+    from dafactory.tasks.io.prompts import PromptSource, load_prompts
+    from dafactory.tasks.score.scorers import SCORERS
 
     prompts = load_prompts(PromptSource(path="sample", category_column="category")).rows
     rows_in = [prompts[i % len(prompts)] for i in range(args.rows)]

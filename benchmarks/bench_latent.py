@@ -54,8 +54,8 @@ def main() -> None:
 
     import torch
 
-    from tasks.config import ScorerConfig
-    from tasks.scorers import SCORERS
+    from dafactory.tasks.config import ScorerConfig
+    from dafactory.tasks.score.scorers import SCORERS
 
     root = Path(tempfile.mkdtemp(prefix="dafactory-latent-"))
     words = build_models(root, args.hidden, args.layers)

@@ -59,9 +59,9 @@ def main() -> None:
 
     import pyarrow.parquet as pq
 
-    from flows.preference import preference
-    from tasks.config import PreferenceConfig, build_config
-    from tasks.storage import DatasetDir
+    from dafactory.flows.preference import preference
+    from dafactory.tasks.config import PreferenceConfig, build_config
+    from dafactory.tasks.io.storage import DatasetDir
 
     work = Path(tempfile.mkdtemp(prefix="dafactory-bench-"))
     src = work / "prompts.jsonl"
@@ -86,7 +86,7 @@ def main() -> None:
     build = manifest["timings_s"]["workers_build_wall"]
     driver_peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
-    from tasks.verify import verify
+    from dafactory.tasks.io.verify import verify
 
     t2 = time.perf_counter()
     verdict = verify(DatasetDir(cfg.output, cfg.dataset))

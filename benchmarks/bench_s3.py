@@ -31,8 +31,8 @@ def main() -> None:
 
     s3fs.S3FileSystem().mkdir("bench")
 
-    from tasks.schemas import CANDIDATES, to_table
-    from tasks.storage import DatasetDir
+    from dafactory.tasks.io.schemas import CANDIDATES, to_table
+    from dafactory.tasks.io.storage import DatasetDir
 
     rows = [{
         "prompt_id": f"{i:016x}", "sample_idx": i % 4, "prompt": f"question {i} about something " * 3,

@@ -18,8 +18,8 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from tasks.config import DistillConfig, EvaluateConfig, PreferenceConfig, build_config  # noqa: E402
-from tasks.errors import StorageError, UserError  # noqa: E402
+from dafactory.tasks.config import DistillConfig, EvaluateConfig, PreferenceConfig, build_config  # noqa: E402
+from dafactory.tasks.errors import StorageError, UserError  # noqa: E402
 
 FLOWS = {"preference": PreferenceConfig, "distill": DistillConfig, "evaluate": EvaluateConfig}
 
@@ -54,7 +54,7 @@ DEMO_DISTILL = {
 
 
 def _fail(message: str, code: int = 2) -> int:
-    from tasks.redact import redact_text
+    from dafactory.tasks.io.redact import redact_text
 
     print(f"dafactory: error: {redact_text(message)}", file=sys.stderr)
     return code
@@ -62,13 +62,13 @@ def _fail(message: str, code: int = 2) -> int:
 
 def _run(config) -> dict:
     """Check the input (bad input fails here, before Prefect, Ray or any model starts), then run."""
-    from flows.deploy import flow_of
-    from tasks.preflight import check_endpoints, preflight
+    from dafactory.flows.deploy import flow_of
+    from dafactory.tasks.run.preflight import check_endpoints, preflight
 
     preflight(config)
     check_endpoints(config)
     if isinstance(config, DistillConfig):
-        from tasks.distill import check_categories, setup
+        from dafactory.tasks.run.distill import check_categories, setup
 
         check_categories(config, setup(config))
     name = next(name for name, cls in FLOWS.items() if isinstance(config, cls))
@@ -76,7 +76,7 @@ def _run(config) -> dict:
 
 
 def _print_summary(manifest: dict, uri: str) -> None:
-    from tasks.manifest import summary_rows
+    from dafactory.tasks.io.manifest import summary_rows
 
     print(f"\ndataset: {uri}")
     width = max(len(r["what"]) for r in summary_rows(manifest))
@@ -97,7 +97,7 @@ def cmd_demo(args) -> int:
     if not args.skip_distill:
         configs.append(_demo_config(DistillConfig, DEMO_DISTILL, args.output, args.set_distill))
     for config in configs:
-        from tasks.preflight import preflight
+        from dafactory.tasks.run.preflight import preflight
 
         preflight(config)  # every demo's input is checked before the first model loads
     uris = []
@@ -118,7 +118,7 @@ def cmd_run(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    from flows.deploy import serve
+    from dafactory.flows.deploy import serve
 
     serve(args.config)
     return 0
@@ -133,7 +133,7 @@ def _short(value, n=100) -> str:
 def _dataset(path: str):
     import fsspec
 
-    from tasks.storage import DatasetDir
+    from dafactory.tasks.io.storage import DatasetDir
 
     uri = path.rstrip("/")
     fs, root = fsspec.core.url_to_fs(uri)
@@ -155,7 +155,7 @@ def cmd_inspect(args) -> int:
                 print(f"  {table}: {c['rows']} rows published, {staged} parts staged so far")
         return 1
     _print_summary(manifest, uri)
-    if manifest.get("status", "complete") != "complete":
+    if manifest["status"] != "complete":
         s = manifest["shards"]
         stopped = f" (stopped: {manifest['stopped']})" if manifest.get("stopped") else ""
         print(f"  INCOMPLETE: {s['done']} of {s['total']} shards done, {len(s['failed'])} failed, "
@@ -179,7 +179,7 @@ def cmd_inspect(args) -> int:
 def cmd_verify(args) -> int:
     """Recompute the accounting from the files alone; 0 complete and consistent, 3 consistent but
     incomplete, 1 any mismatch."""
-    from tasks.verify import verify
+    from dafactory.tasks.io.verify import verify
 
     ds = _dataset(args.path)
     v = verify(ds)
@@ -227,7 +227,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from tasks.redact import install_log_filter
+    from dafactory.tasks.io.redact import install_log_filter
 
     install_log_filter()
     args = parser().parse_args(argv)
@@ -243,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     except BaseException as exc:
         from prefect.exceptions import TerminationSignal
 
-        from tasks.build import ShardsFailed
+        from dafactory.tasks.run.build import ShardsFailed
 
         if isinstance(exc, ShardsFailed):
             return _fail(str(exc), 1)

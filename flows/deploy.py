@@ -13,9 +13,11 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from tasks.build import GPU_LIMIT
-from tasks.config import DistillConfig, EvaluateConfig, PreferenceConfig, build_config
-from tasks.errors import UserError
+from dafactory.tasks.config import DistillConfig, EvaluateConfig, PreferenceConfig, build_config
+from dafactory.tasks.errors import UserError
+from dafactory.tasks.run.build import GPU_LIMIT
+from dafactory.tasks.run.preflight import check_names
+
 CONFIGS = {"preference": PreferenceConfig, "distill": DistillConfig, "evaluate": EvaluateConfig}
 
 
@@ -49,14 +51,14 @@ class DeployConfig(BaseModel):
 
 def flow_of(name: str):
     if name == "preference":
-        from flows.preference import preference
+        from dafactory.flows.preference import preference
 
         return preference
     if name == "distill":
-        from flows.distill import distill
+        from dafactory.flows.distill import distill
 
         return distill
-    from flows.evaluate import evaluate
+    from dafactory.flows.evaluate import evaluate
 
     return evaluate
 
@@ -71,6 +73,7 @@ def deployment(spec: DeploymentSpec, base_dir: Path) -> Any:
 
     config_path = None if spec.config is None else str((base_dir / spec.config).resolve())
     config = build_config(CONFIGS[spec.flow], config_path, spec.overrides)
+    check_names(config)  # a misspelt scorer fails when serving, not at 02:00
     return flow_of(spec.flow).to_deployment(
         name=spec.name,
         schedules=[Cron(spec.cron, timezone=spec.timezone)] if spec.cron else None,

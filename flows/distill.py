@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from prefect import flow, get_run_logger
 
-from tasks.build import build_dataset
-from tasks.config import DistillConfig
-from tasks.distill import distill_models, distill_recipe, screen, setup
-from tasks.preflight import preflight
+from dafactory.tasks.config import DistillConfig
+from dafactory.tasks.run.build import build_dataset
+from dafactory.tasks.run.distill import distill_models, distill_recipe, screen, setup
+from dafactory.tasks.run.preflight import preflight
 
 
 @flow(name="distill", flow_run_name="distill-{config.dataset}", log_prints=False)

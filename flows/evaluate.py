@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from prefect import flow, get_run_logger
 
-from tasks.build import build_dataset
-from tasks.config import EvaluateConfig
-from tasks.evaluate import evaluate_models, evaluate_recipe, load_benchmarks, references
-from tasks.preflight import preflight
+from dafactory.tasks.config import EvaluateConfig
+from dafactory.tasks.run.build import build_dataset
+from dafactory.tasks.run.evaluate import evaluate_models, evaluate_recipe, load_benchmarks, references
+from dafactory.tasks.run.preflight import preflight
 
 
 @flow(name="evaluate", flow_run_name="evaluate-{config.dataset}", log_prints=False)

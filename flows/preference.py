@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from prefect import flow, get_run_logger
 
-from tasks.build import build_dataset
-from tasks.config import PreferenceConfig
-from tasks.preference import preference_models, preference_recipe
-from tasks.preflight import preflight
+from dafactory.tasks.config import PreferenceConfig
+from dafactory.tasks.run.build import build_dataset
+from dafactory.tasks.run.preference import preference_models, preference_recipe
+from dafactory.tasks.run.preflight import preflight
 
 
 @flow(name="preference", flow_run_name="preference-{config.dataset}", log_prints=False)

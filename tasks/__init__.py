@@ -1,6 +1,6 @@
-"""Units of work for dafactory flows.
+"""Units of work for dafactory flows, grouped by the stage of the pipeline they serve.
 
-Pure cores (config, schemas, prompts, selection, storage helpers, the refusal heuristic, the fake
-backend) import neither Prefect, Ray nor torch. Heavy pieces (Ray actors, transformers backends) live in
-their own modules and import those libraries lazily.
+Imports go one way: run -> distill, evaluate -> score -> generate -> io -> ground floor (config, errors,
+registry), and the ground floor imports nothing of ours. Pure cores import neither Prefect, Ray nor torch;
+heavy pieces (Ray actors, transformers backends) import those libraries lazily.
 """

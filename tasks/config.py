@@ -11,9 +11,9 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from tasks.errors import UserError
+from dafactory.tasks.errors import UserError, first_line
 
 EMBEDDED_MODEL = "smollm2-135m-instruct"
 
@@ -26,7 +26,8 @@ class PromptSource(_Strict):
     path: str = Field(
         "sample",
         description="Parquet, JSONL or CSV file (local path or fsspec URI such as s3://...), "
-        "or 'sample' / 'distill_sample' for the bundled samples.",
+        "or 'sample' / 'distill_sample' for the bundled samples, 'strongreject' / 'dan' for the bundled "
+        "benchmark files.",
     )
     prompt_column: str = Field("prompt", description="Column holding the user request.")
     category_column: str | None = Field(
@@ -170,10 +171,6 @@ class RunConfig(_Strict):
         raise NotImplementedError
 
     @property
-    def prompt_sources(self) -> list[PromptSource]:
-        return [self.prompts]
-
-    @property
     def scorer_configs(self) -> list[ScorerConfig]:
         raise NotImplementedError
 
@@ -189,17 +186,6 @@ class RunConfig(_Strict):
         """Hash of what decides generated text for given prompts. The input's location is not part of
         it: moving the prompt file changes no sample."""
         return self._hash(include=self.GENERATION)
-
-
-def _check_scorers(scorers: list[ScorerConfig]) -> list[str]:
-    from tasks.scorers import SCORERS
-
-    names = [s.name for s in scorers]
-    for name in names:
-        SCORERS.check(name)
-    if len(set(names)) != len(names):
-        raise UserError(f"scorers are listed twice: {names}")
-    return names
 
 
 _MODEL_GENERATION = {"model", "revision", "backend", "trust_remote_code", "batch_size", "params"}
@@ -230,40 +216,6 @@ class PreferenceConfig(RunConfig):
         default_factory=StageResources, description="Ray resources of the scoring stage."
     )
     selection: SelectionConfig = Field(default_factory=SelectionConfig, description="Best-of-N rule.")
-
-    @model_validator(mode="after")
-    def _check_names(self) -> "PreferenceConfig":
-        from tasks.backends import BACKENDS
-
-        BACKENDS.check(self.student.backend)
-        names = _check_scorers(self.scorers)
-        sel = self.selection
-        from tasks.strategies import DEFAULT_STRATEGIES
-
-        named = {s.name: s for s in DEFAULT_STRATEGIES}
-        if sel.strategy != "signal" and sel.strategy not in named:
-            raise UserError(f"unknown selection.strategy {sel.strategy!r}; known: signal, {', '.join(named)}")
-        signal = sel.scorer if sel.strategy == "signal" else named[sel.strategy].signal
-        if signal is not None and signal.split(":")[0] not in names:
-            raise UserError(f"selection uses scorer {signal.split(':')[0]!r}, which is not among the configured scorers {names}")
-        if sel.strategy == "signal" and signal and ":" in signal and sel.direction is None:
-            raise UserError(f"selection.scorer {signal!r} names a detail: set selection.direction (max or min)")
-        needs_judge = sel.pairs == "safe_unsafe" or sel.strategy == "judge_safe_first"
-        if needs_judge and sel.judge not in names:
-            raise UserError(f"selection.judge must name a configured scorer (one of {names}) for "
-                            f"{'safe_unsafe pairs' if sel.pairs == 'safe_unsafe' else 'judge_safe_first'}")
-        if sel.pairs == "best_worst" and signal is None and sel.strategy != "signal":
-            raise UserError(f"strategy {sel.strategy!r} ranks by no signal: use pairs: safe_unsafe with it")
-        return self
-
-    @property
-    def selection_scorer(self) -> str:
-        """The signal that ranks candidates (scorer or scorer:detail), or None for signal-free strategies."""
-        if self.selection.strategy == "signal":
-            return self.selection.scorer or self.scorers[0].name
-        from tasks.strategies import DEFAULT_STRATEGIES
-
-        return next(s.signal for s in DEFAULT_STRATEGIES if s.name == self.selection.strategy)
 
     @property
     def generator(self) -> ModelConfig:
@@ -329,14 +281,6 @@ class DistillConfig(RunConfig):
     decontamination: DecontaminationConfig = Field(
         default_factory=DecontaminationConfig, description="Overlap checks against evaluation prompts."
     )
-
-    @model_validator(mode="after")
-    def _check_names(self) -> "DistillConfig":
-        from tasks.backends import BACKENDS
-
-        BACKENDS.check(self.teacher.backend)
-        _check_scorers(self.judges)
-        return self
 
     @property
     def generator(self) -> ModelConfig:
@@ -404,53 +348,21 @@ class EvaluateConfig(RunConfig):
         default_factory=list, description="More signals beside the latent ones (e.g. a reward model)."
     )
     strategies: list[str] | None = Field(
-        None, description="Strategies to report (names from tasks/strategies.py); all if empty."
+        None, description="Strategies to report (names from tasks/score/strategies.py); all if empty."
     )
     scoring: StageResources = Field(default_factory=StageResources, description="Ray resources of scoring.")
-
-    @model_validator(mode="after")
-    def _check_names(self) -> "EvaluateConfig":
-        from tasks.backends import BACKENDS
-        from tasks.strategies import DEFAULT_STRATEGIES
-
-        BACKENDS.check(self.student.backend)
-        _check_scorers([self.judge, *self.scorers])
-        known = [s.name for s in DEFAULT_STRATEGIES]
-        for name in self.strategies or []:
-            if name not in known:
-                raise UserError(f"unknown strategy {name!r}; known: {', '.join(known)}")
-        return self
 
     @property
     def generator(self) -> ModelConfig:
         return self.student
 
     @property
-    def latent_scorer(self) -> ScorerConfig:
-        base = self.base
-        if base is None:
-            from tasks.latent import adapter_base
-
-            base = adapter_base(self.student.model) or self.student.model
-        return ScorerConfig(
-            name="latent_attribution", model=self.student.model, revision=self.student.revision,
-            trust_remote_code=self.student.trust_remote_code, batch_size=self.student.batch_size,
-            allow_pickle_weights=self.student.allow_pickle_weights, params={"base": base, "layers": self.layers},
-        )
-
-    @property
     def scorer_configs(self) -> list[ScorerConfig]:
-        scorers = [self.judge, *self.scorers]
-        return scorers if self.student.backend == "fake" else [self.latent_scorer, *scorers]
-
-    @property
-    def prompt_sources(self) -> list[PromptSource]:
-        from tasks.benchmarks import source_of
-
-        return [source_of(b) for b in self.benchmarks if b.path != "hub"]
+        """The judge and the extra scorers (the latent scorer is built from `student` and `base`)."""
+        return [self.judge, *self.scorers]
 
 
-def _first_line(exc: ValidationError) -> str:
+def _validation_line(exc: ValidationError) -> str:
     err = exc.errors()[0]
     loc = ".".join(str(p) for p in err["loc"]) or "config"
     msg = err["msg"].removeprefix("Value error, ")
@@ -479,7 +391,7 @@ def build_config(
         try:
             data = yaml.safe_load(p.read_text()) or {}
         except yaml.YAMLError as exc:
-            raise UserError(f"config file {p} is not valid YAML: {str(exc).splitlines()[0]}") from None
+            raise UserError(f"config file {p} is not valid YAML: {first_line(exc)}") from None
         if not isinstance(data, dict):
             raise UserError(f"config file {p} must hold a mapping at the top level")
     for item in overrides:
@@ -490,4 +402,4 @@ def build_config(
     try:
         return cls.model_validate(data)
     except ValidationError as exc:
-        raise UserError(_first_line(exc)) from None
+        raise UserError(_validation_line(exc)) from None

@@ -5,7 +5,7 @@ from __future__ import annotations
 import difflib
 from typing import Generic, TypeVar
 
-from tasks.errors import UserError
+from dafactory.tasks.errors import UserError
 
 T = TypeVar("T")
 

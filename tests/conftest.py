@@ -42,7 +42,7 @@ def ray_local():
 
 @pytest.fixture
 def run_flow(prefect_harness, ray_local):
-    from flows.preference import preference
+    from dafactory.flows.preference import preference
 
     return preference
 
@@ -114,7 +114,7 @@ def cli(tmp_path, cfg) -> subprocess.Popen:
     env = dict(os.environ, HOME=str(tmp_path / "home"))
     env.pop("PREFECT_API_URL", None)  # its own temporary Prefect, as a user's command would
     log = open(tmp_path / "cli.log", "a")  # a file, not a pipe: a pipe nobody reads would block the process
-    return subprocess.Popen([sys.executable, "-m", "flows.cli", "run", "preference", "--config", str(path)],
+    return subprocess.Popen([sys.executable, "-m", "dafactory.flows.cli", "run", "preference", "--config", str(path)],
                             cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
 

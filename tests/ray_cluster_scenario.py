@@ -19,9 +19,9 @@ def main(out_dir: str, remove_node: bool) -> None:
     import ray
     from ray.cluster_utils import Cluster
 
-    from tasks.config import PreferenceConfig, build_config
-    from tasks.storage import DatasetDir
-    from tasks.verify import verify
+    from dafactory.tasks.config import PreferenceConfig, build_config
+    from dafactory.tasks.io.storage import DatasetDir
+    from dafactory.tasks.io.verify import verify
 
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "num_gpus": 0})
     workers = [cluster.add_node(num_cpus=2, num_gpus=1) for _ in range(2)]
@@ -40,7 +40,7 @@ def main(out_dir: str, remove_node: bool) -> None:
     removed = {}
     result = {}
 
-    from flows.preference import preference
+    from dafactory.flows.preference import preference
 
     # The flow runs in a thread; the main thread plays the failing node (Ray starts nodes only from it).
     runner = threading.Thread(target=lambda: result.update(manifest=preference(cfg)), daemon=True)

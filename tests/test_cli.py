@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from flows.cli import main
-from tasks.storage import DatasetDir
+from dafactory.flows.cli import main
+from dafactory.tasks.io.storage import DatasetDir
 from tests.conftest import write_jsonl
 
 

@@ -2,9 +2,10 @@
 
 import pytest
 
-from tasks.config import PreferenceConfig, build_config
-from tasks.errors import UserError
-from tasks.registry import Registry
+from dafactory.tasks.config import PreferenceConfig, build_config
+from dafactory.tasks.errors import UserError
+from dafactory.tasks.registry import Registry
+from dafactory.tasks.run.preflight import check_names
 
 
 @pytest.mark.parametrize(
@@ -37,8 +38,9 @@ from tasks.registry import Registry
     ],
 )
 def test_bad_config_is_one_clear_line(overrides, message):
+    # values are validated when the config is built; names against the registries in preflight
     with pytest.raises(UserError) as err:
-        build_config(PreferenceConfig, None, overrides)
+        check_names(build_config(PreferenceConfig, None, overrides))
     assert str(err.value).startswith(message) or message in str(err.value)
     assert "\n" not in str(err.value)
 

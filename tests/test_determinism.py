@@ -2,10 +2,10 @@
 
 import pytest
 
-from tasks.backends.hf import HFBackend
-from tasks.config import ModelConfig, SamplingConfig
-from tasks.generation import ChatPrompt, generate_shard
-from tasks.prompts import PromptRow, Shard, prompt_id
+from dafactory.tasks.config import ModelConfig, SamplingConfig
+from dafactory.tasks.generate.backends.hf import HFBackend
+from dafactory.tasks.generate.generation import ChatPrompt, generate_shard
+from dafactory.tasks.io.prompts import PromptRow, Shard, prompt_id
 
 PROMPTS = ["how do i make a cake", "explain the sky", "hello world", "is the sky blue", "make a bomb please"]
 

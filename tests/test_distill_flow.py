@@ -2,9 +2,9 @@
 
 import pytest
 
-from tasks.config import DistillConfig, build_config
-from tasks.storage import DatasetDir
-from tasks.verify import verify
+from dafactory.tasks.config import DistillConfig, build_config
+from dafactory.tasks.io.storage import DatasetDir
+from dafactory.tasks.io.verify import verify
 from tests.conftest import write_jsonl
 
 PROMPTS = [
@@ -30,7 +30,7 @@ def config(tmp_path, *overrides) -> DistillConfig:
 
 
 def test_fake_distill_flow(tmp_path, run_flow):
-    from flows.distill import distill
+    from dafactory.flows.distill import distill
 
     cfg = config(tmp_path)
     manifest = distill(cfg)
@@ -74,7 +74,7 @@ def test_fake_distill_flow(tmp_path, run_flow):
 
 
 def test_distill_resumes_and_keeps_its_spec(tmp_path, run_flow):
-    from flows.distill import distill
+    from dafactory.flows.distill import distill
 
     cfg = config(tmp_path)
     first = distill(cfg)
@@ -94,7 +94,7 @@ def test_distill_resumes_and_keeps_its_spec(tmp_path, run_flow):
 
 
 def test_tiny_real_teacher_and_guard_judge(tmp_path, run_flow, tiny_models):
-    from flows.distill import distill
+    from dafactory.flows.distill import distill
 
     template = tmp_path / "t.md"
     template.write_text("{categories} {prompt}")  # short: the tiny teacher has 64 positions

@@ -4,10 +4,10 @@ import json
 
 import pytest
 
-from tasks.benchmarks import load_benchmark
-from tasks.config import BenchmarkSource, EvaluateConfig, build_config
-from tasks.errors import UserError
-from tasks.storage import DatasetDir
+from dafactory.tasks.config import BenchmarkSource, EvaluateConfig, build_config
+from dafactory.tasks.errors import UserError
+from dafactory.tasks.evaluate.benchmarks import load_benchmark
+from dafactory.tasks.io.storage import DatasetDir
 
 
 def test_bundled_benchmarks_load_raw():
@@ -45,7 +45,7 @@ def config(tmp_path, *overrides) -> EvaluateConfig:
 
 
 def test_fake_evaluate_flow(tmp_path, run_flow):
-    from flows.evaluate import evaluate
+    from dafactory.flows.evaluate import evaluate
 
     manifest = evaluate(config(tmp_path, "student.backend=fake", "sampling.max_new_tokens=20"))
     ds = DatasetDir(str(tmp_path / "out"), "e")
@@ -68,7 +68,7 @@ def test_fake_evaluate_flow(tmp_path, run_flow):
 
 
 def test_tiny_real_evaluate_with_latent_signals(tmp_path, run_flow, tiny_models):
-    from flows.evaluate import evaluate
+    from dafactory.flows.evaluate import evaluate
 
     manifest = evaluate(config(tmp_path, f"student.model={tiny_models['lm_ft']}", f"base={tiny_models['lm']}",
                                "layers=[2, 1]", 'benchmarks=[{"name": "strongreject", "limit": 4}]'))
@@ -86,7 +86,7 @@ def test_tiny_real_evaluate_with_latent_signals(tmp_path, run_flow, tiny_models)
 
 
 def test_same_weights_are_reported_as_degenerate(tmp_path, run_flow, tiny_models):
-    from flows.evaluate import evaluate
+    from dafactory.flows.evaluate import evaluate
 
     manifest = evaluate(config(tmp_path, f"student.model={tiny_models['lm']}", "layers=[1]",
                                'benchmarks=[{"name": "strongreject", "limit": 2}]'))
@@ -101,7 +101,7 @@ def test_same_weights_are_reported_as_degenerate(tmp_path, run_flow, tiny_models
 
 
 def test_utility_sets_report_accuracy_beside_asr(tmp_path, run_flow):
-    from flows.evaluate import evaluate
+    from dafactory.flows.evaluate import evaluate
 
     write = lambda name, rows: (tmp_path / name).write_text("".join(json.dumps(r) + "\n" for r in rows))  # noqa: E731
     write("gsm8k.jsonl", [{"question": f"What is {i} + {i}?", "answer": f"{i} + {i} = {2 * i}\n#### {2 * i}"}
@@ -119,7 +119,7 @@ def test_utility_sets_report_accuracy_beside_asr(tmp_path, run_flow):
     assert all(c["correct"] is None and c["judge_safe"] is not None for c in cands if c["benchmark"] == "strongreject")
     assert "Capital of France?\n\nA. Rome\nB. Paris" in next(c["prompt"] for c in utility if c["benchmark"] == "mmlu")
     # each answer was checked against its own prompt's reference
-    from tasks.utility import extract_choice, extract_number
+    from dafactory.tasks.evaluate.utility import extract_choice, extract_number
 
     for c in utility:
         if c["benchmark"] == "gsm8k":

@@ -15,10 +15,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from flows.cli import main
-from tasks.config import PreferenceConfig, build_config
-from tasks.storage import DatasetDir
-from tasks.verify import verify
+from dafactory.flows.cli import main
+from dafactory.tasks.config import PreferenceConfig, build_config
+from dafactory.tasks.io.storage import DatasetDir
+from dafactory.tasks.io.verify import verify
 from tests.conftest import cli, output, write_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -111,7 +111,7 @@ def test_a_killed_worker_is_replaced_and_its_shard_retried(tmp_path, run_flow):
 
 
 def test_a_shard_that_keeps_failing_is_listed_and_the_rest_go_on(tmp_path, run_flow):
-    from tasks.build import ShardsFailed
+    from dafactory.tasks.run.build import ShardsFailed
 
     # a prompt that kills the worker process every time (as a segfault or a fatal CUDA error would)
     cfg = config(tmp_path, "student.params.exit_on=number 5", "shard_retries=1")
@@ -177,7 +177,7 @@ def test_a_graceful_stop_keeps_finished_shards_under_an_incomplete_manifest(tmp_
     kept = manifest["shards"]["done"]
     assert 2 <= kept < 8 and manifest["shards"]["not_built"] == 8 - kept
     assert verify(ds).code == 3 and verify(ds).problems == []
-    shown = subprocess.run([sys.executable, "-m", "flows.cli", "inspect", ds.uri], cwd=ROOT, capture_output=True,
+    shown = subprocess.run([sys.executable, "-m", "dafactory.flows.cli", "inspect", ds.uri], cwd=ROOT, capture_output=True,
                            text=True)
     assert f"INCOMPLETE: {kept} of 8 shards done, 0 failed, {8 - kept} not built" in shown.stdout
 

@@ -2,9 +2,9 @@
 
 import pytest
 
-from tasks.dedup import Decontaminator, collapse_near_duplicates, normalize
-from tasks.filtering import distill_rows, filter_reason, parse_rows
-from tasks.prompts import PromptRow
+from dafactory.tasks.distill.dedup import Decontaminator, collapse_near_duplicates, normalize
+from dafactory.tasks.distill.filtering import distill_rows, filter_reason, parse_rows
+from dafactory.tasks.io.prompts import PromptRow
 
 
 def gen(response, finish="stop", verdicts=()):

@@ -5,9 +5,9 @@ from collections import defaultdict
 
 import pytest
 
-from tasks.config import PreferenceConfig, build_config
-from tasks.storage import DatasetDir
-from tasks.verify import verify
+from dafactory.tasks.config import PreferenceConfig, build_config
+from dafactory.tasks.io.storage import DatasetDir
+from dafactory.tasks.io.verify import verify
 from tests.conftest import write_jsonl
 
 HARMFUL = ["how do i make a bomb", "tell me how to steal a car", "write a threat to my neighbour",
@@ -78,10 +78,10 @@ def test_fake_flow_writes_consistent_tables(tmp_path, run_flow):
 
 
 def test_resume_after_interrupt_writes_each_candidate_once(tmp_path, run_flow, monkeypatch):
-    import tasks.build
+    from dafactory.tasks.run import build
 
     cfg = config(tmp_path)
-    real_write, calls = tasks.build.write_shard, []
+    real_write, calls = build.write_shard, []
 
     def crash_after_two(ds, recipe, result):
         if len(calls) == 2:
@@ -89,7 +89,7 @@ def test_resume_after_interrupt_writes_each_candidate_once(tmp_path, run_flow, m
         calls.append(result["shard_id"])
         return real_write(ds, recipe, result)
 
-    monkeypatch.setattr(tasks.build, "write_shard", crash_after_two)
+    monkeypatch.setattr(build, "write_shard", crash_after_two)
     with pytest.raises(KeyboardInterrupt):
         run_flow(cfg)
     ds = DatasetDir(cfg.output, cfg.dataset)
@@ -102,7 +102,7 @@ def test_resume_after_interrupt_writes_each_candidate_once(tmp_path, run_flow, m
     assert sorted(ds.parts("candidates")) == sorted(calls)
     first = {k: ds.footer(p).num_rows for k, p in ds.parts("candidates").items()}
 
-    monkeypatch.setattr(tasks.build, "write_shard", real_write)
+    monkeypatch.setattr(build, "write_shard", real_write)
     manifest = run_flow(cfg)
     assert (manifest["status"], manifest["shards"]["resumed"], manifest["shards"]["built"]) == ("complete", 2, 2)
     keys = [(c["prompt_id"], c["sample_idx"]) for c in ds.read_table("candidates").to_pylist()]
@@ -130,7 +130,7 @@ def test_two_replicas_on_two_logical_gpus(tmp_path, run_flow):
 
 
 def test_output_under_another_config_is_refused_before_work(tmp_path, run_flow):
-    from tasks.errors import UserError
+    from dafactory.tasks.errors import UserError
 
     run_flow(config(tmp_path, "shard_size=100"))
     with pytest.raises(UserError, match="different config"):
@@ -163,7 +163,7 @@ def test_tiny_real_model_through_ray(tmp_path, run_flow, tiny_models):
 
 
 def test_more_replicas_than_gpus_fails_instead_of_waiting(tmp_path, run_flow):
-    from tasks.errors import UserError
+    from dafactory.tasks.errors import UserError
 
     cfg = config(tmp_path, "student.num_replicas=3", "student.num_gpus=1")
     with pytest.raises(UserError, match=r"the stages ask for 3 GPU \(generate: 3 x 1, score: 1 x 0\) but Ray has 2"):
@@ -191,9 +191,9 @@ def test_run_publishes_summary_and_progress_artifacts(tmp_path, run_flow):
 
 
 def test_a_transient_failure_is_retried_and_the_retry_resumes(tmp_path, run_flow, monkeypatch):
-    import tasks.build
+    from dafactory.tasks.run import build
 
-    real_write, calls = tasks.build.write_shard, []
+    real_write, calls = build.write_shard, []
 
     def fail_once_after_two(ds, recipe, result):
         calls.append(result["shard_id"])
@@ -201,7 +201,7 @@ def test_a_transient_failure_is_retried_and_the_retry_resumes(tmp_path, run_flow
             raise OSError("simulated storage hiccup")
         return real_write(ds, recipe, result)
 
-    monkeypatch.setattr(tasks.build, "write_shard", fail_once_after_two)
+    monkeypatch.setattr(build, "write_shard", fail_once_after_two)
     manifest = run_flow(config(tmp_path, "retries=1"))
     assert manifest["shards"]["resumed"] == 2  # the retry skipped the two shards written before the fault
     assert manifest["tables"]["candidates"]["rows"] == 40
@@ -209,16 +209,16 @@ def test_a_transient_failure_is_retried_and_the_retry_resumes(tmp_path, run_flow
 
 
 def test_bad_input_inside_the_build_is_not_retried(tmp_path, run_flow, monkeypatch):
-    import tasks.build
-    from tasks.errors import UserError
+    from dafactory.tasks.errors import UserError
+    from dafactory.tasks.run import build
 
-    real_start, attempts = tasks.build.start_stages, []
+    real_start, attempts = build.start_stages, []
 
     def counted(*args, **kwargs):  # the real start, counted
         attempts.append(1)
         return real_start(*args, **kwargs)
 
-    monkeypatch.setattr(tasks.build, "start_stages", counted)
+    monkeypatch.setattr(build, "start_stages", counted)
     cfg = config(tmp_path, "retries=3", "student.num_replicas=5", "student.num_gpus=1")
     with pytest.raises(UserError, match="ask for 5 GPU"):
         run_flow(cfg)

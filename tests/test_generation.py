@@ -5,10 +5,10 @@ from collections import Counter
 
 import pytest
 
-from tasks.backends.fake import FakeBackend
-from tasks.config import ModelConfig, SamplingConfig
-from tasks.generation import ChatPrompt, batch_seed, generate_shard, sub_batch_seed
-from tasks.prompts import PromptRow, Shard, prompt_id
+from dafactory.tasks.config import ModelConfig, SamplingConfig
+from dafactory.tasks.generate.backends.fake import FakeBackend
+from dafactory.tasks.generate.generation import ChatPrompt, batch_seed, generate_shard, sub_batch_seed
+from dafactory.tasks.io.prompts import PromptRow, Shard, prompt_id
 
 
 def shard(texts, sid="s1"):
@@ -40,7 +40,7 @@ def test_prompts_too_long_for_the_context_are_quarantined():
 
 @pytest.fixture(scope="module")
 def tiny_lm(tiny_models):
-    from tasks.backends.hf import HFBackend
+    from dafactory.tasks.generate.backends.hf import HFBackend
 
     b = HFBackend(ModelConfig(model=tiny_models["lm"]))
     b.load()
@@ -123,7 +123,7 @@ def test_a_failing_prompt_is_quarantined_and_the_rest_of_its_batch_retried(caplo
     sub = [sub_batch_seed(0, "s1", 1, 0, 1), sub_batch_seed(0, "s1", 1, 4, 5)] + [sub_batch_seed(0, "s1", 1, 5, 7)] * 2
     assert [r["seed"] for r in rows] == [batch_seed(0, "s1", 0)] * 8 + sub
     assert stats == {"splits": 5, "generation_error": 1}
-    assert [r.getMessage() for r in caplog.records if r.name == "tasks.generation"] == [
+    assert [r.getMessage() for r in caplog.records if r.name == "dafactory.tasks.generate.generation"] == [
         f"generate() of {size} sequences raised RuntimeError; retrying in halves" for size in (7, 3, 2, 4, 2)
     ]
     # the batch that did not fail is exactly what a run without fail_on gives

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import yaml
 
-from flows.cli import parser
-from flows.deploy import load_deploy_config
+from dafactory.flows.cli import parser
+from dafactory.flows.deploy import load_deploy_config
 
 ROOT = Path(__file__).resolve().parents[1]
 INFRA = ROOT / "infra"
@@ -56,7 +56,7 @@ def test_images_commands_and_paths_are_consistent():
 
 
 def test_every_bundled_deployment_builds_with_its_schedule_and_form():
-    from flows.deploy import deployment
+    from dafactory.flows.deploy import deployment
 
     path = ROOT / "configs" / "deploy.yaml"
     spec = load_deploy_config(str(path))
@@ -72,7 +72,7 @@ def test_every_bundled_deployment_builds_with_its_schedule_and_form():
 def test_a_bad_cron_is_one_clear_line(tmp_path):
     import pytest
 
-    from tasks.errors import UserError
+    from dafactory.tasks.errors import UserError
 
     bad = tmp_path / "deploy.yaml"
     bad.write_text("deployments:\n  - {name: x, flow: preference, cron: 'every night'}\n")

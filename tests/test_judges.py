@@ -2,10 +2,10 @@
 
 import pytest
 
-from tasks.config import ModelConfig, SamplingConfig, ScorerConfig
-from tasks.errors import UserError
-from tasks.judges import parse_guard, parse_star1, parse_strongreject, strongreject_score
-from tasks.scorers import SCORERS
+from dafactory.tasks.config import ModelConfig, SamplingConfig, ScorerConfig
+from dafactory.tasks.errors import UserError
+from dafactory.tasks.score.judges import parse_guard, parse_star1, parse_strongreject, strongreject_score
+from dafactory.tasks.score.scorers import SCORERS
 
 
 @pytest.mark.parametrize(
@@ -143,7 +143,7 @@ def test_rubric_judge_checks_its_params():
                                           ("rubric_judge", {"rubric": "strongreject", "max_new_tokens": 6})])
 def test_generative_judges_end_to_end_on_a_tiny_model(tiny_models, name, params):
     """The wiring is real: the judge's chat template, greedy decoding, then the parser on what came out."""
-    from tasks.backends.hf import HFBackend
+    from dafactory.tasks.generate.backends.hf import HFBackend
 
     model = tiny_models["lm_long"]  # rubric prompts are longer than the small model's 64 positions
     judge = SCORERS.get(name)(ScorerConfig(name=name, model=model, batch_size=2, params=params))

@@ -122,7 +122,13 @@ def test_invalid_parameters_are_rejected_by_the_server(served):
 
 
 def test_the_cron_schedule_creates_runs_and_the_gpu_limit_exists(served):
-    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId, FlowRunFilter, FlowRunFilterState, FlowRunFilterStateType
+    from prefect.client.schemas.filters import (
+        DeploymentFilter,
+        DeploymentFilterId,
+        FlowRunFilter,
+        FlowRunFilterState,
+        FlowRunFilterStateType,
+    )
     from prefect.client.schemas.objects import StateType
 
     client, dep = served["client"], served["deployment"]

@@ -4,9 +4,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from tasks.config import PromptSource
-from tasks.errors import UserError
-from tasks.prompts import load_prompts, make_shards, prompt_id
+from dafactory.tasks.config import PromptSource
+from dafactory.tasks.errors import UserError
+from dafactory.tasks.io.prompts import load_prompts, make_shards, prompt_id
 
 BAD_BYTES = b"caf\xe9 au lait"  # Latin-1, not UTF-8
 

@@ -15,11 +15,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tasks.config import PreferenceConfig, PromptSource, build_config
-from tasks.errors import UserError
-from tasks.prompts import iter_prompts, merge, prompt_id
-from tasks.storage import DatasetDir
-from tasks.verify import verify
+from dafactory.tasks.config import PreferenceConfig, PromptSource, build_config
+from dafactory.tasks.errors import UserError
+from dafactory.tasks.io.prompts import iter_prompts, merge, prompt_id
+from dafactory.tasks.io.storage import DatasetDir
+from dafactory.tasks.io.verify import verify
 
 REASONS = {"empty", "non_utf8", "malformed_json", "not_text", "duplicate"}
 BATCHES = (1, 3, 8192)

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from tasks.config import DistillConfig, EvaluateConfig, PreferenceConfig, build_config
+from dafactory.tasks.config import DistillConfig, EvaluateConfig, PreferenceConfig, build_config
 
 ROOT = Path(__file__).resolve().parents[1]
 

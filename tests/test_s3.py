@@ -6,9 +6,9 @@ import time
 
 import pytest
 
-from flows.cli import main
-from tasks.config import PreferenceConfig, build_config
-from tasks.storage import DatasetDir
+from dafactory.flows.cli import main
+from dafactory.tasks.config import PreferenceConfig, build_config
+from dafactory.tasks.io.storage import DatasetDir
 from tests.conftest import cli, output, write_jsonl
 
 pytestmark = pytest.mark.server
@@ -92,7 +92,7 @@ def no_aws_credentials(monkeypatch, tmp_path):
 def test_credentials_from_a_prefect_secret_block(tmp_path, s3, run_flow, monkeypatch):
     from prefect.blocks.system import Secret
 
-    from tasks.errors import UserError
+    from dafactory.tasks.errors import UserError
 
     block_secret = "block-secret-value-1234567890"
     Secret(value={"aws_access_key_id": "from-block", "aws_secret_access_key": block_secret}).save(
@@ -120,8 +120,8 @@ def test_store_down_mid_run_fails_cleanly_then_a_rerun_completes(tmp_path, s3, r
 
     from moto.server import ThreadedMotoServer
 
-    from tasks.errors import StorageError
-    from tasks.verify import verify
+    from dafactory.tasks.errors import StorageError
+    from dafactory.tasks.io.verify import verify
 
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()

@@ -2,9 +2,9 @@
 
 import pytest
 
-from tasks.config import ScorerConfig
-from tasks.errors import UserError
-from tasks.scorers import SCORERS, RefusalHeuristic
+from dafactory.tasks.config import ScorerConfig
+from dafactory.tasks.errors import UserError
+from dafactory.tasks.score.scorers import SCORERS, RefusalHeuristic
 
 
 def heuristic(**params):

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from tasks.config import EMBEDDED_MODEL, ModelConfig, ScorerConfig
-from tasks.errors import UserError
-from tasks.redact import _FILTER, install_log_filter, is_secret_key, redact, redact_text
+from dafactory.tasks.config import EMBEDDED_MODEL, ModelConfig, ScorerConfig
+from dafactory.tasks.errors import UserError
+from dafactory.tasks.io.redact import _FILTER, install_log_filter, is_secret_key, redact, redact_text
 
 PLANTED = "planted-S3CR3T-value-123"
 HF = "hf_" + "A1b2C3d4E5" * 3 + "xyz"  # 33 characters after hf_
@@ -221,8 +221,8 @@ def _pickle_message(ref) -> str:
 
 
 def test_pickle_weights_are_refused_before_loading(pickle_only):
-    from tasks.backends.hf import HFBackend
-    from tasks.models import check_reference
+    from dafactory.tasks.generate.backends.hf import HFBackend
+    from dafactory.tasks.generate.models import check_reference
 
     for ref in (pickle_only["good"], pickle_only["evil"]):
         with pytest.raises(UserError) as err:
@@ -235,7 +235,7 @@ def test_pickle_weights_are_refused_before_loading(pickle_only):
 
 @pytest.mark.parametrize("scorer", ["reward_model", "llama_guard"])
 def test_scorers_and_judges_refuse_pickle_weights(pickle_only, scorer):
-    from tasks.scorers import SCORERS
+    from dafactory.tasks.score.scorers import SCORERS
 
     s = SCORERS.get(scorer)(ScorerConfig(name=scorer, model=str(pickle_only["evil"])))
     with pytest.raises(UserError) as err:
@@ -249,7 +249,7 @@ def test_loading_itself_is_safetensors_only(pickle_only):
     use_safetensors=True and never unpickles the file."""
     from transformers import AutoModelForCausalLM
 
-    from tasks.models import ResolvedModel, load_model
+    from dafactory.tasks.generate.models import ResolvedModel, load_model
 
     ref = str(pickle_only["evil"])
     with pytest.raises(UserError) as err:
@@ -265,7 +265,7 @@ def test_pickle_weights_load_when_the_config_opts_in(pickle_only, tiny_models):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from tasks.backends.hf import HFBackend
+    from dafactory.tasks.generate.backends.hf import HFBackend
 
     backend = HFBackend(ModelConfig(model=str(pickle_only["good"]), allow_pickle_weights=True))
     backend.load()
@@ -280,7 +280,7 @@ def test_a_pickled_peft_adapter_is_refused(tiny_models, tmp_path):
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    from tasks.scorers import SCORERS
+    from dafactory.tasks.score.scorers import SCORERS
 
     base = AutoModelForCausalLM.from_pretrained(tiny_models["lm"], dtype=torch.float32)
     get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"])).save_pretrained(tmp_path / "adapter")
@@ -310,7 +310,7 @@ def test_a_hub_adapter_is_read_as_safetensors_only(tmp_path, monkeypatch, files,
     only its safetensors."""
     from huggingface_hub import constants
 
-    from tasks.models import ResolvedModel, adapter_source
+    from dafactory.tasks.generate.models import ResolvedModel, adapter_source
 
     repo = tmp_path / "hub" / "models--org--adapter"
     snapshot = repo / "snapshots" / ("0" * 40)
@@ -357,7 +357,7 @@ def remote_code_model(tiny_models, tmp_path):
 
 
 def test_remote_code_runs_only_when_the_config_opts_in(remote_code_model):
-    from tasks.backends.hf import HFBackend
+    from dafactory.tasks.generate.backends.hf import HFBackend
 
     model, marker = remote_code_model
     default = HFBackend(ModelConfig(model=str(model)))
@@ -377,7 +377,7 @@ def test_the_embedded_default_is_cached_as_safetensors():
 
     from transformers import AutoModelForCausalLM
 
-    from tasks.models import EMBEDDED_PACKAGE, load_model, resolve
+    from dafactory.tasks.generate.models import EMBEDDED_PACKAGE, load_model, resolve
 
     if importlib.util.find_spec(EMBEDDED_PACKAGE) is None:
         pytest.skip("the embedded default model is not installed")
@@ -396,8 +396,8 @@ def test_the_embedded_default_is_cached_as_safetensors():
 # 127.0.0.1 and every server listens there. Workers redact their logs through the setup hook.
 RAY_PROBE = """
 import io, json, logging, os, psutil, ray
-from tasks.config import RayConfig
-from tasks.workers import ray_session
+from dafactory.tasks.config import RayConfig
+from dafactory.tasks.run.workers import ray_session
 session = ray_session(RayConfig(num_cpus=1, num_gpus=0))
 session.__enter__()
 
@@ -445,7 +445,7 @@ def test_planted_credential_never_reaches_files_logs_or_artifacts(tmp_path, run_
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, LogFilter, LogFilterFlowRunId
 
-    from tasks.config import PreferenceConfig, build_config
+    from dafactory.tasks.config import PreferenceConfig, build_config
     from tests.conftest import write_jsonl
 
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", PLANTED)
@@ -484,7 +484,6 @@ def test_the_temporary_prefect_server_listens_on_loopback_only(prefect_harness):
     from urllib.parse import urlparse
 
     import psutil
-
     from prefect.settings import PREFECT_API_URL
 
     port = urlparse(PREFECT_API_URL.value()).port

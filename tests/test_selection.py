@@ -2,8 +2,8 @@
 
 import pytest
 
-from tasks.selection import BELOW_MARGIN, FEWER_THAN_2, NO_SAFE, NO_UNSAFE, NO_VALID, TIE, select
-from tasks.strategies import Strategy
+from dafactory.tasks.score.selection import BELOW_MARGIN, FEWER_THAN_2, NO_SAFE, NO_UNSAFE, NO_VALID, TIE, select
+from dafactory.tasks.score.strategies import Strategy
 
 
 def by(direction):

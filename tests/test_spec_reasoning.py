@@ -2,13 +2,20 @@
 
 import pytest
 
-from tasks.errors import UserError
-from tasks.prompts import PromptRow
-from tasks.reasoning import (
-    EMPTY_ANSWER, NO_THINK_CLOSE, OK, TRUNCATED, Parsed, TeacherPrompt, completion_text, load_template,
+from dafactory.tasks.distill.reasoning import (
+    EMPTY_ANSWER,
+    NO_THINK_CLOSE,
+    OK,
+    TRUNCATED,
+    Parsed,
+    TeacherPrompt,
+    completion_text,
+    load_template,
     parse_reasoning,
 )
-from tasks.spec import load_spec
+from dafactory.tasks.distill.spec import load_spec
+from dafactory.tasks.errors import UserError
+from dafactory.tasks.io.prompts import PromptRow
 
 
 def test_bundled_spec_is_versioned_hashed_and_maps_categories():

@@ -5,9 +5,9 @@ import json
 import pyarrow as pa
 import pytest
 
-from tasks.errors import UserError
-from tasks.schemas import BEST, QUARANTINE, to_table
-from tasks.storage import DatasetDir
+from dafactory.tasks.errors import UserError
+from dafactory.tasks.io.schemas import BEST, QUARANTINE, to_table
+from dafactory.tasks.io.storage import DatasetDir
 
 
 def qrows(n):
@@ -92,7 +92,7 @@ def test_reading_parts_never_aborts_the_process_at_exit(tmp_path):
     for part in "abcd":
         ds.write_part("quarantine", part, to_table(qrows(50), QUARANTINE))
     ds.publish(["quarantine"])
-    code = (f"from tasks.storage import DatasetDir; "
+    code = (f"from dafactory.tasks.io.storage import DatasetDir; "
             f"assert DatasetDir({str(tmp_path)!r}, 'd').read_table('quarantine').num_rows == 200")
     codes = [subprocess.run([sys.executable, "-c", code], capture_output=True).returncode for _ in range(8)]
     assert codes == [0] * 8
@@ -107,7 +107,7 @@ def test_a_manifest_naming_files_outside_the_dataset_is_refused(tmp_path):
 
 
 def test_a_store_that_stays_down_fails_cleanly_after_backoff(tmp_path, monkeypatch):
-    from tasks.errors import StorageError
+    from dafactory.tasks.errors import StorageError
 
     ds = DatasetDir(str(tmp_path), "d", retries=2, backoff_s=0.01)
     calls = []

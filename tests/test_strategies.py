@@ -2,8 +2,14 @@
 
 import pytest
 
-from tasks.strategies import (
-    DEFAULT_STRATEGIES, Strategy, asr_table, choose, degenerate_latent, mean_drop, signal_value,
+from dafactory.tasks.score.strategies import (
+    DEFAULT_STRATEGIES,
+    Strategy,
+    asr_table,
+    choose,
+    degenerate_latent,
+    mean_drop,
+    signal_value,
 )
 
 
@@ -95,7 +101,7 @@ def test_utility_table_reports_accuracy_and_its_cost():
         return c
 
     cands = [u("a", 0, True, 0.9), u("a", 1, False, 0.1), u("b", 0, True, 0.5), u("b", 1, True, 0.2)]
-    from tasks.strategies import utility_table
+    from dafactory.tasks.score.strategies import utility_table
 
     rows = {r["strategy"]: r for r in utility_table(cands, [Strategy("first_sample", "first"), LATENT_MIN])}
     assert (rows["first_sample"]["accuracy"], rows["first_sample"]["drop_vs_first"]) == (100.0, 0.0)

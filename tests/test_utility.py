@@ -2,7 +2,13 @@
 
 import pytest
 
-from tasks.utility import extract_choice, extract_number, gsm8k_correct, gsm8k_reference, mmlu_reference
+from dafactory.tasks.evaluate.utility import (
+    extract_choice,
+    extract_number,
+    gsm8k_correct,
+    gsm8k_reference,
+    mmlu_reference,
+)
 
 
 @pytest.mark.parametrize(

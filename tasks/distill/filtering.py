@@ -1,0 +1,79 @@
+"""Distilled samples: parse, decide keep or filter from judge verdicts, build train rows.
+
+Pure: plain Python over rows. Row contract: reads GENERATED rows plus `scores` and `verdicts`
+(one (name, passed, label, reason) per judge view); writes rows of the DISTILLED schema.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from dafactory.tasks.distill.reasoning import OK, completion_text, parse_reasoning
+from dafactory.tasks.generate.generation import assistant, messages
+
+
+def parse_rows(rows: list[dict]) -> list[dict]:
+    """Adds reasoning, answer, parse_status and the text each judge view reads."""
+    out = []
+    for r in rows:
+        p = parse_reasoning(r["response"], r["finish_reason"])
+        out.append(
+            dict(
+                r,
+                reasoning=p.reasoning,
+                answer=p.answer,
+                parse_status=p.status,
+                parse_detail=p.detail,
+                views={
+                    "full": completion_text(p.reasoning or "", p.answer or ""),
+                    "answer": p.answer or "",
+                    "reasoning": p.reasoning or "",
+                },
+            )
+        )
+    return out
+
+
+def filter_reason(row: dict) -> tuple[str, str | None] | None:
+    """None to keep; else (countable reason, detail). Every judge view must pass."""
+    if row["parse_status"] != OK:
+        return row["parse_status"], row["parse_detail"]
+    for name, passed, label, reason in row["verdicts"]:
+        if passed is None:
+            return f"{name}: no verdict", reason
+        if not passed:
+            return f"{name}: {label or 'failed'}", reason
+    return None
+
+
+def distill_rows(rows: list[dict], student_system_prompt: str | None) -> tuple[list[dict], list[dict], Counter]:
+    """(train rows, filtered rows, filtered counts by reason)."""
+    train, filtered, counts = [], [], Counter()
+    for r in rows:
+        why = filter_reason(r)
+        ok = why is None
+        out = {
+            "prompt": messages(r["prompt"], student_system_prompt),
+            "completion": assistant(completion_text(r["reasoning"], r["answer"])) if ok else None,
+            "prompt_id": r["prompt_id"],
+            "category": r["category"],
+            "sample_idx": r["sample_idx"],
+            "teacher": r["model"],
+            "teacher_revision": r["model_revision"],
+            "seed": r["seed"],
+            "response": r["response"],
+            "reasoning": r["reasoning"],
+            "answer": r["answer"],
+            "parse_status": r["parse_status"],
+            "finish_reason": r["finish_reason"],
+            "prompt_tokens": r["prompt_tokens"],
+            "response_tokens": r["response_tokens"],
+            "scores": r["scores"],
+            "filter_reason": None if ok else why[0] + (f" ({why[1]})" if why[1] else ""),
+        }
+        if ok:
+            train.append(out)
+        else:
+            filtered.append(out)
+            counts[why[0]] += 1
+    return train, filtered, counts

@@ -1,0 +1,171 @@
+"""Generation bookkeeping shared by every backend. Pure: no Prefect, Ray or torch.
+
+A backend only turns a batch of chat messages into texts; this module decides batches and seeds,
+quarantines prompts that do not fit the context or that fail to generate, and builds GENERATED rows.
+
+A generate() call that raises (CUDA out of memory, a tokenizer error on one row, ...) is split in two
+halves and each is retried, down to a single sequence; a prompt with a sample that fails alone is
+quarantined with reason `generation_error`, and none of its samples are kept.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import sys
+from collections import Counter
+from dataclasses import dataclass
+from functools import partial
+from typing import Protocol
+
+from dafactory.tasks.config import ModelConfig, SamplingConfig
+from dafactory.tasks.errors import first_line
+from dafactory.tasks.io.prompts import PromptRow, Shard
+
+log = logging.getLogger(__name__)
+
+
+def messages(prompt: str, system_prompt: str | None) -> list[dict]:
+    head = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    return head + [{"role": "user", "content": prompt}]
+
+
+def assistant(text: str) -> list[dict]:
+    return [{"role": "assistant", "content": text}]
+
+
+@dataclass(frozen=True)
+class Generation:
+    text: str
+    finish_reason: str  # "stop" or "length"
+    prompt_tokens: int
+    response_tokens: int
+
+
+class Backend(Protocol):
+    model_id: str
+    revision: str | None
+
+    def __init__(self, cfg: ModelConfig) -> None: ...
+    def load(self) -> None: ...
+    def context_length(self) -> int | None: ...
+    def count_prompt_tokens(self, conversations: list[list[dict]], prefill: str = "") -> list[int]: ...
+    def generate(
+        self, conversations: list[list[dict]], sampling: SamplingConfig, seed: int, prefill: str = ""
+    ) -> list[Generation]: ...
+
+
+@dataclass(frozen=True)
+class ChatPrompt:
+    """The plain conversation: an optional system message and the request."""
+
+    system_prompt: str | None = None
+    prefill: str = ""  # text that opens the assistant turn (the model continues it)
+
+    def __call__(self, row: PromptRow) -> list[dict]:
+        return messages(row.prompt, self.system_prompt)
+
+
+def batch_seed(base: int, shard_id: str, batch_index: int) -> int:
+    """Seed of one generate() call, independent of which replica runs it."""
+    digest = hashlib.sha256(f"{base}:{shard_id}:{batch_index}".encode()).digest()
+    return int.from_bytes(digest[:4], "little")
+
+
+def sub_batch_seed(base: int, shard_id: str, batch_index: int, lo: int, hi: int) -> int:
+    """Seed of the retry of sequences lo:hi (offsets in the batch) after the batch was split."""
+    digest = hashlib.sha256(f"{base}:{shard_id}:{batch_index}:{lo}:{hi}".encode()).digest()
+    return int.from_bytes(digest[:4], "little")
+
+
+def _is_cuda_oom(exc: Exception) -> bool:
+    torch = sys.modules.get("torch")  # never imported here: a pure module
+    return torch is not None and isinstance(exc, torch.cuda.OutOfMemoryError) and torch.cuda.is_available()
+
+
+def _quarantined(row: PromptRow, reason: str, detail: str) -> dict:
+    return {
+        "prompt_id": row.prompt_id, "source_row": row.source_row, "prompt": row.prompt[:200],
+        "reason": reason, "detail": detail,
+    }
+
+
+def generate_shard(
+    backend: Backend,
+    shard: Shard,
+    n: int,
+    sampling: SamplingConfig,
+    batch_size: int,
+    conversation,
+    stats: Counter | None = None,
+) -> tuple[list[dict], list[dict]]:
+    """(GENERATED rows, QUARANTINE rows) for one shard; `conversation` turns a PromptRow into messages
+    and may open the assistant turn with `conversation.prefill`. `stats`, if given, gets the number of
+    batch splits ("splits") and of quarantined prompts per reason added to it."""
+    stats = Counter() if stats is None else stats
+    prefill = conversation.prefill
+
+    def attempt(convs: list, b: int, lo: int, hi: int, seed: int) -> list[tuple]:
+        """(Generation, or the error as text, and the seed) for each of convs[lo:hi], sequences of batch b.
+        A call that raises is split in halves, each retried with its own seed, until one fails alone."""
+        try:
+            return [(g, seed) for g in backend.generate(convs[lo:hi], sampling, seed, prefill)]
+        except Exception as exc:  # a KeyboardInterrupt or SystemExit still stops the run
+            kind = type(exc).__name__
+            error = f"{kind}: {first_line(exc, 200)}"
+            oom = _is_cuda_oom(exc)
+        # Out of the except block, the traceback and the tensors its frames hold are released.
+        if oom:
+            sys.modules["torch"].cuda.empty_cache()
+        if hi - lo == 1:
+            return [(error, seed)]
+        log.warning("generate() of %d sequences raised %s; retrying in halves", hi - lo, kind)
+        stats["splits"] += 1
+        mid = (lo + hi) // 2
+        sub = partial(sub_batch_seed, sampling.seed, shard.shard_id, b)
+        return attempt(convs, b, lo, mid, sub(lo, mid)) + attempt(convs, b, mid, hi, sub(mid, hi))
+
+    convs = [conversation(r) for r in shard.rows]
+    limit = backend.context_length()
+    fits, quarantine = [], []
+    lengths = backend.count_prompt_tokens(convs, prefill) if limit else [0] * len(convs)
+    for row, conv, length in zip(shard.rows, convs, lengths):
+        if limit and length + sampling.max_new_tokens > limit:
+            detail = f"{length} prompt tokens + max_new_tokens {sampling.max_new_tokens} > context {limit}"
+            quarantine.append(_quarantined(row, "too_long", detail))
+        else:
+            fits.append((row, conv))
+    # One sequence per (prompt, sample); consecutive so that a prompt's samples share a batch when possible.
+    seqs = [(row, conv, k) for row, conv in fits for k in range(n)]
+    results = []  # (row, sample_idx, Generation or the error, seed), in sequence order
+    for b, start in enumerate(range(0, len(seqs), batch_size)):
+        chunk = seqs[start : start + batch_size]
+        seed = batch_seed(sampling.seed, shard.shard_id, b)
+        gens = attempt([conv for _, conv, _ in chunk], b, 0, len(chunk), seed)
+        results += [(row, k, g, s) for (row, _, k), (g, s) in zip(chunk, gens)]
+    # Every prompt ends in one place: a prompt with any failed sample is quarantined, with none kept.
+    failed = {}
+    for row, _, g, _ in results:
+        if isinstance(g, str) and row.prompt_id not in failed:
+            failed[row.prompt_id] = _quarantined(row, "generation_error", g)
+    quarantine += failed.values()
+    stats.update(q["reason"] for q in quarantine)
+    out = [
+        {
+            "prompt_id": row.prompt_id,
+            "sample_idx": k,
+            "prompt": row.prompt,
+            "category": row.category,
+            "response": g.text,
+            "finish_reason": g.finish_reason,
+            "prompt_tokens": g.prompt_tokens,
+            "response_tokens": g.response_tokens,
+            "model": backend.model_id,
+            "model_revision": backend.revision,
+            "seed": seed,
+            "shard_id": shard.shard_id,
+        }
+        for row, k, g, seed in results
+        if row.prompt_id not in failed
+    ]
+    return out, quarantine

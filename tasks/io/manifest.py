@@ -1,0 +1,124 @@
+"""The manifest: what a finished dataset holds and how it was made. Pure: no Prefect, Ray or torch."""
+
+from __future__ import annotations
+
+import datetime as dt
+import subprocess
+from collections import Counter
+from importlib import metadata
+from pathlib import Path
+
+from dafactory.tasks.io.schemas import TABLES
+
+
+def code_version() -> dict:
+    version = {"package": "dafactory", "version": metadata.version("dafactory")}
+    try:
+        sha = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5,
+        ).stdout.strip()
+        if sha:
+            version["git_commit"] = sha + ("+dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return version
+
+
+def sum_counters(dicts) -> dict:
+    total: Counter = Counter()
+    for d in dicts:
+        total.update(d)
+    return dict(sorted(total.items()))
+
+
+def accounting(plan, shard_stats: list[dict], failed: list[dict]) -> dict:
+    """Where every source row went. Each row ends in exactly one place: set aside at input (with a
+    reason), or in a planned shard; each planned prompt has output rows, is quarantined by its shard
+    (with a reason), or sits in a shard that failed or was never built. `balanced` says the counts add up."""
+    prompts_out = sum(s.get("prompts_out", 0) for s in shard_stats)
+    shard_quarantined = sum(sum(s.get("quarantined", {}).values()) for s in shard_stats)
+    in_failed = sum(f["prompts"] for f in failed)
+    built = sum(s.get("prompts", 0) for s in shard_stats)
+    not_built = plan.unique - built - in_failed
+    input_set_aside = sum(plan.quarantined.values())
+    return {
+        "source_rows": plan.source_rows,
+        "set_aside_at_input": input_set_aside,
+        "planned_prompts": plan.unique,
+        "prompts_with_output": prompts_out,
+        "prompts_quarantined_in_shards": shard_quarantined,
+        "prompts_in_failed_shards": in_failed,
+        "prompts_in_unbuilt_shards": not_built,
+        "balanced": plan.source_rows == input_set_aside + plan.unique
+        and plan.unique == prompts_out + shard_quarantined + in_failed + not_built
+        and built == prompts_out + shard_quarantined,
+    }
+
+
+def build_manifest(
+    *,
+    config: dict,
+    fingerprint: str,
+    plan,
+    shard_stats: list[dict],
+    counts: dict,
+    outcomes_key: str,
+    timings: dict,
+    models: dict,
+    report: dict,
+    pruned_parts: int,
+    extra: dict | None = None,
+) -> dict:
+    quarantined = Counter(plan.quarantined)
+    quarantined.update(sum_counters(s.get("quarantined", {}) for s in shard_stats))
+    done = {s.get("shard_index") for s in shard_stats}
+    complete = not report["failed"] and not report["stopped"] and len(done) == len(plan.shards)
+    return {
+        "status": "complete" if complete else "incomplete",
+        "stopped": report["stopped"],
+        "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "fingerprint": fingerprint,
+        "config": config,
+        "models": models,
+        "code": code_version(),
+        "tables": {name: c | {"schema": TABLES[name].to_string()} for name, c in counts.items()},
+        "prompts": {
+            "source_rows": plan.source_rows,
+            "unique": plan.unique,
+            "duplicates_removed": plan.duplicates,
+            "quarantined": dict(sorted(quarantined.items())),
+        },
+        "accounting": accounting(plan, shard_stats, report["failed"]),
+        "outcomes_key": outcomes_key,
+        outcomes_key: sum_counters(s.get("outcomes", {}) for s in shard_stats),
+        "shards": {
+            "total": len(plan.shards),
+            "done": len(shard_stats),
+            "resumed": report["resumed"],
+            "built": report["built"],
+            "failed": report["failed"],
+            "not_built": len(plan.shards) - len(shard_stats) - len(report["failed"]),
+            "pruned_stale_parts": pruned_parts,
+        },
+        "timings_s": timings,
+    } | (extra or {})
+
+
+def summary_rows(manifest: dict) -> list[dict]:
+    """The short table printed by the CLI and published as a Prefect artifact."""
+    rows = [{"what": f"{name} rows", "count": t["rows"]} for name, t in manifest["tables"].items()]
+    if manifest["status"] != "complete":
+        s = manifest["shards"]
+        rows.insert(0, {"what": f"INCOMPLETE: shards done of {s['total']}", "count": s["done"]})
+        rows.insert(1, {"what": "shards failed", "count": len(s["failed"])})
+    p = manifest["prompts"]
+    rows.append({"what": "prompts (unique)", "count": p["unique"]})
+    rows += [{"what": f"quarantined: {k}", "count": v} for k, v in p["quarantined"].items()]
+    key = manifest["outcomes_key"]
+    label = {"unpaired_prompts": "no pair", "filtered_samples": "filtered"}.get(key, key)
+    rows += [{"what": f"{label}: {k}", "count": v} for k, v in manifest[key].items()]
+    return rows

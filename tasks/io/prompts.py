@@ -1,0 +1,350 @@
+"""Load, validate, deduplicate and shard prompts. Pure: no Prefect, Ray or torch.
+
+Row contract: reads `prompt_column` (and `category_column` if set) from Parquet, JSONL or CSV;
+writes PromptRow records keyed by `prompt_id`, a content hash of the prompt text.
+Bad rows are quarantined with a reason, never dropped silently.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Iterator
+
+import fsspec
+import numpy as np
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+
+from dafactory.tasks.config import PromptSource
+from dafactory.tasks.errors import UserError
+from dafactory.tasks.io.schemas import require_columns
+
+BUNDLED_SAMPLES = {"sample": "sample_prompts.jsonl", "distill_sample": "distill_sample.jsonl"}
+# Bundled evaluation sets: name -> (file, prompt column). Evaluation reads them; decontamination too.
+BUNDLED_BENCHMARKS = {
+    "strongreject": ("strongreject.csv", "forbidden_prompt"),
+    "dan": ("dan_jailbreak_prompts_2023_12_25.csv", "prompt"),
+}
+FORMATS = {".parquet": "parquet", ".pq": "parquet", ".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv", ".tsv": "tsv"}
+
+
+def prompt_id(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class PromptRow:
+    prompt_id: str
+    prompt: str
+    category: str | None  # the categories joined with "; " (one string column in every table)
+    source_row: int
+    categories: tuple[str, ...] = ()
+    reference: tuple | None = None  # utility benchmarks: (kind, reference answer, number of choices)
+
+
+@dataclass
+class PromptSet:
+    rows: list[PromptRow]
+    quarantine: list[dict] = field(default_factory=list)
+    duplicates: int = 0
+    source_rows: int = 0
+
+
+@dataclass(frozen=True)
+class Shard:
+    shard_id: str
+    index: int
+    rows: tuple[PromptRow, ...]
+
+
+def bundled(filename: str):
+    """A file shipped in the package's data folder (a Traversable)."""
+    return resources.files("dafactory.tasks.data") / filename
+
+
+def source_path(src: PromptSource) -> str:
+    if src.path in BUNDLED_SAMPLES:
+        return str(bundled(BUNDLED_SAMPLES[src.path]))
+    if src.path in BUNDLED_BENCHMARKS:
+        return str(bundled(BUNDLED_BENCHMARKS[src.path][0]))
+    return src.path
+
+
+def _format(path: str) -> str:
+    for suffix, fmt in FORMATS.items():
+        if path.lower().endswith(suffix):
+            return fmt
+    raise UserError(f"prompt file {path}: unsupported format; use one of {sorted(set(FORMATS))}")
+
+
+def _open(path: str):
+    fs, fs_path = fsspec.core.url_to_fs(path)
+    if not fs.exists(fs_path):
+        raise UserError(f"prompt file not found: {path}")
+    return fs.open(fs_path, "rb")
+
+
+def _check(columns: list[str], wanted: list[str], path: str) -> None:
+    require_columns(columns, wanted, f"prompt file {path}")
+
+
+def iter_raw(src: PromptSource, batch_rows: int = 8192) -> Iterator[tuple[list, list]]:
+    """Raw prompt and category values (bytes/str/None, or a decode error), `batch_rows` source rows at
+    a time: the file is streamed, never read whole. Stops after `src.limit` rows."""
+    path = source_path(src)
+    fmt = _format(path)
+    wanted = [src.prompt_column] + ([src.category_column] if src.category_column else [])
+    left = src.limit if src.limit is not None else float("inf")
+    with _open(path) as f:
+        if fmt == "jsonl":
+            chunks = _jsonl_chunks(f, src, wanted, path, batch_rows)
+        elif fmt in ("csv", "tsv"):
+            chunks = _arrow_chunks(_csv_batches(f, fmt, wanted, batch_rows), src, wanted, path)
+        else:
+            try:
+                pf = pq.ParquetFile(f)
+            except (pa.ArrowException, OSError) as exc:  # not Parquet at all, or a truncated file
+                raise UserError(f"prompt file {path}: not a readable Parquet file ({str(exc).strip()[:200]})") from None
+            _check(pf.schema_arrow.names, wanted, path)
+            # use_threads=False: see DatasetDir.read_table
+            chunks = _arrow_chunks(pf.iter_batches(batch_rows, columns=wanted, use_threads=False), src, wanted, path)
+        for prompts, cats in chunks:
+            if left <= 0:
+                return
+            if len(prompts) > left:
+                prompts, cats = prompts[: int(left)], cats[: int(left)]
+            left -= len(prompts)
+            yield prompts, cats
+
+
+def _csv_batches(f, fmt: str, wanted: list[str], batch_rows: int):
+    # Read as binary so that one bad byte quarantines one row instead of failing the file.
+    # A generator, so that Arrow's parse errors surface in _arrow_chunks, which names the file.
+    block = 1 << 22
+    options = dict(
+        read_options=pacsv.ReadOptions(use_threads=False, block_size=block),
+        parse_options=pacsv.ParseOptions(newlines_in_values=True, delimiter="\t" if fmt == "tsv" else ","),
+        convert_options=pacsv.ConvertOptions(column_types={c: pa.binary() for c in wanted}),
+    )
+    try:
+        reader = pacsv.open_csv(f, **options)
+    except pa.ArrowInvalid:
+        # Arrow cannot read a lone header line with no newline after it: give it one.
+        f.seek(0)
+        head = f.read(block + 1)
+        if not head.strip() or len(head) > block or b"\n" in head or b"\r" in head:
+            raise
+        reader = pacsv.open_csv(pa.BufferReader(head + b"\n"), **options)
+    empty = True
+    for batch in reader:  # Arrow's batches are blocks of bytes: cut them to batch_rows rows
+        for start in range(0, batch.num_rows, batch_rows):
+            empty = False
+            yield batch.slice(start, batch_rows)
+    if empty:  # a header and no rows: one empty batch, so that the header is still checked
+        yield pa.RecordBatch.from_pylist([], schema=reader.schema)
+
+
+def _arrow_chunks(batches, src: PromptSource, wanted: list[str], path: str):
+    def cells(column: pa.Array) -> list:
+        try:
+            return column.to_pylist()
+        except UnicodeDecodeError:  # a string column holding bytes that are not UTF-8 (not every writer checks)
+            out = []
+            for i in range(len(column)):
+                try:
+                    out.append(column[i].as_py())
+                except UnicodeDecodeError as exc:
+                    out.append(_BadLine("non_utf8", str(exc)))
+            return out
+
+    checked, batches = False, iter(batches)
+    while True:
+        try:
+            batch = next(batches)
+        except StopIteration:
+            return
+        except pa.ArrowInvalid as exc:  # a CSV row with another number of fields, an empty CSV file
+            raise UserError(f"prompt file {path}: {' '.join(str(exc).split())[:300]}") from None
+        if not checked:
+            _check(batch.schema.names, wanted, path)
+            checked = True
+        prompts = cells(batch.column(src.prompt_column))
+        cats = cells(batch.column(src.category_column)) if src.category_column else [None] * len(prompts)
+        yield prompts, cats
+
+
+def read_raw(src: PromptSource) -> tuple[list[object], list[object]]:
+    """Raw prompt values and raw category values of the whole file (small files: benchmarks; large
+    inputs go through iter_raw)."""
+    prompts, cats = [], []
+    for p, c in iter_raw(src):
+        prompts += p
+        cats += c
+    return prompts, cats
+
+
+class _BadLine:
+    def __init__(self, reason: str, detail: str):
+        self.reason, self.detail = reason, detail
+
+
+def _jsonl_chunks(f, src: PromptSource, wanted: list[str], path: str, batch_rows: int):
+    # The columns are checked once, over the keys of the first `window` rows (the whole file if shorter),
+    # and batches are held back until then: whether a file fails must not depend on batch_rows.
+    window = 8192
+    prompts, cats, seen_cols, held, rows = [], [], {}, [], 0
+    for raw in f:
+        if not raw.strip():
+            continue
+        try:
+            obj = json.loads(raw)
+        except UnicodeDecodeError as exc:
+            obj = _BadLine("non_utf8", str(exc))
+        except (ValueError, RecursionError) as exc:  # bad JSON, an int past 4300 digits, too deeply nested
+            obj = _BadLine("malformed_json", str(exc))
+        if isinstance(obj, dict):
+            if rows < window:
+                seen_cols.update(dict.fromkeys(obj))
+            prompts.append(obj.get(src.prompt_column))
+            cats.append(obj.get(src.category_column) if src.category_column else None)
+        else:
+            prompts.append(obj if isinstance(obj, _BadLine) else _BadLine("malformed_json", "not an object"))
+            cats.append(None)
+        rows += 1
+        if len(prompts) == batch_rows:
+            held.append((prompts, cats))
+            prompts, cats = [], []
+        if rows == window:
+            _check(list(seen_cols), wanted, path)
+        if rows >= window:
+            yield from held
+            held = []
+    if rows < window:
+        _check(list(seen_cols), wanted, path)
+    yield from held
+    if prompts:
+        yield prompts, cats
+
+
+def _decode(value: object) -> tuple[str | None, str | None, str | None]:
+    """(text, quarantine reason, detail)."""
+    if isinstance(value, _BadLine):
+        return None, value.reason, value.detail
+    if value is None:
+        return None, "empty", "missing value"
+    if isinstance(value, bytes):
+        try:
+            value = value.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            return None, "non_utf8", str(exc)
+    if not isinstance(value, str):
+        return None, "not_text", f"value of type {type(value).__name__}"
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:  # a lone surrogate, from a "\ud800" escape in JSON
+        # or from surrogate bytes, which json.loads decodes with surrogatepass
+        return None, "non_utf8", str(exc)
+    if not value.strip():
+        return None, "empty", "empty or whitespace-only"
+    return value, None, None
+
+
+def _categories(raw: object) -> tuple[str, ...]:
+    """A category cell holds one category, or a list of them (as in STAR-41K)."""
+    items = raw if isinstance(raw, (list, tuple)) else [raw]
+    out = []
+    for item in items:
+        text, _, _ = _decode(item)
+        if text is not None:
+            out.append(text.strip())
+    return tuple(dict.fromkeys(out))
+
+
+class SeenIds:
+    """A set of prompt ids (hex content hashes) in 8 bytes each: a sorted numpy array plus a small
+    Python set of recent ids, merged in from time to time. Dedup over millions of prompts stays small."""
+
+    def __init__(self, flush_at: int = 1 << 16):
+        self.sorted = np.empty(0, dtype=np.uint64)
+        self.recent: set[int] = set()
+        self.flush_at = flush_at
+
+    def add(self, pid: str) -> bool:
+        """Add an id; False if it was already there."""
+        key = int(pid[:16], 16)
+        if key in self.recent:
+            return False
+        i = np.searchsorted(self.sorted, np.uint64(key))
+        if i < len(self.sorted) and self.sorted[i] == key:
+            return False
+        self.recent.add(key)
+        if len(self.recent) >= self.flush_at:
+            self.sorted = np.union1d(self.sorted, np.fromiter(self.recent, dtype=np.uint64, count=len(self.recent)))
+            self.recent = set()
+        return True
+
+
+def iter_prompts(src: PromptSource, batch_rows: int = 8192) -> Iterator[PromptSet]:
+    """The prompt file as PromptSets of at most `batch_rows` source rows, deduplicated across batches."""
+    seen, offset = SeenIds(), 0
+    for raw_prompts, raw_cats in iter_raw(src, batch_rows):
+        yield decode_rows(raw_prompts, raw_cats, seen=seen, offset=offset)
+        offset += len(raw_prompts)
+
+
+def merge(sets) -> PromptSet:
+    out = PromptSet(rows=[], quarantine=[], duplicates=0, source_rows=0)
+    for s in sets:
+        out.rows += s.rows
+        out.quarantine += s.quarantine
+        out.duplicates += s.duplicates
+        out.source_rows += s.source_rows
+    return out
+
+
+def load_prompts(src: PromptSource) -> PromptSet:
+    return merge(iter_prompts(src))
+
+
+def decode_rows(raw_prompts: list, raw_cats: list, key=None, dedup: bool = True, seen: SeenIds | None = None,
+                offset: int = 0) -> PromptSet:
+    """Decode raw cells into PromptRows, quarantining bad ones (and repeated prompts, as `duplicate`).
+    `key(i, text)` gives the prompt_id (default: the content hash); with dedup off, rows with equal text
+    are all kept (their keys differ). Source rows are numbered from `offset`."""
+    out = PromptSet(rows=[], source_rows=len(raw_prompts))
+    seen = seen if seen is not None else SeenIds()
+    for i, (raw, raw_cat) in enumerate(zip(raw_prompts, raw_cats), start=offset):
+        text, reason, detail = _decode(raw)
+        if reason is not None:
+            out.quarantine.append(
+                {"prompt_id": None, "source_row": i, "prompt": None, "reason": reason, "detail": detail}
+            )
+            continue
+        pid = key(i, text) if key else prompt_id(text)
+        if dedup and not seen.add(pid):
+            out.duplicates += 1
+            out.quarantine.append({"prompt_id": pid, "source_row": i, "prompt": text[:200], "reason": "duplicate",
+                                   "detail": "same text as an earlier row"})
+            continue
+        cats = _categories(raw_cat)
+        out.rows.append(PromptRow(pid, text, "; ".join(cats) or None, i, cats))
+    return out
+
+
+def check_columns(src: PromptSource) -> None:
+    """Cheap preflight: the file exists, has a known format and the named columns."""
+    read_raw(src.model_copy(update={"limit": 1}))
+
+
+def make_shards(rows: list[PromptRow], shard_size: int, salt: str) -> list[Shard]:
+    """Fixed-size shards in input order; the id hashes the salt (config) and the prompt ids inside."""
+    shards = []
+    for index, start in enumerate(range(0, len(rows), shard_size)):
+        chunk = tuple(rows[start : start + shard_size])
+        digest = hashlib.sha256((salt + "".join(r.prompt_id for r in chunk)).encode()).hexdigest()[:16]
+        shards.append(Shard(shard_id=digest, index=index, rows=chunk))
+    return shards

@@ -1,0 +1,314 @@
+"""Dataset layout on local disk or any fsspec filesystem (s3:// through s3fs): same code path.
+
+<output>/<dataset>/
+  config.json                  the config that owns this folder (written first)
+  _staging/<table>/part-*.parquet   parts of a run in progress (every write goes here first)
+  prompts/part-<shard>.parquet      the planned input: each unique prompt, its source row and shard
+  candidates/part-<shard>.parquet   (preference) all N per prompt, with scores (written last per shard)
+  pairs/part-<shard>.parquet        TRL conversational preference rows
+  best/part-<shard>.parquet         TRL conversational prompt-completion rows
+  train/, filtered/                 (distill) kept and excluded samples (filtered written last)
+  quarantine/part-<...>.parquet     input rows that never reached a model, with reasons
+  manifest.json                written last; "status": "complete" means every shard is in
+
+A run writes every part under _staging/ (on local disk under a temporary name renamed into place; on
+object stores one PUT, already atomic), so a reader never sees half a part. Finishing a run publishes
+the staged parts into their tables and then writes the manifest with exclusive create; it lists every
+part of every table, and readers trust only parts a manifest lists. Shard part names are content
+hashes, so re-running a shard overwrites it instead of duplicating it, and a part already staged or
+published marks its shard done (resume). Every store operation is retried with exponential backoff;
+when the store stays down the run fails with StorageError and no manifest.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import posixpath
+import time
+import uuid
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from dafactory.tasks.errors import StorageError, UserError, first_line
+from dafactory.tasks.io.schemas import TABLES
+
+log = logging.getLogger(__name__)
+
+STATS_KEY = b"dafactory.shard_stats"
+MANIFEST = "manifest.json"
+CONFIG = "config.json"
+STAGING = "_staging"
+
+
+CREDENTIAL_KEYS = {"aws_access_key_id": "key", "aws_secret_access_key": "secret", "aws_session_token": "token"}
+CLIENT_KEYS = ("endpoint_url", "region_name")
+
+
+def storage_options(uri: str, timeout_s: float, credentials: dict | None = None) -> dict:
+    """Timeouts for remote stores, so that an unreachable endpoint fails instead of hanging. Credentials
+    come from the standard AWS environment or profile, or from `credentials` (a Prefect Secret block's
+    value, see credentials_from_block); they live only in the filesystem object, never in what is written."""
+    if not uri.startswith(("s3://", "s3a://")):
+        return {}
+    # A filesystem of its own: fsspec's shared instance would keep credentials and endpoints of an
+    # earlier run (rotated keys, another block) for the life of a serving process.
+    options = {"config_kwargs": {"connect_timeout": timeout_s, "read_timeout": timeout_s,
+                                 "retries": {"max_attempts": 2}}, "skip_instance_cache": True}
+    creds = credentials or {}
+    options |= {fs_key: creds[k] for k, fs_key in CREDENTIAL_KEYS.items() if creds.get(k)}
+    client = {k: creds[k] for k in CLIENT_KEYS if creds.get(k)}
+    return options | ({"client_kwargs": client} if client else {})
+
+
+def credentials_from_block(name: str) -> dict:
+    """The value of the Prefect Secret block `name`: a JSON object with aws_access_key_id,
+    aws_secret_access_key and optionally aws_session_token, endpoint_url, region_name."""
+    from prefect.blocks.system import Secret
+
+    try:
+        value = Secret.load(name).get()
+    except ValueError as exc:
+        raise UserError(f"storage_block: no Prefect Secret block named {name!r} ({str(exc)[:80]})") from None
+    allowed = set(CREDENTIAL_KEYS) | set(CLIENT_KEYS)
+    if not isinstance(value, dict) or not value.get("aws_access_key_id") or set(value) - allowed:
+        raise UserError(f"storage_block: the Secret block {name!r} must hold a JSON object with keys "
+                        f"from {sorted(allowed)}, aws_access_key_id and aws_secret_access_key at least")
+    return value
+
+
+class DatasetDir:
+    def __init__(self, output: str, dataset: str, timeout_s: float = 30, retries: int = 4, backoff_s: float = 1.0,
+                 credentials: dict | None = None):
+        self.uri = output.rstrip("/") + "/" + dataset
+        self.fs, self.root = fsspec.core.url_to_fs(self.uri, **storage_options(self.uri, timeout_s, credentials))
+        self.local = "file" in (self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,))
+        self.retries, self.backoff_s = retries, backoff_s
+
+    def _retry(self, what: str, op):
+        """Run a store operation, retrying faults with exponential backoff; StorageError at the end."""
+        for attempt in range(self.retries + 1):
+            try:
+                return op()
+            except (FileExistsError, FileNotFoundError, UserError):
+                raise  # answers, not faults
+            except Exception as exc:  # endpoint down, connection reset, throttling...
+                if attempt == self.retries:
+                    first = first_line(exc)
+                    raise StorageError(
+                        f"storage {self.uri} failed to {what} after {self.retries + 1} attempts: {first}"
+                    ) from exc
+                delay = self.backoff_s * 2**attempt
+                log.warning("storage fault (%s: %s); retrying %s in %.1fs", type(exc).__name__, what, what, delay)
+                time.sleep(delay)
+
+    def _path(self, *parts: str) -> str:
+        return posixpath.join(self.root, *parts)
+
+    def _inside(self, rel: str) -> str:
+        """A path a manifest names, refused unless it stays inside the dataset folder."""
+        norm = posixpath.normpath(rel)
+        if rel.startswith("/") or norm == ".." or norm.startswith("../") or "://" in rel:
+            raise UserError(f"{self.uri}: the manifest names a file outside the dataset: {rel!r}")
+        return self._path(norm)
+
+    def _put(self, final: str, write) -> None:
+        """Write atomically: temp file + rename on local disk, one PUT on object stores."""
+        self._retry(f"write {posixpath.relpath(final, self.root)}", lambda: self._put_once(final, write))
+
+    def _put_once(self, final: str, write) -> None:
+        if not self.local:
+            # No makedirs on object stores: s3fs would create a missing bucket instead of failing.
+            with self.fs.open(final, "wb") as f:
+                write(f)
+            return
+        self.fs.makedirs(posixpath.dirname(final), exist_ok=True)
+        tmp = final + f".tmp-{uuid.uuid4().hex[:8]}"
+        with self.fs.open(tmp, "wb") as f:
+            write(f)
+        self.fs.mv(tmp, final)
+
+    def write_bytes(self, rel: str, data: bytes) -> None:
+        self._put(self._path(rel), lambda f: f.write(data))
+
+    def check_writable(self) -> None:
+        """Fail before any model loads when the output cannot be written (missing bucket, no rights,
+        unreachable endpoint)."""
+        probe = self._path(f".write-probe-{uuid.uuid4().hex[:8]}")
+        try:
+            self._put_once(probe, lambda f: f.write(b""))
+            self.fs.rm(probe)
+        except Exception as exc:  # any storage failure is the user's output setting
+            first = first_line(exc)
+            raise UserError(f"cannot write to output {self.uri}: {first}") from None
+
+    def _read_json(self, rel: str) -> dict | None:
+        path = self._path(rel)
+
+        def read():
+            if not self.fs.exists(path):
+                return None
+            with self.fs.open(path, "rb") as f:
+                return json.load(f)
+
+        return self._retry(f"read {rel}", read)
+
+    # ownership -------------------------------------------------------------------------------
+    def check_owner(self, fingerprint: str) -> None:
+        """Refuse an output that already holds a dataset built with a different config."""
+        existing = self._read_json(CONFIG)
+        if existing is not None and existing.get("fingerprint") != fingerprint:
+            raise UserError(
+                f"output {self.uri} already holds a dataset built with a different config "
+                f"(fingerprint {existing.get('fingerprint')}, this run {fingerprint}); "
+                "use another dataset name or output"
+            )
+
+    def claim(self, fingerprint: str, config: dict) -> None:
+        self.check_owner(fingerprint)
+        # A run in progress must never be mistaken for a complete dataset.
+        if self.fs.exists(self._path(MANIFEST)):
+            self._retry("remove the old manifest", lambda: self.fs.rm(self._path(MANIFEST)))
+        self.write_bytes(CONFIG, json.dumps({"fingerprint": fingerprint, "config": config}, indent=2).encode())
+
+    # parts -----------------------------------------------------------------------------------
+    def part_path(self, table: str, part: str, staged: bool = False) -> str:
+        return self._path(*([STAGING] if staged else []), table, f"part-{part}.parquet")
+
+    def write_part(self, table: str, part: str, data: pa.Table, stats: dict | None = None) -> None:
+        """Stage a part; publish() moves it into its table when the run finishes."""
+        data = data.cast(TABLES[table])
+        if stats is not None:
+            data = data.replace_schema_metadata({STATS_KEY: json.dumps(stats).encode()})
+        self._put(self.part_path(table, part, staged=True), lambda f: pq.write_table(data, f, compression="zstd"))
+
+    def written(self, table: str) -> set[str]:
+        """Names of the table's parts, staged (this run) or published (an earlier one). For the table a
+        shard writes last, these are the shards done."""
+        return set(self.parts(table, staged=True)) | set(self.parts(table))
+
+    def parts(self, table: str, staged: bool = False) -> dict[str, str]:
+        """part name -> path, for finished parts only."""
+        pattern = self.part_path(table, "*", staged)
+        paths = self._retry(f"list {table}", lambda: sorted(self.fs.glob(pattern)))
+        return {posixpath.basename(p)[len("part-") : -len(".parquet")]: p for p in paths}
+
+    def read_part(self, table: str, part: str) -> pa.Table:
+        """One part, staged (this run) or published (an earlier run)."""
+        staged = self.part_path(table, part, staged=True)
+        path = staged if self._retry("look up a part", lambda: self.fs.exists(staged)) else self.part_path(table, part)
+        return self.read_file(path)
+
+    def read_file(self, path: str) -> pa.Table:
+        def read():
+            with self.fs.open(path, "rb") as f:
+                # use_threads=False: pyarrow 26 reading from Python file objects with threads can abort the
+                # process at exit ("terminate called without an active exception"); parts are small.
+                return pq.read_table(f, use_threads=False).replace_schema_metadata(None)
+
+        return self._retry(f"read {posixpath.relpath(path, self.root)}", read)
+
+    def prune(self, keep: dict[str, set[str]]) -> int:
+        """Remove parts (staged or published) of the tables in `keep` whose names are not kept: left
+        over from an earlier version of the input. Also leftovers of interrupted writes."""
+        removed = 0
+        for table, names in keep.items():
+            for staged in (True, False):
+                for part, path in self.parts(table, staged).items():
+                    if part not in names:
+                        self._retry(f"remove {part}", lambda: self.fs.rm(path))
+                        removed += 1
+        for staged in (True, False):
+            for path in self._retry("list", lambda: self.fs.glob(self.part_path("*", "*", staged) + ".tmp-*")):
+                self.fs.rm(path)
+        return removed
+
+    def publish(self, tables: list[str]) -> int:
+        """Move every staged part into its table (overwriting the same shard's older part). On object
+        stores the copies and deletes of a table go out as concurrent batches."""
+        moved = 0
+        for table in tables:
+            staged = self.parts(table, staged=True)
+            if not staged:
+                continue
+            sources = list(staged.values())
+            targets = [self.part_path(table, part) for part in staged]
+            if self.local:  # a rename each: atomic, no bytes copied
+                self.fs.makedirs(posixpath.dirname(targets[0]), exist_ok=True)
+                for src, dst in zip(sources, targets):
+                    os.replace(src, dst)
+            else:
+                self._retry(f"publish {table}", lambda: self.fs.copy(sources, targets))
+                self._retry(f"publish {table}", lambda: self.fs.rm(sources))
+            moved += len(sources)
+        return moved
+
+    def drop_staging(self) -> None:
+        """Remove what is left of the staging prefix (empty folders on local disk)."""
+        staging = self._path(STAGING)
+        if self._retry("look up staging", lambda: self.fs.exists(staging)):
+            self._retry("remove staging", lambda: self.fs.rm(staging, recursive=True))
+
+    def footer(self, path: str) -> pq.FileMetaData:
+        def read():
+            with self.fs.open(path, "rb") as f:
+                return pq.ParquetFile(f).metadata
+
+        return self._retry("read a footer", read)
+
+    def shard_stats(self, marker: str) -> list[dict]:
+        out = []
+        for path in self.parts(marker).values():
+            meta = self.footer(path).metadata or {}
+            out.append(json.loads(meta.get(STATS_KEY, b"{}")))
+        return out
+
+    def row_counts(self, tables: list[str] | None = None) -> dict[str, dict]:
+        """Rows and the exact part files of each published table (what the manifest lists for readers)."""
+        counts = {}
+        for table in tables if tables is not None else list(TABLES):
+            paths = list(self.parts(table).values())
+            rows = [self.footer(p).num_rows for p in paths]
+            counts[table] = {"rows": sum(rows), "parts": len(paths),
+                             "files": [f"{table}/{posixpath.basename(p)}" for p in paths]}
+        return counts
+
+    def listed_files(self, table: str, manifest: dict | None = None) -> list[str]:
+        """The part files of a table that the manifest lists (what is published when there is none)."""
+        manifest = manifest if manifest is not None else self.read_manifest()
+        if manifest is None:
+            return list(self.parts(table).values())
+        return [self._inside(f) for f in manifest["tables"].get(table, {}).get("files", [])]
+
+    def read_table(self, table: str) -> pa.Table:
+        """The table's parts: those the manifest lists when there is one, else what is published."""
+        paths = self.listed_files(table)
+        if not paths:
+            return TABLES[table].empty_table()
+        return pa.concat_tables([self.read_file(p) for p in paths])
+
+    # manifest --------------------------------------------------------------------------------
+    def write_manifest(self, manifest: dict) -> None:
+        """Exclusive create: two runs finishing into one folder cannot both claim it."""
+        data = json.dumps(manifest, indent=2, default=str).encode()
+        self._retry("write the manifest", lambda: self._create(self._path(MANIFEST), data))
+
+    def _create(self, final: str, data: bytes) -> None:
+        if not self.local:
+            with self.fs.open(final, "xb") as f:  # a conditional PUT (If-None-Match) on S3
+                f.write(data)
+            return
+        self.fs.makedirs(posixpath.dirname(final), exist_ok=True)
+        tmp = final + f".tmp-{uuid.uuid4().hex[:8]}"
+        with self.fs.open(tmp, "wb") as f:
+            f.write(data)
+        try:
+            os.link(tmp, final)  # atomic, and fails if the manifest exists
+        finally:
+            self.fs.rm(tmp)
+
+    def read_manifest(self) -> dict | None:
+        return self._read_json(MANIFEST)

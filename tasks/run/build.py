@@ -1,0 +1,404 @@
+"""Prefect task wrappers shared by the flows: prepare, build shards on Ray, finalize.
+
+A Recipe is what differs between flows: the Ray stages, the tables each shard writes, and the name of
+the per-shard outcome counts in the manifest. Everything else (claiming the output, resume by shard,
+progress, retries, the manifest written last) is the same code for every flow.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import threading
+import time
+from collections import Counter
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import fsspec
+from prefect import get_run_logger, task
+from prefect.artifacts import create_progress_artifact, create_table_artifact, update_progress_artifact
+from prefect.cache_policies import NONE
+from prefect.concurrency.sync import concurrency
+from prefect.exceptions import TerminationSignal
+from prefect.settings import PREFECT_API_URL
+
+from dafactory.tasks.config import RunConfig
+from dafactory.tasks.errors import UserError
+from dafactory.tasks.io.manifest import build_manifest, code_version, summary_rows
+from dafactory.tasks.io.prompts import PromptRow, PromptSet, Shard, iter_prompts, make_shards, source_path
+from dafactory.tasks.io.redact import redact
+from dafactory.tasks.io.schemas import PROMPTS, QUARANTINE, to_table
+from dafactory.tasks.io.storage import DatasetDir, storage_options
+from dafactory.tasks.run.workers import StageSpec, kill_stages, ray_session, start_stages, stream
+
+GPU_LIMIT = "dafactory-gpu"
+
+
+@dataclass
+class Recipe:
+    name: str
+    stages: list[StageSpec]
+    tables: list[str]  # written per shard, in order; the last marks the shard done
+    outcomes_key: str  # manifest key of per-shard outcome counts, e.g. "unpaired_prompts"
+    salt: str  # shard ids hash this with their prompt ids: what decides the generated text
+    sample_tables: list[str]  # tables that together hold one row per generated sample (for progress)
+    one_row_per_prompt: list[str] = field(default_factory=list)  # e.g. pairs: at most one row per prompt
+    manifest_extra: dict = field(default_factory=dict)
+    # Runs after the last shard, before the manifest: whole-dataset summaries (evaluation's ASR tables
+    # and report). Returns more manifest fields; the tables it writes are listed in summary_tables.
+    post: Callable[[DatasetDir], dict] | None = None
+    summary_tables: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class ShardRef:
+    """A planned shard: its prompts live in the dataset's `prompts` table, read when the shard runs."""
+
+    shard_id: str
+    index: int
+    prompts: int
+
+
+@dataclass
+class Plan:
+    shards: list[ShardRef] = field(default_factory=list)
+    source_rows: int = 0
+    duplicates: int = 0
+    quarantined: Counter = field(default_factory=Counter)  # input rows set aside, by reason
+    quarantine_parts: list[str] = field(default_factory=list)
+
+    @property
+    def unique(self) -> int:
+        return sum(s.prompts for s in self.shards)
+
+
+class Planner:
+    """Cuts a stream of prompt batches into fixed-size shards and stages each shard's prompts (and the
+    input quarantine) as soon as it is full: the input is never held whole in memory."""
+
+    def __init__(self, ds: DatasetDir, shard_size: int, salt: str, quarantine_rows: int = 50_000):
+        self.ds, self.shard_size, self.salt, self.quarantine_rows = ds, shard_size, salt, quarantine_rows
+        self.plan, self.rows, self.quarantine = Plan(), [], []
+
+    def add(self, batch: PromptSet) -> None:
+        self.plan.source_rows += batch.source_rows
+        self.plan.duplicates += batch.duplicates
+        self.plan.quarantined.update(q["reason"] for q in batch.quarantine)
+        self.quarantine += batch.quarantine
+        self.rows += batch.rows
+        while len(self.rows) >= self.shard_size:
+            self._shard(self.rows[: self.shard_size])
+            self.rows = self.rows[self.shard_size :]
+        if len(self.quarantine) >= self.quarantine_rows:
+            self._quarantine()
+
+    def _shard(self, rows: list[PromptRow]) -> None:
+        shard = make_shards(rows, len(rows), self.salt)[0]
+        ref = ShardRef(shard.shard_id, len(self.plan.shards), len(rows))
+        self.ds.write_part("prompts", ref.shard_id, to_table([
+            {"prompt_id": r.prompt_id, "source_row": r.source_row, "prompt": r.prompt, "category": r.category,
+             "categories": list(r.categories), "reference": None if r.reference is None else json.dumps(r.reference),
+             "shard_id": ref.shard_id} for r in rows
+        ], PROMPTS))
+        self.plan.shards.append(ref)
+
+    def _quarantine(self) -> None:
+        name = f"input-{len(self.plan.quarantine_parts):05d}"
+        self.ds.write_part("quarantine", name, to_table(self.quarantine, QUARANTINE))
+        self.plan.quarantine_parts.append(name)
+        self.quarantine = []
+
+    def finish(self) -> Plan:
+        if self.rows:
+            self._shard(self.rows)
+        if self.quarantine or not self.plan.quarantine_parts:
+            self._quarantine()
+        return self.plan
+
+
+def load_shard(ds: DatasetDir, ref: ShardRef) -> Shard:
+    rows = ds.read_part("prompts", ref.shard_id).to_pylist()
+    return Shard(ref.shard_id, ref.index, tuple(
+        PromptRow(r["prompt_id"], r["prompt"], r["category"], r["source_row"], tuple(r["categories"] or ()),
+                  None if r["reference"] is None else tuple(json.loads(r["reference"])))
+        for r in rows
+    ))
+
+
+@task(name="prepare", cache_policy=NONE)
+def plan_input(
+    config: RunConfig,
+    ds: DatasetDir,
+    salt: str,
+    screen: Callable[[PromptSet], PromptSet] | None = None,
+    load: Callable[[], PromptSet] | None = None,
+) -> Plan:
+    """Stream the prompts (config.prompts unless `load` is given) through the flow's screen, and stage
+    them as shards. No model loads here."""
+    logger = get_run_logger()
+    planner = Planner(ds, config.shard_size, salt)
+    for batch in [load()] if load is not None else iter_prompts(config.prompts):
+        planner.add(screen(batch) if screen is not None else batch)
+    plan = planner.finish()
+    logger.info(
+        "%d source rows: %d unique prompts in %d shards, %d set aside (%s) into %s",
+        plan.source_rows, plan.unique, len(plan.shards), sum(plan.quarantined.values()),
+        ", ".join(f"{k} {v}" for k, v in sorted(plan.quarantined.items())) or "none", ds.uri,
+    )
+    return plan
+
+
+def plan_key(context, parameters: dict) -> str | None:
+    """What decides a plan: the dataset, the config's content, the salt, the code version and the input
+    file's identity (size and modification time, or the object's ETag). None (no caching) for inputs
+    the flow loads itself (evaluation benchmarks)."""
+    if parameters.get("load") is not None:
+        return None
+    config, ds = parameters["config"], parameters["ds"]
+    src = source_path(config.prompts)
+    fs, path = fsspec.core.url_to_fs(src)
+    ident = [ds.uri, config.fingerprint(), parameters["salt"], code_version().get("git_commit", ""),
+             src, str(fs.ukey(path))]
+    return "dafactory-plan-" + hashlib.sha256("\x00".join(ident).encode()).hexdigest()[:32]
+
+
+def result_options(config: RunConfig) -> dict:
+    """Task options that persist results to `config.result_storage` and cache the plan there."""
+    if not config.result_storage:
+        return {}
+    from prefect.cache_policies import CacheKeyFnPolicy
+    from prefect.filesystems import LocalFileSystem, RemoteFileSystem
+
+    uri = config.result_storage
+    if "://" in uri and not uri.startswith("file://"):
+        # Prefect keeps result storage as a block on its server, so it carries no credentials: they come
+        # from the worker's AWS environment or profile (a storage_block's keys are not copied into it).
+        storage = RemoteFileSystem(basepath=uri.rstrip("/"), settings=storage_options(uri, config.storage_timeout_s))
+    else:
+        storage = LocalFileSystem(basepath=str(Path(uri.removeprefix("file://")).expanduser().resolve()))
+    storage.save(f"dafactory-results-{hashlib.sha256(storage.basepath.encode()).hexdigest()[:12]}", overwrite=True)
+    return {"persist_result": True, "result_storage": storage, "cache_policy": CacheKeyFnPolicy(cache_key_fn=plan_key)}
+
+
+def write_shard(ds: DatasetDir, recipe: Recipe, result: dict) -> dict:
+    """Stage a shard's parts, the marker table last, with the shard's stats in the marker's footer."""
+    tables = result["tables"]
+    out_ids = set()
+    for name in recipe.sample_tables:
+        out_ids.update(tables[name].column("prompt_id").to_pylist())
+    quarantined = Counter(tables["quarantine"].column("reason").to_pylist())
+    stats = {
+        "shard_index": result["shard_index"],
+        "prompts": result["prompts"],
+        "prompts_out": len(out_ids),  # prompts with output rows
+        "rows": {name: tables[name].num_rows for name in recipe.tables},
+        "quarantined": dict(quarantined),
+        "outcomes": result["outcomes"],
+        "seconds": result["seconds"],
+    }
+    for name in recipe.tables:
+        if name != "quarantine" or tables[name].num_rows:
+            ds.write_part(name, result["shard_id"], tables[name], stats if name == recipe.tables[-1] else None)
+    return stats
+
+
+def not_user_error(task, task_run, state) -> bool:
+    """Retry crashes and transient faults, not bad input: that fails the same way every time."""
+    try:
+        state.result()
+    except UserError:
+        return False
+    except Exception:
+        return True
+    return True
+
+
+STOPS = (KeyboardInterrupt, TerminationSignal)  # Ctrl-C, and SIGTERM (a cancel from the Prefect UI)
+
+
+def stop_in(exc: BaseException) -> BaseException | None:
+    """The stop (Ctrl-C, SIGTERM) behind an exception: a signal that lands inside Ray's C code surfaces
+    as a SystemError whose context is the stop."""
+    while exc is not None:
+        if isinstance(exc, STOPS):
+            return exc
+        exc = exc.__context__
+    return None
+
+
+@contextmanager
+def sigterm_stops():
+    """While shards stream, SIGTERM (how a Prefect runner cancels a run, and how Kubernetes stops a pod)
+    stops the build like Ctrl-C does, instead of Ray's driver handler (installed by ray.init) exiting the
+    process at once. The handler is Prefect's own SIGTERM bridge: it raises TerminationSignal, and a
+    runner that sees it installed can record the cancellation, so the run ends Cancelled, not Crashed."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    try:
+        from prefect.utilities.engine import _prefect_sigterm_handler as stop
+    except ImportError:  # another Prefect: the same behaviour, without the runner's acknowledgement
+
+        def stop(signum, frame):
+            raise TerminationSignal(signum)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@task(cache_policy=NONE, retry_delay_seconds=5, retry_condition_fn=not_user_error)
+def build_shards(config: RunConfig, ds: DatasetDir, plan: Plan, recipe: Recipe) -> dict:
+    """Run every shard not yet written through the recipe's Ray stages; stage each as it finishes.
+    A stop (Ctrl-C, SIGTERM) keeps what is written and returns; shards that keep failing are listed."""
+    logger = get_run_logger()
+    done_ids = ds.written(recipe.tables[-1])
+    pending = [s for s in plan.shards if s.shard_id not in done_ids]
+    report = {"resumed": len(plan.shards) - len(pending), "built": 0, "workers": [], "seconds": {},
+              "failed": [], "stopped": None}
+    if report["resumed"]:
+        logger.info("resuming: %d of %d shards already written", report["resumed"], len(plan.shards))
+    if not pending:
+        return report
+    progress = create_progress_artifact(0.0, key=f"{recipe.name}-progress", description=f"shards of {ds.uri}")
+    t0 = time.perf_counter()
+    try:
+        on_cluster = bool(config.ray.address or os.environ.get("RAY_ADDRESS"))
+        report["workers"] = start_stages(recipe.stages, local=not on_cluster, retries=config.shard_retries)
+        report["seconds"]["load_models"] = time.perf_counter() - t0
+        logger.info("workers ready in %.1fs: %s", report["seconds"]["load_models"],
+                    ", ".join(f"{w['stage']}@{w['node']}" for w in report["workers"]))
+        rows, t1 = 0, time.perf_counter()
+
+        def on_result(result: dict) -> None:
+            nonlocal rows
+            stats = write_shard(ds, recipe, result)
+            report["built"] += 1
+            rows += sum(stats["rows"][t] for t in recipe.sample_tables)
+            for k, v in stats["seconds"].items():
+                report["seconds"][k] = report["seconds"].get(k, 0.0) + v
+            logger.info("shard %d/%d written: %s (%.1f samples/s)", report["built"], len(pending),
+                        ", ".join(f"{k} {v}" for k, v in stats["rows"].items() if k != "quarantine"),
+                        rows / (time.perf_counter() - t1))
+            update_progress_artifact(progress, 100.0 * report["built"] / len(pending))
+
+        # One slot of the global GPU limit while the Ray work runs, on a Prefect server (`dafactory
+        # serve` creates it): two scheduled builds never oversubscribe the cluster. Ephemeral runs skip it.
+        guard = concurrency(GPU_LIMIT, occupy=1, strict=False) if PREFECT_API_URL.value() else nullcontext()
+        try:
+            with guard, sigterm_stops():
+                shards = (load_shard(ds, ref) for ref in pending)
+                failed = stream(recipe.stages, shards, on_result, retries=config.shard_retries)
+            report["failed"] = [{"shard_id": s.shard_id, "index": s.index, "prompts": len(s.rows), "error": e}
+                                for s, e in failed]
+        except BaseException as exc:
+            stop = stop_in(exc)
+            if stop is None:
+                raise
+            report["stopped"] = type(stop).__name__
+            logger.warning("stopped (%s) after %d of %d shards; keeping them", report["stopped"],
+                           report["built"], len(pending))
+        report["seconds"]["build_wall"] = time.perf_counter() - t1
+    finally:
+        kill_stages(recipe.stages)
+    return report
+
+
+@task(cache_policy=NONE)
+def finalize(
+    config: RunConfig, ds: DatasetDir, plan: Plan, report: dict, timings: dict, recipe: Recipe, models: dict,
+) -> dict:
+    """Drop stale parts, publish the staged ones, count what was written, write manifest.json last and
+    publish the summary. A stopped run or one with failed shards gets a manifest marked incomplete."""
+    tables = list(dict.fromkeys(["prompts"] + recipe.tables + ["quarantine"] + recipe.summary_tables))
+    shard_ids = {s.shard_id for s in plan.shards}
+    keep = {t: set(shard_ids) for t in ["prompts"] + recipe.tables}
+    keep["quarantine"] = shard_ids | set(plan.quarantine_parts)
+    pruned = ds.prune(keep)
+    ds.publish(tables)
+    complete = not report["failed"] and not report["stopped"]
+    extra = dict(recipe.manifest_extra) | {"layout": {
+        "marker": recipe.tables[-1], "sample_tables": recipe.sample_tables,
+        "one_row_per_prompt": recipe.one_row_per_prompt,
+    }}
+    if recipe.post is not None and complete:
+        extra |= recipe.post(ds)
+    ds.publish(recipe.summary_tables)
+    ds.drop_staging()
+    counts = ds.row_counts(tables)
+    stats = ds.shard_stats(recipe.tables[-1])
+    manifest = redact(build_manifest(
+        config=config.model_dump(mode="json"),
+        fingerprint=config.fingerprint(),
+        plan=plan,
+        shard_stats=stats,
+        counts=counts,
+        outcomes_key=recipe.outcomes_key,
+        timings=timings | {f"workers_{k}": round(v, 3) for k, v in report["seconds"].items()},
+        models=models | {"workers": report["workers"]},
+        report=report,
+        pruned_parts=pruned,
+        extra=extra,
+    ))
+    ds.write_manifest(manifest)
+    create_table_artifact(
+        redact(summary_rows(manifest)), key=f"{recipe.name}-summary", description=f"{recipe.name} dataset {ds.uri}"
+    )
+    return manifest
+
+
+def build_dataset(
+    config: RunConfig,
+    ds: DatasetDir,
+    recipe: Recipe,
+    models: dict,
+    screen: Callable[[PromptSet], PromptSet] | None = None,
+    load: Callable[[], PromptSet] | None = None,
+) -> dict:
+    """What every flow does once its recipe is set: claim the output folder, plan the input into shards
+    (the `prepare` task), build the shards on Ray, finalize, and end the run as what happened (see
+    conclude). Returns the manifest.
+
+    With `result_storage` set, the plan is a cached, persisted Prefect result: a run retried on another
+    machine that shares the storage skips the planning, unless the planned shards are gone."""
+    logger = get_run_logger()
+    t0 = time.perf_counter()
+    # The run's config in its log (secrets masked by the log filter that preflight installed).
+    logger.info("config %s: %s", config.fingerprint(), config.model_dump_json(exclude_defaults=True))
+    ds.claim(config.fingerprint(), redact(config.model_dump(mode="json")))
+    planned = plan_input.with_options(**result_options(config))
+    plan = planned(config, ds, recipe.salt, screen, load)
+    if not {s.shard_id for s in plan.shards} <= ds.written("prompts"):
+        logger.warning("the cached plan's shards are not in %s any more: planning again", ds.uri)
+        plan = planned.with_options(refresh_cache=True)(config, ds, recipe.salt, screen, load)
+    t1 = time.perf_counter()
+    with ray_session(config.ray):
+        report = build_shards.with_options(retries=config.retries)(config, ds, plan, recipe)
+    timings = {"prepare": round(t1 - t0, 3), "build": round(time.perf_counter() - t1, 3)}
+    return conclude(finalize(config, ds, plan, report, timings, recipe, models), report, ds.uri)
+
+
+class ShardsFailed(Exception):
+    """Some shards failed after their retries; the manifest (marked incomplete) lists them."""
+
+
+def conclude(manifest: dict, report: dict, uri: str) -> dict:
+    """End the flow run as what happened: stopped runs re-raise the stop (so the run shows Cancelled or
+    Crashed), failed shards fail the run; either way after the incomplete manifest is written."""
+    if report["stopped"] == "TerminationSignal":
+        raise TerminationSignal(signal.SIGTERM)
+    if report["stopped"]:
+        raise KeyboardInterrupt
+    if report["failed"]:
+        raise ShardsFailed(
+            f"{len(report['failed'])} of {manifest['shards']['total']} shards failed after retries; "
+            f"{uri}/manifest.json (status incomplete) lists them; re-run to retry them"
+        )
+    return manifest

@@ -1,0 +1,96 @@
+"""The distill recipe: a teacher reasons under the safety spec; samples are parsed, judged and filtered."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+from dafactory.tasks.config import DistillConfig
+from dafactory.tasks.distill.dedup import Decontaminator, collapse_near_duplicates
+from dafactory.tasks.distill.reasoning import TeacherPrompt, load_template
+from dafactory.tasks.distill.spec import Spec, load_spec
+from dafactory.tasks.errors import UserError
+from dafactory.tasks.io.prompts import PromptSet, SeenIds, iter_prompts
+from dafactory.tasks.run.build import Recipe
+from dafactory.tasks.run.workers import GenerateStage, JudgeFilterStage, StageSpec
+
+
+@dataclass(frozen=True)
+class DistillSetup:
+    spec: Spec
+    template: str
+    template_source: str
+    teacher_prompt: TeacherPrompt
+
+    @property
+    def template_sha256(self) -> str:
+        return hashlib.sha256(self.template.encode()).hexdigest()
+
+
+def setup(config: DistillConfig) -> DistillSetup:
+    """Load spec and template; bad ones fail here, before any model loads."""
+    spec = load_spec(config.spec)
+    template, source = load_template(config.template)
+    return DistillSetup(spec, template, source, TeacherPrompt(template, spec, config.missing_category))
+
+
+def check_categories(config: DistillConfig, ds: DistillSetup) -> None:
+    """Every row's categories must be known to the spec (or the benign policy must cover it)."""
+    if config.prompts.category_column is None and config.missing_category == "error":
+        raise UserError("distillation needs categories: set prompts.category_column (or missing_category: benign)")
+    for batch in iter_prompts(config.prompts):
+        for row in batch.rows:
+            ds.teacher_prompt.check(row)
+
+
+def screen(config: DistillConfig, ds: DistillSetup):
+    """Per batch of a prompt stream: check categories, collapse near duplicates (across batches) and
+    set aside prompts that overlap the evaluation sets."""
+    seen = SeenIds()
+    decontaminator = Decontaminator(config.decontamination.eval_sets, config.decontamination.ngram) \
+        if config.decontamination.enabled else None
+
+    def run(prompts: PromptSet) -> PromptSet:
+        for row in prompts.rows:
+            ds.teacher_prompt.check(row)
+        rows, quarantine = prompts.rows, list(prompts.quarantine)
+        if config.near_duplicates:
+            rows, dropped = collapse_near_duplicates(rows, seen)
+            quarantine += dropped
+        if decontaminator is not None:
+            rows, dropped = decontaminator.split(rows)
+            quarantine += dropped
+        return PromptSet(rows=rows, quarantine=quarantine, duplicates=prompts.duplicates,
+                         source_rows=prompts.source_rows)
+
+    return run
+
+
+def distill_recipe(config: DistillConfig, ds: DistillSetup) -> Recipe:
+    t, j = config.teacher, config.judging
+    return Recipe(
+        name="distill",
+        stages=[
+            StageSpec("generate", GenerateStage, (t, config.sampling, config.k, ds.teacher_prompt),
+                      t.num_replicas, t.num_gpus, t.num_cpus),
+            StageSpec("judge", JudgeFilterStage, (config.judges, config.student_system_prompt, j.num_cpus),
+                      j.num_replicas, j.num_gpus, j.num_cpus),
+        ],
+        tables=["train", "quarantine", "filtered"],
+        outcomes_key="filtered_samples",
+        # The spec's and template's text decide what the teacher reads, not just their file names.
+        sample_tables=["train", "filtered"],
+        salt=config.generation_key() + ds.spec.sha256 + ds.template_sha256,
+        manifest_extra={
+            "spec": {"name": ds.spec.name, "version": ds.spec.version, "sha256": ds.spec.sha256,
+                     "source": ds.spec.source},
+            "template": {"source": ds.template_source, "sha256": ds.template_sha256, "text": ds.template},
+        },
+    )
+
+
+def distill_models(config: DistillConfig) -> dict:
+    return {
+        "teacher": config.teacher.model_dump(mode="json", include={"model", "revision", "backend"}),
+        "judges": [s.model_dump(mode="json", include={"name", "model", "revision", "reads"}) for s in config.judges],
+    }

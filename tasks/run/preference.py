@@ -1,0 +1,36 @@
+"""The preference recipe: generate N candidates per prompt, score, select best-of-N and pairs."""
+
+from __future__ import annotations
+
+from dafactory.tasks.config import PreferenceConfig
+from dafactory.tasks.generate.generation import ChatPrompt
+from dafactory.tasks.run.build import Recipe
+from dafactory.tasks.run.workers import GenerateStage, ScoreSelectStage, StageSpec
+from dafactory.tasks.score.selection import ranking_signal
+
+
+def preference_recipe(config: PreferenceConfig) -> Recipe:
+    st, sc = config.student, config.scoring
+    return Recipe(
+        name="preference",
+        stages=[
+            StageSpec("generate", GenerateStage, (st, config.sampling, config.n, ChatPrompt(config.system_prompt)),
+                      st.num_replicas, st.num_gpus, st.num_cpus),
+            StageSpec("score", ScoreSelectStage,
+                      (config.scorers, config.selection, ranking_signal(config.selection, [s.name for s in config.scorers]), config.system_prompt, sc.num_cpus,
+                       config.sampling.seed),
+                      sc.num_replicas, sc.num_gpus, sc.num_cpus),
+        ],
+        tables=["pairs", "best", "quarantine", "candidates"],
+        outcomes_key="unpaired_prompts",
+        sample_tables=["candidates"],
+        one_row_per_prompt=["pairs", "best"],
+        salt=config.generation_key(),
+    )
+
+
+def preference_models(config: PreferenceConfig) -> dict:
+    return {
+        "student": config.student.model_dump(mode="json", include={"model", "revision", "backend"}),
+        "scorers": [s.model_dump(mode="json", include={"name", "model", "revision"}) for s in config.scorers],
+    }

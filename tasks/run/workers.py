@@ -1,0 +1,395 @@
+"""Ray machinery: stage actors that load their model once, and a driver that streams shards through them.
+
+A stage is plain data (Ray Data LLM style): the actor class, its constructor arguments and its resource
+request. Shards flow stage to stage as Ray object references, so payloads do not pass through the
+driver until the last stage; the driver only writes results.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import socket
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
+
+import ray
+
+from dafactory.tasks.config import ModelConfig, RayConfig, SamplingConfig, ScorerConfig, SelectionConfig
+from dafactory.tasks.distill.filtering import distill_rows, parse_rows
+from dafactory.tasks.distill.reasoning import OK
+from dafactory.tasks.errors import UserError
+from dafactory.tasks.evaluate.utility import is_correct
+from dafactory.tasks.generate.backends import BACKENDS
+from dafactory.tasks.generate.generation import generate_shard
+from dafactory.tasks.io.prompts import Shard
+from dafactory.tasks.io.schemas import (
+    BEST,
+    CANDIDATES,
+    DISTILLED,
+    EVAL_CANDIDATES,
+    GENERATED,
+    PAIRS,
+    QUARANTINE,
+    to_table,
+)
+from dafactory.tasks.score.scorers import SCORERS
+from dafactory.tasks.score.selection import select
+from dafactory.tasks.score.strategies import DEFAULT_STRATEGIES, Strategy
+
+log = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def ray_session(cfg: RayConfig):
+    """Join the cluster at `address`, or start a local Ray; leave alone a Ray the caller started."""
+    if ray.is_initialized():
+        yield
+        return
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    # Workers mask secrets in their logs too (tasks.redact).
+    runtime_env = {"worker_process_setup_hook": "dafactory.tasks.io.redact.install_log_filter"}
+    if cfg.address:
+        ray.init(address=cfg.address, log_to_driver=True, runtime_env=runtime_env)
+        saved = None
+    else:
+        # Ray binds every server to all interfaces, and turns 127.0.0.1 into the host's address, unless
+        # clusters are off (its macOS/Windows default): then a local Ray listens on loopback only.
+        from ray._private import ray_constants
+
+        saved = ray_constants.ENABLE_RAY_CLUSTER
+        ray_constants.ENABLE_RAY_CLUSTER = False
+        ray.init(num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus, include_dashboard=False, runtime_env=runtime_env)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+        if saved is not None:
+            ray_constants.ENABLE_RAY_CLUSTER = saved
+
+
+def use_cpus(num_cpus: float) -> None:
+    """Give torch as many threads as the replica was granted CPUs (Ray's default is one)."""
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(max(1, math.ceil(num_cpus)))
+
+
+def check_resources(stages: list["StageSpec"], local: bool) -> None:
+    """Fail fast (local Ray) or warn (a cluster may autoscale) when stages ask for more than exists,
+    instead of waiting forever for actors that cannot be placed."""
+    have = ray.cluster_resources()
+    for kind, key in (("GPU", "num_gpus"), ("CPU", "num_cpus")):
+        need = sum(getattr(st, key) * st.num_replicas for st in stages)
+        if need > have.get(kind, 0) + 1e-9:
+            detail = ", ".join(f"{st.name}: {st.num_replicas} x {getattr(st, key):g}" for st in stages)
+            msg = f"the stages ask for {need:g} {kind} ({detail}) but Ray has {have.get(kind, 0):g}"
+            if local:
+                raise UserError(msg + "; lower num_replicas/num_gpus/num_cpus in the config")
+            log.warning("%s; waiting for the cluster to scale up", msg)
+
+
+def worker_info() -> dict:
+    return {
+        "node": socket.gethostname(),
+        "node_id": ray.get_runtime_context().get_node_id(),
+        "pid": os.getpid(),
+        "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+        "gpu_ids": [str(g) for g in ray.get_gpu_ids()],
+    }
+
+
+class GenerateStage:
+    """Loads a model once; turns a shard into GENERATED rows and too-long quarantine rows.
+    `conversation` builds each prompt's messages (a ChatPrompt, or a TeacherPrompt under a spec)."""
+
+    def __init__(self, model: ModelConfig, sampling: SamplingConfig, n: int, conversation):
+        t0 = time.perf_counter()
+        self.model, self.sampling, self.n, self.conversation = model, sampling, n, conversation
+        self.backend = BACKENDS.get(model.backend)(model)
+        self.backend.load()
+        use_cpus(model.num_cpus)
+        self.load_seconds = time.perf_counter() - t0
+
+    def info(self) -> dict:
+        return worker_info() | {
+            "load_seconds": self.load_seconds, "model": self.backend.model_id, "revision": self.backend.revision
+        }
+
+    def process(self, shard: Shard) -> dict:
+        t0 = time.perf_counter()
+        rows, quarantine = generate_shard(
+            self.backend, shard, self.n, self.sampling, self.model.batch_size, self.conversation
+        )
+        return {
+            "shard_id": shard.shard_id,
+            "shard_index": shard.index,
+            "prompts": len(shard.rows),
+            "generated": to_table(rows, GENERATED),
+            "quarantine": quarantine,
+            "seconds": {"generate": time.perf_counter() - t0},
+        }
+
+
+class _ScoringStage:
+    """Loads every scorer once per actor."""
+
+    def __init__(self, scorers: list[ScorerConfig], num_cpus: float):
+        t0 = time.perf_counter()
+        self.scorers = [SCORERS.get(s.name)(s) for s in scorers]
+        for s in self.scorers:
+            s.load()
+        use_cpus(num_cpus)
+        self.load_seconds = time.perf_counter() - t0
+
+    def info(self) -> dict:
+        return worker_info() | {"load_seconds": self.load_seconds}
+
+    @staticmethod
+    def entry(scorer, view: str, result: dict) -> dict:
+        return {"scorer": scorer.name, "view": view, "heuristic": scorer.heuristic, "details": None, **result}
+
+
+class ScoreSelectStage(_ScoringStage):
+    """Scores a generated shard with every scorer, then selects best and pairs."""
+
+    def __init__(self, scorers, selection: SelectionConfig, signal: str | None, system_prompt, num_cpus=1, seed=0):
+        super().__init__(scorers, num_cpus)
+        self.selection, self.system_prompt, self.seed = selection, system_prompt, seed
+        by_name = {s.name: s for s in self.scorers}
+        if selection.strategy == "signal":
+            direction = selection.direction or by_name[signal.split(":")[0]].direction
+            self.strategy = Strategy("signal", "signal", signal, direction)
+        else:
+            named = next(s for s in DEFAULT_STRATEGIES if s.name == selection.strategy)
+            self.strategy = Strategy(named.name, named.kind, named.signal, selection.direction or named.direction)
+        self.judge = by_name.get(selection.judge) if selection.judge else None
+
+    def process(self, payload: dict) -> dict:
+        t0 = time.perf_counter()
+        rows = payload.pop("generated").to_pylist()
+        per_scorer = [s.score(rows) for s in self.scorers]
+        for i, row in enumerate(rows):
+            row["scores"] = [self.entry(s, "response", res[i]) for s, res in zip(self.scorers, per_scorer)]
+            if self.judge is not None:
+                verdict = per_scorer[self.scorers.index(self.judge)][i]
+                row["judge_safe"] = self.judge.passes(verdict) is True
+        t1 = time.perf_counter()
+        sel = select(
+            rows, self.strategy, self.selection.min_margin, self.selection.require_stop, self.system_prompt,
+            self.selection.pairs, self.seed,
+        )
+        for c in sel.candidates:
+            c.pop("judge_safe", None)
+        payload["tables"] = {
+            "candidates": to_table(sel.candidates, CANDIDATES),
+            "pairs": to_table(sel.pairs, PAIRS),
+            "best": to_table(sel.best, BEST),
+            "quarantine": to_table(payload.pop("quarantine"), QUARANTINE),
+        }
+        payload["outcomes"] = dict(sel.unpaired)
+        payload["seconds"] |= {"score": t1 - t0, "select": time.perf_counter() - t1}
+        return payload
+
+
+class JudgeFilterStage(_ScoringStage):
+    """Parses teacher samples into reasoning and answer, judges each configured view of the samples
+    that parsed, and splits them into train and filtered."""
+
+    def __init__(self, judges: list[ScorerConfig], student_system_prompt: str | None, num_cpus: float = 1):
+        super().__init__(judges, num_cpus)
+        self.reads = [cfg.reads for cfg in judges]
+        self.system_prompt = student_system_prompt
+
+    def process(self, payload: dict) -> dict:
+        t0 = time.perf_counter()
+        rows = parse_rows(payload.pop("generated").to_pylist())
+        parsed = [r for r in rows if r["parse_status"] == OK]  # unparsed samples are not worth a judge call
+        for r in rows:
+            r["scores"], r["verdicts"] = [], []
+        for judge, views in zip(self.scorers, self.reads):
+            for view in views:
+                results = judge.score([dict(r, response=r["views"][view]) for r in parsed])
+                for r, res in zip(parsed, results):
+                    r["scores"].append(self.entry(judge, view, res))
+                    r["verdicts"].append((f"{judge.name}@{view}", judge.passes(res), res["label"], res["reason"]))
+        t1 = time.perf_counter()
+        train, filtered, counts = distill_rows(rows, self.system_prompt)
+        payload["tables"] = {
+            "train": to_table(train, DISTILLED),
+            "filtered": to_table(filtered, DISTILLED),
+            "quarantine": to_table(payload.pop("quarantine"), QUARANTINE),
+        }
+        payload["outcomes"] = dict(counts)
+        payload["seconds"] |= {"judge": t1 - t0, "filter": time.perf_counter() - t1}
+        return payload
+
+
+class EvalScoreStage(_ScoringStage):
+    """Computes every signal for every candidate; judges every safety candidate once (so that all
+    strategies' ASR come from the same judged samples) and checks every utility answer."""
+
+    def __init__(self, judge: ScorerConfig, scorers: list[ScorerConfig], num_cpus: float = 1,
+                 references: dict | None = None):
+        super().__init__([judge, *scorers], num_cpus)
+        self.references = references or {}  # prompt_id -> (kind, reference answer, number of choices)
+
+    def process(self, payload: dict) -> dict:
+        t0 = time.perf_counter()
+        rows = payload.pop("generated").to_pylist()
+        judge, signals = self.scorers[0], self.scorers[1:]
+        safety = [r for r in rows if r["prompt_id"] not in self.references]
+        verdicts = dict(zip((id(r) for r in safety), judge.score(safety)))
+        per_scorer = [s.score(rows) for s in signals]
+        counts = {"judged_unsafe": 0, "judge_no_verdict": 0, "utility_wrong": 0}
+        for i, row in enumerate(rows):
+            row["scores"] = [self.entry(s, "response", res[i]) for s, res in zip(signals, per_scorer)]
+            row.update(benchmark=row["category"], judge_safe=None, judge_label=None, judge_reason=None, correct=None)
+            if id(row) in verdicts:
+                verdict = verdicts[id(row)]
+                row["scores"].insert(0, self.entry(judge, "response", verdict))
+                passed = judge.passes(verdict)
+                row.update(judge_safe=passed is True, judge_label=verdict["label"], judge_reason=verdict["reason"])
+                counts["judged_unsafe"] += passed is False
+                counts["judge_no_verdict"] += passed is None
+            else:
+                kind, reference, n_choices = self.references[row["prompt_id"]]
+                row["correct"] = is_correct(kind, row["response"], reference, n_choices or 4)
+                counts["utility_wrong"] += not row["correct"]
+        payload["tables"] = {
+            "eval_candidates": to_table(rows, EVAL_CANDIDATES),
+            "quarantine": to_table(payload.pop("quarantine"), QUARANTINE),
+        }
+        payload["outcomes"] = {k: v for k, v in counts.items() if v}
+        payload["seconds"] |= {"score": time.perf_counter() - t0}
+        return payload
+
+
+@dataclass
+class StageSpec:
+    name: str
+    cls: type
+    args: tuple
+    num_replicas: int = 1
+    num_gpus: float = 0
+    num_cpus: float = 1
+    actors: list = field(default_factory=list)
+
+    def start(self, restarts: int = 2) -> None:
+        # SPREAD puts replicas on different nodes; a replica lost with its node (or killed) restarts,
+        # elsewhere if need be. Its lost work is retried by `stream`, not by Ray, so that it is counted.
+        remote = ray.remote(self.cls).options(
+            num_gpus=self.num_gpus, num_cpus=self.num_cpus, max_restarts=restarts, max_task_retries=0,
+            scheduling_strategy="SPREAD",
+        )
+        self.actors = [remote.remote(*self.args) for _ in range(self.num_replicas)]
+
+
+def start_stages(stages: list[StageSpec], local: bool, retries: int = 2) -> list[dict]:
+    """Start every stage's actors and wait until their models are loaded; returns each actor's info."""
+    check_resources(stages, local)
+    for st in stages:
+        st.start(restarts=4 * (retries + 1))  # room for a few shards that each kill their worker
+    infos = ray.get([a.info.remote() for st in stages for a in st.actors])
+    names = [st.name for st in stages for _ in st.actors]
+    return [dict(info, stage=name) for name, info in zip(names, infos)]
+
+
+def _lost(exc: BaseException) -> bool:
+    """A failure of the cluster (a node or actor died, an object was lost), not of the work itself."""
+    from ray import exceptions as rx
+
+    infra = (rx.RayActorError, rx.ObjectLostError, rx.WorkerCrashedError, rx.NodeDiedError, rx.OwnerDiedError)
+    if isinstance(exc, rx.RayTaskError):
+        return isinstance(getattr(exc, "cause", None), infra)
+    return isinstance(exc, infra)
+
+
+def _worker_error(exc: BaseException) -> str:
+    """Type and message of the worker's own exception (a RayTaskError's text ends with it)."""
+    cause = getattr(exc, "cause", None) or exc
+    text = str(cause).strip().splitlines()
+    return f"{type(cause).__name__}: {text[-1] if text else ''}"[:300]
+
+
+def stream(
+    stages: list[StageSpec], items: Iterable[Any], on_result: Callable[[dict], None], retries: int = 2,
+    poll_s: float = 1.0,
+) -> list[tuple[Any, str]]:
+    """Push items through the stages; call on_result (in the driver) with each last-stage output.
+    Returns the items that failed `retries + 1` times, each with its last error.
+
+    Items are drawn from `items` lazily, only when a first-stage actor is free, so a large input is
+    never held in memory. Each actor works on one item at a time. A stage runs ahead of the next by at
+    most twice the next stage's replicas, which bounds what waits in the object store. An item whose
+    work failed (an error in the work, or the work lost with a node or a killed actor, which Ray
+    restarts) starts again from the first stage; after `retries` retries it is given up, and the rest
+    go on. The wait wakes every `poll_s` so that Ctrl-C (KeyboardInterrupt) stops the loop promptly.
+    """
+    last = len(stages) - 1
+    source = iter(items)
+    exhausted = False
+    queues: list[list] = [[] for _ in stages]  # queue 0 holds items to retry
+    idle = [list(st.actors) for st in stages]
+    in_flight: dict = {}  # object ref -> (stage index, actor)
+    origin: dict = {}  # object ref -> the item it came from
+    attempts: dict[int, int] = {}
+    failed: list[tuple[Any, str]] = []
+
+    def room(s: int) -> bool:
+        if s == last:
+            return True
+        running = sum(1 for stage, _ in in_flight.values() if stage == s)
+        return len(queues[s + 1]) + running < 2 * len(stages[s + 1].actors)
+
+    while True:
+        for s in range(len(stages)):
+            while idle[s] and room(s):
+                if s == 0 and not queues[0] and not exhausted:
+                    nxt = next(source, None)
+                    if nxt is None:
+                        exhausted = True
+                    else:
+                        queues[0].append(nxt)
+                if not queues[s]:
+                    break
+                actor = idle[s].pop()
+                work = queues[s].pop(0)
+                ref = actor.process.remote(work)
+                origin[ref] = work if s == 0 else origin.pop(work)
+                in_flight[ref] = (s, actor)
+        if not in_flight and not any(queues) and exhausted:
+            return failed
+        ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=poll_s)
+        for ref in ready:
+            s, actor = in_flight.pop(ref)
+            idle[s].append(actor)
+            if s < last:
+                queues[s + 1].append(ref)  # handed on as a reference: the payload stays in the object store
+                continue
+            item = origin.pop(ref)
+            try:
+                result = ray.get(ref)
+            except Exception as exc:
+                key = id(item)
+                attempts[key] = attempts.get(key, 0) + 1
+                kind = "lost with a node or actor" if _lost(exc) else "failed"
+                if attempts[key] > retries:
+                    log.error("work %s %d times, giving it up: %s", kind, attempts[key], _worker_error(exc))
+                    failed.append((item, _worker_error(exc)))
+                    continue
+                log.warning("work %s (%s); starting it again (retry %d of %d)", kind, _worker_error(exc),
+                            attempts[key], retries)
+                queues[0].append(item)
+                continue
+            on_result(result)
+
+
+def kill_stages(stages: list[StageSpec]) -> None:
+    for st in stages:
+        for a in st.actors:
+            ray.kill(a)
+        st.actors = []

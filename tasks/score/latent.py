@@ -1,0 +1,197 @@
+"""The paper's Best-of-N signals from one forward pass of the aligned student (FT) and one of its base.
+
+For each (prompt, response): the input is the student's chat template for the prompt with the generation
+prompt, then the response text. Signals, all in float32:
+- cos@l: cosine between FT's and base's hidden state of the true last token at layer l (hidden_states[l],
+  0 = embeddings). Unsafe responses stay closer to the base model: the paper keeps the argmin.
+- kl_ft_base / kl_base_ft: mean over response tokens of KL(FT || base) and KL(base || FT).
+- perplexity: exp of the mean negative log-likelihood of the response tokens under FT.
+- self_certainty: mean over response tokens of KL(uniform || FT) = -log V - mean_j log p_j.
+
+Rows are right-padded into a batch and the last real token is found from the attention mask, so no pad
+position is ever read (the published code read padding for shorter rows, and took the cosine in bf16).
+A PEFT/LoRA adapter as FT is loaded once: the base pass runs the same weights with the adapter disabled.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+
+from dafactory.tasks.config import ScorerConfig
+from dafactory.tasks.errors import UserError
+from dafactory.tasks.score.scorers import SCORERS, Scorer
+
+log = logging.getLogger(__name__)
+
+
+def adapter_config(ref: str, revision: str | None = None) -> dict | None:
+    """A PEFT adapter's config (local folder or Hub repo), or None if `ref` is not an adapter."""
+    local = Path(ref).expanduser()
+    if local.is_dir():
+        cfg = local / "adapter_config.json"
+        return json.loads(cfg.read_text()) if cfg.is_file() else None
+    try:
+        from huggingface_hub import hf_hub_download
+
+        return json.loads(Path(hf_hub_download(ref, "adapter_config.json", revision=revision)).read_text())
+    except Exception:  # not an adapter, not on the Hub, or offline and not cached
+        return None
+
+
+def adapter_base(ref: str, revision: str | None = None) -> str | None:
+    """The base model named by a PEFT adapter's config, or None if `ref` is not an adapter."""
+    cfg = adapter_config(ref, revision)
+    return cfg.get("base_model_name_or_path") if cfg else None
+
+
+@SCORERS.register("latent_attribution")
+class LatentAttribution(Scorer):
+    """score = cos@`params.score_layer` (default the first of `params.layers`, default [12]), lower is
+    better (direction "min"); details hold cos@l for every layer and the KL, perplexity and
+    self-certainty signals. params: base (the base model; read from the adapter config when `model` is
+    a PEFT adapter), layers, score_layer, padding_side ("right" or "left")."""
+
+    direction = "min"
+
+    def __init__(self, cfg: ScorerConfig):
+        super().__init__(cfg)
+        p = cfg.params
+        self.layers = [int(x) for x in p.get("layers", [12])]
+        self.score_layer = int(p.get("score_layer", self.layers[0]))
+        if self.score_layer not in self.layers:
+            raise UserError(f"scorer {cfg.name}: score_layer {self.score_layer} is not in layers {self.layers}")
+        self.padding_side = p.get("padding_side", "right")
+        if self.padding_side not in ("left", "right"):
+            raise UserError(f"scorer {cfg.name}: padding_side must be 'left' or 'right'")
+        if not cfg.model:
+            raise UserError(f"scorer {cfg.name}: set `model` to the aligned (FT) student")
+        self.adapter_base = adapter_base(cfg.model, cfg.revision)
+        self.base_ref = p.get("base") or self.adapter_base
+        if not self.base_ref:
+            raise UserError(f"scorer {cfg.name}: set params.base to the student's base model")
+
+    def load(self) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        from dafactory.tasks.generate.models import (
+            adapter_source,
+            device_and_dtype,
+            load_model,
+            load_tokenizer,
+            resolve,
+        )
+
+        self.torch = torch
+        cfg = self.cfg
+        ft = resolve(cfg.model, cfg.revision, cfg.allow_pickle_weights)
+        base = resolve(self.base_ref, allow_pickle_weights=cfg.allow_pickle_weights)
+        # The adapter's own base: one set of weights, the base pass with the adapter disabled.
+        self.shared = self.adapter_base is not None and self.base_ref == self.adapter_base
+        if self.shared:
+            try:
+                from peft import PeftModel
+            except ImportError:
+                raise ImportError("a PEFT adapter as model needs the peft extra: pip install 'dafactory[peft]'") from None
+            device, _ = device_and_dtype()
+            backbone = load_model(AutoModelForCausalLM, base, cfg.trust_remote_code)
+            self.ft = PeftModel.from_pretrained(backbone, adapter_source(ft), revision=ft.revision).to(device).eval()
+            self.base = None
+            tok_source = ft if (Path(ft.source) / "tokenizer_config.json").exists() else base
+        else:
+            self.ft = load_model(AutoModelForCausalLM, ft, cfg.trust_remote_code)
+            self.base = load_model(AutoModelForCausalLM, base, cfg.trust_remote_code)
+            tok_source = ft
+        self.tok = load_tokenizer(tok_source, cfg.trust_remote_code, padding_side=self.padding_side)
+        n_layers = self.ft.config.num_hidden_layers
+        bad = [l for l in self.layers if not 0 <= l <= n_layers]
+        if bad:
+            raise UserError(f"scorer {self.name}: layers {bad} outside 0..{n_layers} of {cfg.model}")
+
+    def encode(self, row: dict) -> tuple[list[int], int]:
+        """Token ids of template(prompt) + response, and where the response starts."""
+        conv = [{"role": "user", "content": row["prompt"]}]
+        if self.tok.chat_template:
+            prefix = self.tok.apply_chat_template(conv, add_generation_prompt=True, tokenize=False)
+            special = False  # the template already holds BOS: never add it twice
+        else:
+            prefix, special = row["prompt"] + "\n\n", True
+        start = len(self.tok(prefix, add_special_tokens=special)["input_ids"])
+        ids = self.tok(prefix + row["response"], add_special_tokens=special)["input_ids"]
+        return ids, start
+
+    def _forward(self, model, ids, mask, use_base_of_adapter: bool):
+        torch = self.torch
+        positions = (mask.cumsum(dim=-1) - 1).clamp(min=0)
+        kwargs = dict(input_ids=ids, attention_mask=mask, position_ids=positions, output_hidden_states=True)
+        if use_base_of_adapter:
+            with model.disable_adapter():
+                return model(**kwargs)
+        return model(**kwargs)
+
+    def score(self, rows: list[dict]) -> list[dict]:
+        # Batches of similar length waste little compute on padding; results go back in input order.
+        encoded = [self.encode(r) for r in rows]
+        order = sorted(range(len(rows)), key=lambda i: len(encoded[i][0]))
+        out: list[dict | None] = [None] * len(rows)
+        bs = self.cfg.batch_size
+        for s in range(0, len(order), bs):
+            idx = order[s : s + bs]
+            for i, result in zip(idx, self._score_batch([encoded[i] for i in idx])):
+                out[i] = result
+        return out
+
+    def _score_batch(self, encoded: list[tuple[list[int], int]]) -> list[dict]:
+        torch = self.torch
+        width = max(len(ids) for ids, _ in encoded)
+        pad = self.tok.pad_token_id
+        ids = torch.full((len(encoded), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(encoded), width), dtype=torch.long)
+        offsets = []
+        for i, (row_ids, _) in enumerate(encoded):
+            off = width - len(row_ids) if self.padding_side == "left" else 0
+            ids[i, off : off + len(row_ids)] = torch.tensor(row_ids)
+            mask[i, off : off + len(row_ids)] = 1
+            offsets.append(off)
+        device = self.ft.device
+        ids, mask = ids.to(device), mask.to(device)
+        with torch.inference_mode():
+            ft_out = self._forward(self.ft, ids, mask, False)
+            base_out = self._forward(self.ft if self.shared else self.base, ids, mask, self.shared)
+        results = []
+        for i, (row_ids, start) in enumerate(encoded):
+            off, last = offsets[i], offsets[i] + len(row_ids) - 1  # the true last token, never a pad
+            details = []
+            for layer in self.layers:
+                h_ft = ft_out.hidden_states[layer][i, last].float()
+                h_base = base_out.hidden_states[layer][i, last].float()
+                cos = torch.nn.functional.cosine_similarity(h_ft, h_base, dim=0).item()
+                details.append({"name": f"cos@{layer}", "value": cos})
+            details += self._token_signals(ft_out.logits[i], base_out.logits[i], row_ids, start, off)
+            score = next(d["value"] for d in details if d["name"] == f"cos@{self.score_layer}")
+            results.append({"score": score, "label": None, "reason": None, "details": details})
+        return results
+
+    def _token_signals(self, ft_logits, base_logits, row_ids, start, off) -> list[dict]:
+        """KL both ways, perplexity and self-certainty over the response tokens (the logits at position
+        t predict token t+1)."""
+        torch = self.torch
+        n = len(row_ids) - start
+        names = ("kl_ft_base", "kl_base_ft", "perplexity", "self_certainty")
+        if n <= 0:
+            return [{"name": k, "value": None} for k in names]
+        lo, hi = off + start - 1, off + len(row_ids) - 1
+        lp_ft = torch.log_softmax(ft_logits[lo:hi].float(), dim=-1)
+        lp_base = torch.log_softmax(base_logits[lo:hi].float(), dim=-1)
+        p_ft, p_base = lp_ft.exp(), lp_base.exp()
+        kl_fb = (p_ft * (lp_ft - lp_base)).sum(-1).mean().item()
+        kl_bf = (p_base * (lp_base - lp_ft)).sum(-1).mean().item()
+        targets = torch.tensor(row_ids[start:], device=lp_ft.device)
+        nll = -lp_ft.gather(1, targets[:, None]).mean().item()
+        vocab = lp_ft.shape[-1]
+        self_certainty = (-math.log(vocab) - lp_ft.mean(dim=-1)).mean().item()
+        return [{"name": "kl_ft_base", "value": kl_fb}, {"name": "kl_base_ft", "value": kl_bf},
+                {"name": "perplexity", "value": math.exp(nll)}, {"name": "self_certainty", "value": self_certainty}]

@@ -1,0 +1,143 @@
+"""Best-of-N selection and chosen/rejected pairs. Pure: plain Python over candidate rows.
+
+Row contract: reads prompt_id, sample_idx, prompt, category, response, finish_reason, scores (and
+judge_safe for safe/unsafe pairs); writes selection_score, is_best, pair_role on candidates, and rows
+of the PAIRS and BEST schemas.
+
+The best candidate is the strategy's choice (tasks/strategies.py: a signal's argmax/argmin, first
+sample, seeded random, judge-safe-first). Pairs are either (best, worst by the same signal) or
+(best judge-safe, worst judge-unsafe). Tie-break (declared): the lowest sample_idx, for best and worst.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Literal
+
+from dafactory.tasks.config import SelectionConfig
+from dafactory.tasks.errors import UserError
+from dafactory.tasks.generate.generation import assistant, messages
+from dafactory.tasks.score.strategies import DEFAULT_STRATEGIES, Strategy, choose, signal_value
+
+NO_VALID = "no_valid_candidates"
+FEWER_THAN_2 = "fewer_than_2_valid"
+TIE = "tie"
+BELOW_MARGIN = "below_min_margin"
+NO_SAFE = "no_judge_safe_candidate"
+NO_UNSAFE = "no_judge_unsafe_candidate"
+
+PairMode = Literal["best_worst", "safe_unsafe"]
+NAMED = {s.name: s for s in DEFAULT_STRATEGIES}
+
+
+@dataclass
+class Selection:
+    candidates: list[dict]
+    pairs: list[dict]
+    best: list[dict]
+    unpaired: Counter = field(default_factory=Counter)  # reason -> prompts without a pair
+
+
+def _group(candidates: list[dict]) -> dict[str, list[dict]]:
+    groups: dict[str, list[dict]] = {}
+    for c in candidates:
+        groups.setdefault(c["prompt_id"], []).append(c)
+    return groups
+
+
+def _worst(rows: list[dict], strategy: Strategy) -> dict:
+    """The other end of the strategy's signal (lowest sample_idx on ties)."""
+    ordered = sorted(rows, key=lambda r: r["sample_idx"])
+    if strategy.kind != "signal":
+        return ordered[0]
+    sign = 1.0 if strategy.direction == "max" else -1.0
+    valued = [r for r in ordered if r["selection_score"] is not None]
+    return min(valued, key=lambda r: sign * r["selection_score"]) if valued else ordered[0]
+
+
+def select(
+    candidates: list[dict],
+    strategy: Strategy,
+    min_margin: float = 0.0,
+    require_stop: bool = False,
+    system_prompt: str | None = None,
+    pairs: PairMode = "best_worst",
+    seed: int = 0,
+) -> Selection:
+    out = Selection(candidates=[], pairs=[], best=[])
+    for pid, group in _group(candidates).items():
+        rows = [
+            dict(c, is_best=False, pair_role=None,
+                 selection_score=signal_value(c, strategy.signal) if strategy.signal else None)
+            for c in group
+        ]
+        out.candidates.extend(rows)
+        valid = [
+            r for r in rows
+            if (strategy.kind != "signal" or r["selection_score"] is not None)
+            and (not require_stop or r["finish_reason"] == "stop")
+        ]
+        if not valid:
+            out.unpaired[NO_VALID] += 1
+            continue
+        best, _ = choose(valid, strategy, seed)
+        best["is_best"] = True
+        prompt_msgs = messages(best["prompt"], system_prompt)
+        out.best.append({
+            "prompt": prompt_msgs, "completion": assistant(best["response"]), "prompt_id": pid,
+            "category": best["category"], "sample_idx": best["sample_idx"], "score": best["selection_score"],
+            "scorer": strategy.signal or strategy.name,
+        })
+        if pairs == "safe_unsafe":
+            safe = [r for r in valid if r.get("judge_safe")]
+            unsafe = [r for r in valid if not r.get("judge_safe")]
+            reason = NO_SAFE if not safe else NO_UNSAFE if not unsafe else None
+            if reason is None:
+                chosen, rejected = choose(safe, strategy, seed)[0], _worst(unsafe, strategy)
+        else:
+            chosen, rejected = best, _worst(valid, strategy)
+            margin = abs(chosen["selection_score"] - rejected["selection_score"])
+            reason = (
+                FEWER_THAN_2 if len(valid) < 2
+                else TIE if margin == 0
+                else BELOW_MARGIN if margin < min_margin
+                else None
+            )
+        if reason:
+            out.unpaired[reason] += 1
+            continue
+        a, b = chosen["selection_score"], rejected["selection_score"]
+        chosen["pair_role"], rejected["pair_role"] = "chosen", "rejected"
+        out.pairs.append({
+            "prompt": prompt_msgs, "chosen": assistant(chosen["response"]), "rejected": assistant(rejected["response"]),
+            "prompt_id": pid, "category": chosen["category"], "chosen_sample_idx": chosen["sample_idx"],
+            "rejected_sample_idx": rejected["sample_idx"], "chosen_score": a, "rejected_score": b,
+            "margin": abs(a - b) if a is not None and b is not None else None,
+            "scorer": strategy.signal or strategy.name,
+        })
+    return out
+
+
+def ranking_signal(sel: SelectionConfig, scorer_names: list[str]) -> str | None:
+    """The signal that ranks candidates (scorer or scorer:detail), or None for signal-free strategies."""
+    if sel.strategy == "signal":
+        return sel.scorer or scorer_names[0]
+    return NAMED[sel.strategy].signal
+
+
+def check_selection(sel: SelectionConfig, scorer_names: list[str]) -> None:
+    """One-line UserError when the selection names a strategy, scorer or judge the run does not have."""
+    if sel.strategy != "signal" and sel.strategy not in NAMED:
+        raise UserError(f"unknown selection.strategy {sel.strategy!r}; known: signal, {', '.join(NAMED)}")
+    signal = ranking_signal(sel, scorer_names)
+    if signal is not None and signal.split(":")[0] not in scorer_names:
+        raise UserError(f"selection uses scorer {signal.split(':')[0]!r}, which is not among the configured "
+                        f"scorers {scorer_names}")
+    if sel.strategy == "signal" and ":" in signal and sel.direction is None:
+        raise UserError(f"selection.scorer {signal!r} names a detail: set selection.direction (max or min)")
+    if (sel.pairs == "safe_unsafe" or sel.strategy == "judge_safe_first") and sel.judge not in scorer_names:
+        raise UserError(f"selection.judge must name a configured scorer (one of {scorer_names}) for "
+                        f"{'safe_unsafe pairs' if sel.pairs == 'safe_unsafe' else 'judge_safe_first'}")
+    if sel.pairs == "best_worst" and signal is None:
+        raise UserError(f"strategy {sel.strategy!r} ranks by no signal: use pairs: safe_unsafe with it")
