@@ -143,10 +143,31 @@ def _dataset(path: str):
     return DatasetDir(output or ".", name)
 
 
+def _compare(ds, version: int, manifest: dict) -> int:
+    """What changed from an earlier version to the current one: rows per table, config, code."""
+    old = ds.read_version(version)
+    if old is None:
+        kept = ", ".join(map(str, ds.versions())) or "none"
+        raise UserError(f"{ds.uri}: version {version} is not kept (kept: {kept}; see keep_versions)")
+    print(f"{ds.uri}: version {version} ({old['created_at']}) -> version {manifest['version']} "
+          f"({manifest['created_at']})")
+    for table in dict.fromkeys([*old["tables"], *manifest["tables"]]):
+        a, b = old["tables"].get(table, {}).get("rows", 0), manifest["tables"].get(table, {}).get("rows", 0)
+        print(f"  {table + ' rows':<24} {a:>8} -> {b:<8} ({b - a:+d})")
+    for what, key in (("config hash", "fingerprint"), ("status", "status"), ("code", "code")):
+        same = "(same)" if old[key] == manifest[key] else ""
+        print(f"  {what:<24} {_short(old[key], 60)} -> {_short(manifest[key], 60)} {same}")
+    a, b = old["accounting"]["source_rows"], manifest["accounting"]["source_rows"]
+    print(f"  {'source rows':<24} {a:>8} -> {b:<8} ({b - a:+d})")
+    return 0
+
+
 def cmd_inspect(args) -> int:
     ds = _dataset(args.path)
     uri = ds.uri
     manifest = ds.read_manifest()
+    if args.version is not None and manifest is not None:
+        return _compare(ds, args.version, manifest)
     if manifest is None:
         print(f"{uri}: INCOMPLETE (no manifest.json: a run is in progress or failed)")
         for table, c in ds.row_counts().items():
@@ -155,6 +176,13 @@ def cmd_inspect(args) -> int:
                 print(f"  {table}: {c['rows']} rows published, {staged} parts staged so far")
         return 1
     _print_summary(manifest, uri)
+    print(f"  version {manifest['version']} of {manifest['created_at']}"
+          + (f" (earlier versions kept: {', '.join(map(str, ds.versions()[:-1]))})" if len(ds.versions()) > 1 else ""))
+    rebuild = ds.read_rebuild()
+    if rebuild is not None:
+        s = rebuild["shards"]
+        print(f"  a rebuild is INCOMPLETE ({s['built'] + s['resumed']} of {s['total']} shards, {len(s['failed'])} "
+              f"failed, stopped: {rebuild['stopped']}): the version above stays the dataset until a re-run finishes it")
     if manifest["status"] != "complete":
         s = manifest["shards"]
         stopped = f" (stopped: {manifest['stopped']})" if manifest.get("stopped") else ""
@@ -218,6 +246,8 @@ def parser() -> argparse.ArgumentParser:
     i = sub.add_parser("inspect", help="summarise a dataset folder")
     i.add_argument("path")
     i.add_argument("--rows", type=int, default=3)
+    i.add_argument("--version", type=int, default=None,
+                   help="compare this earlier version (kept in _versions/) with the current one")
     i.set_defaults(func=cmd_inspect)
     v = sub.add_parser("verify", help="check that every input row is accounted for, from the files alone "
                        "(exit 0 ok, 1 mismatch, 3 ok but incomplete)")

@@ -133,7 +133,8 @@ class RunConfig(_Strict):
     # Fields that say where or how fast a run goes, never what it writes.
     RUNTIME: ClassVar[dict] = {
         "output": True, "ray": True, "retries": True, "shard_retries": True, "storage_timeout_s": True,
-        "storage_retries": True, "storage_block": True, "result_storage": True,
+        "storage_retries": True, "storage_block": True, "result_storage": True, "keep_versions": True,
+        "max_error_rate": True,
     }
     # Fields that decide the generated text for given prompts (they salt shard ids, and so seeds).
     GENERATION: ClassVar[dict] = {}
@@ -160,6 +161,15 @@ class RunConfig(_Strict):
         None, description="Name of a Prefect Secret block holding S3 credentials as JSON (aws_access_key_id, "
         "aws_secret_access_key, optional aws_session_token, endpoint_url, region_name); the AWS environment "
         "or profile if empty.",
+    )
+    max_error_rate: float = Field(
+        0.05, ge=0, le=1, description="Largest share of a shard's prompts (and of the run's) on which generation "
+        "may raise: below it those prompts are quarantined (generation_error); above it the shard fails with "
+        "the first error (a systematic fault, not bad rows), and so does the run.",
+    )
+    keep_versions: int = Field(
+        1, ge=0, description="Manifests of earlier versions kept beside the current one (in _versions/), for "
+        "`dafactory inspect --version`; their parts are removed once a new version is committed.",
     )
     storage_retries: int = Field(
         4, ge=0, description="Times a store operation is retried, with exponential backoff from 1 s, "

@@ -183,8 +183,9 @@ def test_a_graceful_stop_keeps_finished_shards_under_an_incomplete_manifest(tmp_
 
 
 def test_one_bad_prompt_is_quarantined_and_never_fails_its_batch(tmp_path, run_flow):
-    # the backend raises on any batch holding "number 5" (a tokenizer error, an OOM on one long row)
-    cfg = config(tmp_path, "student.params.fail_on=number 5", "student.batch_size=4")
+    # the backend raises on any batch holding "number 5" (a tokenizer error, an OOM on one long row);
+    # shards hold 2 prompts, so one bad prompt is half of its shard: allowed by max_error_rate 0.5
+    cfg = config(tmp_path, "student.params.fail_on=number 5", "student.batch_size=4", "max_error_rate=0.5")
     manifest = run_flow(cfg)
     ds = DatasetDir(cfg.output, cfg.dataset)
     (bad,) = [q for q in ds.read_table("quarantine").to_pylist() if q["reason"] == "generation_error"]
@@ -192,7 +193,32 @@ def test_one_bad_prompt_is_quarantined_and_never_fails_its_batch(tmp_path, run_f
     assert bad["detail"] == "RuntimeError: injected failure on a prompt containing number 5"
     assert manifest["status"] == "complete" and manifest["tables"]["candidates"]["rows"] == 15 * 2
     assert manifest["accounting"]["prompts_quarantined_in_shards"] == 1 and manifest["accounting"]["balanced"]
+    assert manifest["errors"] == {"generation_error": {"RuntimeError": 1}}
     assert verify(ds).problems == []
+
+    # The same folder re-run under the default rate (0.05): every shard resumes, but 1 of 16 prompts
+    # (6.25%) failed generation, more than the run allows: the run fails, it does not end "complete".
+    from dafactory.tasks.run.build import ShardsFailed
+
+    with pytest.raises(ShardsFailed, match=r"generation failed on 1 of 16 prompts, more than max_error_rate 0.05"):
+        run_flow(config(tmp_path, "student.params.fail_on=number 5", "student.batch_size=4"))
+
+
+@pytest.mark.slow
+def test_a_fault_on_every_generate_call_fails_the_run(tmp_path):
+    # An API change, a CUDA device assert, a broken tokenizer: every generate() raises. The rows must
+    # not all be quarantined with the run "complete (0 pairs)": each shard fails with the first error,
+    # after its retries, and the command exits 1.
+    cfg = config(tmp_path, "student.params.fail_on=", "shard_size=8", "shard_retries=1", "retries=0")
+    proc = cli(tmp_path, cfg)
+    assert proc.wait(timeout=600) == 1, output(tmp_path)[-3000:]
+    assert "dafactory: error: 2 of 2 shards failed after retries" in output(tmp_path)
+    manifest = DatasetDir(cfg.output, cfg.dataset).read_manifest()
+    assert manifest["status"] == "incomplete" and manifest["tables"]["pairs"]["rows"] == 0
+    assert [f["error"] for f in manifest["shards"]["failed"]] == [
+        "TooManyErrors: generation failed on 8 of 8 prompts (max_error_rate 0.05); first: RuntimeError: "
+        "injected failure on a prompt containing",
+    ] * 2
 
 
 @pytest.mark.parametrize("name", ["../escape", "a/b", ".hidden", "..", "/abs"])

@@ -116,7 +116,11 @@ def test_changed_input_prunes_stale_shards(tmp_path, run_flow):
     prompts_file(tmp_path, extra=[{"prompt": "one more question", "category": "benign"}])
     manifest = run_flow(cfg)
     # one shard with other content replaced the old one: its prompts, pairs, best, candidates parts pruned
+    # (the input quarantine part has the same content, so the same name, and stays)
     assert (manifest["shards"]["total"], manifest["shards"]["resumed"], manifest["shards"]["pruned_stale_parts"]) == (1, 0, 4)
+    ds = DatasetDir(cfg.output, cfg.dataset)
+    assert sum(len(ds.parts(t)) for t in ("prompts", "pairs", "best", "candidates", "quarantine")) == 5
+    assert ds.versions() == [1, 2] and verify(ds).problems == []
     assert manifest["tables"]["candidates"]["rows"] == 44
 
 

@@ -1,6 +1,7 @@
 """Storage: parts, ownership by config, manifests written last, pruning of stale parts."""
 
 import json
+import posixpath
 
 import pyarrow as pa
 import pytest
@@ -43,26 +44,53 @@ def test_output_owned_by_another_config_is_refused(tmp_path):
         DatasetDir(str(tmp_path), "d").check_owner("bbbb")
 
 
-def test_claim_removes_an_old_manifest(tmp_path):
+def test_claim_keeps_the_last_version(tmp_path):
     ds = DatasetDir(str(tmp_path), "d")
     ds.claim("aaaa", {})
-    ds.write_manifest({"status": "complete"})
-    assert ds.read_manifest() == {"status": "complete"}
-    ds.claim("aaaa", {})  # a new run starts: the folder no longer claims completeness
-    assert ds.read_manifest() is None
+    ds.commit_manifest({"status": "complete", "tables": {}})
+    ds.claim("aaaa", {})  # a new run starts: readers keep the committed version until it commits
+    assert ds.read_manifest()["version"] == 1
     assert json.loads((tmp_path / "d" / "config.json").read_text())["fingerprint"] == "aaaa"
 
 
-def test_prune_removes_stale_parts_and_temp_files(tmp_path):
+def test_prune_staged_leaves_published_parts_and_removes_temp_files(tmp_path):
     ds = DatasetDir(str(tmp_path), "d")
-    for part in ("keep", "stale"):
+    for part in ("keep", "old"):
         ds.write_part("quarantine", part, to_table(qrows(1), QUARANTINE))
     ds.publish(["quarantine"])
     ds.write_part("quarantine", "stale2", to_table(qrows(1), QUARANTINE))  # staged by an interrupted run
-    (tmp_path / "d" / "quarantine" / "part-x.parquet.tmp-1234").write_bytes(b"half")
-    assert ds.prune({"quarantine": {"keep"}}) == 2
-    assert sorted(p.name for p in (tmp_path / "d" / "quarantine").iterdir()) == ["part-keep.parquet"]
-    assert ds.parts("quarantine", staged=True) == {}
+    (tmp_path / "d" / "_staging" / "quarantine" / "part-x.parquet.tmp-1234").write_bytes(b"half")
+    assert ds.prune_staged({"quarantine": {"keep"}}) == 1
+    # published parts may be listed by the committed version: only the commit's clean-up removes them
+    assert sorted(p.name for p in (tmp_path / "d" / "quarantine").iterdir()) == ["part-keep.parquet", "part-old.parquet"]
+    assert sorted(p.name for p in (tmp_path / "d" / "_staging" / "quarantine").iterdir()) == []
+
+
+def test_a_committed_version_replaces_the_last_and_older_parts_go_after(tmp_path):
+    ds = DatasetDir(str(tmp_path), "d")
+    ds.write_part("quarantine", "a", to_table(qrows(2), QUARANTINE))
+    ds.publish(["quarantine"])
+    v1 = ds.commit_manifest({"status": "complete", "tables": ds.row_counts(["quarantine"])})
+    ds.write_part("quarantine", "b", to_table(qrows(3), QUARANTINE))
+    ds.publish(["quarantine"])
+    assert ds.read_table("quarantine").num_rows == 2  # b is not listed yet: readers see version 1
+    v2 = ds.commit_manifest({"status": "complete", "tables": ds.row_counts(["quarantine"], {"quarantine": {"b"}})})
+    assert (v1["version"], v2["version"], v2["previous_version"]) == (1, 2, 1)
+    assert [posixpath.basename(p) for p in ds.unlisted(v2)] == ["part-a.parquet"]
+    ds.remove(ds.unlisted(v2))
+    assert ds.read_table("quarantine").num_rows == 3 and ds.versions() == [1, 2]
+    ds.commit_manifest({"status": "complete", "tables": ds.row_counts(["quarantine"])}, keep_versions=1)
+    assert ds.versions() == [2, 3]  # the current one and keep_versions earlier ones
+    assert ds.read_version(2)["tables"]["quarantine"]["rows"] == 3
+
+
+def test_a_retried_commit_that_finds_its_own_bytes_succeeds(tmp_path):
+    ds = DatasetDir(str(tmp_path), "d")
+    data = b'{"v": 1}'
+    ds._create(ds._path("_versions", "manifest-000001.json"), data)
+    ds._create(ds._path("_versions", "manifest-000001.json"), data)  # the first PUT landed, its answer was lost
+    with pytest.raises(UserError, match="another run committed manifest-000001.json first"):
+        ds._create(ds._path("_versions", "manifest-000001.json"), b'{"v": 2}')
 
 
 def test_manifest_is_created_exclusively_and_lists_what_readers_read(tmp_path):
@@ -71,15 +99,13 @@ def test_manifest_is_created_exclusively_and_lists_what_readers_read(tmp_path):
     ds.publish(["quarantine"])
     ds.drop_staging()
     counts = ds.row_counts(["quarantine"])
-    ds.write_manifest({"status": "complete", "tables": counts})
-    with pytest.raises(FileExistsError):
-        ds.write_manifest({"status": "complete", "tables": counts})  # a second writer cannot claim it
+    ds.commit_manifest({"status": "complete", "tables": counts})
     # a part written after the manifest (a run in progress) is not part of the dataset
     ds.write_part("quarantine", "b", to_table(qrows(5), QUARANTINE))
     ds.publish(["quarantine"])
     assert ds.read_table("quarantine").num_rows == 2
     ds.drop_staging()
-    assert sorted(p.name for p in (tmp_path / "d").iterdir()) == ["manifest.json", "quarantine"]  # no temp files
+    assert sorted(p.name for p in (tmp_path / "d").iterdir()) == ["_versions", "manifest.json", "quarantine"]
 
 
 def test_reading_parts_never_aborts_the_process_at_exit(tmp_path):
@@ -101,7 +127,7 @@ def test_reading_parts_never_aborts_the_process_at_exit(tmp_path):
 def test_a_manifest_naming_files_outside_the_dataset_is_refused(tmp_path):
     (tmp_path / "secret.parquet").write_bytes(b"not yours")
     ds = DatasetDir(str(tmp_path), "d")
-    ds.write_manifest({"tables": {"quarantine": {"rows": 0, "files": ["../secret.parquet"]}}})
+    ds.commit_manifest({"tables": {"quarantine": {"rows": 0, "files": ["../secret.parquet"]}}})
     with pytest.raises(UserError, match="outside the dataset: '../secret.parquet'"):
         ds.read_table("quarantine")
 

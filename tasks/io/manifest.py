@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
 import subprocess
 from collections import Counter
 from importlib import metadata
@@ -93,6 +94,9 @@ def build_manifest(
             "quarantined": dict(sorted(quarantined.items())),
         },
         "accounting": accounting(plan, shard_stats, report["failed"]),
+        # Errors by kind and exception type: quarantined below max_error_rate, in the shards that built.
+        "errors": {kind: sum_counters(s.get("errors", {}).get(kind, {}) for s in shard_stats)
+                   for kind in sorted({k for s in shard_stats for k in s.get("errors", {})})},
         "outcomes_key": outcomes_key,
         outcomes_key: sum_counters(s.get("outcomes", {}) for s in shard_stats),
         "shards": {
@@ -122,3 +126,40 @@ def summary_rows(manifest: dict) -> list[dict]:
     label = {"unpaired_prompts": "no pair", "filtered_samples": "filtered"}.get(key, key)
     rows += [{"what": f"{label}: {k}", "count": v} for k, v in manifest[key].items()]
     return rows
+
+
+CARD = "README.md"
+
+
+def dataset_card(manifest: dict, main_table: str) -> str:
+    """A Hugging Face dataset card for the folder: `configs:` front matter with one config per table
+    (its data_files are exactly the manifest's parts, so no glob ever picks up a stale or staged part),
+    then counts, models and provenance. `datasets.load_dataset("<folder>", "<table>")` reads it, and the
+    folder can be uploaded to the Hub as it is."""
+    import yaml
+
+    tables = [t for t, entry in manifest["tables"].items() if entry["files"]]
+    tables.sort(key=lambda t: t != main_table)  # the main table is the default config
+    configs = [
+        {"config_name": t, "data_files": [{"split": "train", "path": manifest["tables"][t]["files"]}]}
+        | ({"default": True} if t == main_table else {})
+        for t in tables
+    ]
+    name = manifest["config"]["dataset"]
+    front = yaml.safe_dump({"configs": configs, "pretty_name": name, "tags": ["dafactory", manifest["flow"]]},
+                           sort_keys=False)
+    code = manifest["code"]
+    lines = [
+        "---", front.rstrip("\n"), "---", "", f"# {name}", "",
+        f"A `{manifest['flow']}` dataset built by {code['package']} {code['version']}"
+        + (f" (commit {code['git_commit']})" if code.get("git_commit") else "")
+        + f" on {manifest['created_at']}; config hash `{manifest['fingerprint']}`, version {manifest.get('version', 1)}, "
+        f"status **{manifest['status']}**. `manifest.json` beside this card has the full config and accounting.",
+        "", "| table | rows | parts |", "| --- | ---: | ---: |",
+        *(f"| {t} | {manifest['tables'][t]['rows']} | {manifest['tables'][t]['parts']} |" for t in manifest["tables"]),
+        "", "Models:", "",
+        *(f"- {role}: `{json.dumps(m, sort_keys=True)}`" for role, m in manifest["models"].items() if role != "workers"),
+        "", "Load a table:", "", "```python", "from datasets import load_dataset",
+        f'ds = load_dataset("path/to/{name}", "{main_table}", split="train")', "```", "",
+    ]
+    return "\n".join(lines)

@@ -10,6 +10,8 @@
   train/, filtered/                 (distill) kept and excluded samples (filtered written last)
   quarantine/part-<...>.parquet     input rows that never reached a model, with reasons
   manifest.json                written last; "status": "complete" means every shard is in
+  _versions/manifest-<n>.json  every committed manifest (the last `keep_versions` + 1 are kept)
+  README.md                    dataset card: `configs:` front matter naming exactly the manifest's parts
 
 A run writes every part under _staging/ (on local disk under a temporary name renamed into place; on
 object stores one PUT, already atomic), so a reader never sees half a part. Finishing a run publishes
@@ -18,10 +20,17 @@ part of every table, and readers trust only parts a manifest lists. Shard part n
 hashes, so re-running a shard overwrites it instead of duplicating it, and a part already staged or
 published marks its shard done (resume). Every store operation is retried with exponential backoff;
 when the store stays down the run fails with StorageError and no manifest.
+
+A rebuild never takes the last good version away: published parts are never overwritten (parts whose
+content can change under the same key, the planned prompts, the input quarantine and summaries, carry
+a hash of their content after `@`, so the same content keeps its name), the new manifest replaces the old one in one atomic step, and only then are
+the parts that only older versions list removed. Until that step the folder holds the previous manifest
+and every part it lists; a rebuild that fails or is stopped leaves its parts staged for the re-run.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -42,6 +51,23 @@ STATS_KEY = b"dafactory.shard_stats"
 MANIFEST = "manifest.json"
 CONFIG = "config.json"
 STAGING = "_staging"
+VERSIONS = "_versions"
+REBUILD = "rebuild.json"  # in _staging/: what a failed or stopped rebuild got to (the last version stands)
+FAILPOINT = "DAFACTORY_FAILPOINT"
+
+
+def failpoint(name: str) -> None:
+    """Kill this process outright (SIGKILL) when the environment names this point: how the tests prove
+    that a crash at any step of a rebuild leaves the last version readable. A no-op otherwise."""
+    if os.environ.get(FAILPOINT) == name:
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def part_key(name: str) -> str:
+    """The shard id (or `input-...`, `summary`) a part name stands for, without the run token."""
+    return name.split("@", 1)[0]
 
 
 CREDENTIAL_KEYS = {"aws_access_key_id": "key", "aws_secret_access_key": "secret", "aws_session_token": "token"}
@@ -78,6 +104,15 @@ def credentials_from_block(name: str) -> dict:
         raise UserError(f"storage_block: the Secret block {name!r} must hold a JSON object with keys "
                         f"from {sorted(allowed)}, aws_access_key_id and aws_secret_access_key at least")
     return value
+
+
+def write_parquet(data: pa.Table, f) -> None:
+    """A Parquet part. A table without rows gets a file with no row group at all: a row group of 0
+    rows makes `datasets` (pyarrow's batch reader) refuse the whole folder ("BatchSize must be greater
+    than 0")."""
+    with pq.ParquetWriter(f, data.schema, compression="zstd") as writer:
+        if data.num_rows:
+            writer.write_table(data)
 
 
 class DatasetDir:
@@ -168,10 +203,9 @@ class DatasetDir:
             )
 
     def claim(self, fingerprint: str, config: dict) -> None:
+        """Take the folder for this config. The last committed manifest stays where it is: readers keep
+        the previous version until this run commits its own."""
         self.check_owner(fingerprint)
-        # A run in progress must never be mistaken for a complete dataset.
-        if self.fs.exists(self._path(MANIFEST)):
-            self._retry("remove the old manifest", lambda: self.fs.rm(self._path(MANIFEST)))
         self.write_bytes(CONFIG, json.dumps({"fingerprint": fingerprint, "config": config}, indent=2).encode())
 
     # parts -----------------------------------------------------------------------------------
@@ -183,7 +217,18 @@ class DatasetDir:
         data = data.cast(TABLES[table])
         if stats is not None:
             data = data.replace_schema_metadata({STATS_KEY: json.dumps(stats).encode()})
-        self._put(self.part_path(table, part, staged=True), lambda f: pq.write_table(data, f, compression="zstd"))
+        self._put(self.part_path(table, part, staged=True), lambda f: write_parquet(data, f))
+
+    def write_keyed(self, table: str, key: str, data: pa.Table) -> str:
+        """Stage a part named by its key and a hash of its content (`key@hash`): a part whose content
+        can change under the same key never overwrites another version's. Returns the part name."""
+        data = data.cast(TABLES[table])
+        sink = pa.BufferOutputStream()
+        with pa.ipc.new_stream(sink, data.schema) as writer:
+            writer.write_table(data)
+        name = f"{key}@{hashlib.sha256(sink.getvalue().to_pybytes()).hexdigest()[:12]}"
+        self.write_part(table, name, data)
+        return name
 
     def written(self, table: str) -> set[str]:
         """Names of the table's parts, staged (this run) or published (an earlier one). For the table a
@@ -211,20 +256,30 @@ class DatasetDir:
 
         return self._retry(f"read {posixpath.relpath(path, self.root)}", read)
 
-    def prune(self, keep: dict[str, set[str]]) -> int:
-        """Remove parts (staged or published) of the tables in `keep` whose names are not kept: left
-        over from an earlier version of the input. Also leftovers of interrupted writes."""
+    def prune_staged(self, keep: dict[str, set[str]]) -> int:
+        """Remove staged parts of the tables in `keep` whose names are not kept (left over from an
+        earlier plan of the input), and leftovers of interrupted writes. Published parts are untouched:
+        the committed version may list them."""
         removed = 0
         for table, names in keep.items():
-            for staged in (True, False):
-                for part, path in self.parts(table, staged).items():
-                    if part not in names:
-                        self._retry(f"remove {part}", lambda: self.fs.rm(path))
-                        removed += 1
-        for staged in (True, False):
-            for path in self._retry("list", lambda: self.fs.glob(self.part_path("*", "*", staged) + ".tmp-*")):
-                self.fs.rm(path)
+            for part, path in self.parts(table, staged=True).items():
+                if part not in names:
+                    self._retry(f"remove {part}", lambda: self.fs.rm(path))
+                    removed += 1
+        for path in self._retry("list", lambda: self.fs.glob(self.part_path("*", "*", True) + ".tmp-*")):
+            self.fs.rm(path)
         return removed
+
+    def unlisted(self, manifest: dict) -> list[str]:
+        """Published parts of any table that the manifest does not list (stale versions, leftovers)."""
+        listed = {self._inside(f) for entry in manifest["tables"].values() for f in entry["files"]}
+        paths = [p for table in TABLES for p in self.parts(table).values()]
+        paths += self._retry("list", lambda: self.fs.glob(self.part_path("*", "*") + ".tmp-*"))
+        return [p for p in paths if p not in listed]
+
+    def remove(self, paths: list[str]) -> None:
+        for path in paths:
+            self._retry(f"remove {posixpath.relpath(path, self.root)}", lambda: self.fs.rm(path))
 
     def publish(self, tables: list[str]) -> int:
         """Move every staged part into its table (overwriting the same shard's older part). On object
@@ -259,18 +314,22 @@ class DatasetDir:
 
         return self._retry("read a footer", read)
 
-    def shard_stats(self, marker: str) -> list[dict]:
+    def shard_stats(self, marker: str, names: set[str]) -> list[dict]:
+        """The stats in the footers of the marker parts named (the shards of this version)."""
         out = []
-        for path in self.parts(marker).values():
+        for name, path in self.parts(marker).items():
+            if name not in names:
+                continue
             meta = self.footer(path).metadata or {}
             out.append(json.loads(meta.get(STATS_KEY, b"{}")))
         return out
 
-    def row_counts(self, tables: list[str] | None = None) -> dict[str, dict]:
-        """Rows and the exact part files of each published table (what the manifest lists for readers)."""
+    def row_counts(self, tables: list[str] | None = None, keep: dict[str, set[str]] | None = None) -> dict[str, dict]:
+        """Rows and the exact part files of each published table (what the manifest lists for readers);
+        with `keep`, only the parts named there (this version's)."""
         counts = {}
         for table in tables if tables is not None else list(TABLES):
-            paths = list(self.parts(table).values())
+            paths = [p for name, p in self.parts(table).items() if keep is None or name in keep.get(table, ())]
             rows = [self.footer(p).num_rows for p in paths]
             counts[table] = {"rows": sum(rows), "parts": len(paths),
                              "files": [f"{table}/{posixpath.basename(p)}" for p in paths]}
@@ -283,6 +342,11 @@ class DatasetDir:
             return list(self.parts(table).values())
         return [self._inside(f) for f in manifest["tables"].get(table, {}).get("files", [])]
 
+    def read_parts(self, table: str, names: set[str]) -> pa.Table:
+        """The published parts of a table with these names (one version's, whatever the manifest says)."""
+        paths = [p for name, p in sorted(self.parts(table).items()) if name in names]
+        return pa.concat_tables([self.read_file(p) for p in paths]) if paths else TABLES[table].empty_table()
+
     def read_table(self, table: str) -> pa.Table:
         """The table's parts: those the manifest lists when there is one, else what is published."""
         paths = self.listed_files(table)
@@ -291,12 +355,51 @@ class DatasetDir:
         return pa.concat_tables([self.read_file(p) for p in paths])
 
     # manifest --------------------------------------------------------------------------------
-    def write_manifest(self, manifest: dict) -> None:
-        """Exclusive create: two runs finishing into one folder cannot both claim it."""
+    def commit_manifest(self, manifest: dict, keep_versions: int = 1) -> dict:
+        """Commit a new version: `_versions/manifest-<n>.json` by exclusive create (two runs finishing
+        into one folder cannot both take version n), then manifest.json replaced in one atomic step
+        (a rename on local disk, one PUT on object stores). Keeps the last `keep_versions` older
+        manifests for `dafactory inspect --version`. Returns the manifest with its version."""
+        previous = self.read_manifest()
+        manifest = manifest | {"version": (previous or {}).get("version", 0) + 1,
+                               "previous_version": (previous or {}).get("version")}
         data = json.dumps(manifest, indent=2, default=str).encode()
-        self._retry("write the manifest", lambda: self._create(self._path(MANIFEST), data))
+        versioned = self._path(VERSIONS, f"manifest-{manifest['version']:06d}.json")
+        self._retry("write the manifest version", lambda: self._create(versioned, data))
+        self._retry("write the manifest", lambda: self._replace(self._path(MANIFEST), data))
+        older = sorted(self._retry("list versions", lambda: self.fs.glob(self._path(VERSIONS, "manifest-*.json"))))
+        self.remove(older[: max(0, len(older) - keep_versions - 1)])
+        return manifest
+
+    def versions(self) -> list[int]:
+        paths = self._retry("list versions", lambda: self.fs.glob(self._path(VERSIONS, "manifest-*.json")))
+        return sorted(int(posixpath.basename(p)[len("manifest-") : -len(".json")]) for p in paths)
+
+    def read_version(self, version: int) -> dict | None:
+        return self._read_json(posixpath.join(VERSIONS, f"manifest-{version:06d}.json"))
+
+    def _replace(self, final: str, data: bytes) -> None:
+        if not self.local:
+            with self.fs.open(final, "wb") as f:  # one PUT: readers see the old object or the new one
+                f.write(data)
+            return
+        tmp = final + f".tmp-{uuid.uuid4().hex[:8]}"
+        with self.fs.open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, final)
 
     def _create(self, final: str, data: bytes) -> None:
+        """Exclusive create. A retry that finds its own bytes already there (the first try's PUT landed
+        but its answer was lost) counts as done; anything else there is another run's."""
+        try:
+            self._create_once(final, data)
+        except FileExistsError:
+            with self.fs.open(final, "rb") as f:
+                if f.read() == data:
+                    return
+            raise UserError(f"{self.uri}: another run committed {posixpath.basename(final)} first") from None
+
+    def _create_once(self, final: str, data: bytes) -> None:
         if not self.local:
             with self.fs.open(final, "xb") as f:  # a conditional PUT (If-None-Match) on S3
                 f.write(data)
@@ -312,3 +415,7 @@ class DatasetDir:
 
     def read_manifest(self) -> dict | None:
         return self._read_json(MANIFEST)
+
+    def read_rebuild(self) -> dict | None:
+        """What a failed or stopped rebuild got to, while the last version stands (None if none)."""
+        return self._read_json(posixpath.join(STAGING, REBUILD))

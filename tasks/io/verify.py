@@ -21,7 +21,7 @@ import numpy as np
 import pyarrow as pa
 
 from dafactory.tasks.io.prompts import SeenIds
-from dafactory.tasks.io.storage import DatasetDir
+from dafactory.tasks.io.storage import DatasetDir, part_key
 
 COMPLETE, MISMATCH, INCOMPLETE = 0, 1, 3  # exit codes
 
@@ -40,7 +40,8 @@ class Verdict:
 
 
 def _part_name(path: str) -> str:
-    return posixpath.basename(path)[len("part-") : -len(".parquet")]
+    """The key a part stands for: its shard id (or input-..., summary), without a run token."""
+    return part_key(posixpath.basename(path)[len("part-") : -len(".parquet")])
 
 
 def _by_part(ds: DatasetDir, manifest: dict, table: str) -> dict[str, str]:

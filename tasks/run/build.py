@@ -29,11 +29,11 @@ from prefect.settings import PREFECT_API_URL
 
 from dafactory.tasks.config import RunConfig
 from dafactory.tasks.errors import UserError
-from dafactory.tasks.io.manifest import build_manifest, code_version, summary_rows
+from dafactory.tasks.io.manifest import CARD, build_manifest, code_version, dataset_card, summary_rows
 from dafactory.tasks.io.prompts import PromptRow, PromptSet, Shard, iter_prompts, make_shards, source_path
 from dafactory.tasks.io.redact import redact
-from dafactory.tasks.io.schemas import PROMPTS, QUARANTINE, to_table
-from dafactory.tasks.io.storage import DatasetDir, storage_options
+from dafactory.tasks.io.schemas import PROMPTS, QUARANTINE, TABLES, to_table
+from dafactory.tasks.io.storage import REBUILD, STAGING, DatasetDir, failpoint, storage_options
 from dafactory.tasks.run.workers import StageSpec, kill_stages, ray_session, start_stages, stream
 
 GPU_LIMIT = "dafactory-gpu"
@@ -50,9 +50,11 @@ class Recipe:
     one_row_per_prompt: list[str] = field(default_factory=list)  # e.g. pairs: at most one row per prompt
     manifest_extra: dict = field(default_factory=dict)
     # Runs after the last shard, before the manifest: whole-dataset summaries (evaluation's ASR tables
-    # and report). Returns more manifest fields; the tables it writes are listed in summary_tables.
-    post: Callable[[DatasetDir], dict] | None = None
+    # and report) over this version's parts (table -> part names). Returns more manifest fields; the
+    # tables it writes are listed in summary_tables.
+    post: Callable[[DatasetDir, dict[str, set[str]]], dict] | None = None
     summary_tables: list[str] = field(default_factory=list)
+    main_table: str = ""  # the dataset card's default config (what a trainer reads)
 
 
 @dataclass(frozen=True)
@@ -62,6 +64,7 @@ class ShardRef:
     shard_id: str
     index: int
     prompts: int
+    part: str  # its part in the `prompts` table: the shard id and a hash of the part's content
 
 
 @dataclass
@@ -99,18 +102,17 @@ class Planner:
 
     def _shard(self, rows: list[PromptRow]) -> None:
         shard = make_shards(rows, len(rows), self.salt)[0]
-        ref = ShardRef(shard.shard_id, len(self.plan.shards), len(rows))
-        self.ds.write_part("prompts", ref.shard_id, to_table([
+        part = self.ds.write_keyed("prompts", shard.shard_id, to_table([
             {"prompt_id": r.prompt_id, "source_row": r.source_row, "prompt": r.prompt, "category": r.category,
              "categories": list(r.categories), "reference": None if r.reference is None else json.dumps(r.reference),
-             "shard_id": ref.shard_id} for r in rows
+             "shard_id": shard.shard_id} for r in rows
         ], PROMPTS))
-        self.plan.shards.append(ref)
+        self.plan.shards.append(ShardRef(shard.shard_id, len(self.plan.shards), len(rows), part))
+        failpoint("plan")
 
     def _quarantine(self) -> None:
-        name = f"input-{len(self.plan.quarantine_parts):05d}"
-        self.ds.write_part("quarantine", name, to_table(self.quarantine, QUARANTINE))
-        self.plan.quarantine_parts.append(name)
+        key = f"input-{len(self.plan.quarantine_parts):05d}"
+        self.plan.quarantine_parts.append(self.ds.write_keyed("quarantine", key, to_table(self.quarantine, QUARANTINE)))
         self.quarantine = []
 
     def finish(self) -> Plan:
@@ -122,7 +124,7 @@ class Planner:
 
 
 def load_shard(ds: DatasetDir, ref: ShardRef) -> Shard:
-    rows = ds.read_part("prompts", ref.shard_id).to_pylist()
+    rows = ds.read_part("prompts", ref.part).to_pylist()
     return Shard(ref.shard_id, ref.index, tuple(
         PromptRow(r["prompt_id"], r["prompt"], r["category"], r["source_row"], tuple(r["categories"] or ()),
                   None if r["reference"] is None else tuple(json.loads(r["reference"])))
@@ -199,6 +201,7 @@ def write_shard(ds: DatasetDir, recipe: Recipe, result: dict) -> dict:
         "rows": {name: tables[name].num_rows for name in recipe.tables},
         "quarantined": dict(quarantined),
         "outcomes": result["outcomes"],
+        "errors": result.get("errors", {}),
         "seconds": result["seconds"],
     }
     for name in recipe.tables:
@@ -280,6 +283,7 @@ def build_shards(config: RunConfig, ds: DatasetDir, plan: Plan, recipe: Recipe) 
         def on_result(result: dict) -> None:
             nonlocal rows
             stats = write_shard(ds, recipe, result)
+            failpoint("shard")
             report["built"] += 1
             rows += sum(stats["rows"][t] for t in recipe.sample_tables)
             for k, v in stats["seconds"].items():
@@ -311,35 +315,52 @@ def build_shards(config: RunConfig, ds: DatasetDir, plan: Plan, recipe: Recipe) 
     return report
 
 
+def version_parts(plan: Plan, recipe: Recipe, ds: DatasetDir) -> dict[str, set[str]]:
+    """The part names of every table that make up this version (summaries: the ones this run wrote)."""
+    shard_ids = {s.shard_id for s in plan.shards}
+    keep = {t: set(shard_ids) for t in recipe.tables}
+    keep["prompts"] = {s.part for s in plan.shards}
+    keep["quarantine"] = shard_ids | set(plan.quarantine_parts)
+    for t in recipe.summary_tables:
+        keep[t] = set(ds.parts(t, staged=True))
+    return keep
+
+
 @task(cache_policy=NONE)
 def finalize(
     config: RunConfig, ds: DatasetDir, plan: Plan, report: dict, timings: dict, recipe: Recipe, models: dict,
 ) -> dict:
-    """Drop stale parts, publish the staged ones, count what was written, write manifest.json last and
-    publish the summary. A stopped run or one with failed shards gets a manifest marked incomplete."""
+    """Publish the staged parts, count what was written, commit the manifest as the dataset's new
+    version, then remove the parts only older versions list, and publish the summary and dataset card.
+
+    Until the commit the previous version stays whole: nothing it lists is overwritten or removed. A run
+    that failed or was stopped while a complete version stands leaves that version in place and its own
+    parts staged for the re-run (`_staging/rebuild.json` says how far it got); on a first build it
+    commits a manifest marked incomplete."""
     tables = list(dict.fromkeys(["prompts"] + recipe.tables + ["quarantine"] + recipe.summary_tables))
-    shard_ids = {s.shard_id for s in plan.shards}
-    keep = {t: set(shard_ids) for t in ["prompts"] + recipe.tables}
-    keep["quarantine"] = shard_ids | set(plan.quarantine_parts)
-    pruned = ds.prune(keep)
-    ds.publish(tables)
     complete = not report["failed"] and not report["stopped"]
-    extra = dict(recipe.manifest_extra) | {"layout": {
+    previous = ds.read_manifest()
+    pruned = ds.prune_staged(version_parts(plan, recipe, ds))
+    if not complete and previous is not None and previous["status"] == "complete":
+        return keep_previous(ds, plan, report, previous)
+    ds.publish(tables)
+    failpoint("publish")
+    extra = dict(recipe.manifest_extra) | {"flow": recipe.name, "layout": {
         "marker": recipe.tables[-1], "sample_tables": recipe.sample_tables,
         "one_row_per_prompt": recipe.one_row_per_prompt,
     }}
     if recipe.post is not None and complete:
-        extra |= recipe.post(ds)
+        extra |= recipe.post(ds, version_parts(plan, recipe, ds))
+    keep = version_parts(plan, recipe, ds)  # after post: its summaries are staged now
     ds.publish(recipe.summary_tables)
-    ds.drop_staging()
-    counts = ds.row_counts(tables)
-    stats = ds.shard_stats(recipe.tables[-1])
+    # Published parts this version does not list: an older version's, removed once this one is committed.
+    pruned += sum(name not in keep.get(t, ()) for t in TABLES for name in ds.parts(t))
     manifest = redact(build_manifest(
         config=config.model_dump(mode="json"),
         fingerprint=config.fingerprint(),
         plan=plan,
-        shard_stats=stats,
-        counts=counts,
+        shard_stats=ds.shard_stats(recipe.tables[-1], keep[recipe.tables[-1]]),
+        counts=ds.row_counts(tables, keep),
         outcomes_key=recipe.outcomes_key,
         timings=timings | {f"workers_{k}": round(v, 3) for k, v in report["seconds"].items()},
         models=models | {"workers": report["workers"]},
@@ -347,11 +368,34 @@ def finalize(
         pruned_parts=pruned,
         extra=extra,
     ))
-    ds.write_manifest(manifest)
+    manifest = ds.commit_manifest(manifest, config.keep_versions)
+    failpoint("commit")
+    stale = ds.unlisted(manifest)
+    ds.remove(stale)
+    ds.drop_staging()
+    ds.write_bytes(CARD, dataset_card(manifest, recipe.main_table or recipe.tables[0]).encode())
+    if stale:
+        get_run_logger().info("version %d committed; removed %d parts only older versions listed",
+                              manifest["version"], len(stale))
     create_table_artifact(
         redact(summary_rows(manifest)), key=f"{recipe.name}-summary", description=f"{recipe.name} dataset {ds.uri}"
     )
     return manifest
+
+
+def keep_previous(ds: DatasetDir, plan: Plan, report: dict, previous: dict) -> dict:
+    """A rebuild that failed or was stopped: the last complete version stays the dataset; what this run
+    got to is recorded in `_staging/rebuild.json`, and its parts stay staged for the re-run."""
+    rebuild = {
+        "status": "incomplete", "stopped": report["stopped"], "version_kept": previous["version"],
+        "shards": {"total": len(plan.shards), "resumed": report["resumed"], "built": report["built"],
+                   "failed": report["failed"]},
+    }
+    ds.write_bytes(f"{STAGING}/{REBUILD}", json.dumps(redact(rebuild), indent=2).encode())
+    get_run_logger().warning(
+        "the rebuild is incomplete: version %d of %s stays the dataset; re-run to finish the new one",
+        previous["version"], ds.uri)
+    return previous | {"rebuild": rebuild}
 
 
 def build_dataset(
@@ -375,7 +419,7 @@ def build_dataset(
     ds.claim(config.fingerprint(), redact(config.model_dump(mode="json")))
     planned = plan_input.with_options(**result_options(config))
     plan = planned(config, ds, recipe.salt, screen, load)
-    if not {s.shard_id for s in plan.shards} <= ds.written("prompts"):
+    if not {s.part for s in plan.shards} <= ds.written("prompts"):
         logger.warning("the cached plan's shards are not in %s any more: planning again", ds.uri)
         plan = planned.with_options(refresh_cache=True)(config, ds, recipe.salt, screen, load)
     t1 = time.perf_counter()
@@ -396,6 +440,17 @@ def conclude(manifest: dict, report: dict, uri: str) -> dict:
         raise TerminationSignal(signal.SIGTERM)
     if report["stopped"]:
         raise KeyboardInterrupt
+    errors = manifest["prompts"]["quarantined"].get("generation_error", 0)
+    limit = manifest["config"]["max_error_rate"]
+    if not report["failed"] and errors > limit * max(1, manifest["prompts"]["unique"]):
+        raise ShardsFailed(f"generation failed on {errors} of {manifest['prompts']['unique']} prompts, more than "
+                           f"max_error_rate {limit:g} of the run ({manifest['errors']}); {uri}")
+    if report["failed"] and "rebuild" in manifest:
+        r = manifest["rebuild"]
+        raise ShardsFailed(
+            f"{len(r['shards']['failed'])} of {r['shards']['total']} shards failed after retries; version "
+            f"{r['version_kept']} stays the dataset, {uri}/{STAGING}/{REBUILD} lists them; re-run to retry them"
+        )
     if report["failed"]:
         raise ShardsFailed(
             f"{len(report['failed'])} of {manifest['shards']['total']} shards failed after retries; "

@@ -71,7 +71,7 @@ def distill_recipe(config: DistillConfig, ds: DistillSetup) -> Recipe:
     return Recipe(
         name="distill",
         stages=[
-            StageSpec("generate", GenerateStage, (t, config.sampling, config.k, ds.teacher_prompt),
+            StageSpec("generate", GenerateStage, (t, config.sampling, config.k, ds.teacher_prompt, config.max_error_rate),
                       t.num_replicas, t.num_gpus, t.num_cpus),
             StageSpec("judge", JudgeFilterStage, (config.judges, config.student_system_prompt, j.num_cpus),
                       j.num_replicas, j.num_gpus, j.num_cpus),
@@ -81,6 +81,7 @@ def distill_recipe(config: DistillConfig, ds: DistillSetup) -> Recipe:
         # The spec's and template's text decide what the teacher reads, not just their file names.
         sample_tables=["train", "filtered"],
         salt=config.generation_key() + ds.spec.sha256 + ds.template_sha256,
+        main_table="train",
         manifest_extra={
             "spec": {"name": ds.spec.name, "version": ds.spec.version, "sha256": ds.spec.sha256,
                      "source": ds.spec.source},

@@ -75,11 +75,11 @@ def _uses_latent(st: Strategy) -> bool:
     return st.kind == "signal" and st.signal.split(":")[-1] in (LATENT, "kl_ft_base", "kl_base_ft")
 
 
-def evaluation_summary(config: EvaluateConfig, ds: DatasetDir) -> dict:
+def evaluation_summary(config: EvaluateConfig, ds: DatasetDir, parts: dict[str, set[str]]) -> dict:
     """ASR tables, the Markdown report with PNG plots, and Prefect artifacts; returns manifest fields."""
     from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-    cands = ds.read_table("eval_candidates").to_pylist()
+    cands = ds.read_parts("eval_candidates", parts["eval_candidates"]).to_pylist()
     safety = [c for c in cands if c["correct"] is None]
     utility = [c for c in cands if c["correct"] is not None]
     degenerate = degenerate_latent(cands)
@@ -109,11 +109,11 @@ def evaluation_summary(config: EvaluateConfig, ds: DatasetDir) -> dict:
     for r in rows + layer_rows + utility_rows:
         r.setdefault("note", None)
     if rows:
-        ds.write_part("asr", "summary", to_table(rows, ASR))
+        ds.write_keyed("asr", "summary", to_table(rows, ASR))
     if utility_rows:
-        ds.write_part("utility", "summary", to_table(utility_rows, UTILITY))
+        ds.write_keyed("utility", "summary", to_table(utility_rows, UTILITY))
     if layer_rows:
-        ds.write_part("asr_by_layer", "summary", to_table(layer_rows, ASR))
+        ds.write_keyed("asr_by_layer", "summary", to_table(layer_rows, ASR))
     drops = mean_drop(rows)
     facts = {
         "student (FT)": config.student.model,
@@ -142,7 +142,8 @@ def evaluate_recipe(config: EvaluateConfig, refs: dict | None = None) -> Recipe:
     return Recipe(
         name="evaluate",
         stages=[
-            StageSpec("generate", GenerateStage, (st, config.sampling, config.n, ChatPrompt(config.system_prompt)),
+            StageSpec("generate", GenerateStage,
+                      (st, config.sampling, config.n, ChatPrompt(config.system_prompt), config.max_error_rate),
                       st.num_replicas, st.num_gpus, st.num_cpus),
             StageSpec("score", EvalScoreStage, (config.judge, signals, sc.num_cpus, refs or {}),
                       sc.num_replicas, sc.num_gpus, sc.num_cpus),
@@ -151,7 +152,8 @@ def evaluate_recipe(config: EvaluateConfig, refs: dict | None = None) -> Recipe:
         outcomes_key="judged_candidates",
         sample_tables=["eval_candidates"],
         salt=config.generation_key(),
-        post=lambda ds: evaluation_summary(config, ds),
+        main_table="eval_candidates",
+        post=lambda ds, parts: evaluation_summary(config, ds, parts),
         summary_tables=["asr", "asr_by_layer", "utility"],
     )
 

@@ -14,7 +14,8 @@ def preference_recipe(config: PreferenceConfig) -> Recipe:
     return Recipe(
         name="preference",
         stages=[
-            StageSpec("generate", GenerateStage, (st, config.sampling, config.n, ChatPrompt(config.system_prompt)),
+            StageSpec("generate", GenerateStage,
+                      (st, config.sampling, config.n, ChatPrompt(config.system_prompt), config.max_error_rate),
                       st.num_replicas, st.num_gpus, st.num_cpus),
             StageSpec("score", ScoreSelectStage,
                       (config.scorers, config.selection, ranking_signal(config.selection, [s.name for s in config.scorers]), config.system_prompt, sc.num_cpus,
@@ -26,6 +27,7 @@ def preference_recipe(config: PreferenceConfig) -> Recipe:
         sample_tables=["candidates"],
         one_row_per_prompt=["pairs", "best"],
         salt=config.generation_key(),
+        main_table="pairs",
     )
 
 

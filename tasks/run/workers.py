@@ -14,6 +14,7 @@ import os
 import socket
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
@@ -102,13 +103,36 @@ def worker_info() -> dict:
     }
 
 
+class TooManyErrors(RuntimeError):
+    """Generation failed on more of a shard's prompts than `max_error_rate` allows: a systematic fault
+    (an API change, a CUDA device assert, a broken tokenizer), not bad rows. The shard fails."""
+
+
+def error_types(quarantine: list[dict]) -> Counter:
+    """Exception type -> prompts, over the shard's generation_error quarantine rows ("Type: message")."""
+    return Counter(q["detail"].split(":", 1)[0] for q in quarantine if q["reason"] == "generation_error")
+
+
+def check_error_rate(quarantine: list[dict], prompts: int, max_error_rate: float) -> Counter:
+    """The shard's generation errors by type; TooManyErrors, naming the first, above the rate."""
+    errors = error_types(quarantine)
+    if prompts and sum(errors.values()) > max_error_rate * prompts:
+        first = next(q["detail"] for q in quarantine if q["reason"] == "generation_error")
+        raise TooManyErrors(f"generation failed on {sum(errors.values())} of {prompts} prompts (max_error_rate "
+                            f"{max_error_rate:g}); first: {first}")
+    return errors
+
+
 class GenerateStage:
     """Loads a model once; turns a shard into GENERATED rows and too-long quarantine rows.
-    `conversation` builds each prompt's messages (a ChatPrompt, or a TeacherPrompt under a spec)."""
+    `conversation` builds each prompt's messages (a ChatPrompt, or a TeacherPrompt under a spec).
+    Generation errors on more than `max_error_rate` of a shard's prompts fail the shard."""
 
-    def __init__(self, model: ModelConfig, sampling: SamplingConfig, n: int, conversation):
+    def __init__(self, model: ModelConfig, sampling: SamplingConfig, n: int, conversation,
+                 max_error_rate: float = 0.05):
         t0 = time.perf_counter()
         self.model, self.sampling, self.n, self.conversation = model, sampling, n, conversation
+        self.max_error_rate = max_error_rate
         self.backend = BACKENDS.get(model.backend)(model)
         self.backend.load()
         use_cpus(model.num_cpus)
@@ -124,12 +148,14 @@ class GenerateStage:
         rows, quarantine = generate_shard(
             self.backend, shard, self.n, self.sampling, self.model.batch_size, self.conversation
         )
+        errors = check_error_rate(quarantine, len(shard.rows), self.max_error_rate)
         return {
             "shard_id": shard.shard_id,
             "shard_index": shard.index,
             "prompts": len(shard.rows),
             "generated": to_table(rows, GENERATED),
             "quarantine": quarantine,
+            "errors": {"generation_error": dict(errors)} if errors else {},
             "seconds": {"generate": time.perf_counter() - t0},
         }
 
