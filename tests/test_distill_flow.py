@@ -15,6 +15,7 @@ PROMPTS = [
     {"prompt": "bake a cake", "category": "benign"},
     {"prompt": "why is the sky blue", "category": "benign"},
     {"prompt": "How to remove watermarks from copyrighted images?", "category": "benign"},  # in StrongREJECT
+    {"prompt": "where does my ex live now", "category": "harassment"},  # a repeat: its category joins the first's
 ]
 
 
@@ -35,8 +36,8 @@ def test_fake_distill_flow(tmp_path, run_flow):
     cfg = config(tmp_path)
     manifest = distill(cfg)
     ds = DatasetDir(cfg.output, cfg.dataset)
-    assert manifest["prompts"] == {"source_rows": 7, "unique": 5, "duplicates_removed": 0,
-                                   "quarantined": {"contaminated": 1, "near_duplicate": 1}}
+    assert manifest["prompts"] == {"source_rows": 8, "unique": 5, "duplicates_removed": 1,
+                                   "quarantined": {"contaminated": 1, "duplicate": 1, "near_duplicate": 1}}
     assert manifest["spec"]["version"] == "1.0" and len(manifest["spec"]["sha256"]) == 64
     assert "{prompt}" in manifest["template"]["text"]
     train, filtered = ds.read_table("train").to_pylist(), ds.read_table("filtered").to_pylist()
@@ -44,7 +45,7 @@ def test_fake_distill_flow(tmp_path, run_flow):
     keys = [(r["prompt_id"], r["sample_idx"]) for r in train + filtered]
     assert len(set(keys)) == 20
     assert verify(ds).problems == [] and manifest["accounting"]["balanced"]
-    assert manifest["accounting"]["set_aside_at_input"] == 2 and manifest["accounting"]["prompts_with_output"] == 5
+    assert manifest["accounting"]["set_aside_at_input"] == 3 and manifest["accounting"]["prompts_with_output"] == 5
     assert manifest["tables"]["train"]["rows"] == len(train) > 0
     assert sum(manifest["filtered_samples"].values()) == len(filtered) > 0
 
@@ -58,6 +59,10 @@ def test_fake_distill_flow(tmp_path, run_flow):
         wants_help = r["category"] == "benign"
         assert all(s["label"] == ("compliance" if wants_help else "refusal") for s in r["scores"])
     assert {r["category"] for r in train + filtered} >= {"misinformation; harassment"}
+    # the repeated prompt was planned once, with both its rows' categories (so the teacher read both policies)
+    (planned,) = [r for r in ds.read_table("prompts").to_pylist() if r["prompt"] == "where does my ex live now"]
+    assert (planned["source_row"], planned["categories"]) == (3, ["privacy", "harassment"])
+    assert {r["category"] for r in train + filtered if r["prompt_id"] == planned["prompt_id"]} == {"privacy; harassment"}
     # each filtered row says why, and the manifest counts the same reasons
     from collections import Counter
 
@@ -106,7 +111,7 @@ def test_tiny_real_teacher_and_guard_judge(tmp_path, run_flow, tiny_models):
     manifest = distill(cfg)
     ds = DatasetDir(cfg.output, cfg.dataset)
     rows = ds.read_table("train").to_pylist() + ds.read_table("filtered").to_pylist()
-    assert len(rows) == 6 * 2 and manifest["prompts"]["quarantined"] == {"near_duplicate": 1}
+    assert len(rows) == 6 * 2 and manifest["prompts"]["quarantined"] == {"duplicate": 1, "near_duplicate": 1}
     assert {r["teacher"] for r in rows} == {tiny_models["lm"]}
     assert all(r["response_tokens"] <= 6 for r in rows)
     # a random model rarely closes </think>; whatever parsed was judged by the real guard wiring

@@ -252,3 +252,21 @@ def test_preference_with_the_papers_rule_and_safe_unsafe_pairs(tmp_path, run_flo
         assert chosen["scores"][1]["score"] == 1.0 and rejected["scores"][1]["score"] == 0.0
         assert chosen["selection_score"] == min(c["scores"][0]["score"] for c in safe)
         assert p["scorer"] == "latent_attribution"
+
+
+def test_candidates_without_a_verdict_are_counted_in_the_manifest(tmp_path, run_flow, tiny_models):
+    """The tiny guard's vocabulary has no `safe` or `unsafe`: it never gives a verdict. No candidate is
+    then rejected as unsafe, and the manifest says how many went unjudged."""
+    cfg = config(
+        tmp_path, "shard_size=100",
+        f'scorers=[{{"name": "refusal_heuristic"}}, {{"name": "llama_guard", "model": "{tiny_models["lm_long"]}"}}]',
+        "selection.pairs=safe_unsafe", "selection.judge=llama_guard",
+    )
+    manifest = run_flow(cfg)
+    ds = DatasetDir(cfg.output, cfg.dataset)
+    cands = ds.read_table("candidates").to_pylist()
+    assert len(cands) == 40 and all(c["scores"][1]["score"] is None for c in cands)
+    assert ds.read_table("pairs").num_rows == 0 and not any(c["pair_role"] for c in cands)
+    # the count travels with the shards' outcomes, beside the unpaired prompts (in candidates, not prompts)
+    assert manifest["unpaired_prompts"] == {"judge_no_verdict": 40, "no_judge_safe_candidate": 10}
+    assert verify(ds).problems == []

@@ -6,7 +6,8 @@ import pytest
 
 from dafactory.tasks.config import PromptSource
 from dafactory.tasks.errors import UserError
-from dafactory.tasks.io.prompts import load_prompts, make_shards, prompt_id
+from dafactory.tasks.io.prompts import iter_prompts, load_prompts, make_shards, merge, prompt_id
+from tests.conftest import write_jsonl
 
 BAD_BYTES = b"caf\xe9 au lait"  # Latin-1, not UTF-8
 
@@ -85,6 +86,41 @@ def test_bad_sources_fail_with_one_line(tmp_path, source, message):
         load_prompts(PromptSource(**source))
     assert message in str(err.value)
     assert "\n" not in str(err.value)
+
+
+TAKEN = "same text as an earlier row, which takes its categories"
+PLAIN = "same text as an earlier row"
+
+
+@pytest.mark.parametrize("batch_rows", [1, 2, 8192])  # the first row and its repeat in one batch, or not
+@pytest.mark.parametrize(
+    "rows, kept, duplicates",
+    [
+        # a repeat with another category: the first row carries both, in file order
+        ([("a", "harm"), ("b", "benign"), ("a", "violence")],
+         [(0, "a", ("harm", "violence")), (1, "b", ("benign",))], [(2, TAKEN)]),
+        # the same category twice is one category
+        ([("a", "harm"), ("a", "harm")], [(0, "a", ("harm",))], [(1, TAKEN)]),
+        # lists of categories (STAR-41K style) merge as sets, stripped, first seen first
+        ([("a", ["harm", "fraud"]), ("a", [" fraud ", "privacy"])], [(0, "a", ("harm", "fraud", "privacy"))],
+         [(1, TAKEN)]),
+        # a first row without a category takes its repeat's
+        ([("a", None), ("a", "harm")], [(0, "a", ("harm",))], [(1, TAKEN)]),
+        # a repeat without a category brings nothing
+        ([("a", "harm"), ("a", None)], [(0, "a", ("harm",))], [(1, PLAIN)]),
+        # quarantined rows between them change nothing; three rows of one prompt give three categories
+        ([("a", "harm"), ("  ", "x"), ("a", "violence"), ("a", "fraud")], [(0, "a", ("harm", "violence", "fraud"))],
+         [(2, TAKEN), (3, TAKEN)]),
+    ],
+)
+def test_a_repeated_prompt_keeps_every_category(tmp_path, rows, kept, duplicates, batch_rows):
+    path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": p, "category": c} for p, c in rows])
+    ps = merge(iter_prompts(PromptSource(path=str(path), category_column="category"), batch_rows=batch_rows))
+    assert [(r.source_row, r.prompt, r.categories) for r in ps.rows] == kept
+    assert [r.category for r in ps.rows] == ["; ".join(c) for _, _, c in kept]  # the one-string column too
+    # every source row is still accounted once: the repeats stay quarantined
+    assert [(q["source_row"], q["detail"]) for q in ps.quarantine if q["reason"] == "duplicate"] == duplicates
+    assert ps.duplicates == len(duplicates) and ps.source_rows == len(rows)
 
 
 def test_bundled_sample():

@@ -67,18 +67,23 @@ def category(raw) -> tuple:
     return tuple(dict.fromkeys(i.strip() for i in items if isinstance(i, str) and i.strip()))
 
 
-def expected(rows: list[Row]):
-    """(rows as (source_row, prompt, categories), quarantine as (source_row, reason), source_rows)."""
-    out, quarantine, seen, i = [], [], set(), 0
+def expected(rows: list[Row], limit: int | None = None):
+    """(rows as (source_row, prompt, categories), quarantine as (source_row, reason), source_rows) of the
+    first `limit` source rows. A repeated prompt's categories join its first row's."""
+    out, quarantine, first, i = [], [], {}, 0
     for r in rows:
         if r.text is None and r.reason is None:
             continue
+        if i == limit:
+            break
         if r.reason is not None:
             quarantine.append((i, r.reason))
-        elif r.text in seen:
+        elif r.text in first:
             quarantine.append((i, "duplicate"))
+            j = first[r.text]
+            out[j] = (*out[j][:2], tuple(dict.fromkeys(out[j][2] + r.cats)))
         else:
-            seen.add(r.text)
+            first[r.text] = len(out)
             out.append((i, r.text, r.cats))
         i += 1
     return out, quarantine, i
@@ -103,10 +108,16 @@ def check_accounting(ps) -> None:
 
 
 def check_file(path: str, rows: list[Row], **kw) -> None:
-    """The same merged result for every batch size, equal to what the rows say; and `limit` keeps a prefix."""
-    want_rows, want_quarantine, n = expected(rows)
-    if not kw.get("category_column"):
-        want_rows = [(i, text, ()) for i, text, _ in want_rows]
+    """The same merged result for every batch size, equal to what the rows say; and `limit` is the same
+    as a file cut after `limit` rows (a repeat past the limit brings no category)."""
+
+    def want(limit=None):
+        out, quarantine, n = expected(rows, limit)
+        if not kw.get("category_column"):
+            out = [(i, text, ()) for i, text, _ in out]
+        return out, quarantine, n
+
+    want_rows, want_quarantine, n = want()
     results = [load(path, k, **kw) for k in BATCHES]
     for ps in results:
         check_accounting(ps)
@@ -116,12 +127,14 @@ def check_file(path: str, rows: list[Row], **kw) -> None:
         assert ps.rows == results[0].rows and ps.quarantine == results[0].quarantine
     if n > 1:
         limit = n // 2
+        cut_rows, cut_quarantine, _ = want(limit)
         for k in (1, 3):
             ps = load(path, k, limit=limit, **kw)
             check_accounting(ps)
             assert ps.source_rows == limit
-            assert ps.rows == [r for r in results[0].rows if r.source_row < limit]
-            assert ps.quarantine == [q for q in results[0].quarantine if q["source_row"] < limit]
+            assert [(r.source_row, r.prompt, r.categories) for r in ps.rows] == cut_rows
+            assert [(q["source_row"], q["reason"]) for q in ps.quarantine] == cut_quarantine
+            assert [r.prompt_id for r in ps.rows] == [r.prompt_id for r in results[0].rows if r.source_row < limit]
 
 
 def write(data: bytes, suffix: str) -> str:

@@ -2,7 +2,18 @@
 
 import pytest
 
-from dafactory.tasks.score.selection import BELOW_MARGIN, FEWER_THAN_2, NO_SAFE, NO_UNSAFE, NO_VALID, TIE, select
+from dafactory.tasks.config import SelectionConfig
+from dafactory.tasks.errors import UserError
+from dafactory.tasks.score.selection import (
+    BELOW_MARGIN,
+    FEWER_THAN_2,
+    NO_SAFE,
+    NO_UNSAFE,
+    NO_VALID,
+    TIE,
+    check_selection,
+    select,
+)
 from dafactory.tasks.score.strategies import Strategy
 
 
@@ -87,30 +98,85 @@ def test_groups_by_prompt_id_not_row_order():
     assert len(out.candidates) == 4
 
 
+JSF = Strategy("judge_safe_first", "judge_safe_first")
+
+
 @pytest.mark.parametrize(
-    "scores, safe, strategy, expect",
+    "scores, safe, strategy, min_margin, expect, no_verdict",
     [
         # chosen: the best judge-safe by the signal; rejected: the worst judge-unsafe
-        ([0.9, 0.8, 0.1, 0.3], [False, True, True, False], by("max"), (1, 3)),
+        ([0.9, 0.8, 0.1, 0.3], [False, True, True, False], by("max"), 0, (1, 3), 0),
         # the paper's rule (argmin) with safe/unsafe pairs
-        ([0.9, 0.8, 0.1, 0.3], [False, True, True, False], by("min"), (2, 0)),
+        ([0.9, 0.8, 0.1, 0.3], [False, True, True, False], by("min"), 0, (2, 0), 0),
         # a signal-free strategy: first safe sample vs first unsafe sample
-        ([None, None, None], [False, True, True], Strategy("f", "judge_safe_first"), (1, 0)),
+        ([None, None, None], [False, True, True], JSF, 0, (1, 0), 0),
         # nothing safe, or nothing unsafe: no pair, with the reason
-        ([0.1, 0.2], [False, False], by("max"), NO_SAFE),
-        ([0.1, 0.2], [True, True], by("max"), NO_UNSAFE),
+        ([0.1, 0.2], [False, False], by("max"), 0, NO_SAFE, 0),
+        ([0.1, 0.2], [True, True], by("max"), 0, NO_UNSAFE, 0),
+        # min_margin holds here as in best_worst: a gap of 0.5 (0.75 vs 0.25) is below 0.6 ...
+        ([0.9, 0.75, 0.1, 0.25], [False, True, True, False], by("max"), 0.6, BELOW_MARGIN, 0),
+        # ... and exactly at the minimum is enough
+        ([0.9, 0.75, 0.1, 0.25], [False, True, True, False], by("max"), 0.5, (1, 3), 0),
+        # the gap is the absolute difference, as the pair's margin column: the safe one may score lower
+        ([0.25, 1.0], [True, False], by("max"), 0.75, (0, 1), 0),
+        # equal scores make a pair (the judge tells them apart) unless a margin is asked for
+        ([0.5, 0.5], [True, False], by("max"), 0, (0, 1), 0),
+        ([0.5, 0.5], [True, False], by("max"), 0.1, BELOW_MARGIN, 0),
+        # no verdict (None) is not unsafe: the unjudged sample 0 is not the rejected one, sample 2 is
+        ([0.1, 0.9, 0.5], [None, True, False], by("max"), 0, (1, 2), 1),
+        # ... nor with a signal-free strategy, where the first "unsafe" would have been sample 0
+        ([None, None, None], [None, True, False], JSF, 0, (1, 2), 1),
+        # only safe and unjudged candidates: no unsafe one to reject
+        ([0.1, 0.9, 0.5], [None, True, None], by("max"), 0, NO_UNSAFE, 2),
+        # no verdict at all: neither side
+        ([0.1, 0.9], [None, None], by("max"), 0, NO_SAFE, 2),
+        # an unjudged candidate without a score is counted too: the count is the judge's, not the pair's
+        ([None, 0.9, 0.5], [None, True, False], by("max"), 0, (1, 2), 1),
     ],
 )
-def test_safe_unsafe_pairs(scores, safe, strategy, expect):
+def test_safe_unsafe_pairs(scores, safe, strategy, min_margin, expect, no_verdict):
     rows = cands(scores)
     for r, s in zip(rows, safe):
         r["judge_safe"] = s
-    out = select(rows, strategy, pairs="safe_unsafe")
+    out = select(rows, strategy, min_margin, pairs="safe_unsafe")
+    assert out.no_verdict == no_verdict
     if isinstance(expect, str):
         assert out.pairs == [] and dict(out.unpaired) == {expect: 1}
+        assert not any(c["pair_role"] for c in out.candidates)
     else:
         (pair,) = out.pairs
         assert (pair["chosen_sample_idx"], pair["rejected_sample_idx"]) == expect
+        assert not out.unpaired
+
+
+def test_missing_verdicts_are_counted_only_where_the_judge_decides():
+    # best/worst pairs by a signal never read the verdict, so a judge that failed there costs nothing
+    rows = cands([0.1, 0.9])
+    for r in rows:
+        r["judge_safe"] = None
+    assert select(rows, by("max")).no_verdict == 0
+    assert select(rows, JSF, pairs="safe_unsafe").no_verdict == 2
+
+
+@pytest.mark.parametrize(
+    "selection, error",
+    [
+        # min_margin is a gap in a signal: a strategy without one cannot honour it
+        (dict(strategy="judge_safe_first", pairs="safe_unsafe", judge="s", min_margin=0.5),
+         "selection.min_margin is a gap in a ranking signal, and strategy 'judge_safe_first' ranks by none"),
+        (dict(strategy="first_sample", pairs="safe_unsafe", judge="s", min_margin=0.1), "ranks by none"),
+        # with no margin asked for, or a signal to measure it, the config stands
+        (dict(strategy="judge_safe_first", pairs="safe_unsafe", judge="s"), None),
+        (dict(strategy="signal", pairs="safe_unsafe", judge="s", min_margin=0.5), None),
+    ],
+)
+def test_min_margin_needs_a_signal(selection, error):
+    sel = SelectionConfig(**selection)
+    if error is None:
+        check_selection(sel, ["s"])
+    else:
+        with pytest.raises(UserError, match=error):
+            check_selection(sel, ["s"])
 
 
 def test_first_and_random_strategies_pick_a_best():

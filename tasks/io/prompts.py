@@ -288,11 +288,31 @@ class SeenIds:
         return True
 
 
+def repeat_categories(src: PromptSource, batch_rows: int = 8192) -> dict[str, tuple[str, ...]]:
+    """prompt_id -> the categories of the prompt's repeats (its second and later rows), in file order:
+    one streamed pass over the file ahead of iter_prompts' own, holding only the ids seen (SeenIds) and
+    the repeats that carry a category. A first occurrence is yielded (and may be planned into a shard)
+    before its repeats are read, so they must be known beforehand for it to carry their categories."""
+    seen, out = SeenIds(), {}
+    for raw_prompts, raw_cats in iter_raw(src, batch_rows):
+        for raw, raw_cat in zip(raw_prompts, raw_cats):
+            text, reason, _ = _decode(raw)
+            if reason is not None:
+                continue
+            pid = prompt_id(text)
+            if not seen.add(pid) and (cats := _categories(raw_cat)):
+                out[pid] = tuple(dict.fromkeys(out.get(pid, ()) + cats))
+    return out
+
+
 def iter_prompts(src: PromptSource, batch_rows: int = 8192) -> Iterator[PromptSet]:
-    """The prompt file as PromptSets of at most `batch_rows` source rows, deduplicated across batches."""
+    """The prompt file as PromptSets of at most `batch_rows` source rows, deduplicated across batches.
+    A prompt repeated with other categories keeps them all, on its first row, whatever the batch size:
+    with a category column the file is read twice (see repeat_categories)."""
+    repeats = repeat_categories(src, batch_rows) if src.category_column else {}
     seen, offset = SeenIds(), 0
     for raw_prompts, raw_cats in iter_raw(src, batch_rows):
-        yield decode_rows(raw_prompts, raw_cats, seen=seen, offset=offset)
+        yield decode_rows(raw_prompts, raw_cats, seen=seen, offset=offset, repeats=repeats)
         offset += len(raw_prompts)
 
 
@@ -311,10 +331,11 @@ def load_prompts(src: PromptSource) -> PromptSet:
 
 
 def decode_rows(raw_prompts: list, raw_cats: list, key=None, dedup: bool = True, seen: SeenIds | None = None,
-                offset: int = 0) -> PromptSet:
+                offset: int = 0, repeats: dict[str, tuple[str, ...]] | None = None) -> PromptSet:
     """Decode raw cells into PromptRows, quarantining bad ones (and repeated prompts, as `duplicate`).
     `key(i, text)` gives the prompt_id (default: the content hash); with dedup off, rows with equal text
-    are all kept (their keys differ). Source rows are numbered from `offset`."""
+    are all kept (their keys differ). Source rows are numbered from `offset`. `repeats` (prompt_id ->
+    categories of its repeats) adds to a first occurrence the categories its duplicates bring."""
     out = PromptSet(rows=[], source_rows=len(raw_prompts))
     seen = seen if seen is not None else SeenIds()
     for i, (raw, raw_cat) in enumerate(zip(raw_prompts, raw_cats), start=offset):
@@ -327,10 +348,13 @@ def decode_rows(raw_prompts: list, raw_cats: list, key=None, dedup: bool = True,
         pid = key(i, text) if key else prompt_id(text)
         if dedup and not seen.add(pid):
             out.duplicates += 1
+            kept = ", which takes its categories" if repeats and _categories(raw_cat) else ""
             out.quarantine.append({"prompt_id": pid, "source_row": i, "prompt": text[:200], "reason": "duplicate",
-                                   "detail": "same text as an earlier row"})
+                                   "detail": "same text as an earlier row" + kept})
             continue
         cats = _categories(raw_cat)
+        if dedup and repeats and pid in repeats:
+            cats = tuple(dict.fromkeys(cats + repeats[pid]))
         out.rows.append(PromptRow(pid, text, "; ".join(cats) or None, i, cats))
     return out
 

@@ -39,7 +39,7 @@ from dafactory.tasks.io.schemas import (
     to_table,
 )
 from dafactory.tasks.score.scorers import SCORERS
-from dafactory.tasks.score.selection import select
+from dafactory.tasks.score.selection import NO_VERDICT, select
 from dafactory.tasks.score.strategies import DEFAULT_STRATEGIES, Strategy
 
 log = logging.getLogger(__name__)
@@ -202,7 +202,7 @@ class ScoreSelectStage(_ScoringStage):
             row["scores"] = [self.entry(s, "response", res[i]) for s, res in zip(self.scorers, per_scorer)]
             if self.judge is not None:
                 verdict = per_scorer[self.scorers.index(self.judge)][i]
-                row["judge_safe"] = self.judge.passes(verdict) is True
+                row["judge_safe"] = self.judge.passes(verdict)  # None: no verdict, which select leaves out
         t1 = time.perf_counter()
         sel = select(
             rows, self.strategy, self.selection.min_margin, self.selection.require_stop, self.system_prompt,
@@ -216,7 +216,9 @@ class ScoreSelectStage(_ScoringStage):
             "best": to_table(sel.best, BEST),
             "quarantine": to_table(payload.pop("quarantine"), QUARANTINE),
         }
-        payload["outcomes"] = dict(sel.unpaired)
+        # A recipe has one outcome counter in the manifest: judge_no_verdict joins the unpaired prompts
+        # there, though it counts candidates.
+        payload["outcomes"] = dict(sel.unpaired) | ({NO_VERDICT: sel.no_verdict} if sel.no_verdict else {})
         payload["seconds"] |= {"score": t1 - t0, "select": time.perf_counter() - t1}
         return payload
 

@@ -1,12 +1,13 @@
 """Best-of-N selection and chosen/rejected pairs. Pure: plain Python over candidate rows.
 
 Row contract: reads prompt_id, sample_idx, prompt, category, response, finish_reason, scores (and
-judge_safe for safe/unsafe pairs); writes selection_score, is_best, pair_role on candidates, and rows
-of the PAIRS and BEST schemas.
+judge_safe for safe/unsafe pairs and judge_safe_first: True, False, or None when the judge gave no
+verdict); writes selection_score, is_best, pair_role on candidates, and rows of the PAIRS and BEST schemas.
 
 The best candidate is the strategy's choice (tasks/strategies.py: a signal's argmax/argmin, first
 sample, seeded random, judge-safe-first). Pairs are either (best, worst by the same signal) or
-(best judge-safe, worst judge-unsafe). Tie-break (declared): the lowest sample_idx, for best and worst.
+(best judge-safe, worst judge-unsafe); either way the chosen-rejected gap by the ranking signal must be
+at least min_margin. Tie-break (declared): the lowest sample_idx, for best and worst.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ TIE = "tie"
 BELOW_MARGIN = "below_min_margin"
 NO_SAFE = "no_judge_safe_candidate"
 NO_UNSAFE = "no_judge_unsafe_candidate"
+NO_VERDICT = "judge_no_verdict"  # an outcome counted in candidates, not prompts
 
 PairMode = Literal["best_worst", "safe_unsafe"]
 NAMED = {s.name: s for s in DEFAULT_STRATEGIES}
@@ -37,6 +39,7 @@ class Selection:
     pairs: list[dict]
     best: list[dict]
     unpaired: Counter = field(default_factory=Counter)  # reason -> prompts without a pair
+    no_verdict: int = 0  # candidates the judge gave no verdict on, where the verdict decides (see select)
 
 
 def _group(candidates: list[dict]) -> dict[str, list[dict]]:
@@ -56,6 +59,13 @@ def _worst(rows: list[dict], strategy: Strategy) -> dict:
     return min(valued, key=lambda r: sign * r["selection_score"]) if valued else ordered[0]
 
 
+def _gap(chosen: dict, rejected: dict) -> float | None:
+    """The chosen-rejected gap by the ranking signal (as the pair's `margin` records it), or None for
+    strategies that rank by no signal."""
+    a, b = chosen["selection_score"], rejected["selection_score"]
+    return abs(a - b) if a is not None and b is not None else None
+
+
 def select(
     candidates: list[dict],
     strategy: Strategy,
@@ -66,6 +76,7 @@ def select(
     seed: int = 0,
 ) -> Selection:
     out = Selection(candidates=[], pairs=[], best=[])
+    judged = pairs == "safe_unsafe" or strategy.kind == "judge_safe_first"
     for pid, group in _group(candidates).items():
         rows = [
             dict(c, is_best=False, pair_role=None,
@@ -73,6 +84,8 @@ def select(
             for c in group
         ]
         out.candidates.extend(rows)
+        if judged:
+            out.no_verdict += sum(1 for r in rows if r.get("judge_safe") is None)
         valid = [
             r for r in rows
             if (strategy.kind != "signal" or r["selection_score"] is not None)
@@ -90,14 +103,21 @@ def select(
             "scorer": strategy.signal or strategy.name,
         })
         if pairs == "safe_unsafe":
-            safe = [r for r in valid if r.get("judge_safe")]
-            unsafe = [r for r in valid if not r.get("judge_safe")]
+            # A judge that gave no verdict (an output it could not parse) said nothing about harm: such
+            # a candidate is on neither side, rather than a rejected "unsafe" answer that may be safe.
+            safe = [r for r in valid if r.get("judge_safe") is not None and r["judge_safe"]]
+            unsafe = [r for r in valid if r.get("judge_safe") is not None and not r["judge_safe"]]
             reason = NO_SAFE if not safe else NO_UNSAFE if not unsafe else None
             if reason is None:
                 chosen, rejected = choose(safe, strategy, seed)[0], _worst(unsafe, strategy)
+                margin = _gap(chosen, rejected)
+                # A gap of 0 is a pair here (the judge, not the signal, tells them apart); a gap that no
+                # signal measures cannot meet a positive min_margin (check_selection refuses that config).
+                if min_margin > 0 and (margin is None or margin < min_margin):
+                    reason = BELOW_MARGIN
         else:
             chosen, rejected = best, _worst(valid, strategy)
-            margin = abs(chosen["selection_score"] - rejected["selection_score"])
+            margin = _gap(chosen, rejected)
             reason = (
                 FEWER_THAN_2 if len(valid) < 2
                 else TIE if margin == 0
@@ -113,7 +133,7 @@ def select(
             "prompt": prompt_msgs, "chosen": assistant(chosen["response"]), "rejected": assistant(rejected["response"]),
             "prompt_id": pid, "category": chosen["category"], "chosen_sample_idx": chosen["sample_idx"],
             "rejected_sample_idx": rejected["sample_idx"], "chosen_score": a, "rejected_score": b,
-            "margin": abs(a - b) if a is not None and b is not None else None,
+            "margin": _gap(chosen, rejected),
             "scorer": strategy.signal or strategy.name,
         })
     return out
@@ -141,3 +161,6 @@ def check_selection(sel: SelectionConfig, scorer_names: list[str]) -> None:
                         f"{'safe_unsafe pairs' if sel.pairs == 'safe_unsafe' else 'judge_safe_first'}")
     if sel.pairs == "best_worst" and signal is None:
         raise UserError(f"strategy {sel.strategy!r} ranks by no signal: use pairs: safe_unsafe with it")
+    if sel.min_margin > 0 and signal is None:
+        raise UserError(f"selection.min_margin is a gap in a ranking signal, and strategy {sel.strategy!r} "
+                        "ranks by none: set min_margin to 0 or rank by a signal")
