@@ -182,3 +182,11 @@ def test_prefect_results_on_s3_let_another_machine_skip_planning(tmp_path, s3, r
     s3.rm("datasets/shared/r", recursive=True)
     again = run_flow(cfg)
     assert again["status"] == "complete" and again["shards"]["built"] == 3
+
+
+@pytest.mark.slow
+def test_a_killed_rebuild_keeps_the_last_version_on_s3(tmp_path, s3):
+    from tests.test_versions import killed_rebuilds
+
+    # on S3 publishing is copies then deletes, and the manifest a PUT: kill around both
+    killed_rebuilds(tmp_path, "s3://datasets/versions", ["plan", "publish", "commit"])

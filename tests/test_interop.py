@@ -1,0 +1,94 @@
+"""The real clients users run on our folders: `datasets` loads every table (empty shards included),
+through the dataset card or by file, and TRL trains one step on pairs (DPO) and on train (SFT)."""
+
+from __future__ import annotations
+
+import pyarrow.parquet as pq
+import pytest
+
+from dafactory.tasks.config import DistillConfig, PreferenceConfig, build_config
+from dafactory.tasks.io.storage import DatasetDir
+from tests.conftest import write_jsonl
+
+PROMPTS = [f"question number {i} about the sky" for i in range(12)]
+
+
+def rows_per_part(ds: DatasetDir, manifest: dict, table: str) -> list[int]:
+    return [pq.ParquetFile(ds.fs.open(ds._path(f))).metadata.num_rows for f in manifest["tables"][table]["files"]]
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory, prefect_harness, ray_local):
+    """A preference set and a distilled set on the fake backend, one prompt per shard, so that some
+    shards make no pair (both samples refuse: a tie) and some no training row."""
+    from dafactory.flows.distill import distill
+    from dafactory.flows.preference import preference
+
+    tmp = tmp_path_factory.mktemp("interop")
+    path = write_jsonl(tmp / "p.jsonl", [{"prompt": p, "category": "benign"} for p in PROMPTS])
+    common = [f"output={tmp / 'out'}", f"prompts.path={path}", "prompts.category_column=category", "shard_size=1"]
+    pref = build_config(PreferenceConfig, None, [*common, "dataset=pref", "student.backend=fake", "n=2",
+                                                 "student.num_cpus=0.5", "scoring.num_cpus=0.5"])
+    dist = build_config(DistillConfig, None, [*common, "dataset=dist", "teacher.backend=fake", "k=1",
+                                              "teacher.num_cpus=0.5", "judging.num_cpus=0.5"])
+    return {"pref": (DatasetDir(pref.output, "pref"), preference(pref)),
+            "dist": (DatasetDir(dist.output, "dist"), distill(dist))}
+
+
+@pytest.mark.parametrize("name, table", [
+    ("pref", "pairs"),       # DPO rows; ties leave shards without a pair
+    ("pref", "best"),        # SFT prompt-completion rows
+    ("pref", "candidates"),  # every sample
+    ("pref", "prompts"),     # the planned input
+    ("dist", "train"),       # kept samples; truncated or unsafe ones leave shards empty
+    ("dist", "filtered"),    # the rest, with the reason
+])
+def test_every_table_loads_in_datasets_with_empty_shards(built, name, table):
+    import datasets
+
+    ds, manifest = built[name]
+    per_part = rows_per_part(ds, manifest, table)
+    expected = manifest["tables"][table]["rows"]
+    by_card = datasets.load_dataset(ds.root, table, split="train")  # the card's configs: no glob
+    by_files = datasets.load_dataset("parquet", data_files=[ds._path(f) for f in manifest["tables"][table]["files"]],
+                                     split="train")
+    assert len(by_card) == len(by_files) == expected == sum(per_part)
+    if table in ("pairs", "train", "filtered"):
+        assert 0 in per_part and max(per_part) > 0  # the case that broke `datasets`: empty and full parts
+
+
+def test_the_card_names_exactly_the_manifests_parts(built):
+    import yaml
+
+    ds, manifest = built["pref"]
+    text = (ds.fs.open(ds._path("README.md")).read()).decode()
+    front = yaml.safe_load(text.split("---\n")[1])
+    configs = {c["config_name"]: c for c in front["configs"]}
+    assert configs["pairs"]["default"] is True
+    for table, entry in manifest["tables"].items():
+        if entry["files"]:
+            assert configs[table]["data_files"] == [{"split": "train", "path": entry["files"]}]
+    assert f"config hash `{manifest['fingerprint']}`" in text
+
+
+@pytest.mark.slow
+def test_trl_trains_one_step_on_pairs_and_on_train(built, tiny_models, tmp_path):
+    import datasets
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
+
+    tok = AutoTokenizer.from_pretrained(tiny_models["lm"])
+    common = dict(max_steps=1, per_device_train_batch_size=2, report_to=[], save_strategy="no", use_cpu=True,
+                  logging_steps=1, dataloader_num_workers=0)
+
+    pref, _ = built["pref"]
+    pairs = datasets.load_dataset(pref.root, "pairs", split="train")
+    dpo = DPOTrainer(model=AutoModelForCausalLM.from_pretrained(tiny_models["lm"]), processing_class=tok,
+                     args=DPOConfig(output_dir=str(tmp_path / "dpo"), max_length=48, **common), train_dataset=pairs)
+    assert dpo.train().global_step == 1
+
+    dist, _ = built["dist"]
+    train = datasets.load_dataset(dist.root, "train", split="train")
+    sft = SFTTrainer(model=AutoModelForCausalLM.from_pretrained(tiny_models["lm"]), processing_class=tok,
+                     args=SFTConfig(output_dir=str(tmp_path / "sft"), max_length=48, **common), train_dataset=train)
+    assert sft.train().global_step == 1
