@@ -120,10 +120,11 @@ def test_a_shard_that_keeps_failing_is_listed_and_the_rest_go_on(tmp_path, run_f
     ds = DatasetDir(cfg.output, cfg.dataset)
     manifest = ds.read_manifest()
     (failed,) = manifest["shards"]["failed"]
-    assert manifest["status"] == "incomplete" and failed["prompts"] == 2
+    # "question number 5" falls in the first of 8 id ranges, with 3 other prompts
+    assert manifest["status"] == "incomplete" and failed["prompts"] == 4
     assert failed["error"].split(":")[0] in ("ActorDiedError", "ActorUnavailableError", "RayActorError")
-    assert manifest["accounting"]["prompts_in_failed_shards"] == 2
-    assert manifest["accounting"]["prompts_with_output"] == 14 and manifest["accounting"]["balanced"]
+    assert manifest["accounting"]["prompts_in_failed_shards"] == 4
+    assert manifest["accounting"]["prompts_with_output"] == 12 and manifest["accounting"]["balanced"]
     assert verify(ds).problems == [] and verify(ds).code == 3
 
 

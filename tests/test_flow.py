@@ -37,8 +37,9 @@ def test_fake_flow_writes_consistent_tables(tmp_path, run_flow):
     assert ds.read_manifest() == manifest and manifest["status"] == "complete"
     assert manifest["prompts"] == {"source_rows": 12, "unique": 10, "duplicates_removed": 1,
                                    "quarantined": {"duplicate": 1, "empty": 1}}
-    assert manifest["shards"] == {"total": 4, "done": 4, "resumed": 0, "built": 4, "failed": [], "not_built": 0,
-                                  "pruned_stale_parts": 0}
+    # shards are id ranges: 4 ranges for 10 prompts of about 3 each; here they hold 5, 2, 3 and none
+    assert manifest["shards"] == {"total": 3, "buckets": 4, "done": 3, "resumed": 0, "built": 3, "failed": [],
+                                  "not_built": 0, "pruned_stale_parts": 0}
     assert manifest["accounting"] == {
         "source_rows": 12, "set_aside_at_input": 2, "planned_prompts": 10, "prompts_with_output": 10,
         "prompts_quarantined_in_shards": 0, "prompts_in_failed_shards": 0, "prompts_in_unbuilt_shards": 0,
@@ -96,15 +97,15 @@ def test_resume_after_interrupt_writes_each_candidate_once(tmp_path, run_flow, m
     # a stopped run keeps its shards under a manifest that never claims completeness
     stopped = ds.read_manifest()
     assert stopped["status"] == "incomplete" and stopped["stopped"] == "KeyboardInterrupt"
-    assert (stopped["shards"]["done"], stopped["shards"]["not_built"]) == (2, 2)
-    assert stopped["accounting"]["prompts_in_unbuilt_shards"] == 4 and stopped["accounting"]["balanced"]
+    assert (stopped["shards"]["done"], stopped["shards"]["not_built"]) == (2, 1)
+    assert stopped["accounting"]["prompts_in_unbuilt_shards"] == 3 and stopped["accounting"]["balanced"]
     assert verify(ds).problems == [] and verify(ds).code == 3
     assert sorted(ds.parts("candidates")) == sorted(calls)
     first = {k: ds.footer(p).num_rows for k, p in ds.parts("candidates").items()}
 
     monkeypatch.setattr(build, "write_shard", real_write)
     manifest = run_flow(cfg)
-    assert (manifest["status"], manifest["shards"]["resumed"], manifest["shards"]["built"]) == ("complete", 2, 2)
+    assert (manifest["status"], manifest["shards"]["resumed"], manifest["shards"]["built"]) == ("complete", 2, 1)
     keys = [(c["prompt_id"], c["sample_idx"]) for c in ds.read_table("candidates").to_pylist()]
     assert len(keys) == len(set(keys)) == 40
     assert {k: ds.footer(p).num_rows for k, p in ds.parts("candidates").items() if k in first} == first
@@ -209,7 +210,7 @@ def test_a_transient_failure_is_retried_and_the_retry_resumes(tmp_path, run_flow
     manifest = run_flow(config(tmp_path, "retries=1"))
     assert manifest["shards"]["resumed"] == 2  # the retry skipped the two shards written before the fault
     assert manifest["tables"]["candidates"]["rows"] == 40
-    assert len(calls) == 3 + 2  # three attempts in the first try, the two missing shards in the retry
+    assert len(calls) == 3 + 1  # three attempts in the first try, the one missing shard in the retry
 
 
 def test_bad_input_inside_the_build_is_not_retried(tmp_path, run_flow, monkeypatch):
@@ -269,4 +270,31 @@ def test_candidates_without_a_verdict_are_counted_in_the_manifest(tmp_path, run_
     assert ds.read_table("pairs").num_rows == 0 and not any(c["pair_role"] for c in cands)
     # the count travels with the shards' outcomes, beside the unpaired prompts (in candidates, not prompts)
     assert manifest["unpaired_prompts"] == {"judge_no_verdict": 40, "no_judge_safe_candidate": 10}
+    assert verify(ds).problems == []
+
+
+def test_a_reordered_input_resumes_every_shard_and_an_insert_rebuilds_one(tmp_path, run_flow):
+    # Shards are id ranges, not positions: the nightly prompt file regenerated in another order plans
+    # the same shards; one new prompt lands in one shard, and only that shard is built again.
+    questions = [f"question number {i} about the weather" for i in range(24)]
+    path = tmp_path / "p.jsonl"
+
+    def build(rows):
+        write_jsonl(path, [{"prompt": q} for q in rows])
+        cfg = build_config(PreferenceConfig, None, [
+            f"output={tmp_path / 'out'}", "dataset=r", f"prompts.path={path}", "student.backend=fake", "n=2",
+            "shard_size=4", "student.num_cpus=0.5", "scoring.num_cpus=0.5"])
+        return run_flow(cfg)
+
+    first = build(questions)
+    assert (first["shards"]["total"], first["shards"]["buckets"]) == (first["shards"]["built"], 6)
+    reordered = build(questions[::-1])
+    assert (reordered["shards"]["resumed"], reordered["shards"]["built"]) == (first["shards"]["total"], 0)
+    ds = DatasetDir(str(tmp_path / "out"), "r")
+    before = set(ds.parts("candidates"))
+    inserted = build(["a brand new question"] + questions[::-1])
+    assert (inserted["shards"]["built"], inserted["shards"]["resumed"]) == (1, first["shards"]["total"] - 1)
+    after = set(ds.parts("candidates"))
+    assert (len(before - after), len(after - before)) == (1, 1)  # one shard's output replaced, the rest kept
+    assert inserted["tables"]["candidates"]["rows"] == 25 * 2
     assert verify(ds).problems == []

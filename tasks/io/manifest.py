@@ -101,6 +101,7 @@ def build_manifest(
         outcomes_key: sum_counters(s.get("outcomes", {}) for s in shard_stats),
         "shards": {
             "total": len(plan.shards),
+            "buckets": plan.buckets,
             "done": len(shard_stats),
             "resumed": report["resumed"],
             "built": report["built"],

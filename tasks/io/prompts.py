@@ -369,6 +369,32 @@ def make_shards(rows: list[PromptRow], shard_size: int, salt: str) -> list[Shard
     shards = []
     for index, start in enumerate(range(0, len(rows), shard_size)):
         chunk = tuple(rows[start : start + shard_size])
-        digest = hashlib.sha256((salt + "".join(r.prompt_id for r in chunk)).encode()).hexdigest()[:16]
-        shards.append(Shard(shard_id=digest, index=index, rows=chunk))
+        shards.append(Shard(shard_id=shard_id_of(salt, (r.prompt_id for r in chunk)), index=index, rows=chunk))
     return shards
+
+
+def shard_id_of(salt: str, prompt_ids) -> str:
+    """A shard's id: the salt (what decides the generated text) and the ids of the prompts inside."""
+    return hashlib.sha256((salt + "".join(prompt_ids)).encode()).hexdigest()[:16]
+
+
+def choose_buckets(unique: int, shard_size: int, previous: int | None = None) -> int:
+    """How many id ranges (shards) to cut the prompts into: about `shard_size` prompts each. A folder
+    built before keeps its count while the input stays within a factor of two of it, so that a nightly
+    input that grows or shrinks a little re-plans only the shards whose prompts changed."""
+    target = max(1, -(-unique // shard_size))
+    if previous and target / 2 <= previous <= 2 * target:
+        return previous
+    return target
+
+
+def bucket_of(ids: np.ndarray, buckets: int) -> np.ndarray:
+    """The bucket of each prompt id (its 64-bit hash as uint64): `buckets` equal ranges of the id
+    space, in id order. Depends on nothing but the id, so the input's order and other rows never move
+    a prompt to another shard."""
+    return ((ids >> np.uint64(32)) * np.uint64(buckets)) >> np.uint64(32)
+
+
+def id_hashes(prompt_ids: list[str]) -> np.ndarray:
+    """Prompt ids (16 hex digits of a SHA-256) as uint64, ordered as the ids sort."""
+    return np.array([int(p, 16) for p in prompt_ids], dtype=np.uint64)

@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import signal
+import tempfile
 import threading
 import time
 from collections import Counter
@@ -20,6 +21,9 @@ from pathlib import Path
 from typing import Callable
 
 import fsspec
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 from prefect import get_run_logger, task
 from prefect.artifacts import create_progress_artifact, create_table_artifact, update_progress_artifact
 from prefect.cache_policies import NONE
@@ -30,7 +34,17 @@ from prefect.settings import PREFECT_API_URL
 from dafactory.tasks.config import RunConfig
 from dafactory.tasks.errors import UserError
 from dafactory.tasks.io.manifest import CARD, build_manifest, code_version, dataset_card, summary_rows
-from dafactory.tasks.io.prompts import PromptRow, PromptSet, Shard, iter_prompts, make_shards, source_path
+from dafactory.tasks.io.prompts import (
+    PromptRow,
+    PromptSet,
+    Shard,
+    bucket_of,
+    choose_buckets,
+    id_hashes,
+    iter_prompts,
+    shard_id_of,
+    source_path,
+)
 from dafactory.tasks.io.redact import redact
 from dafactory.tasks.io.schemas import PROMPTS, QUARANTINE, TABLES, to_table
 from dafactory.tasks.io.storage import REBUILD, STAGING, DatasetDir, failpoint, storage_options
@@ -74,6 +88,7 @@ class Plan:
     duplicates: int = 0
     quarantined: Counter = field(default_factory=Counter)  # input rows set aside, by reason
     quarantine_parts: list[str] = field(default_factory=list)
+    buckets: int = 0  # id ranges the prompts were cut into (kept by the next build of the folder)
 
     @property
     def unique(self) -> int:
@@ -81,33 +96,56 @@ class Plan:
 
 
 class Planner:
-    """Cuts a stream of prompt batches into fixed-size shards and stages each shard's prompts (and the
-    input quarantine) as soon as it is full: the input is never held whole in memory."""
+    """Plans the input into shards by content, streaming it: every unique prompt goes to the shard of
+    the id range its prompt id falls in (about `shard_size` prompts per range; see choose_buckets), so
+    a reordered input plans the same shards and an edit changes only the shards of the prompts it
+    touches. Within a shard, prompts are in id order.
 
-    def __init__(self, ds: DatasetDir, shard_size: int, salt: str, quarantine_rows: int = 50_000):
+    The input is held whole neither in memory nor on the store: batches are split by id range into
+    GROUPS spill files on local disk, then each file is read alone, cut into shards, and each shard's
+    prompts staged (with the input quarantine) in the dataset's `prompts` table."""
+
+    GROUPS = 64
+
+    def __init__(self, ds: DatasetDir, shard_size: int, salt: str, previous_buckets: int | None = None,
+                 quarantine_rows: int = 50_000):
         self.ds, self.shard_size, self.salt, self.quarantine_rows = ds, shard_size, salt, quarantine_rows
-        self.plan, self.rows, self.quarantine = Plan(), [], []
+        self.previous_buckets = previous_buckets
+        self.plan, self.quarantine, self.unique = Plan(), [], 0
+        self.spill = tempfile.TemporaryDirectory(prefix="dafactory-plan-")
+        self.writers: dict[int, pa.ipc.RecordBatchFileWriter] = {}
 
     def add(self, batch: PromptSet) -> None:
         self.plan.source_rows += batch.source_rows
         self.plan.duplicates += batch.duplicates
         self.plan.quarantined.update(q["reason"] for q in batch.quarantine)
         self.quarantine += batch.quarantine
-        self.rows += batch.rows
-        while len(self.rows) >= self.shard_size:
-            self._shard(self.rows[: self.shard_size])
-            self.rows = self.rows[self.shard_size :]
+        if batch.rows:
+            self._spill(batch.rows)
         if len(self.quarantine) >= self.quarantine_rows:
             self._quarantine()
 
-    def _shard(self, rows: list[PromptRow]) -> None:
-        shard = make_shards(rows, len(rows), self.salt)[0]
-        part = self.ds.write_keyed("prompts", shard.shard_id, to_table([
-            {"prompt_id": r.prompt_id, "source_row": r.source_row, "prompt": r.prompt, "category": r.category,
-             "categories": list(r.categories), "reference": None if r.reference is None else json.dumps(r.reference),
-             "shard_id": shard.shard_id} for r in rows
-        ], PROMPTS))
-        self.plan.shards.append(ShardRef(shard.shard_id, len(self.plan.shards), len(rows), part))
+    def _spill(self, rows: list[PromptRow]) -> None:
+        h = id_hashes([r.prompt_id for r in rows])
+        table = pa.table({
+            "h": h, "prompt_id": [r.prompt_id for r in rows], "source_row": [r.source_row for r in rows],
+            "prompt": [r.prompt for r in rows], "category": [r.category for r in rows],
+            "categories": [list(r.categories) for r in rows],
+            "reference": [None if r.reference is None else json.dumps(r.reference) for r in rows],
+        }, schema=SPILL)
+        groups = h >> np.uint64(64 - 6)  # GROUPS = 2**6 equal id ranges
+        for g in np.unique(groups).tolist():
+            if g not in self.writers:
+                self.writers[g] = pa.ipc.new_file(os.path.join(self.spill.name, f"{g:02d}.arrow"), SPILL)
+            self.writers[g].write_table(table.filter(pa.array(groups == g)))
+        self.unique += len(rows)
+
+    def _shard(self, rows: pa.Table) -> None:
+        ids = rows.column("prompt_id").to_pylist()
+        shard_id = shard_id_of(self.salt, ids)
+        part = self.ds.write_keyed("prompts", shard_id, rows.drop_columns(["h"]).append_column(
+            "shard_id", pa.array([shard_id] * rows.num_rows, pa.string())))
+        self.plan.shards.append(ShardRef(shard_id, len(self.plan.shards), rows.num_rows, part))
         failpoint("plan")
 
     def _quarantine(self) -> None:
@@ -116,11 +154,30 @@ class Planner:
         self.quarantine = []
 
     def finish(self) -> Plan:
-        if self.rows:
-            self._shard(self.rows)
+        for writer in self.writers.values():
+            writer.close()
+        self.plan.buckets = choose_buckets(self.unique, self.shard_size, self.previous_buckets)
+        carry = None  # the last bucket of a group file may go on in the next one (same id range)
+        for g in sorted(self.writers):
+            with pa.memory_map(os.path.join(self.spill.name, f"{g:02d}.arrow")) as source:
+                table = pa.ipc.open_file(source).read_all()
+            table = table if carry is None else pa.concat_tables([carry, table])
+            table = table.take(pc.sort_indices(table, [("h", "ascending")]))
+            buckets = bucket_of(table.column("h").to_numpy(), self.plan.buckets)
+            starts = [0, *(np.flatnonzero(np.diff(buckets)) + 1).tolist()]
+            for lo, hi in zip(starts[:-1], starts[1:]):
+                self._shard(table.slice(lo, hi - lo))
+            carry = table.slice(starts[-1])
+        if carry is not None:
+            self._shard(carry)
+        self.spill.cleanup()
         if self.quarantine or not self.plan.quarantine_parts:
             self._quarantine()
         return self.plan
+
+
+# A planned prompt on its way through the spill files: PROMPTS without shard_id, with the id as uint64.
+SPILL = pa.schema([("h", pa.uint64()), *(f for f in PROMPTS if f.name != "shard_id")])
 
 
 def load_shard(ds: DatasetDir, ref: ShardRef) -> Shard:
@@ -143,7 +200,8 @@ def plan_input(
     """Stream the prompts (config.prompts unless `load` is given) through the flow's screen, and stage
     them as shards. No model loads here."""
     logger = get_run_logger()
-    planner = Planner(ds, config.shard_size, salt)
+    previous = ds.read_manifest()  # the id ranges of the folder's last version, kept while the input fits
+    planner = Planner(ds, config.shard_size, salt, (previous or {}).get("shards", {}).get("buckets"))
     for batch in [load()] if load is not None else iter_prompts(config.prompts):
         planner.add(screen(batch) if screen is not None else batch)
     plan = planner.finish()
