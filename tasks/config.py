@@ -134,7 +134,7 @@ class RunConfig(_Strict):
     RUNTIME: ClassVar[dict] = {
         "output": True, "ray": True, "retries": True, "shard_retries": True, "storage_timeout_s": True,
         "storage_retries": True, "storage_block": True, "result_storage": True, "keep_versions": True,
-        "max_error_rate": True,
+        "max_error_rate": True, "gpu_slot_timeout_s": True,
     }
     # Fields that decide the generated text for given prompts (they salt shard ids, and so seeds).
     GENERATION: ClassVar[dict] = {}
@@ -166,6 +166,10 @@ class RunConfig(_Strict):
         0.05, ge=0, le=1, description="Largest share of a shard's prompts (and of the run's) on which generation "
         "may raise: below it those prompts are quarantined (generation_error); above it the shard fails with "
         "the first error (a systematic fault, not bad rows), and so does the run.",
+    )
+    gpu_slot_timeout_s: float = Field(
+        86400, gt=0, description="On a Prefect server: how long a build waits for a slot of the global "
+        "'dafactory-gpu' limit (taken before any model loads) before it fails.",
     )
     keep_versions: int = Field(
         1, ge=0, description="Manifests of earlier versions kept beside the current one (in _versions/), for "

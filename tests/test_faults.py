@@ -229,3 +229,27 @@ def test_dataset_names_cannot_leave_the_output_root(tmp_path, name, capsys):
     assert main(argv) == 2
     assert "invalid config: dataset: String should match pattern" in capsys.readouterr().err
     assert not (tmp_path / "out").exists() and not (tmp_path / "escape").exists()
+
+
+def test_a_replica_dead_after_its_restarts_is_replaced(tmp_path, run_flow):
+    from dafactory.tasks.run.build import ShardsFailed
+
+    # 8 prompts that kill the generate worker's process every time, in 7 of the 10 shards; with
+    # shard_retries 0 the replica may restart 4 times, so the 5th kill leaves it dead for good while
+    # shards are still to do. They must not fail on the dead replica: a new one takes its place.
+    rows = [{"prompt": f"question number {i}"} for i in range(16)] + [{"prompt": f"poison question {i}"} for i in range(8)]
+    path = write_jsonl(tmp_path / "p.jsonl", rows)
+    cfg = build_config(PreferenceConfig, None, [
+        f"output={tmp_path / 'out'}", "dataset=d", f"prompts.path={path}", "student.backend=fake", "n=2",
+        "shard_size=2", "student.num_cpus=0.5", "scoring.num_cpus=0.5", "student.params.exit_on=poison",
+        "shard_retries=0", "retries=0"])
+    with pytest.raises(ShardsFailed, match="7 of 10 shards failed after retries"):
+        run_flow(cfg)
+    ds = DatasetDir(cfg.output, cfg.dataset)
+    manifest = ds.read_manifest()
+    planned = ds.read_table("prompts").to_pylist()
+    poisoned = {r["shard_id"] for r in planned if r["prompt"].startswith("poison")}
+    assert {f["shard_id"] for f in manifest["shards"]["failed"]} == poisoned
+    clean = [r for r in planned if r["shard_id"] not in poisoned]
+    assert manifest["accounting"]["prompts_with_output"] == len(clean) == 5  # every shard without poison built
+    assert verify(ds).problems == []

@@ -179,16 +179,17 @@ def test_run_publishes_summary_and_progress_artifacts(tmp_path, run_flow):
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
-    manifest = run_flow(config(tmp_path))
+    # the keys carry the dataset's name (lowercased, other characters as dashes): two builds of other
+    # datasets running at once keep their own progress and summary
+    manifest = run_flow(config(tmp_path, "dataset=Nightly_v2.t"))
+    keys = ["nightly-v2-t-preference-summary", "nightly-v2-t-preference-progress"]
     with get_client(sync_client=True) as client:
-        arts = client.read_artifacts(
-            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["preference-summary", "preference-progress"])),
-        )
+        arts = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=keys)))
     latest = {}
     for a in sorted(arts, key=lambda a: a.created):
         latest[a.key] = a
-    assert latest["preference-progress"].data == 100.0
-    table = latest["preference-summary"].data
+    assert latest["nightly-v2-t-preference-progress"].data == 100.0
+    table = latest["nightly-v2-t-preference-summary"].data
     rows = json.loads(table) if isinstance(table, str) else table
     assert {"what": "candidates rows", "count": 40} in rows
     assert manifest["unpaired_prompts"]["tie"] > 0

@@ -24,6 +24,7 @@ FLOORS = {"ground": 0, "io": 1, "generate": 2, "score": 3, "distill": 4, "evalua
 # Modules that may import Prefect, Ray or torch at the top: the machinery that runs work, and flows.
 HEAVY_OK = {"run", "flows"}
 HEAVY = ("prefect", "ray", "torch", "transformers")
+BAKED = "0123456789abcdef0123456789abcdef01234567"  # the commit a CI system names when it builds the wheel
 
 
 def _modules():
@@ -102,7 +103,8 @@ def wheel(tmp_path_factory) -> Path:
             (src / name).parent.mkdir(parents=True, exist_ok=True)
             (src / name).write_bytes((ROOT / name).read_bytes())
     out = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index",
-                          "-w", str(tmp / "dist"), str(src)], capture_output=True, text=True, timeout=600)
+                          "-w", str(tmp / "dist"), str(src)], capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "DAFACTORY_COMMIT": BAKED})
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     (whl,) = (tmp / "dist").glob("dafactory-*.whl")
     return whl
@@ -115,6 +117,7 @@ def test_the_wheel_holds_only_dafactory_and_every_file_the_code_opens(wheel):
     top_level = [n for n in info if n.endswith("top_level.txt")]
     if top_level:
         assert zipfile.ZipFile(wheel).read(top_level[0]).decode().split() == ["dafactory"]
+    assert zipfile.ZipFile(wheel).read("dafactory/tasks/_commit.txt").decode() == BAKED + "\n"
     data = sorted(p.name for p in (ROOT / "tasks" / "data").iterdir())
     assert sorted(n.removeprefix("dafactory/tasks/data/") for n in names if n.startswith("dafactory/tasks/data/")) == data
     sources = sorted(f"dafactory/{m.split('.', 1)[1].replace('.', '/')}" for _, m in _modules())
@@ -126,6 +129,10 @@ def test_the_wheel_holds_only_dafactory_and_every_file_the_code_opens(wheel):
 def test_installed_wheel_runs_both_flows_outside_the_checkout(wheel, tmp_path):
     # A fresh venv with the wheel, not editable. Its dependencies come from this venv's site-packages
     # through a .pth line; that folder's own .pth files (the editable finder) are not read from there.
+    # the environment sits inside a git repository of the user's own, whose commit is not ours
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    subprocess.run(["git", "-C", str(tmp_path), "-c", "user.name=u", "-c", "user.email=u@x", "commit", "-q",
+                    "--allow-empty", "-m", "theirs"], check=True)
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
     py = venv / "bin" / "python"
@@ -145,6 +152,9 @@ def test_installed_wheel_runs_both_flows_outside_the_checkout(wheel, tmp_path):
     assert run(str(py), "-c", "import flows").returncode == 1
     found = run(str(py), "-c", "import dafactory.tasks.config, dafactory.flows.cli; print(dafactory.tasks.config.__file__)")
     assert found.returncode == 0 and found.stdout.startswith(site), found.stderr[-2000:]
+
+    shown = run(str(py), "-c", "from dafactory.tasks.io.manifest import code_version; print(code_version())")
+    assert shown.stdout.strip() == str({"package": "dafactory", "version": "0.1.0", "git_commit": BAKED})
 
     exe = str(venv / "bin" / "dafactory")
     distill = run(exe, "run", "distill", "--set", "teacher.backend=fake", "--set", "prompts.path=distill_sample",

@@ -111,7 +111,7 @@ def test_a_run_triggered_like_the_ui_completes_with_its_artifacts(served):
     assert manifest["tables"]["candidates"]["rows"] == 4 * 3
     keys = {a.key for a in client.read_artifacts(artifact_filter=ArtifactFilter(
         flow_run_id=ArtifactFilterFlowRunId(any_=[run.id])))}
-    assert {"preference-summary", "preference-progress"} <= keys
+    assert {"from-ui-preference-summary", "from-ui-preference-progress"} <= keys  # the dataset names them
 
 
 def test_invalid_parameters_are_rejected_by_the_server(served):
@@ -167,3 +167,36 @@ def test_cancel_from_the_ui_keeps_finished_shards_under_an_incomplete_manifest(s
     manifest = json.loads((served["work"] / "out" / "cancelled" / "manifest.json").read_text())
     assert manifest["status"] == "incomplete" and manifest["stopped"] == "TerminationSignal"
     assert 1 <= manifest["shards"]["done"] < 30 and manifest["accounting"]["balanced"]
+
+
+def test_two_builds_with_one_gpu_slot_never_hold_actors_at_once(server, tmp_path):
+    # The slot is taken before any stage actor is created or model loads, and given back after the
+    # actors are gone: two builds started together run their Ray work one after the other.
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from dafactory.flows.deploy import ensure_gpu_limit
+
+    with temporary_settings({PREFECT_API_URL: server["url"]}):
+        ensure_gpu_limit(1)
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"question {i}"}) + "\n" for i in range(4)))
+    env = dict(server["env"], PREFECT_API_URL=server["url"])
+    exe = Path(sys.executable).with_name("dafactory")
+    procs = []
+    for name in ("first", "second"):
+        log = open(tmp_path / f"{name}.log", "w")
+        procs.append(subprocess.Popen(
+            [str(exe), "run", "preference", "--set", f"prompts.path={prompts}", "--set", f"output={tmp_path / 'out'}",
+             "--set", f"dataset={name}", "--set", "student.backend=fake", "--set", "student.params.latency_s=2",
+             "--set", "shard_size=2", "--set", "n=2", "--set", "student.num_cpus=0.5", "--set", "scoring.num_cpus=0.5"],
+            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT))
+    assert [p.wait(timeout=600) for p in procs] == [0, 0]
+    manifests = [json.loads((tmp_path / "out" / name / "manifest.json").read_text()) for name in ("first", "second")]
+    slots = sorted((m["gpu_slot"]["acquired_at"], m["gpu_slot"]["released_at"], m) for m in manifests)
+    (a_start, a_end, a), (b_start, b_end, b) = slots
+    assert a_end <= b_start  # one after the other
+    for start, end, m in slots:
+        assert all(start <= w["started_at"] <= end for w in m["models"]["workers"])  # actors inside the slot
+    waited = (tmp_path / "first.log").read_text() + (tmp_path / "second.log").read_text()
+    assert "waiting for a slot of dafactory-gpu (another build holds it)" in waited
+    assert b["gpu_slot"]["waited_s"] >= 2

@@ -26,6 +26,12 @@ def test_replicas_spread_over_the_worker_nodes(tmp_path):
     assert out["rows"] == out["unique"] == 24 * 3 and out["status"] == "complete"
 
 
+def test_ray_address_in_the_environment_joins_that_cluster(tmp_path):
+    out = run(tmp_path, "env")
+    assert out["generate_nodes"] == out["worker_nodes"]  # the replicas ran on the cluster's GPU nodes
+    assert out["rows"] == out["unique"] == 24 * 3 and out["status"] == "complete"
+
+
 def test_a_worker_node_removed_mid_run(tmp_path):
     out = run(tmp_path, "remove")
     assert out["removed"]["after_parts"] >= 2  # the node went away while shards were still to do

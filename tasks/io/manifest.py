@@ -4,29 +4,43 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import re
 import subprocess
 from collections import Counter
-from importlib import metadata
+from importlib import metadata, resources
 from pathlib import Path
 
 from dafactory.tasks.io.schemas import TABLES
 
 
 def code_version() -> dict:
+    """The installed package's version and the commit it was built from: baked into a wheel at build
+    time (setup.py), or, for a checkout installed in editable mode, that checkout's HEAD. Never the git
+    repository that happens to surround the environment."""
     version = {"package": "dafactory", "version": metadata.version("dafactory")}
-    try:
-        sha = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5,
-        ).stdout.strip()
-        if sha:
-            version["git_commit"] = sha + ("+dirty" if dirty else "")
-    except (OSError, subprocess.SubprocessError):
-        pass
+    commit = _baked_commit() or _checkout_commit()
+    if commit:
+        version["git_commit"] = commit
     return version
+
+
+def _baked_commit() -> str:
+    baked = resources.files("dafactory.tasks") / "_commit.txt"
+    return baked.read_text().strip() if baked.is_file() else ""
+
+
+def _checkout_commit() -> str:
+    root = Path(__file__).resolve().parents[2]  # tasks/io/manifest.py -> the source tree's root
+    project = root / "pyproject.toml"
+    if not (root / ".git").exists() or not project.is_file() or 'name = "dafactory"' not in project.read_text():
+        return ""
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    return sha.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "") if sha.returncode == 0 else ""
 
 
 def sum_counters(dicts) -> dict:
@@ -110,6 +124,7 @@ def build_manifest(
             "pruned_stale_parts": pruned_parts,
         },
         "timings_s": timings,
+        "gpu_slot": report.get("gpu_slot") or None,  # when this build held the GPU slot, and how long it waited
     } | (extra or {})
 
 
@@ -130,6 +145,12 @@ def summary_rows(manifest: dict) -> list[dict]:
 
 
 CARD = "README.md"
+
+
+def artifact_key(dataset: str, what: str) -> str:
+    """A Prefect artifact key for this dataset (lowercase letters, digits and dashes), so that builds of
+    different datasets running at once never overwrite each other's progress or summary."""
+    return re.sub(r"[^a-z0-9-]+", "-", f"{dataset}-{what}".lower()).strip("-")
 
 
 def dataset_card(manifest: dict, main_table: str) -> str:

@@ -15,7 +15,7 @@ import tempfile
 import threading
 import time
 from collections import Counter
-from contextlib import contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -33,7 +33,7 @@ from prefect.settings import PREFECT_API_URL
 
 from dafactory.tasks.config import RunConfig
 from dafactory.tasks.errors import UserError
-from dafactory.tasks.io.manifest import CARD, build_manifest, code_version, dataset_card, summary_rows
+from dafactory.tasks.io.manifest import CARD, artifact_key, build_manifest, code_version, dataset_card, summary_rows
 from dafactory.tasks.io.prompts import (
     PromptRow,
     PromptSet,
@@ -328,7 +328,51 @@ def build_shards(config: RunConfig, ds: DatasetDir, plan: Plan, recipe: Recipe) 
         logger.info("resuming: %d of %d shards already written", report["resumed"], len(plan.shards))
     if not pending:
         return report
-    progress = create_progress_artifact(0.0, key=f"{recipe.name}-progress", description=f"shards of {ds.uri}")
+    progress = create_progress_artifact(0.0, key=artifact_key(config.dataset, f"{recipe.name}-progress"),
+                                        description=f"shards of {ds.uri}")
+    report["gpu_slot"] = {}
+    with gpu_slot(config.gpu_slot_timeout_s, report["gpu_slot"]):
+        _run_stages(config, ds, pending, recipe, report, progress)
+    return report
+
+
+class SlotTimeout(Exception):
+    """No slot of the global GPU limit came free within gpu_slot_timeout_s."""
+
+
+@contextmanager
+def gpu_slot(timeout_s: float, record: dict):
+    """One slot of the global GPU limit (`dafactory serve` creates it on the Prefect server), taken
+    before any stage actor is created or any model loads and held until they are gone: two scheduled
+    builds never hold the cluster's GPUs at once. Logs while it waits; ephemeral runs have no limit."""
+    if not PREFECT_API_URL.value():
+        yield
+        return
+    logger = get_run_logger()
+    t0 = time.time()
+    with ExitStack() as stack:
+        try:
+            stack.enter_context(concurrency(GPU_LIMIT, occupy=1, timeout_seconds=1, strict=False))
+        except TimeoutError:
+            logger.info("waiting for a slot of %s (another build holds it), at most %gs", GPU_LIMIT, timeout_s)
+            try:
+                stack.enter_context(concurrency(GPU_LIMIT, occupy=1, timeout_seconds=timeout_s, strict=False))
+            except TimeoutError:
+                raise SlotTimeout(f"no slot of {GPU_LIMIT} came free within {timeout_s:g}s "
+                                  "(gpu_slot_timeout_s); another build holds it") from None
+        record.update(acquired_at=time.time(), waited_s=round(time.time() - t0, 3))
+        if record["waited_s"] >= 1:
+            logger.info("took a slot of %s after %.1fs", GPU_LIMIT, record["waited_s"])
+        try:
+            yield
+        finally:
+            record["released_at"] = time.time()
+
+
+def _run_stages(config: RunConfig, ds: DatasetDir, pending: list[ShardRef], recipe: Recipe, report: dict,
+                progress) -> None:
+    """Start the recipe's actors, stream the pending shards through them, stop them."""
+    logger = get_run_logger()
     t0 = time.perf_counter()
     try:
         on_cluster = bool(config.ray.address or os.environ.get("RAY_ADDRESS"))
@@ -351,11 +395,8 @@ def build_shards(config: RunConfig, ds: DatasetDir, plan: Plan, recipe: Recipe) 
                         rows / (time.perf_counter() - t1))
             update_progress_artifact(progress, 100.0 * report["built"] / len(pending))
 
-        # One slot of the global GPU limit while the Ray work runs, on a Prefect server (`dafactory
-        # serve` creates it): two scheduled builds never oversubscribe the cluster. Ephemeral runs skip it.
-        guard = concurrency(GPU_LIMIT, occupy=1, strict=False) if PREFECT_API_URL.value() else nullcontext()
         try:
-            with guard, sigterm_stops():
+            with sigterm_stops():
                 shards = (load_shard(ds, ref) for ref in pending)
                 failed = stream(recipe.stages, shards, on_result, retries=config.shard_retries)
             report["failed"] = [{"shard_id": s.shard_id, "index": s.index, "prompts": len(s.rows), "error": e}
@@ -370,7 +411,6 @@ def build_shards(config: RunConfig, ds: DatasetDir, plan: Plan, recipe: Recipe) 
         report["seconds"]["build_wall"] = time.perf_counter() - t1
     finally:
         kill_stages(recipe.stages)
-    return report
 
 
 def version_parts(plan: Plan, recipe: Recipe, ds: DatasetDir) -> dict[str, set[str]]:
@@ -436,7 +476,8 @@ def finalize(
         get_run_logger().info("version %d committed; removed %d parts only older versions listed",
                               manifest["version"], len(stale))
     create_table_artifact(
-        redact(summary_rows(manifest)), key=f"{recipe.name}-summary", description=f"{recipe.name} dataset {ds.uri}"
+        redact(summary_rows(manifest)), key=artifact_key(config.dataset, f"{recipe.name}-summary"),
+        description=f"{recipe.name} dataset {ds.uri}"
     )
     return manifest
 

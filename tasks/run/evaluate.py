@@ -9,6 +9,7 @@ from dafactory.tasks.config import EvaluateConfig, PromptSource, ScorerConfig
 from dafactory.tasks.evaluate.benchmarks import load_benchmark, merge, source_of
 from dafactory.tasks.evaluate.report import markdown, plot_asr_by_layer, plot_asr_by_strategy
 from dafactory.tasks.generate.generation import ChatPrompt
+from dafactory.tasks.io.manifest import artifact_key
 from dafactory.tasks.io.prompts import PromptSet
 from dafactory.tasks.io.schemas import ASR, UTILITY, to_table
 from dafactory.tasks.io.storage import DatasetDir
@@ -129,9 +130,10 @@ def evaluation_summary(config: EvaluateConfig, ds: DatasetDir, parts: dict[str, 
         ds.write_bytes("asr_by_strategy.png", plot_asr_by_strategy(rows))
     if layer_rows:
         ds.write_bytes("asr_by_layer.png", plot_asr_by_layer(layer_rows))
-    create_table_artifact(rows + utility_rows, key="evaluate-asr",
+    create_table_artifact(rows + utility_rows, key=artifact_key(config.dataset, "evaluate-asr"),
                           description=f"ASR (safety) and accuracy (utility) by strategy and benchmark, {ds.uri}")
-    create_markdown_artifact(report, key="evaluate-report", description=f"Evaluation report, {ds.uri}")
+    create_markdown_artifact(report, key=artifact_key(config.dataset, "evaluate-report"),
+                             description=f"Evaluation report, {ds.uri}")
     return {"degenerate_latent": degenerate, "mean_drop_vs_first": drops, "report": "report.md",
             "utility_cost_vs_first": mean_drop(utility_rows), "warnings": warnings}
 

@@ -54,8 +54,10 @@ def ray_session(cfg: RayConfig):
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     # Workers mask secrets in their logs too (tasks.redact).
     runtime_env = {"worker_process_setup_hook": "dafactory.tasks.io.redact.install_log_filter"}
-    if cfg.address:
-        ray.init(address=cfg.address, log_to_driver=True, runtime_env=runtime_env)
+    # RAY_ADDRESS is how a Ray job, a KubeRay pod or `ray job submit` says which cluster to join.
+    address = cfg.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True, runtime_env=runtime_env)
         saved = None
     else:
         # Ray binds every server to all interfaces, and turns 127.0.0.1 into the host's address, unless
@@ -93,14 +95,27 @@ def check_resources(stages: list["StageSpec"], local: bool) -> None:
             log.warning("%s; waiting for the cluster to scale up", msg)
 
 
+STARTED_AT = time.time()  # when this worker process imported us: before its actor loaded anything
+
+
 def worker_info() -> dict:
     return {
         "node": socket.gethostname(),
         "node_id": ray.get_runtime_context().get_node_id(),
         "pid": os.getpid(),
+        "started_at": STARTED_AT,
         "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
         "gpu_ids": [str(g) for g in ray.get_gpu_ids()],
     }
+
+
+class Stage:
+    """Base of the stage actors: `run` returns the payload and a tiny ok flag, so that the driver learns
+    of a failure where it happens without fetching the payload (see stream)."""
+
+    @ray.method(num_returns=2)
+    def run(self, work):
+        return self.process(work), True
 
 
 class TooManyErrors(RuntimeError):
@@ -123,7 +138,7 @@ def check_error_rate(quarantine: list[dict], prompts: int, max_error_rate: float
     return errors
 
 
-class GenerateStage:
+class GenerateStage(Stage):
     """Loads a model once; turns a shard into GENERATED rows and too-long quarantine rows.
     `conversation` builds each prompt's messages (a ChatPrompt, or a TeacherPrompt under a spec).
     Generation errors on more than `max_error_rate` of a shard's prompts fail the shard."""
@@ -160,7 +175,7 @@ class GenerateStage:
         }
 
 
-class _ScoringStage:
+class _ScoringStage(Stage):
     """Loads every scorer once per actor."""
 
     def __init__(self, scorers: list[ScorerConfig], num_cpus: float):
@@ -305,15 +320,23 @@ class StageSpec:
     num_gpus: float = 0
     num_cpus: float = 1
     actors: list = field(default_factory=list)
+    retired: list = field(default_factory=list)
 
     def start(self, restarts: int = 2) -> None:
         # SPREAD puts replicas on different nodes; a replica lost with its node (or killed) restarts,
         # elsewhere if need be. Its lost work is retried by `stream`, not by Ray, so that it is counted.
-        remote = ray.remote(self.cls).options(
+        self._remote = ray.remote(self.cls).options(
             num_gpus=self.num_gpus, num_cpus=self.num_cpus, max_restarts=restarts, max_task_retries=0,
             scheduling_strategy="SPREAD",
         )
-        self.actors = [remote.remote(*self.args) for _ in range(self.num_replicas)]
+        self.actors = [self._remote.remote(*self.args) for _ in range(self.num_replicas)]
+
+    def replace(self, dead) -> Any:
+        """A new replica in place of one that is dead after its restarts (its resources are free now)."""
+        actor = self._remote.remote(*self.args)
+        self.actors[self.actors.index(dead)] = actor
+        self.retired.append(dead)  # held, so that its id() is never another actor's
+        return actor
 
 
 def start_stages(stages: list[StageSpec], local: bool, retries: int = 2) -> list[dict]:
@@ -352,26 +375,52 @@ def stream(
 
     Items are drawn from `items` lazily, only when a first-stage actor is free, so a large input is
     never held in memory. Each actor works on one item at a time. A stage runs ahead of the next by at
-    most twice the next stage's replicas, which bounds what waits in the object store. An item whose
-    work failed (an error in the work, or the work lost with a node or a killed actor, which Ray
-    restarts) starts again from the first stage; after `retries` retries it is given up, and the rest
-    go on. The wait wakes every `poll_s` so that Ctrl-C (KeyboardInterrupt) stops the loop promptly.
+    most twice the next stage's replicas, which bounds what waits in the object store. Each call returns
+    the payload (handed on by reference) and a tiny ok flag that the driver reads, so a failure is seen
+    at the stage where it happens: the item starts again from the first stage (after `retries` retries
+    it is given up, and the rest go on), and the replica gets no new work until it answers again (Ray
+    restarts a killed one; one dead for good is replaced). Retries are counted per shard id; a try lost
+    with a replica that died for good is not counted (twice at most). The wait wakes every `poll_s` so
+    that Ctrl-C (KeyboardInterrupt) stops the loop promptly.
     """
     last = len(stages) - 1
     source = iter(items)
     exhausted = False
-    queues: list[list] = [[] for _ in stages]  # queue 0 holds items to retry
+    queues: list[list] = [[] for _ in stages]  # queue 0: items (new or to retry); then payload refs
     idle = [list(st.actors) for st in stages]
-    in_flight: dict = {}  # object ref -> (stage index, actor)
-    origin: dict = {}  # object ref -> the item it came from
-    attempts: dict[int, int] = {}
+    in_flight: dict = {}  # ok-flag ref -> (stage index, actor, payload ref)
+    origin: dict = {}  # payload ref -> (the item it came from, ids of the actors its try went through)
+    attempts: dict = {}  # shard id -> tries counted
+    free: dict = {}  # shard id -> tries not counted, because a replica it used died for good
+    dead: set[int] = set()  # ids of actors found dead after their restarts (and replaced)
     failed: list[tuple[Any, str]] = []
 
     def room(s: int) -> bool:
         if s == last:
             return True
-        running = sum(1 for stage, _ in in_flight.values() if stage == s)
+        running = sum(1 for stage, _, _ in in_flight.values() if stage == s)
         return len(queues[s + 1]) + running < 2 * len(stages[s + 1].actors)
+
+    def fail(item, actors: set[int], exc: Exception) -> None:
+        nonlocal dead
+        dead |= replace_dead(stages, idle)
+        key = getattr(item, "shard_id", id(item))  # a shard's tries, whatever object carries it
+        if actors & dead and free.get(key, 0) < 2:
+            # Sent to (or killing) a replica that is gone for good: not counted against the shard, twice
+            # at most (a replica whose __init__ always fails must not loop forever).
+            free[key] = free.get(key, 0) + 1
+            log.warning("work lost with a replica that died for good (%s); starting it again", _worker_error(exc))
+            queues[0].append(item)
+            return
+        attempts[key] = attempts.get(key, 0) + 1
+        kind = "lost with a node or actor" if _lost(exc) else "failed"
+        if attempts[key] > retries:
+            log.error("work %s %d times, giving it up: %s", kind, attempts[key], _worker_error(exc))
+            failed.append((item, _worker_error(exc)))
+            return
+        log.warning("work %s (%s); starting it again (retry %d of %d)", kind, _worker_error(exc), attempts[key],
+                    retries)
+        queues[0].append(item)
 
     while True:
         for s in range(len(stages)):
@@ -386,34 +435,54 @@ def stream(
                     break
                 actor = idle[s].pop()
                 work = queues[s].pop(0)
-                ref = actor.process.remote(work)
-                origin[ref] = work if s == 0 else origin.pop(work)
-                in_flight[ref] = (s, actor)
+                payload, ok = actor.run.remote(work)
+                item, actors = (work, set()) if s == 0 else origin.pop(work)
+                origin[payload] = (item, actors | {id(actor)})
+                in_flight[ok] = (s, actor, payload)
         if not in_flight and not any(queues) and exhausted:
             return failed
         ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=poll_s)
-        for ref in ready:
-            s, actor = in_flight.pop(ref)
+        for ok in ready:
+            s, actor, payload = in_flight.pop(ok)
+            try:
+                ray.get(ok)
+            except Exception as exc:
+                item, actors = origin.pop(payload)
+                idle[s].append(actor)  # replace_dead probes it: answered, restarted, or replaced
+                fail(item, actors, exc)
+                continue
             idle[s].append(actor)
             if s < last:
-                queues[s + 1].append(ref)  # handed on as a reference: the payload stays in the object store
+                queues[s + 1].append(payload)  # handed on as a reference: the payload stays in the object store
                 continue
-            item = origin.pop(ref)
+            item, actors = origin.pop(payload)
             try:
-                result = ray.get(ref)
-            except Exception as exc:
-                key = id(item)
-                attempts[key] = attempts.get(key, 0) + 1
-                kind = "lost with a node or actor" if _lost(exc) else "failed"
-                if attempts[key] > retries:
-                    log.error("work %s %d times, giving it up: %s", kind, attempts[key], _worker_error(exc))
-                    failed.append((item, _worker_error(exc)))
-                    continue
-                log.warning("work %s (%s); starting it again (retry %d of %d)", kind, _worker_error(exc),
-                            attempts[key], retries)
-                queues[0].append(item)
+                result = ray.get(payload)
+            except Exception as exc:  # the payload lost after it was made (its node died)
+                fail(item, actors, exc)
                 continue
             on_result(result)
+
+
+def replace_dead(stages: list[StageSpec], idle: list[list], timeout_s: float = 60) -> set[int]:
+    """After a failure: an idle replica that is dead for good (its restarts used up, say by a prompt
+    that kills its process every time) leaves the pool, and a new one takes its place, so the shards
+    after it do not fail on it. A replica that is only restarting is left to come back."""
+    probes = {a.info.remote(): (s, a) for s, pool in enumerate(idle) for a in pool}
+    ready, _ = ray.wait(list(probes), num_returns=len(probes), timeout=timeout_s)
+    gone = set()
+    for ref in ready:
+        try:
+            ray.get(ref)
+        except ray.exceptions.ActorDiedError:
+            s, dead = probes[ref]
+            idle[s].remove(dead)
+            idle[s].append(stages[s].replace(dead))
+            gone.add(id(dead))
+            log.warning("a %s replica is dead after its restarts; a new one replaces it", stages[s].name)
+        except ray.exceptions.RayError:
+            pass  # restarting: it comes back by itself
+    return gone
 
 
 def kill_stages(stages: list[StageSpec]) -> None:
