@@ -190,3 +190,17 @@ def test_a_killed_rebuild_keeps_the_last_version_on_s3(tmp_path, s3):
 
     # on S3 publishing is copies then deletes, and the manifest a PUT: kill around both
     killed_rebuilds(tmp_path, "s3://datasets/versions", ["plan", "publish", "commit"])
+
+
+def test_a_version_is_committed_once_on_s3(s3):
+    # s3fs sends "xb" as a conditional PUT (If-None-Match: *): a second run cannot take the same version,
+    # and a retry that finds its own bytes there is done
+    from dafactory.tasks.errors import UserError
+
+    ds = DatasetDir("s3://datasets/exclusive", "d")
+    path = ds._path("_versions", "manifest-000001.json")
+    ds._create(path, b'{"v": 1}')
+    ds._create(path, b'{"v": 1}')
+    with pytest.raises(UserError, match="another run committed manifest-000001.json first"):
+        ds._create(path, b'{"v": 2}')
+    assert s3.cat("datasets/exclusive/d/_versions/manifest-000001.json") == b'{"v": 1}'
