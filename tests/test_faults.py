@@ -151,7 +151,15 @@ def test_sigkill_mid_run_then_rerun_recomputes_only_shards_in_flight(tmp_path):
         except ProcessLookupError:
             pass
     proc.wait()
-    done_before = set(ds.parts("candidates", staged=True))
+    # A replica writes its own shard's parts: one that was writing may finish before it notices that its
+    # node is gone. Count what is written once nothing more lands.
+    done_before, t0 = set(ds.parts("candidates", staged=True)), time.time()
+    while time.time() - t0 < 30:
+        time.sleep(3)
+        now = set(ds.parts("candidates", staged=True))
+        if now == done_before:
+            break
+        done_before = now
     assert 3 <= len(done_before) < 8 and ds.read_manifest() is None
 
     proc = cli(tmp_path, cfg)

@@ -37,6 +37,8 @@ import os
 import posixpath
 import time
 import uuid
+from collections import Counter
+from dataclasses import dataclass
 
 import fsspec
 import pyarrow as pa
@@ -104,6 +106,38 @@ def credentials_from_block(name: str) -> dict:
         raise UserError(f"storage_block: the Secret block {name!r} must hold a JSON object with keys "
                         f"from {sorted(allowed)}, aws_access_key_id and aws_secret_access_key at least")
     return value
+
+
+@dataclass(frozen=True)
+class ShardWriter:
+    """Stages one shard's parts, the marker table (the last of `tables`) last, with the shard's stats in
+    the marker's footer. Sent to the last stage's replicas, which write their own shards: the driver
+    only moves references and counts, never the rows."""
+
+    ds: "DatasetDir"
+    tables: tuple[str, ...]
+    sample_tables: tuple[str, ...]
+
+    def __call__(self, result: dict) -> dict:
+        tables = result["tables"]
+        out_ids = set()
+        for name in self.sample_tables:
+            out_ids.update(tables[name].column("prompt_id").to_pylist())
+        stats = {
+            "shard_id": result["shard_id"],
+            "shard_index": result["shard_index"],
+            "prompts": result["prompts"],
+            "prompts_out": len(out_ids),  # prompts with output rows
+            "rows": {name: tables[name].num_rows for name in self.tables},
+            "quarantined": dict(Counter(tables["quarantine"].column("reason").to_pylist())),
+            "outcomes": result["outcomes"],
+            "errors": result.get("errors", {}),
+            "seconds": result["seconds"],
+        }
+        for name in self.tables:
+            if name != "quarantine" or tables[name].num_rows:
+                self.ds.write_part(name, result["shard_id"], tables[name], stats if name == self.tables[-1] else None)
+        return stats
 
 
 def write_parquet(data: pa.Table, f) -> None:

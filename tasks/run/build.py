@@ -47,7 +47,7 @@ from dafactory.tasks.io.prompts import (
 )
 from dafactory.tasks.io.redact import redact
 from dafactory.tasks.io.schemas import PROMPTS, QUARANTINE, TABLES, to_table
-from dafactory.tasks.io.storage import REBUILD, STAGING, DatasetDir, failpoint, storage_options
+from dafactory.tasks.io.storage import REBUILD, STAGING, DatasetDir, ShardWriter, failpoint, storage_options
 from dafactory.tasks.run.workers import StageSpec, kill_stages, ray_session, start_stages, stream
 
 GPU_LIMIT = "dafactory-gpu"
@@ -245,29 +245,6 @@ def result_options(config: RunConfig) -> dict:
     return {"persist_result": True, "result_storage": storage, "cache_policy": CacheKeyFnPolicy(cache_key_fn=plan_key)}
 
 
-def write_shard(ds: DatasetDir, recipe: Recipe, result: dict) -> dict:
-    """Stage a shard's parts, the marker table last, with the shard's stats in the marker's footer."""
-    tables = result["tables"]
-    out_ids = set()
-    for name in recipe.sample_tables:
-        out_ids.update(tables[name].column("prompt_id").to_pylist())
-    quarantined = Counter(tables["quarantine"].column("reason").to_pylist())
-    stats = {
-        "shard_index": result["shard_index"],
-        "prompts": result["prompts"],
-        "prompts_out": len(out_ids),  # prompts with output rows
-        "rows": {name: tables[name].num_rows for name in recipe.tables},
-        "quarantined": dict(quarantined),
-        "outcomes": result["outcomes"],
-        "errors": result.get("errors", {}),
-        "seconds": result["seconds"],
-    }
-    for name in recipe.tables:
-        if name != "quarantine" or tables[name].num_rows:
-            ds.write_part(name, result["shard_id"], tables[name], stats if name == recipe.tables[-1] else None)
-    return stats
-
-
 def not_user_error(task, task_run, state) -> bool:
     """Retry crashes and transient faults, not bad input: that fails the same way every time."""
     try:
@@ -382,9 +359,8 @@ def _run_stages(config: RunConfig, ds: DatasetDir, pending: list[ShardRef], reci
                     ", ".join(f"{w['stage']}@{w['node']}" for w in report["workers"]))
         rows, t1 = 0, time.perf_counter()
 
-        def on_result(result: dict) -> None:
+        def on_result(stats: dict) -> None:  # a shard's parts are staged by the replica that finished it
             nonlocal rows
-            stats = write_shard(ds, recipe, result)
             failpoint("shard")
             report["built"] += 1
             rows += sum(stats["rows"][t] for t in recipe.sample_tables)
@@ -398,7 +374,8 @@ def _run_stages(config: RunConfig, ds: DatasetDir, pending: list[ShardRef], reci
         try:
             with sigterm_stops():
                 shards = (load_shard(ds, ref) for ref in pending)
-                failed = stream(recipe.stages, shards, on_result, retries=config.shard_retries)
+                writer = ShardWriter(ds, tuple(recipe.tables), tuple(recipe.sample_tables))
+                failed = stream(recipe.stages, shards, on_result, retries=config.shard_retries, writer=writer)
             report["failed"] = [{"shard_id": s.shard_id, "index": s.index, "prompts": len(s.rows), "error": e}
                                 for s, e in failed]
         except BaseException as exc:
@@ -415,10 +392,12 @@ def _run_stages(config: RunConfig, ds: DatasetDir, pending: list[ShardRef], reci
 
 def version_parts(plan: Plan, recipe: Recipe, ds: DatasetDir) -> dict[str, set[str]]:
     """The part names of every table that make up this version (summaries: the ones this run wrote)."""
-    shard_ids = {s.shard_id for s in plan.shards}
-    keep = {t: set(shard_ids) for t in recipe.tables}
+    # A shard's parts count only once its marker (written last) is there: a replica stopped mid-write
+    # leaves the others staged, and the shard is built again.
+    done = {s.shard_id for s in plan.shards} & ds.written(recipe.tables[-1])
+    keep = {t: set(done) for t in recipe.tables}
     keep["prompts"] = {s.part for s in plan.shards}
-    keep["quarantine"] = shard_ids | set(plan.quarantine_parts)
+    keep["quarantine"] = done | set(plan.quarantine_parts)
     for t in recipe.summary_tables:
         keep[t] = set(ds.parts(t, staged=True))
     return keep

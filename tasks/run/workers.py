@@ -114,8 +114,11 @@ class Stage:
     of a failure where it happens without fetching the payload (see stream)."""
 
     @ray.method(num_returns=2)
-    def run(self, work):
-        return self.process(work), True
+    def run(self, work, writer=None):
+        """The stage's payload, or with a writer (the last stage) what the writer makes of it: the
+        shard's parts staged here, and only their counts sent back."""
+        out = self.process(work)
+        return (writer(out) if writer is not None else out), True
 
 
 class TooManyErrors(RuntimeError):
@@ -368,10 +371,12 @@ def _worker_error(exc: BaseException) -> str:
 
 def stream(
     stages: list[StageSpec], items: Iterable[Any], on_result: Callable[[dict], None], retries: int = 2,
-    poll_s: float = 1.0,
+    poll_s: float = 1.0, writer: Callable[[dict], dict] | None = None,
 ) -> list[tuple[Any, str]]:
     """Push items through the stages; call on_result (in the driver) with each last-stage output.
-    Returns the items that failed `retries + 1` times, each with its last error.
+    Returns the items that failed `retries + 1` times, each with its last error. With a `writer`, the
+    last stage's replicas apply it to their output (stage the shard's parts) and on_result gets what it
+    returns (the counts).
 
     Items are drawn from `items` lazily, only when a first-stage actor is free, so a large input is
     never held in memory. Each actor works on one item at a time. A stage runs ahead of the next by at
@@ -386,6 +391,7 @@ def stream(
     last = len(stages) - 1
     source = iter(items)
     exhausted = False
+    write = ray.put(writer) if writer is not None else None  # once, not with every shard
     queues: list[list] = [[] for _ in stages]  # queue 0: items (new or to retry); then payload refs
     idle = [list(st.actors) for st in stages]
     in_flight: dict = {}  # ok-flag ref -> (stage index, actor, payload ref)
@@ -435,7 +441,7 @@ def stream(
                     break
                 actor = idle[s].pop()
                 work = queues[s].pop(0)
-                payload, ok = actor.run.remote(work)
+                payload, ok = actor.run.remote(work, write) if s == last else actor.run.remote(work)
                 item, actors = (work, set()) if s == 0 else origin.pop(work)
                 origin[payload] = (item, actors | {id(actor)})
                 in_flight[ok] = (s, actor, payload)
