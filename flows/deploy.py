@@ -1,6 +1,9 @@
 """Prefect deployments of the flows: `dafactory serve --config deploy.yaml` registers them with cron
 schedules from the config and serves them, so runs can be scheduled and triggered from the Prefect UI
-(the pydantic config of each flow is the UI's form, validated by the server).
+(the pydantic config of each flow is the UI's form, validated by the server). The form lists fields in
+the config's form order (`form_order`, what a user changes first), and names chosen from a registry
+(backends, scorers, strategies) are drop-downs: their enums are added here, where the registries are
+known, since the config models may not import them.
 
 A global concurrency limit (`dafactory-gpu`, slots from the config) guards the Ray work of every build,
 so two scheduled builds cannot oversubscribe the cluster.
@@ -13,10 +16,21 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from dafactory.tasks.config import DistillConfig, EvaluateConfig, PreferenceConfig, build_config
+from dafactory.tasks.config import (
+    DistillConfig,
+    EvaluateConfig,
+    ModelConfig,
+    PreferenceConfig,
+    ScorerConfig,
+    SelectionConfig,
+    build_config,
+)
 from dafactory.tasks.errors import UserError
+from dafactory.tasks.generate.backends import BACKENDS
 from dafactory.tasks.run.build import GPU_LIMIT
 from dafactory.tasks.run.preflight import check_names
+from dafactory.tasks.score.scorers import SCORERS
+from dafactory.tasks.score.selection import NAMED
 
 CONFIGS = {"preference": PreferenceConfig, "distill": DistillConfig, "evaluate": EvaluateConfig}
 
@@ -67,6 +81,40 @@ def load_deploy_config(path: str) -> DeployConfig:
     return build_config(DeployConfig, path)
 
 
+def registry_choices() -> dict[tuple[type[BaseModel], str], list[str]]:
+    """The config fields whose value names a registry entry, and the names each may take."""
+    return {
+        (ModelConfig, "backend"): BACKENDS.names(),
+        (ScorerConfig, "name"): SCORERS.names(),
+        (SelectionConfig, "strategy"): ["signal", *NAMED],
+        (SelectionConfig, "judge"): SCORERS.names(),  # the UI cannot narrow it to the configured scorers
+        (EvaluateConfig, "strategies"): list(NAMED),
+    }
+
+
+def _enum_strings(prop: dict[str, Any], names: list[str]) -> bool:
+    """Put `enum` on the string schema in `prop`: itself, the string branch of an optional (`anyOf`), or
+    the items of a list. False if it holds none."""
+    found = False
+    for branch in prop.get("anyOf", [prop]):
+        if branch.get("type") == "string":
+            branch["enum"] = list(names)
+            found = True
+        elif branch.get("type") == "array":
+            found = _enum_strings(branch["items"], names) or found
+    return found
+
+
+def add_registry_choices(definitions: dict[str, Any]) -> None:
+    """Make every registry-backed field of a flow's parameter schema a drop-down (a JSON-schema `enum`).
+    The server then rejects other names too; preflight still checks them by name for the CLI."""
+    for (model, field), names in registry_choices().items():
+        if field not in model.model_fields:
+            raise AssertionError(f"{model.__name__} has no field {field!r}")
+        if model.__name__ in definitions and not _enum_strings(definitions[model.__name__]["properties"][field], names):
+            raise AssertionError(f"{model.__name__}.{field} is not a string or a list of strings in the schema")
+
+
 def deployment(spec: DeploymentSpec, base_dir: Path) -> Any:
     """A served deployment whose default parameters are the validated config."""
     from prefect.schedules import Cron
@@ -74,7 +122,7 @@ def deployment(spec: DeploymentSpec, base_dir: Path) -> Any:
     config_path = None if spec.config is None else str((base_dir / spec.config).resolve())
     config = build_config(CONFIGS[spec.flow], config_path, spec.overrides)
     check_names(config)  # a misspelt scorer fails when serving, not at 02:00
-    return flow_of(spec.flow).to_deployment(
+    served = flow_of(spec.flow).to_deployment(
         name=spec.name,
         schedules=[Cron(spec.cron, timezone=spec.timezone)] if spec.cron else None,
         parameters={"config": config.model_dump(mode="json")},
@@ -82,6 +130,10 @@ def deployment(spec: DeploymentSpec, base_dir: Path) -> Any:
         tags=["dafactory", spec.flow],
         enforce_parameter_schema=True,
     )
+    # Prefect built the schema from the flow's signature (this deployment's own copy); it is what the
+    # server validates runs against and the UI renders.
+    add_registry_choices(served._parameter_openapi_schema.definitions)
+    return served
 
 
 def ensure_gpu_limit(slots: int) -> None:

@@ -18,8 +18,25 @@ from dafactory.tasks.errors import UserError, first_line
 EMBEDDED_MODEL = "smollm2-135m-instruct"
 
 
+def _form_positions(schema: dict[str, Any], cls: type[_Strict]) -> None:
+    """Number a model's fields in its form order. The Prefect UI lists a form's fields by `position`, not
+    by key order (which a Postgres-backed server does not keep); the keys follow the same order. A field
+    holding a model gets its own title too (pydantic gives it none), or the UI shows the class name."""
+    props = schema.get("properties") or {}
+    order = [n for n in cls.form_order() if n in props]
+    order += [n for n in props if n not in order]
+    schema["properties"] = {
+        name: {"title": name.replace("_", " ").title(), **props[name], "position": i} for i, name in enumerate(order)
+    }
+
+
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    model_config = ConfigDict(extra="forbid", protected_namespaces=(), json_schema_extra=_form_positions)
+
+    @classmethod
+    def form_order(cls) -> list[str]:
+        """Field names in the order a form (the Prefect UI's Run page) shows them: as declared."""
+        return list(cls.model_fields)
 
 
 class PromptSource(_Strict):
@@ -149,19 +166,6 @@ class RunConfig(_Strict):
         2, ge=0, description="Times a shard is started again after its work failed or was lost with a worker; "
         "then it is listed as failed in the manifest and the other shards go on.",
     )
-    storage_timeout_s: float = Field(
-        30, gt=0, description="Connect/read timeout for remote output stores (S3), so a bad endpoint fails fast."
-    )
-    result_storage: str | None = Field(
-        None, description="Where Prefect persists task results (local path or s3://bucket/prefix); the input "
-        "plan is cached there, so a run retried on another machine that shares it skips planning. Off if empty. "
-        "S3 credentials for it come from the AWS environment or profile.",
-    )
-    storage_block: str | None = Field(
-        None, description="Name of a Prefect Secret block holding S3 credentials as JSON (aws_access_key_id, "
-        "aws_secret_access_key, optional aws_session_token, endpoint_url, region_name); the AWS environment "
-        "or profile if empty.",
-    )
     max_error_rate: float = Field(
         0.05, ge=0, le=1, description="Largest share of a shard's prompts (and of the run's) on which generation "
         "may raise: below it those prompts are quarantined (generation_error); above it the shard fails with "
@@ -175,10 +179,35 @@ class RunConfig(_Strict):
         1, ge=0, description="Manifests of earlier versions kept beside the current one (in _versions/), for "
         "`dafactory inspect --version`; their parts are removed once a new version is committed.",
     )
+    storage_block: str | None = Field(
+        None, description="Name of a Prefect Secret block holding S3 credentials as JSON (aws_access_key_id, "
+        "aws_secret_access_key, optional aws_session_token, endpoint_url, region_name); the AWS environment "
+        "or profile if empty.",
+    )
+    storage_timeout_s: float = Field(
+        30, gt=0, description="Connect/read timeout for remote output stores (S3), so a bad endpoint fails fast."
+    )
     storage_retries: int = Field(
         4, ge=0, description="Times a store operation is retried, with exponential backoff from 1 s, "
         "before the run fails (no manifest is written then).",
     )
+    result_storage: str | None = Field(
+        None, description="Where Prefect persists task results (local path or s3://bucket/prefix); the input "
+        "plan is cached there, so a run retried on another machine that shares it skips planning. Off if empty. "
+        "S3 credentials for it come from the AWS environment or profile.",
+    )
+
+    # The form (the Prefect UI's Run page) opens with these, then the config's own fields as declared
+    # (what a user changes: prompts, model, samples, scorers, selection; its Ray stage resources last),
+    # then RunConfig's other fields as declared above (how the run goes: shards, Ray, retries, storage).
+    FORM_LEAD: ClassVar[tuple[str, ...]] = ("dataset", "output")
+
+    @classmethod
+    def form_order(cls) -> list[str]:
+        shared = [n for n in RunConfig.model_fields if n not in cls.FORM_LEAD]
+        lead = [n for n in cls.FORM_LEAD if n in cls.model_fields]
+        own = [n for n in cls.model_fields if n not in shared and n not in lead]
+        return [*lead, *own, *shared]
 
     @property
     def generator(self) -> ModelConfig:
@@ -226,10 +255,10 @@ class PreferenceConfig(RunConfig):
         min_length=1,
         description="Scorers run on every candidate.",
     )
+    selection: SelectionConfig = Field(default_factory=SelectionConfig, description="Best-of-N rule.")
     scoring: StageResources = Field(
         default_factory=StageResources, description="Ray resources of the scoring stage."
     )
-    selection: SelectionConfig = Field(default_factory=SelectionConfig, description="Best-of-N rule.")
 
     @property
     def generator(self) -> ModelConfig:
@@ -267,13 +296,6 @@ class DistillConfig(RunConfig):
         default_factory=lambda: PromptSource(category_column="category"),
         description="Prompts with one or more policy categories each.",
     )
-    spec: str | None = Field(None, description="Safety spec YAML file; the bundled spec if empty.")
-    template: str | None = Field(
-        None, description="Teacher prompt template file with {prompt}, {spec}, {categories}; bundled if empty."
-    )
-    missing_category: Literal["error", "benign"] = Field(
-        "error", description="Rows without a category: an error, or governed by the benign policy."
-    )
     teacher: ModelConfig = Field(default_factory=ModelConfig, description="The model that reasons.")
     k: int = Field(1, ge=1, description="Teacher samples per prompt.")
     sampling: SamplingConfig = Field(
@@ -285,7 +307,13 @@ class DistillConfig(RunConfig):
         min_length=1,
         description="Judges; a sample is kept only if every judge view passes.",
     )
-    judging: StageResources = Field(default_factory=StageResources, description="Ray resources of judging.")
+    spec: str | None = Field(None, description="Safety spec YAML file; the bundled spec if empty.")
+    template: str | None = Field(
+        None, description="Teacher prompt template file with {prompt}, {spec}, {categories}; bundled if empty."
+    )
+    missing_category: Literal["error", "benign"] = Field(
+        "error", description="Rows without a category: an error, or governed by the benign policy."
+    )
     student_system_prompt: str | None = Field(
         "You are a helpful assistant.", description="System message of the training prompt (the spec is removed)."
     )
@@ -295,6 +323,7 @@ class DistillConfig(RunConfig):
     decontamination: DecontaminationConfig = Field(
         default_factory=DecontaminationConfig, description="Overlap checks against evaluation prompts."
     )
+    judging: StageResources = Field(default_factory=StageResources, description="Ray resources of judging.")
 
     @property
     def generator(self) -> ModelConfig:
@@ -341,14 +370,12 @@ class EvaluateConfig(RunConfig):
         min_length=1,
         description="Benchmarks to attack the student with.",
     )
+    system_prompt: str | None = Field(None, description="System message put before each request.")
     student: ModelConfig = Field(default_factory=ModelConfig, description="The aligned student (FT): a model or a PEFT adapter.")
     base: str | None = Field(
         None, description="The student's base model (before alignment); read from the adapter config when "
         "the student is a PEFT adapter. Empty otherwise means the student itself (a degenerate setting)."
     )
-    layers: list[int] = Field(default_factory=lambda: [12], min_length=1,
-                              description="Hidden-state layers for the latent signal; the first ranks.")
-    system_prompt: str | None = Field(None, description="System message put before each request.")
     n: int = Field(8, ge=1, description="Samples per prompt.")
     sampling: SamplingConfig = Field(
         default_factory=lambda: SamplingConfig(temperature=0.7, top_p=1.0, max_new_tokens=2048),
@@ -364,6 +391,8 @@ class EvaluateConfig(RunConfig):
     strategies: list[str] | None = Field(
         None, description="Strategies to report (names from tasks/score/strategies.py); all if empty."
     )
+    layers: list[int] = Field(default_factory=lambda: [12], min_length=1,
+                              description="Hidden-state layers for the latent signal; the first ranks.")
     scoring: StageResources = Field(default_factory=StageResources, description="Ray resources of scoring.")
 
     @property

@@ -1,5 +1,6 @@
 """infra/ cannot be run here (no Docker engine): check that it parses and agrees with the code."""
 
+import json
 import re
 import tomllib
 from pathlib import Path
@@ -67,6 +68,68 @@ def test_every_bundled_deployment_builds_with_its_schedule_and_form():
     assert nightly.parameters["config"]["student"]["model"] == "Qwen/Qwen2.5-1.5B-Instruct"
     assert nightly.enforce_parameter_schema and "config" in nightly._parameter_openapi_schema.properties
     assert not built["evaluate-on-demand"].schedules
+
+
+FORMS = {  # the Run form of each flow, top to bottom: what a user changes first, the run plumbing last
+    "PreferenceConfig": ["dataset", "output", "prompts", "system_prompt", "student", "n", "sampling", "scorers",
+                         "selection", "scoring"],
+    "DistillConfig": ["dataset", "output", "prompts", "teacher", "k", "sampling", "judges", "spec", "template",
+                      "missing_category", "student_system_prompt", "near_duplicates", "decontamination", "judging"],
+    "EvaluateConfig": ["dataset", "output", "benchmarks", "system_prompt", "student", "base", "n", "sampling",
+                       "judge", "scorers", "strategies", "layers", "scoring"],
+}
+PLUMBING = ["shard_size", "ray", "retries", "shard_retries", "max_error_rate", "gpu_slot_timeout_s", "keep_versions", "storage_block",
+            "storage_timeout_s", "storage_retries", "result_storage"]
+SCORER_NAMES = ["latent_attribution", "llama_guard", "refusal_heuristic", "reward_model", "rubric_judge",
+                "yes_no_judge"]
+STRATEGY_NAMES = ["first_sample", "random", "latent_argmin_cos", "kl_ft_base_argmax", "kl_base_ft_argmax",
+                  "perplexity_argmin", "self_certainty_argmax", "judge_safe_first"]
+
+
+def form_fields(definition: dict) -> list[str]:
+    """Field names as the Prefect UI's form lists them: sorted by `position`."""
+    return sorted(definition["properties"], key=lambda n: definition["properties"][n]["position"])
+
+
+def check_run_form(schema: dict) -> None:
+    """A deployment's parameter schema: its form order and its registry drop-downs (shared with the
+    server test, which reads the schema back from a real server)."""
+    defs = schema["definitions"]
+    (name,) = set(FORMS) & set(defs)
+    assert form_fields(defs[name]) == FORMS[name] + PLUMBING
+    assert list(defs[name]["properties"]) == FORMS[name] + PLUMBING  # the keys too, for other readers
+    for definition in defs.values():  # nested forms number every field, as declared
+        positions = sorted(p["position"] for p in definition["properties"].values())
+        assert positions == list(range(len(definition["properties"])))
+    assert form_fields(defs["ModelConfig"])[:3] == ["model", "revision", "backend"]
+    assert form_fields(defs["SamplingConfig"]) == ["temperature", "top_p", "top_k", "max_new_tokens", "seed"]
+    assert defs["ModelConfig"]["properties"]["backend"]["enum"] == ["fake", "hf"]
+    assert defs["ScorerConfig"]["properties"]["name"]["enum"] == SCORER_NAMES
+    assert defs["ScorerConfig"]["properties"]["reads"]["items"]["enum"] == ["full", "answer", "reasoning"]
+    if name == "PreferenceConfig":
+        sel = defs["SelectionConfig"]["properties"]
+        assert form_fields(defs["SelectionConfig"]) == ["strategy", "scorer", "direction", "pairs", "judge",
+                                                         "min_margin", "require_stop"]
+        assert sel["strategy"]["enum"] == ["signal", *STRATEGY_NAMES]
+        assert sel["judge"]["anyOf"] == [{"type": "string", "enum": SCORER_NAMES}, {"type": "null"}]
+        assert "enum" not in json.dumps(sel["scorer"])  # scorer:detail is free text
+    if name == "EvaluateConfig":
+        strategies = defs["EvaluateConfig"]["properties"]["strategies"]
+        assert strategies["anyOf"] == [{"type": "array", "items": {"type": "string", "enum": STRATEGY_NAMES}},
+                                       {"type": "null"}]
+
+
+def test_the_run_form_lists_what_a_user_changes_first_and_registry_names_as_drop_downs():
+    from dafactory.flows.deploy import deployment
+    from dafactory.tasks.config import DistillConfig, EvaluateConfig, PreferenceConfig
+
+    for cls in (PreferenceConfig, DistillConfig, EvaluateConfig):  # every field has its place
+        assert sorted(cls.form_order()) == sorted(cls.model_fields)
+        assert cls.form_order() == FORMS[cls.__name__] + PLUMBING
+    path = ROOT / "configs" / "deploy.yaml"
+    for spec in load_deploy_config(str(path)).deployments:
+        schema = deployment(spec, path.parent)._parameter_openapi_schema.model_dump_for_openapi()
+        check_run_form(json.loads(json.dumps(schema)))
 
 
 def test_a_bad_cron_is_one_clear_line(tmp_path):

@@ -121,6 +121,17 @@ def test_invalid_parameters_are_rejected_by_the_server(served):
         client.create_flow_run_from_deployment(dep.id, parameters=params)
 
 
+def test_the_run_form_the_server_keeps_has_its_order_and_drop_downs(served):
+    from tests.test_infra import check_run_form
+
+    client, dep = served["client"], served["deployment"]
+    check_run_form(client.read_deployment(dep.id).parameter_openapi_schema)  # as stored, as the UI reads it
+    params = {"config": dict(dep.parameters["config"], student=dict(dep.parameters["config"]["student"],
+                                                                    backend="vllm"))}
+    with pytest.raises(Exception, match="(?i)validation"):  # not among the drop-down's choices
+        client.create_flow_run_from_deployment(dep.id, parameters=params)
+
+
 def test_the_cron_schedule_creates_runs_and_the_gpu_limit_exists(served):
     from prefect.client.schemas.filters import (
         DeploymentFilter,
