@@ -86,20 +86,21 @@ def test_a_failed_rebuild_keeps_the_last_version(tmp_path, run_flow):
     run_flow(build_config(PreferenceConfig, None, common))
     write_jsonl(tmp_path / "p.jsonl", [{"prompt": f"question number {i}"} for i in range(6)]
                 + [{"prompt": "poison question"}])
-    # the new prompt's shard fails every time: the rebuild fails, and version 1 stays the dataset
-    with pytest.raises(ShardsFailed, match=r"1 of 4 shards failed after retries; version 1 stays the dataset"):
+    # the new prompt's shard (the folder keeps its 3 id ranges: the poison shares one with "question
+    # number 3") fails every time: the rebuild fails, and version 1 stays the dataset
+    with pytest.raises(ShardsFailed, match=r"1 of 3 shards failed after retries; version 1 stays the dataset"):
         run_flow(build_config(PreferenceConfig, None, common))
     ds = DatasetDir(str(tmp_path / "out"), "v")
     assert ds.read_manifest()["version"] == 1 and verify(ds).problems == []
-    assert ds.read_rebuild()["shards"]["failed"][0]["prompts"] == 1
+    assert ds.read_rebuild()["shards"]["failed"][0]["prompts"] == 2
     shown = subprocess.run([sys.executable, "-m", "dafactory.flows.cli", "inspect", ds.uri], capture_output=True,
                            text=True, cwd=ROOT)
-    assert "a rebuild is INCOMPLETE (3 of 4 shards, 1 failed" in shown.stdout
+    assert "a rebuild is INCOMPLETE (2 of 3 shards, 1 failed" in shown.stdout
     # fixed input: the re-run resumes the staged shards, commits version 2 and shows what changed
     write_jsonl(tmp_path / "p.jsonl", [{"prompt": f"question number {i}"} for i in range(6)]
                 + [{"prompt": "a good question"}])
     manifest = run_flow(build_config(PreferenceConfig, None, common))
-    assert (manifest["version"], manifest["shards"]["resumed"], manifest["shards"]["built"]) == (2, 3, 1)
+    assert (manifest["version"], manifest["shards"]["resumed"], manifest["shards"]["built"]) == (2, 2, 1)
     assert ds.read_rebuild() is None
     diff = subprocess.run([sys.executable, "-m", "dafactory.flows.cli", "inspect", ds.uri, "--version", "1"],
                           capture_output=True, text=True, cwd=ROOT)
