@@ -10,14 +10,14 @@ to zstd Parquet. Prints candidate rows/s for both, their ratio, and peak RSS (dr
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import resource
 import tempfile
 import threading
 import time
 from pathlib import Path
+
+from common import arguments, write_prompts
 
 os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -51,11 +51,7 @@ class RayRssSampler(threading.Thread):
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--prompts", type=int, default=100_000)
-    ap.add_argument("--n", type=int, default=4)
-    ap.add_argument("--shard-size", type=int, default=2000)
-    args = ap.parse_args()
+    args = arguments(__doc__.splitlines()[0])
 
     import pyarrow.parquet as pq
 
@@ -64,11 +60,7 @@ def main() -> None:
     from dafactory.tasks.io.storage import DatasetDir
 
     work = Path(tempfile.mkdtemp(prefix="dafactory-bench-"))
-    src = work / "prompts.jsonl"
-    with src.open("w") as f:
-        for i in range(args.prompts):
-            cat = "benign" if i % 3 == 0 else "harm"
-            f.write(json.dumps({"prompt": f"question {i}: how would someone do thing {i % 97}?", "category": cat}) + "\n")
+    src = write_prompts(work / "prompts.jsonl", args.prompts)
 
     cfg = build_config(
         PreferenceConfig, None,

@@ -13,7 +13,6 @@ Prints candidate rows/s for each and the ratio (ours / Ray Data).
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
@@ -21,6 +20,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from common import arguments, write_prompts
 
 RAY_DATA = r'''
 import json, sys, time
@@ -58,19 +59,11 @@ ds.write_parquet(out)
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--prompts", type=int, default=100_000)
-    ap.add_argument("--n", type=int, default=4)
-    ap.add_argument("--shard-size", type=int, default=2000)
-    args = ap.parse_args()
+    args = arguments(__doc__.splitlines()[0])
     env = dict(os.environ, DO_NOT_TRACK="1", PREFECT_SERVER_ANALYTICS_ENABLED="false", RAY_USAGE_STATS_ENABLED="0",
                PREFECT_LOGGING_LEVEL="WARNING")
     work = Path(tempfile.mkdtemp(prefix="dafactory-vs-raydata-"))
-    src = work / "prompts.jsonl"
-    with src.open("w") as f:
-        for i in range(args.prompts):
-            cat = "benign" if i % 3 == 0 else "harm"
-            f.write(json.dumps({"prompt": f"question {i}: how would someone do thing {i % 97}?", "category": cat}) + "\n")
+    src = write_prompts(work / "prompts.jsonl", args.prompts)
 
     exe = Path(sys.executable).with_name("dafactory")
     t0 = time.perf_counter()

@@ -1,0 +1,24 @@
+"""What the orchestration benchmarks share: their arguments and the prompt file they all read."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def arguments(description: str) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("--prompts", type=int, default=100_000)
+    ap.add_argument("--n", type=int, default=4)
+    ap.add_argument("--shard-size", type=int, default=2000)
+    return ap.parse_args()
+
+
+def write_prompts(path: Path, count: int) -> Path:
+    """`count` distinct prompts, a third of them benign, as JSONL with prompt and category."""
+    with path.open("w") as f:
+        for i in range(count):
+            cat = "benign" if i % 3 == 0 else "harm"
+            f.write(json.dumps({"prompt": f"question {i}: how would someone do thing {i % 97}?", "category": cat}) + "\n")
+    return path
