@@ -1,7 +1,6 @@
 """Nothing lost, nothing duplicated: `verify` catches tampering, and runs survive killed workers, a killed
 or stopped flow process and a failing shard, with every input row accounted for."""
 
-import json
 import os
 import signal
 import subprocess

@@ -1,6 +1,5 @@
 """Output on S3 through a real S3 endpoint on loopback (moto in server mode, as s3fs's own tests do)."""
 
-import json
 import os
 import time
 

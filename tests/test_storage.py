@@ -3,7 +3,6 @@
 import json
 import posixpath
 
-import pyarrow as pa
 import pytest
 
 from dafactory.tasks.errors import UserError
