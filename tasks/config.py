@@ -332,6 +332,7 @@ class EvaluateConfig(RunConfig):
         None, description="The student's base model (before alignment); read from the adapter config when "
         "the student is a PEFT adapter. Empty otherwise means the student itself (a degenerate setting)."
     )
+    base_revision: str | None = Field(None, description="Hub revision of the base model (branch, tag or commit).")
     layers: list[int] = Field(default_factory=lambda: [12], min_length=1,
                               description="Hidden-state layers for the latent signal; the first ranks.")
     system_prompt: str | None = Field(None, description="System message put before each request.")
