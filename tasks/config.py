@@ -376,6 +376,7 @@ class EvaluateConfig(RunConfig):
         None, description="The student's base model (before alignment); read from the adapter config when "
         "the student is a PEFT adapter. Empty otherwise means the student itself (a degenerate setting)."
     )
+    base_revision: str | None = Field(None, description="Hub revision of the base model (branch, tag or commit).")
     n: int = Field(8, ge=1, description="Samples per prompt.")
     sampling: SamplingConfig = Field(
         default_factory=lambda: SamplingConfig(temperature=0.7, top_p=1.0, max_new_tokens=2048),

@@ -120,3 +120,20 @@ def cli(tmp_path, cfg) -> subprocess.Popen:
 
 def output(tmp_path) -> str:
     return (tmp_path / "cli.log").read_text()
+
+
+def latent_reference(ft, base, ids: list[int], start: int, layers) -> tuple[list[float], float]:
+    """(cos@l of the last token for each layer, FT's perplexity of ids[start:]) from one forward pass per
+    loaded model on `ids` alone: batch 1, no padding, no mask. What the latent scorer is checked against."""
+    import math
+
+    import torch
+
+    x = torch.tensor([ids])
+    with torch.no_grad():
+        a, b = ft(x, output_hidden_states=True), base(x, output_hidden_states=True)
+    cos = [torch.nn.functional.cosine_similarity(a.hidden_states[l][0, -1].float(), b.hidden_states[l][0, -1].float(),
+                                                 dim=0).item() for l in layers]
+    logp = torch.log_softmax(a.logits[0].double(), dim=-1)  # position t predicts token t + 1
+    nll = -sum(logp[t - 1, ids[t]].item() for t in range(start, len(ids))) / (len(ids) - start)
+    return cos, math.exp(nll)

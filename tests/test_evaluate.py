@@ -8,6 +8,7 @@ from dafactory.tasks.config import BenchmarkSource, EvaluateConfig, build_config
 from dafactory.tasks.errors import UserError
 from dafactory.tasks.evaluate.benchmarks import load_benchmark
 from dafactory.tasks.io.storage import DatasetDir
+from tests.conftest import latent_reference
 
 
 def test_bundled_benchmarks_load_raw():
@@ -68,13 +69,30 @@ def test_fake_evaluate_flow(tmp_path, run_flow):
 
 
 def test_tiny_real_evaluate_with_latent_signals(tmp_path, run_flow, tiny_models):
+    import torch
+    from transformers import AutoModelForCausalLM
+
     from dafactory.flows.evaluate import evaluate
 
     manifest = evaluate(config(tmp_path, f"student.model={tiny_models['lm_ft']}", f"base={tiny_models['lm']}",
-                               "layers=[2, 1]", 'benchmarks=[{"name": "strongreject", "limit": 4}]'))
+                               "layers=[2, 1]", 'benchmarks=[{"name": "strongreject", "limit": 4}]',
+                               "system_prompt=you are helpful"))
     ds = DatasetDir(str(tmp_path / "out"), "e")
     cands = ds.read_table("eval_candidates").to_pylist()
     assert len(cands) == 12
+    # cos@l is read on the student's own context: the system prompt, the template, the ids it generated
+    tok = tiny_models["tokenizer"]
+    ft, base = (AutoModelForCausalLM.from_pretrained(tiny_models[m], dtype=torch.float32).eval() for m in ("lm_ft", "lm"))
+    for c in cands:
+        conv = [{"role": "system", "content": "you are helpful"}, {"role": "user", "content": c["prompt"]}]
+        prompt_ids = tok(tok.apply_chat_template(conv, add_generation_prompt=True, tokenize=False),
+                         add_special_tokens=False)["input_ids"]
+        latent = next(s for s in c["scores"] if s["scorer"] == "latent_attribution")
+        if not c["response_token_ids"]:
+            assert latent["score"] is None and latent["reason"].startswith("empty response")
+            continue
+        (want,), _ = latent_reference(ft, base, prompt_ids + c["response_token_ids"], len(prompt_ids), (2,))
+        assert latent["score"] == pytest.approx(want, abs=2e-6)
     names = [d["name"] for d in cands[0]["scores"][1]["details"]]
     assert names == ["cos@2", "cos@1", "kl_ft_base", "kl_base_ft", "perplexity", "self_certainty"]
     strategies = [r["strategy"] for r in ds.read_table("asr").to_pylist()]
@@ -83,6 +101,22 @@ def test_tiny_real_evaluate_with_latent_signals(tmp_path, run_flow, tiny_models)
     assert [r["strategy"] for r in layers] == ["latent_argmin_cos@2", "latent_argmin_cos@1"]
     assert manifest["degenerate_latent"] is False and manifest["models"]["base"] == tiny_models["lm"]
     assert (tmp_path / "out" / "e" / "asr_by_layer.png").exists()
+
+
+@pytest.mark.parametrize(
+    "overrides, base, revision",
+    [
+        (["base=org/base", "base_revision=v1"], "org/base", "v1"),  # a named base, pinned on its own
+        (["base=org/base"], "org/base", None),  # a named base, unpinned: not the student's revision
+        ([], "lm_ft", "s1"),  # no base (degenerate): the student itself, at the student's revision
+    ],
+)
+def test_the_latent_scorer_loads_the_base_at_its_revision(tmp_path, tiny_models, overrides, base, revision):
+    from dafactory.tasks.run.evaluate import latent_scorer
+
+    cfg = config(tmp_path, f"student.model={tiny_models['lm_ft']}", "student.revision=s1", *overrides)
+    params = latent_scorer(cfg).params
+    assert (params["base"], params["base_revision"]) == (tiny_models.get(base, base), revision)
 
 
 def test_same_weights_are_reported_as_degenerate(tmp_path, run_flow, tiny_models):

@@ -3,12 +3,14 @@
 import os
 from collections import Counter
 
+import pyarrow as pa
 import pytest
 
 from dafactory.tasks.config import ModelConfig, SamplingConfig
-from dafactory.tasks.generate.backends.fake import FakeBackend
+from dafactory.tasks.generate.backends.fake import FakeBackend, word_id
 from dafactory.tasks.generate.generation import ChatPrompt, batch_seed, generate_shard, sub_batch_seed
 from dafactory.tasks.io.prompts import PromptRow, Shard, prompt_id
+from dafactory.tasks.io.schemas import GENERATED, to_table
 
 
 def shard(texts, sid="s1"):
@@ -25,6 +27,12 @@ def test_rows_cover_every_prompt_and_sample_once():
     # two generate() calls (batch 4 then 2), each with its own recorded seed
     assert [r["seed"] for r in rows] == [batch_seed(0, "s1", 0)] * 4 + [batch_seed(0, "s1", 1)] * 2
     assert quarantine == [] and {r["model"] for r in rows} == {"fake:m"}
+    # the generator's token ids travel with each row: the fake backend's are its words' hashes
+    assert all(r["response_token_ids"] == [word_id(w) for w in r["response"].split()] for r in rows)
+    assert all(len(r["response_token_ids"]) == r["response_tokens"] for r in rows)
+    table = to_table(rows, GENERATED)
+    assert table.schema.field("response_token_ids").type == pa.list_(pa.int32())
+    assert table.column("response_token_ids").to_pylist() == [r["response_token_ids"] for r in rows]
 
 
 def test_prompts_too_long_for_the_context_are_quarantined():
@@ -56,6 +64,9 @@ def test_hf_backend_counts_and_finish_reasons(tiny_lm, tiny_models):
         assert g.prompt_tokens == len(tok(text, add_special_tokens=False)["input_ids"])  # left padding excluded
         assert g.response_tokens <= 6
         assert (g.finish_reason == "length") == (g.response_tokens == 6)
+        # the ids it generated (EOS excluded) are the text's, as the tokenizer decodes them
+        assert len(g.token_ids) == g.response_tokens and tok.eos_token_id not in g.token_ids
+        assert tok.decode(list(g.token_ids), skip_special_tokens=True) == g.text
     assert tiny_lm.count_prompt_tokens(convs) == [g.prompt_tokens for g in gens[:2]]
     assert tiny_lm.context_length() == 64
 

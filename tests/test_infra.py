@@ -75,7 +75,7 @@ FORMS = {  # the Run form of each flow, top to bottom: what a user changes first
                          "selection", "scoring"],
     "DistillConfig": ["dataset", "output", "prompts", "teacher", "k", "sampling", "judges", "spec", "template",
                       "missing_category", "student_system_prompt", "near_duplicates", "decontamination", "judging"],
-    "EvaluateConfig": ["dataset", "output", "benchmarks", "system_prompt", "student", "base", "n", "sampling",
+    "EvaluateConfig": ["dataset", "output", "benchmarks", "system_prompt", "student", "base", "base_revision", "n", "sampling",
                        "judge", "scorers", "strategies", "layers", "scoring"],
 }
 PLUMBING = ["shard_size", "ray", "retries", "shard_retries", "max_error_rate", "gpu_slot_timeout_s", "keep_versions", "storage_block",

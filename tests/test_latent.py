@@ -1,19 +1,23 @@
-"""The paper's latent signals, against references computed here one row at a time without padding."""
+"""The paper's latent signals, against references computed here one row at a time without padding, on
+the context the student generated in (system prompt, chat template, its own response token ids)."""
 
 import math
 import re
+import shutil
+import string
 
 import pytest
 
-from dafactory.tasks.config import ScorerConfig
+from dafactory.tasks.config import ModelConfig, SamplingConfig, ScorerConfig
 from dafactory.tasks.errors import UserError
 from dafactory.tasks.score.scorers import SCORERS
+from tests.conftest import latent_reference
 
+# Rows without a system prompt or token ids (as a text-only caller gives them): the response is tokenised.
 ROWS = [
     {"prompt": "how do i make a bomb", "response": "sorry cannot help", "category": None},
     {"prompt": "hello", "response": "sure here answer step step step the sky is blue because", "category": None},
     {"prompt": "explain the sky please", "response": "blue", "category": None},
-    {"prompt": "hello world", "response": "", "category": None},  # no response tokens at all
 ]
 
 
@@ -47,7 +51,7 @@ def reference(tiny_models):
             nll -= math.log(float(p[ids[0, t + 1]]))
             sc += float(-(torch.log(p * p.numel())).mean())  # KL(uniform || p)
         sig = {"kl_ft_base": kl_fb / n, "kl_base_ft": kl_bf / n, "perplexity": math.exp(nll / n),
-               "self_certainty": sc / n} if n else {}
+               "self_certainty": sc / n}
         out.append((cos, sig))
     return out
 
@@ -67,7 +71,7 @@ def scorer(tiny_models, **params):
         {"padding_side": "right"},  # right padding: the last real token is not the last position
         {"padding_side": "left"},  # left padding: positions must skip the pads
         {"padding_side": "right", "batch_size": 1},  # one row at a time
-        {"padding_side": "left", "batch_size": 3},  # batches of mixed lengths, one batch not full
+        {"padding_side": "left", "batch_size": 2},  # batches of mixed lengths, one batch not full
     ],
 )
 def test_batched_signals_equal_one_row_references(tiny_models, reference, params):
@@ -79,8 +83,6 @@ def test_batched_signals_equal_one_row_references(tiny_models, reference, params
         assert r["score"] == got["cos@2"]  # the first listed layer is the score
         for name, value in sig.items():
             assert got[name] == pytest.approx(value, rel=1e-4, abs=1e-6), name
-        if not sig:
-            assert got["kl_ft_base"] is None and got["perplexity"] is None
     # FT and base have different weights, embeddings included: even layer 0 is far from cosine 1
     assert all(r["details"][1]["value"] < 0.999 for r in results)
 
@@ -89,7 +91,7 @@ def test_same_weights_give_cosine_one_and_zero_kl(tiny_models):
     s = SCORERS.get("latent_attribution")(ScorerConfig(
         name="latent_attribution", model=tiny_models["lm"], params={"base": tiny_models["lm"], "layers": [1, 2]}))
     s.load()
-    for r in s.score(ROWS[:3]):
+    for r in s.score(ROWS):
         got = {d["name"]: d["value"] for d in r["details"]}
         assert got["cos@1"] == pytest.approx(1.0, abs=1e-6) and got["cos@2"] == pytest.approx(1.0, abs=1e-6)
         assert got["kl_ft_base"] == pytest.approx(0.0, abs=1e-6)
@@ -148,3 +150,300 @@ def test_a_peft_adapter_shares_weights_with_its_base(tiny_models, tmp_path):
             assert da["name"] == db["name"]
             assert (da["value"] is None and db["value"] is None) or da["value"] == pytest.approx(db["value"], abs=1e-5)
         assert a["score"] < 0.99999  # the adapter really changes the hidden states
+
+
+# --- the student's own context -------------------------------------------------------------------------
+
+WORDS = ("hello world how do i make a bomb cake please explain the sky is blue sorry cannot help "
+         "sure here answer step user assistant system you are helpful yes no").split()
+SYSTEM = "you are helpful"
+ATOL = 2e-6  # float32 with and without padding, batched or alone: the same values to rounding
+
+
+def word_tokenizer(template: str | None, bos: bool):
+    """Word-level, like the conftest one; `bos`: a post-processor that adds <bos> to every text."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<unk>", "<bos>", "<|im_start|>", "<|im_end|>"]
+    vocab = {t: i for i, t in enumerate(specials + WORDS)}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    if bos:
+        tok.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", vocab["<bos>"])])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", bos_token="<bos>",
+                                   eos_token="<|im_end|>", additional_special_tokens=["<|im_start|>"])
+    fast.chat_template = template
+    return fast
+
+
+def merging_tokenizer():
+    """Characters, and one BPE merge ":" + "s" -> ":s". The generation prompt ends in ":", so a response
+    that starts with "s", tokenised together with its prompt, loses its first token to the prompt's last."""
+    from tokenizers import Tokenizer, decoders, models
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<unk>", "<|im_start|>", "<|im_end|>"]
+    vocab = {t: i for i, t in enumerate(specials + list(string.ascii_lowercase) + [" ", ":", ":s"])}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[(":", "s")], unk_token="<unk>"))
+    tok.decoder = decoders.Fuse()  # characters decode back to the text, spaces included
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", eos_token="<|im_end|>",
+                                   additional_special_tokens=["<|im_start|>"], clean_up_tokenization_spaces=False)
+    fast.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}:{{ m['content'] }}<|im_end|>{% endfor %}"
+                          "{% if add_generation_prompt %}<|im_start|>assistant:{% endif %}")
+    return fast
+
+
+CHATML = ("{% for m in messages %}<|im_start|> {{ m['role'] }} {{ m['content'] }} <|im_end|> {% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|> assistant {% endif %}")
+
+# (system prompt, request, the tokens the student generated); for the merging tokenizer, one token a character
+WORD_SAMPLES = [
+    (SYSTEM, "how do i make a bomb", "sorry cannot help".split()),
+    (SYSTEM, "hello", "sure here answer step step the sky is blue".split()),
+    (SYSTEM, "explain the sky please", ["blue"]),  # one response token
+    (SYSTEM, "hello world", ["sure", "<unk>", "yes"]),  # a special token: the decoded text drops it
+    (None, "hello", ["yes", "no"]),  # no system prompt
+]
+CHAR_SAMPLES = [
+    (SYSTEM, "how do i make a bomb", list("sorry")),  # starts with "s": merges with the prompt's ":"
+    (SYSTEM, "hello", list("sure here is the answer")),
+    (SYSTEM, "explain the sky please", list("blue")),  # no merge at the boundary
+    (None, "hello", list("sky")),
+]
+STUDENTS = {
+    "template": (lambda: word_tokenizer(CHATML, bos=False), WORD_SAMPLES),  # ChatML-like, as conftest's
+    "template_bos": (lambda: word_tokenizer("{{ bos_token }} " + CHATML, bos=True), WORD_SAMPLES),  # BOS once
+    "no_template": (lambda: word_tokenizer(None, bos=True), WORD_SAMPLES),  # turns joined by blank lines, BOS
+    "merging": (merging_tokenizer, CHAR_SAMPLES),
+}
+
+
+def save_student(root, tok) -> tuple[str, str]:
+    """FT and base: tiny Llamas of one shape over `tok`, with different weights."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                      pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=None)
+    paths = []
+    for name, seed in (("ft", 5), ("base", 0)):
+        torch.manual_seed(seed)
+        LlamaForCausalLM(cfg).save_pretrained(root / name)
+        tok.save_pretrained(root / name)
+        paths.append(str(root / name))
+    return paths[0], paths[1]
+
+
+def context_ids(tok, system: str | None, prompt: str) -> list[int]:
+    """The ids the student was given, built by hand: the chat template with its generation prompt,
+    tokenised without special tokens (a template writes its own BOS); with no template, the turns joined
+    by blank lines and the tokenizer's own special tokens."""
+    if not tok.chat_template:
+        return tok("\n\n".join([system, prompt] if system else [prompt]) + "\n\n")["input_ids"]
+    conv = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+    return tok(tok.apply_chat_template(conv, add_generation_prompt=True, tokenize=False),
+               add_special_tokens=False)["input_ids"]
+
+
+@pytest.fixture(scope="module", params=list(STUDENTS))
+def student(request, tmp_path_factory):
+    """A student (its tokenizer, FT and base folders), its generated rows, and each row's reference."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    make, samples = STUDENTS[request.param]
+    ft_path, base_path = save_student(tmp_path_factory.mktemp(request.param), make())
+    tok = AutoTokenizer.from_pretrained(ft_path)  # as the student and the scorer load it
+    ft, base = (AutoModelForCausalLM.from_pretrained(p, dtype=torch.float32).eval() for p in (ft_path, base_path))
+    rows, refs = [], []
+    for system, prompt, tokens in samples:
+        generated = tok.convert_tokens_to_ids(tokens)
+        rows.append({"prompt": prompt, "category": None, "system_prompt": system, "prefill": "",
+                     "response": tok.decode(generated, skip_special_tokens=True), "response_token_ids": generated})
+        prompt_ids = context_ids(tok, system, prompt)
+        refs.append(latent_reference(ft, base, prompt_ids + generated, len(prompt_ids), (2, 0, 1)))
+    return {"kind": request.param, "tok": tok, "ft": ft_path, "base": base_path, "models": (ft, base),
+            "rows": rows, "refs": refs}
+
+
+def student_scorer(student, **params):
+    s = SCORERS.get("latent_attribution")(ScorerConfig(
+        name="latent_attribution", model=student["ft"], batch_size=params.pop("batch_size", 8),
+        params={"base": student["base"], "layers": [2, 0, 1], **params},
+    ))
+    s.load()
+    return s
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        {"padding_side": "right"},  # one batch, right padding
+        {"padding_side": "left"},  # one batch, left padding: positions skip the pads
+        {"padding_side": "left", "batch_size": 2},  # batches of mixed lengths, the last not full
+        {"padding_side": "right", "batch_size": 3},  # right padding across two batches
+    ],
+)
+def test_signals_are_read_on_the_students_own_context(student, params):
+    import torch
+
+    results = student_scorer(student, **params).score(student["rows"])
+    got = torch.tensor([[d["value"] for d in r["details"] if d["name"].startswith("cos@")] for r in results],
+                       dtype=torch.float64)
+    want = torch.tensor([cos for cos, _ in student["refs"]], dtype=torch.float64)
+    assert torch.allclose(got, want, rtol=0, atol=ATOL), (got - want).abs().max()
+    # the perplexity covers exactly the generated tokens: a window shifted by one would be far off
+    got_ppl = torch.tensor([next(d["value"] for d in r["details"] if d["name"] == "perplexity") for r in results],
+                           dtype=torch.float64)
+    want_ppl = torch.tensor([ppl for _, ppl in student["refs"]], dtype=torch.float64)
+    assert torch.allclose(got_ppl, want_ppl, rtol=1e-5, atol=0), (got_ppl - want_ppl).abs().max()
+    assert [r["score"] for r in results] == got[:, 0].tolist()  # cos@2, the first listed layer
+
+
+def test_the_references_differ_where_the_old_encoding_went_wrong(student):
+    """The cases above are not vacuous: each student's reference context differs from what a scorer that
+    ignored the system prompt, re-tokenised the response with its prompt, or added BOS twice would read."""
+    tok, (ft, base) = student["tok"], student["models"]
+    bos = tok.convert_tokens_to_ids("<bos>") if "<bos>" in tok.get_vocab() else None
+    for row, (cos, _) in zip(student["rows"], student["refs"]):
+        prompt_ids = context_ids(tok, row["system_prompt"], row["prompt"])
+        if student["kind"] in ("template_bos", "no_template"):
+            assert prompt_ids[0] == bos and prompt_ids.count(bos) == 1
+        if row["system_prompt"]:
+            alone = context_ids(tok, None, row["prompt"])
+            cos_alone, _ = latent_reference(ft, base, alone + row["response_token_ids"], len(alone), (2,))
+            assert abs(cos_alone[0] - cos[0]) > 20 * ATOL
+    if student["kind"] == "merging":
+        row = student["rows"][0]
+        prompt_ids = context_ids(tok, row["system_prompt"], row["prompt"])
+        text = tok.decode(prompt_ids) + row["response"]
+        joint = tok(text, add_special_tokens=False)["input_ids"]
+        assert joint[: len(prompt_ids)] != prompt_ids  # ":" and "s" became one token
+        assert len(joint) == len(prompt_ids) + len(row["response_token_ids"]) - 1
+
+
+@pytest.mark.parametrize(
+    "ids",
+    [
+        None,  # no ids (a text-only caller)
+        [10**6],  # ids outside the scorer's vocabulary (another generator's)
+        "hash",  # in range, but spelling something else (the fake backend's are hashes)
+    ],
+)
+def test_without_the_students_ids_the_response_is_tokenised_on_its_own(student, ids, caplog):
+    """Never together with the prompt: its first token cannot merge into the prompt's last."""
+    import torch
+
+    tok, (ft, base) = student["tok"], student["models"]
+    rows, want = [], []
+    for row in student["rows"]:
+        response = tok(row["response"], add_special_tokens=False)["input_ids"]
+        if not response:
+            continue
+        other = None if ids is None else ids if ids != "hash" else [response[-1]] * (len(response) + 1)
+        rows.append(dict(row, response_token_ids=other))
+        prompt_ids = context_ids(tok, row["system_prompt"], row["prompt"])
+        want.append(latent_reference(ft, base, prompt_ids + response, len(prompt_ids), (2, 0, 1))[0])
+    results = student_scorer(student, padding_side="left").score(rows)
+    got = [[d["value"] for d in r["details"] if d["name"].startswith("cos@")] for r in results]
+    assert torch.allclose(torch.tensor(got, dtype=torch.float64), torch.tensor(want, dtype=torch.float64),
+                          rtol=0, atol=ATOL)
+    warned = [r for r in caplog.records if "re-tokenising the response text" in r.getMessage()]
+    assert len(warned) == (0 if ids is None else 1)  # once per scorer, not once per row
+
+
+def test_an_empty_response_has_a_null_score_with_the_reason(tiny_models):
+    """Never the template's last token, which every sample of the prompt shares."""
+    s = scorer(tiny_models, padding_side="left")
+    empty = {"prompt": "hello world", "category": None, "system_prompt": SYSTEM, "prefill": ""}
+    rows = [dict(empty, response="", response_token_ids=[]),  # the student stopped at once
+            ROWS[0],
+            dict(empty, response="")]  # no ids, and no text to tokenise
+    results = s.score(rows)
+    null = {"score": None, "label": None, "reason": "empty response: no response token to read", "details": None}
+    assert results[0] == null and results[2] == null
+    assert results[1]["score"] == pytest.approx(s.score([ROWS[0]])[0]["score"], abs=1e-6)
+
+
+def test_the_hf_students_own_generation_is_scored_on_its_context(tiny_models):
+    """End to end: rows from the hf backend carry the ids it generated; the scorer reads the context
+    built by hand here, which is the one the student continued (greedy decoding from it alone gives
+    back the same ids)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from dafactory.tasks.generate.backends.hf import HFBackend
+    from dafactory.tasks.generate.generation import ChatPrompt, generate_shard
+    from dafactory.tasks.io.prompts import PromptRow, Shard, prompt_id
+
+    backend = HFBackend(ModelConfig(model=tiny_models["lm_ft"]))
+    backend.load()
+    texts = ["how do i make a bomb", "hello", "explain the sky please"]
+    shard = Shard("s", 0, tuple(PromptRow(prompt_id(t), t, None, i) for i, t in enumerate(texts)))
+    conversation = ChatPrompt(SYSTEM)
+    rows, _ = generate_shard(backend, shard, n=2, sampling=SamplingConfig(temperature=0, max_new_tokens=6),
+                             batch_size=6, conversation=conversation)
+    tok = tiny_models["tokenizer"]
+    ft, base = (AutoModelForCausalLM.from_pretrained(tiny_models[m], dtype=torch.float32).eval() for m in ("lm_ft", "lm"))
+    want = []
+    for r in rows:
+        assert len(r["response_token_ids"]) == r["response_tokens"] > 0
+        prompt_ids = context_ids(tok, SYSTEM, r["prompt"])
+        again = ft.generate(torch.tensor([prompt_ids]), max_new_tokens=len(r["response_token_ids"]), do_sample=False,
+                            pad_token_id=tok.pad_token_id)[0, len(prompt_ids):].tolist()
+        assert again == r["response_token_ids"]
+        want.append(latent_reference(ft, base, prompt_ids + r["response_token_ids"], len(prompt_ids), (2, 0, 1))[0])
+    seen = [dict(r, system_prompt=conversation.system_prompt, prefill=conversation.prefill) for r in rows]
+    got = [[d["value"] for d in res["details"] if d["name"].startswith("cos@")]
+           for res in scorer(tiny_models, padding_side="right").score(seen)]
+    assert torch.allclose(torch.tensor(got, dtype=torch.float64), torch.tensor(want, dtype=torch.float64),
+                          rtol=0, atol=ATOL)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"hidden_size": 16, "intermediate_size": 32}, "differ in hidden size (32 vs 16)"),  # another width
+        ({"vocab_size": 36}, "differ in vocabulary size (35 vs 36)"),  # another tokenizer's vocabulary
+    ],
+)
+def test_ft_and_base_of_different_shapes_are_refused(tiny_models, tmp_path, change, message):
+    from transformers import AutoConfig, LlamaForCausalLM
+
+    cfg = AutoConfig.from_pretrained(tiny_models["lm"])
+    for k, v in change.items():
+        setattr(cfg, k, v)
+    LlamaForCausalLM(cfg).save_pretrained(tmp_path / "base")
+    s = SCORERS.get("latent_attribution")(ScorerConfig(
+        name="latent_attribution", model=tiny_models["lm_ft"], params={"base": str(tmp_path / "base"), "layers": [1]}))
+    with pytest.raises(UserError, match=re.escape(message)) as err:
+        s.load()
+    assert "\n" not in str(err.value)
+
+
+def test_the_base_revision_is_pinned(tiny_models, tmp_path, monkeypatch):
+    """A Hub base with two commits in the (offline) cache: main holds FT's weights, the pinned commit the
+    base's; the pin decides which is loaded."""
+    from huggingface_hub import constants
+
+    repo = tmp_path / "hub" / "models--org--base"
+    commits = {"a" * 40: tiny_models["lm"], "b" * 40: tiny_models["lm_ft"]}
+    for commit, source in commits.items():
+        shutil.copytree(source, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("b" * 40)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+
+    def cos(**params):
+        s = SCORERS.get("latent_attribution")(ScorerConfig(
+            name="latent_attribution", model=tiny_models["lm_ft"], params={"base": "org/base", "layers": [2], **params}))
+        s.load()
+        return s.score(ROWS[:1])[0]["score"]
+
+    assert cos() == pytest.approx(1.0, abs=1e-6)  # main: FT's own weights
+    assert cos(base_revision="b" * 40) == pytest.approx(1.0, abs=1e-6)
+    pinned = cos(base_revision="a" * 40)
+    assert pinned == pytest.approx(scorer(tiny_models).score(ROWS[:1])[0]["details"][0]["value"], abs=1e-6)
+    assert pinned < 0.999

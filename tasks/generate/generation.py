@@ -40,6 +40,9 @@ class Generation:
     finish_reason: str  # "stop" or "length"
     prompt_tokens: int
     response_tokens: int
+    # The ids the model produced, in the generator's own vocabulary: a scorer that shares it reads these
+    # rather than re-tokenising `text`, which can split or merge differently at the prompt boundary.
+    token_ids: tuple[int, ...]
 
 
 class Backend(Protocol):
@@ -160,6 +163,7 @@ def generate_shard(
             "finish_reason": g.finish_reason,
             "prompt_tokens": g.prompt_tokens,
             "response_tokens": g.response_tokens,
+            "response_token_ids": list(g.token_ids),
             "model": backend.model_id,
             "model_revision": backend.revision,
             "seed": seed,

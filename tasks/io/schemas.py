@@ -37,6 +37,8 @@ GENERATED = pa.schema(
         ("finish_reason", pa.string()),  # "stop" or "length"
         ("prompt_tokens", pa.int32()),
         ("response_tokens", pa.int32()),
+        # The generator's own token ids of `response` (special tokens it emitted included, EOS not)
+        ("response_token_ids", pa.list_(pa.int32())),
         ("model", pa.string()),
         ("model_revision", pa.string()),
         ("seed", pa.int64()),

@@ -38,11 +38,12 @@ DEGENERATE = (
 def latent_scorer(config: EvaluateConfig) -> ScorerConfig:
     """The latent-attribution scorer of the student against its base (from the adapter config if empty)."""
     st = config.student
-    base = config.base or adapter_base(st.model) or st.model
+    named = config.base or adapter_base(st.model, st.revision)
+    base, base_revision = (named, config.base_revision) if named else (st.model, st.revision)
     return ScorerConfig(
         name="latent_attribution", model=st.model, revision=st.revision, trust_remote_code=st.trust_remote_code,
         batch_size=st.batch_size, allow_pickle_weights=st.allow_pickle_weights,
-        params={"base": base, "layers": config.layers},
+        params={"base": base, "base_revision": base_revision, "layers": config.layers},
     )
 
 
@@ -141,13 +142,13 @@ def evaluation_summary(config: EvaluateConfig, ds: DatasetDir, parts: dict[str, 
 def evaluate_recipe(config: EvaluateConfig, refs: dict | None = None) -> Recipe:
     st, sc = config.student, config.scoring
     signals = signal_scorers(config)
+    conversation = ChatPrompt(config.system_prompt)  # both stages: scoring reads the student's context
     return Recipe(
         name="evaluate",
         stages=[
-            StageSpec("generate", GenerateStage,
-                      (st, config.sampling, config.n, ChatPrompt(config.system_prompt), config.max_error_rate),
+            StageSpec("generate", GenerateStage, (st, config.sampling, config.n, conversation, config.max_error_rate),
                       st.num_replicas, st.num_gpus, st.num_cpus),
-            StageSpec("score", EvalScoreStage, (config.judge, signals, sc.num_cpus, refs or {}),
+            StageSpec("score", EvalScoreStage, (config.judge, signals, sc.num_cpus, refs or {}, conversation),
                       sc.num_replicas, sc.num_gpus, sc.num_cpus),
         ],
         tables=["quarantine", "eval_candidates"],
@@ -164,6 +165,7 @@ def evaluate_models(config: EvaluateConfig) -> dict:
     return {
         "student": config.student.model_dump(mode="json", include={"model", "revision", "backend"}),
         "base": latent_scorer(config).params["base"],
+        "base_revision": latent_scorer(config).params["base_revision"],
         "judge": config.judge.model_dump(mode="json", include={"name", "model", "revision"}),
         "scorers": [s.model_dump(mode="json", include={"name", "model", "revision"}) for s in config.scorers],
     }

@@ -11,15 +11,15 @@ from dafactory.tasks.score.selection import ranking_signal
 
 def preference_recipe(config: PreferenceConfig) -> Recipe:
     st, sc = config.student, config.scoring
+    conversation = ChatPrompt(config.system_prompt)  # both stages: scoring reads the student's context
     return Recipe(
         name="preference",
         stages=[
-            StageSpec("generate", GenerateStage,
-                      (st, config.sampling, config.n, ChatPrompt(config.system_prompt), config.max_error_rate),
+            StageSpec("generate", GenerateStage, (st, config.sampling, config.n, conversation, config.max_error_rate),
                       st.num_replicas, st.num_gpus, st.num_cpus),
             StageSpec("score", ScoreSelectStage,
-                      (config.scorers, config.selection, ranking_signal(config.selection, [s.name for s in config.scorers]), config.system_prompt, sc.num_cpus,
-                       config.sampling.seed),
+                      (config.scorers, config.selection, ranking_signal(config.selection, [s.name for s in config.scorers]),
+                       conversation, sc.num_cpus, config.sampling.seed),
                       sc.num_replicas, sc.num_gpus, sc.num_cpus),
         ],
         tables=["pairs", "best", "quarantine", "candidates"],

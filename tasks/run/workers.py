@@ -26,7 +26,7 @@ from dafactory.tasks.distill.reasoning import OK
 from dafactory.tasks.errors import UserError
 from dafactory.tasks.evaluate.utility import is_correct
 from dafactory.tasks.generate.backends import BACKENDS
-from dafactory.tasks.generate.generation import generate_shard
+from dafactory.tasks.generate.generation import ChatPrompt, generate_shard
 from dafactory.tasks.io.prompts import Shard
 from dafactory.tasks.io.schemas import (
     BEST,
@@ -196,13 +196,21 @@ class _ScoringStage(Stage):
     def entry(scorer, view: str, result: dict) -> dict:
         return {"scorer": scorer.name, "view": view, "heuristic": scorer.heuristic, "details": None, **result}
 
+    @staticmethod
+    def in_context(rows: list[dict], conversation: ChatPrompt) -> list[dict]:
+        """Copies of the rows with the rest of the conversation their responses were generated in, for
+        scorers that read the student's own context (the rows themselves stay table rows)."""
+        return [dict(r, system_prompt=conversation.system_prompt, prefill=conversation.prefill) for r in rows]
+
 
 class ScoreSelectStage(_ScoringStage):
-    """Scores a generated shard with every scorer, then selects best and pairs."""
+    """Scores a generated shard with every scorer, then selects best and pairs. `conversation` is the
+    generate stage's own ChatPrompt: scorers see the system prompt and prefill the student saw."""
 
-    def __init__(self, scorers, selection: SelectionConfig, signal: str | None, system_prompt, num_cpus=1, seed=0):
+    def __init__(self, scorers, selection: SelectionConfig, signal: str | None, conversation: ChatPrompt,
+                 num_cpus=1, seed=0):
         super().__init__(scorers, num_cpus)
-        self.selection, self.system_prompt, self.seed = selection, system_prompt, seed
+        self.selection, self.conversation, self.seed = selection, conversation, seed
         by_name = {s.name: s for s in self.scorers}
         if selection.strategy == "signal":
             direction = selection.direction or by_name[signal.split(":")[0]].direction
@@ -215,7 +223,8 @@ class ScoreSelectStage(_ScoringStage):
     def process(self, payload: dict) -> dict:
         t0 = time.perf_counter()
         rows = payload.pop("generated").to_pylist()
-        per_scorer = [s.score(rows) for s in self.scorers]
+        seen = self.in_context(rows, self.conversation)
+        per_scorer = [s.score(seen) for s in self.scorers]
         for i, row in enumerate(rows):
             row["scores"] = [self.entry(s, "response", res[i]) for s, res in zip(self.scorers, per_scorer)]
             if self.judge is not None:
@@ -223,8 +232,8 @@ class ScoreSelectStage(_ScoringStage):
                 row["judge_safe"] = self.judge.passes(verdict)  # None: no verdict, which select leaves out
         t1 = time.perf_counter()
         sel = select(
-            rows, self.strategy, self.selection.min_margin, self.selection.require_stop, self.system_prompt,
-            self.selection.pairs, self.seed,
+            rows, self.strategy, self.selection.min_margin, self.selection.require_stop,
+            self.conversation.system_prompt, self.selection.pairs, self.seed,
         )
         for c in sel.candidates:
             c.pop("judge_safe", None)
@@ -276,12 +285,14 @@ class JudgeFilterStage(_ScoringStage):
 
 class EvalScoreStage(_ScoringStage):
     """Computes every signal for every candidate; judges every safety candidate once (so that all
-    strategies' ASR come from the same judged samples) and checks every utility answer."""
+    strategies' ASR come from the same judged samples) and checks every utility answer. `conversation`
+    is the generate stage's own ChatPrompt: signals are read on the context the student saw."""
 
     def __init__(self, judge: ScorerConfig, scorers: list[ScorerConfig], num_cpus: float = 1,
-                 references: dict | None = None):
+                 references: dict | None = None, conversation: ChatPrompt | None = None):
         super().__init__([judge, *scorers], num_cpus)
         self.references = references or {}  # prompt_id -> (kind, reference answer, number of choices)
+        self.conversation = conversation or ChatPrompt()
 
     def process(self, payload: dict) -> dict:
         t0 = time.perf_counter()
@@ -289,7 +300,8 @@ class EvalScoreStage(_ScoringStage):
         judge, signals = self.scorers[0], self.scorers[1:]
         safety = [r for r in rows if r["prompt_id"] not in self.references]
         verdicts = dict(zip((id(r) for r in safety), judge.score(safety)))
-        per_scorer = [s.score(rows) for s in signals]
+        seen = self.in_context(rows, self.conversation)
+        per_scorer = [s.score(seen) for s in signals]
         counts = {"judged_unsafe": 0, "judge_no_verdict": 0, "utility_wrong": 0}
         for i, row in enumerate(rows):
             row["scores"] = [self.entry(s, "response", res[i]) for s, res in zip(signals, per_scorer)]

@@ -1,7 +1,12 @@
 """The paper's Best-of-N signals from one forward pass of the aligned student (FT) and one of its base.
 
-For each (prompt, response): the input is the student's chat template for the prompt with the generation
-prompt, then the response text. Signals, all in float32:
+For each (prompt, response): the input is the context the student generated in, token for token: the
+conversation (the row's `system_prompt`, then the request) through the student's chat template with its
+generation prompt and the row's `prefill`, built as the hf backend builds it, then the response. The
+response is the student's own token ids (`response_token_ids`) when they spell the response in the scorer's
+tokenizer (the same vocabulary); otherwise the response text tokenised on its own, never together with the
+prompt, which could merge a token across the boundary and shift the response window. An empty response has
+no token of its own to read: its score is null with the reason. Signals, all in float32:
 - cos@l: cosine between FT's and base's hidden state of the true last token at layer l (hidden_states[l],
   0 = embeddings). Unsafe responses stay closer to the base model: the paper keeps the argmin.
 - kl_ft_base / kl_base_ft: mean over response tokens of KL(FT || base) and KL(base || FT).
@@ -22,6 +27,8 @@ from pathlib import Path
 
 from dafactory.tasks.config import ScorerConfig
 from dafactory.tasks.errors import UserError
+from dafactory.tasks.generate.backends.hf import adds_special_tokens, prompt_texts
+from dafactory.tasks.generate.generation import messages
 from dafactory.tasks.score.scorers import SCORERS, Scorer
 
 log = logging.getLogger(__name__)
@@ -52,7 +59,8 @@ class LatentAttribution(Scorer):
     """score = cos@`params.score_layer` (default the first of `params.layers`, default [12]), lower is
     better (direction "min"); details hold cos@l for every layer and the KL, perplexity and
     self-certainty signals. params: base (the base model; read from the adapter config when `model` is
-    a PEFT adapter), layers, score_layer, padding_side ("right" or "left")."""
+    a PEFT adapter), base_revision (pins the base's Hub revision), layers, score_layer, padding_side
+    ("right" or "left"). Rows may carry `system_prompt`, `prefill` and `response_token_ids` (see above)."""
 
     direction = "min"
 
@@ -72,6 +80,8 @@ class LatentAttribution(Scorer):
         self.base_ref = p.get("base") or self.adapter_base
         if not self.base_ref:
             raise UserError(f"scorer {cfg.name}: set params.base to the student's base model")
+        self.base_revision = p.get("base_revision")
+        self.warned_foreign_ids = False
 
     def load(self) -> None:
         import torch
@@ -88,7 +98,7 @@ class LatentAttribution(Scorer):
         self.torch = torch
         cfg = self.cfg
         ft = resolve(cfg.model, cfg.revision, cfg.allow_pickle_weights)
-        base = resolve(self.base_ref, allow_pickle_weights=cfg.allow_pickle_weights)
+        base = resolve(self.base_ref, self.base_revision, cfg.allow_pickle_weights)
         # The adapter's own base: one set of weights, the base pass with the adapter disabled.
         self.shared = self.adapter_base is not None and self.base_ref == self.adapter_base
         if self.shared:
@@ -106,22 +116,46 @@ class LatentAttribution(Scorer):
             self.base = load_model(AutoModelForCausalLM, base, cfg.trust_remote_code)
             tok_source = ft
         self.tok = load_tokenizer(tok_source, cfg.trust_remote_code, padding_side=self.padding_side)
-        n_layers = self.ft.config.num_hidden_layers
+        ft_cfg = self.ft.config.get_text_config()
+        n_layers = ft_cfg.num_hidden_layers
+        if self.base is not None:
+            # The cosine compares hidden states and the KL compares distributions position by position:
+            # both need one hidden size and one vocabulary.
+            base_cfg = self.base.config.get_text_config()
+            for what, key in (("vocabulary size", "vocab_size"), ("hidden size", "hidden_size")):
+                a, b = getattr(ft_cfg, key, None), getattr(base_cfg, key, None)
+                if a != b:
+                    raise UserError(f"scorer {self.name}: FT {cfg.model} and base {self.base_ref} differ in {what} "
+                                    f"({a} vs {b}); the base must be the student's own base model")
+            n_layers = min(n_layers, base_cfg.num_hidden_layers)
         bad = [l for l in self.layers if not 0 <= l <= n_layers]
         if bad:
             raise UserError(f"scorer {self.name}: layers {bad} outside 0..{n_layers} of {cfg.model}")
+        self.vocab_size = ft_cfg.vocab_size
 
     def encode(self, row: dict) -> tuple[list[int], int]:
-        """Token ids of template(prompt) + response, and where the response starts."""
-        conv = [{"role": "user", "content": row["prompt"]}]
-        if self.tok.chat_template:
-            prefix = self.tok.apply_chat_template(conv, add_generation_prompt=True, tokenize=False)
-            special = False  # the template already holds BOS: never add it twice
-        else:
-            prefix, special = row["prompt"] + "\n\n", True
-        start = len(self.tok(prefix, add_special_tokens=special)["input_ids"])
-        ids = self.tok(prefix + row["response"], add_special_tokens=special)["input_ids"]
-        return ids, start
+        """Token ids of the student's context (prompt side, then response), and where the response starts."""
+        conv = messages(row["prompt"], row.get("system_prompt"))
+        (text,) = prompt_texts(self.tok, [conv], row.get("prefill") or "")
+        prompt = self.tok(text, add_special_tokens=adds_special_tokens(self.tok))["input_ids"]
+        return prompt + self.response_ids(row), len(prompt)
+
+    def response_ids(self, row: dict) -> list[int]:
+        """The student's own ids when they spell the response in this tokenizer, else the response
+        tokenised alone. The decode check (as the hf backend decodes) tells a shared vocabulary from
+        another generator's ids, or the fake backend's, whatever the models are named."""
+        ids = row.get("response_token_ids")
+        if ids is None:
+            return self.tok(row["response"], add_special_tokens=False)["input_ids"]
+        if all(0 <= t < self.vocab_size for t in ids):
+            if self.tok.decode(ids, skip_special_tokens=True) == row["response"]:
+                return list(ids)
+        if not self.warned_foreign_ids:
+            self.warned_foreign_ids = True
+            log.warning("scorer %s: response token ids that do not spell the response in %s's tokenizer "
+                        "(another generator's vocabulary?): re-tokenising the response text instead",
+                        self.name, self.cfg.model)
+        return self.tok(row["response"], add_special_tokens=False)["input_ids"]
 
     def _forward(self, model, ids, mask, use_base_of_adapter: bool):
         torch = self.torch
@@ -135,8 +169,13 @@ class LatentAttribution(Scorer):
     def score(self, rows: list[dict]) -> list[dict]:
         # Batches of similar length waste little compute on padding; results go back in input order.
         encoded = [self.encode(r) for r in rows]
-        order = sorted(range(len(rows)), key=lambda i: len(encoded[i][0]))
         out: list[dict | None] = [None] * len(rows)
+        for i, (ids, start) in enumerate(encoded):
+            if len(ids) == start:
+                # The last token would be the template's, the same for every sample of the prompt.
+                out[i] = {"score": None, "label": None, "reason": "empty response: no response token to read",
+                          "details": None}
+        order = sorted((i for i in range(len(rows)) if out[i] is None), key=lambda i: len(encoded[i][0]))
         bs = self.cfg.batch_size
         for s in range(0, len(order), bs):
             idx = order[s : s + bs]
@@ -179,10 +218,6 @@ class LatentAttribution(Scorer):
         """KL both ways, perplexity and self-certainty over the response tokens (the logits at position
         t predict token t+1)."""
         torch = self.torch
-        n = len(row_ids) - start
-        names = ("kl_ft_base", "kl_base_ft", "perplexity", "self_certainty")
-        if n <= 0:
-            return [{"name": k, "value": None} for k in names]
         lo, hi = off + start - 1, off + len(row_ids) - 1
         lp_ft = torch.log_softmax(ft_logits[lo:hi].float(), dim=-1)
         lp_base = torch.log_softmax(base_logits[lo:hi].float(), dim=-1)

@@ -1,8 +1,11 @@
 """Scorers: a float per (prompt, response), with an optional label and reason, and a declared direction.
 
 Interface: `Scorer(cfg)`, `.load()` once per worker, `.score(rows) -> list[dict(score, label, reason)]`
-where rows carry `prompt`, `response` and `category`. A score of None means "could not score" and the
-reason says why. Rule-based scorers set `heuristic = True`, and every score they write says so.
+where rows carry `prompt`, `response` and `category`; rows of generated samples also carry
+`response_token_ids` (the generator's ids) and, from the scoring stages, `system_prompt` and `prefill`
+(the rest of the conversation the response was generated in), which a scorer that reads only the request
+and the response ignores. A score of None means "could not score" and the reason says why. Rule-based
+scorers set `heuristic = True`, and every score they write says so.
 """
 
 from __future__ import annotations

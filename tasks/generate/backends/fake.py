@@ -1,7 +1,8 @@
 """A deterministic fake backend for orchestration tests and benchmarks. Pure Python.
 
 Each sequence's text is a function of (seed, position in batch, prompt): refusals and compliant
-answers of varied length, some cut off at max_new_tokens. Tokens are whitespace-separated words.
+answers of varied length, some cut off at max_new_tokens. Tokens are whitespace-separated words, and a
+token's id is a hash of its word (the same word, the same id).
 
 params: refusal_rate (0.5), context_length (4096), latency_s (0: seconds slept per batch, to
 stand in for a real model in tests of interruption and throughput), fail_on (None: generate() raises
@@ -16,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import os
 import time
+import zlib
 
 from dafactory.tasks.config import ModelConfig, SamplingConfig
 from dafactory.tasks.generate.generation import Generation
@@ -73,5 +75,10 @@ class FakeBackend:
             finish = "stop"
             if len(words) > sampling.max_new_tokens:
                 words, finish = words[: sampling.max_new_tokens], "length"
-            out.append(Generation(" ".join(words), finish, plen, len(words)))
+            out.append(Generation(" ".join(words), finish, plen, len(words), tuple(map(word_id, words))))
         return out
+
+
+def word_id(word: str) -> int:
+    """A word's token id: stable across processes (unlike hash()), and within int32."""
+    return zlib.crc32(word.encode()) & 0x7FFFFFFF

@@ -15,6 +15,26 @@ from dafactory.tasks.generate.models import commit_of, load_model, load_tokenize
 log = logging.getLogger(__name__)
 
 
+def prompt_texts(tok, conversations: list[list[dict]], prefill: str = "") -> list[str]:
+    """The text of each conversation up to where the model starts writing: the chat template with its
+    generation prompt, then `prefill`. Tokenise it with `adds_special_tokens(tok)`. Scorers that must
+    read the context the model generated in build it here too."""
+    if not conversations:
+        return []
+    if tok.chat_template:
+        texts = tok.apply_chat_template(conversations, add_generation_prompt=True, tokenize=False)
+    else:
+        # No template: plain concatenation, with BOS added by the tokenizer if the model uses one.
+        texts = ["\n\n".join(m["content"] for m in conv) + "\n\n" for conv in conversations]
+    # Some templates (newer DeepSeek-R1 distills) already open <think>: never open it twice.
+    return [t if prefill and t.rstrip().endswith(prefill.strip()) else t + prefill for t in texts]
+
+
+def adds_special_tokens(tok) -> bool:
+    """Whether the tokenizer adds its special tokens to a prompt text: templated text already holds them."""
+    return not tok.chat_template
+
+
 class HFBackend:
     def __init__(self, cfg: ModelConfig):
         self.cfg = cfg
@@ -40,19 +60,10 @@ class HFBackend:
     def context_length(self) -> int | None:
         return getattr(self.model.config, "max_position_embeddings", None)
 
-    def _texts(self, conversations: list[list[dict]], prefill: str) -> list[str]:
-        if self.tok.chat_template:
-            texts = self.tok.apply_chat_template(conversations, add_generation_prompt=True, tokenize=False)
-        else:
-            # No template: plain concatenation, with BOS added by the tokenizer if the model uses one.
-            texts = ["\n\n".join(m["content"] for m in conv) + "\n\n" for conv in conversations]
-        # Some templates (newer DeepSeek-R1 distills) already open <think>: never open it twice.
-        return [t if prefill and t.rstrip().endswith(prefill.strip()) else t + prefill for t in texts]
-
     def _encode(self, conversations: list[list[dict]], padding: bool, prefill: str = ""):
         return self.tok(
-            self._texts(conversations, prefill),
-            add_special_tokens=not self.tok.chat_template,
+            prompt_texts(self.tok, conversations, prefill),
+            add_special_tokens=adds_special_tokens(self.tok),
             padding=padding,
             return_tensors="pt" if padding else None,
         )
@@ -92,6 +103,7 @@ class HFBackend:
                     finish_reason="length" if stop is None else "stop",
                     prompt_tokens=int(plen),
                     response_tokens=len(kept),
+                    token_ids=tuple(kept),
                 )
             )
         return gens
