@@ -3,7 +3,7 @@
 <output>/<dataset>/
   config.json                  the config that owns this folder (written first)
   _staging/<table>/part-*.parquet   parts of a run in progress (every write goes here first)
-  prompts/part-<shard>.parquet      the planned input: each unique prompt, its source row and shard
+  prompts/part-<shard>@<hash>.parquet   the planned input: each unique prompt, its source row and shard
   candidates/part-<shard>.parquet   (preference) all N per prompt, with scores (written last per shard)
   pairs/part-<shard>.parquet        TRL conversational preference rows
   best/part-<shard>.parquet         TRL conversational prompt-completion rows
@@ -15,7 +15,7 @@
 
 A run writes every part under _staging/ (on local disk under a temporary name renamed into place; on
 object stores one PUT, already atomic), so a reader never sees half a part. Finishing a run publishes
-the staged parts into their tables and then writes the manifest with exclusive create; it lists every
+the staged parts into their tables and then commits the manifest (see commit_manifest); it lists every
 part of every table, and readers trust only parts a manifest lists. Shard part names are content
 hashes, so re-running a shard overwrites it instead of duplicating it, and a part already staged or
 published marks its shard done (resume). Every store operation is retried with exponential backoff;
