@@ -272,7 +272,8 @@ def test_candidates_without_a_verdict_are_counted_in_the_manifest(tmp_path, run_
     assert len(cands) == 40 and all(c["scores"][1]["score"] is None for c in cands)
     assert ds.read_table("pairs").num_rows == 0 and not any(c["pair_role"] for c in cands)
     # the count travels with the shards' outcomes, beside the unpaired prompts (in candidates, not prompts)
-    assert manifest["unpaired_prompts"] == {"judge_no_verdict": 40, "no_judge_safe_candidate": 10}
+    assert manifest["unpaired_prompts"] == {"no_judge_safe_candidate": 10}  # prompts
+    assert manifest["candidate_counts"] == {"judge_no_verdict": 40}  # candidates
     assert verify(ds).problems == []
 
 

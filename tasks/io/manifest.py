@@ -113,6 +113,7 @@ def build_manifest(
                    for kind in sorted({k for s in shard_stats for k in s.get("errors", {})})},
         "outcomes_key": outcomes_key,
         outcomes_key: sum_counters(s.get("outcomes", {}) for s in shard_stats),
+        "candidate_counts": sum_counters(s.get("candidates", {}) for s in shard_stats),
         "shards": {
             "total": len(plan.shards),
             "buckets": plan.buckets,
@@ -141,6 +142,7 @@ def summary_rows(manifest: dict) -> list[dict]:
     key = manifest["outcomes_key"]
     label = {"unpaired_prompts": "no pair", "filtered_samples": "filtered"}.get(key, key)
     rows += [{"what": f"{label}: {k}", "count": v} for k, v in manifest[key].items()]
+    rows += [{"what": f"candidates: {k}", "count": v} for k, v in manifest.get("candidate_counts", {}).items()]
     return rows
 
 

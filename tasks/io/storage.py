@@ -131,6 +131,7 @@ class ShardWriter:
             "rows": {name: tables[name].num_rows for name in self.tables},
             "quarantined": dict(Counter(tables["quarantine"].column("reason").to_pylist())),
             "outcomes": result["outcomes"],
+            "candidates": result.get("candidates", {}),  # per-candidate counts, e.g. judge_no_verdict
             "errors": result.get("errors", {}),
             "seconds": result["seconds"],
         }

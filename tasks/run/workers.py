@@ -243,9 +243,9 @@ class ScoreSelectStage(_ScoringStage):
             "best": to_table(sel.best, BEST),
             "quarantine": to_table(payload.pop("quarantine"), QUARANTINE),
         }
-        # A recipe has one outcome counter in the manifest: judge_no_verdict joins the unpaired prompts
         # there, though it counts candidates.
-        payload["outcomes"] = dict(sel.unpaired) | ({NO_VERDICT: sel.no_verdict} if sel.no_verdict else {})
+        payload["outcomes"] = dict(sel.unpaired)
+        payload["candidates"] = {NO_VERDICT: sel.no_verdict} if sel.no_verdict else {}  # counted in candidates
         payload["seconds"] |= {"score": t1 - t0, "select": time.perf_counter() - t1}
         return payload
 
