@@ -150,8 +150,8 @@ def test_sigkill_mid_run_then_rerun_recomputes_only_shards_in_flight(tmp_path):
         except ProcessLookupError:
             pass
     proc.wait()
-    # A replica writes its own shard's parts: one that was writing may finish before it notices that its
-    # node is gone. Count what is written once nothing more lands.
+    # Count what is written once nothing more lands (a write in flight at the kill either landed whole
+    # or not at all).
     done_before, t0 = set(ds.parts("candidates", staged=True)), time.time()
     while time.time() - t0 < 30:
         time.sleep(3)

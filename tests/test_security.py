@@ -414,9 +414,13 @@ worker_log = ray.get(Probe.remote().log.remote(os.environ["AWS_SECRET_ACCESS_KEY
 me = psutil.Process()
 found = []
 for p in [me, *me.children(recursive=True)]:
-    for c in p.net_connections(kind="inet"):
+    try:
+        conns, name = p.net_connections(kind="inet"), p.name()
+    except psutil.NoSuchProcess:  # a short-lived helper that exited meanwhile listens on nothing
+        continue
+    for c in conns:
         if c.status == psutil.CONN_LISTEN or (c.type == 2 and not c.raddr):  # TCP listening, UDP bound
-            found.append([p.name(), c.laddr.ip, c.laddr.port])
+            found.append([name, c.laddr.ip, c.laddr.port])
 session.__exit__(None, None, None)
 print(json.dumps({"found": found, "worker_log": worker_log}))
 """

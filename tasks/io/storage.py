@@ -111,8 +111,7 @@ def credentials_from_block(name: str) -> dict:
 @dataclass(frozen=True)
 class ShardWriter:
     """Stages one shard's parts, the marker table (the last of `tables`) last, with the shard's stats in
-    the marker's footer. Sent to the last stage's replicas, which write their own shards: the driver
-    only moves references and counts, never the rows."""
+    the marker's footer; returns the stats."""
 
     ds: "DatasetDir"
     tables: tuple[str, ...]

@@ -359,8 +359,13 @@ def _run_stages(config: RunConfig, ds: DatasetDir, pending: list[ShardRef], reci
                     ", ".join(f"{w['stage']}@{w['node']}" for w in report["workers"]))
         rows, t1 = 0, time.perf_counter()
 
-        def on_result(stats: dict) -> None:  # a shard's parts are staged by the replica that finished it
+        # The driver stages each shard's parts: replicas on other nodes may not share its disk, nor its
+        # credentials for the store.
+        writer = ShardWriter(ds, tuple(recipe.tables), tuple(recipe.sample_tables))
+
+        def on_result(result: dict) -> None:
             nonlocal rows
+            stats = writer(result)
             failpoint("shard")
             report["built"] += 1
             rows += sum(stats["rows"][t] for t in recipe.sample_tables)
@@ -374,8 +379,7 @@ def _run_stages(config: RunConfig, ds: DatasetDir, pending: list[ShardRef], reci
         try:
             with sigterm_stops():
                 shards = (load_shard(ds, ref) for ref in pending)
-                writer = ShardWriter(ds, tuple(recipe.tables), tuple(recipe.sample_tables))
-                failed = stream(recipe.stages, shards, on_result, retries=config.shard_retries, writer=writer)
+                failed = stream(recipe.stages, shards, on_result, retries=config.shard_retries)
             report["failed"] = [{"shard_id": s.shard_id, "index": s.index, "prompts": len(s.rows), "error": e}
                                 for s, e in failed]
         except BaseException as exc:

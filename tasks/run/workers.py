@@ -114,11 +114,8 @@ class Stage:
     of a failure where it happens without fetching the payload (see stream)."""
 
     @ray.method(num_returns=2)
-    def run(self, work, writer=None):
-        """The stage's payload, or with a writer (the last stage) what the writer makes of it: the
-        shard's parts staged here, and only their counts sent back."""
-        out = self.process(work)
-        return (writer(out) if writer is not None else out), True
+    def run(self, work):
+        return self.process(work), True
 
 
 class TooManyErrors(RuntimeError):
@@ -383,12 +380,10 @@ def _worker_error(exc: BaseException) -> str:
 
 def stream(
     stages: list[StageSpec], items: Iterable[Any], on_result: Callable[[dict], None], retries: int = 2,
-    poll_s: float = 1.0, writer: Callable[[dict], dict] | None = None,
+    poll_s: float = 1.0,
 ) -> list[tuple[Any, str]]:
     """Push items through the stages; call on_result (in the driver) with each last-stage output.
-    Returns the items that failed `retries + 1` times, each with its last error. With a `writer`, the
-    last stage's replicas apply it to their output (stage the shard's parts) and on_result gets what it
-    returns (the counts).
+    Returns the items that failed `retries + 1` times, each with its last error.
 
     Items are drawn from `items` lazily, only when a first-stage actor is free, so a large input is
     never held in memory. Each actor works on one item at a time. A stage runs ahead of the next by at
@@ -403,7 +398,6 @@ def stream(
     last = len(stages) - 1
     source = iter(items)
     exhausted = False
-    write = ray.put(writer) if writer is not None else None  # once, not with every shard
     queues: list[list] = [[] for _ in stages]  # queue 0: items (new or to retry); then payload refs
     idle = [list(st.actors) for st in stages]
     in_flight: dict = {}  # ok-flag ref -> (stage index, actor, payload ref)
@@ -453,7 +447,7 @@ def stream(
                     break
                 actor = idle[s].pop()
                 work = queues[s].pop(0)
-                payload, ok = actor.run.remote(work, write) if s == last else actor.run.remote(work)
+                payload, ok = actor.run.remote(work)
                 item, actors = (work, set()) if s == 0 else origin.pop(work)
                 origin[payload] = (item, actors | {id(actor)})
                 in_flight[ok] = (s, actor, payload)
@@ -464,7 +458,7 @@ def stream(
             s, actor, payload = in_flight.pop(ok)
             try:
                 ray.get(ok)
-            except Exception as exc:
+            except ray.exceptions.RayError as exc:  # the work's failure; a stop (Ctrl-C, SIGTERM) goes up
                 item, actors = origin.pop(payload)
                 idle[s].append(actor)  # replace_dead probes it: answered, restarted, or replaced
                 fail(item, actors, exc)
@@ -476,7 +470,7 @@ def stream(
             item, actors = origin.pop(payload)
             try:
                 result = ray.get(payload)
-            except Exception as exc:  # the payload lost after it was made (its node died)
+            except ray.exceptions.RayError as exc:  # the payload lost after it was made (its node died)
                 fail(item, actors, exc)
                 continue
             on_result(result)
