@@ -115,7 +115,16 @@ def cli(tmp_path, cfg) -> subprocess.Popen:
     env.pop("PREFECT_API_URL", None)  # its own temporary Prefect, as a user's command would
     log = open(tmp_path / "cli.log", "a")  # a file, not a pipe: a pipe nobody reads would block the process
     return subprocess.Popen([sys.executable, "-m", "dafactory.flows.cli", "run", "preference", "--config", str(path)],
-                            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+                            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                            preexec_fn=default_sigint)
+
+
+def default_sigint() -> None:
+    """A command started in the background by a non-interactive shell (as a test runner may be) inherits
+    SIGINT ignored, and Python then never turns Ctrl-C into KeyboardInterrupt; a user's terminal does."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def output(tmp_path) -> str:
