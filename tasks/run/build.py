@@ -102,10 +102,10 @@ class Planner:
     touches. Within a shard, prompts are in id order.
 
     The input is held whole neither in memory nor on the store: batches are split by id range into
-    GROUPS spill files on local disk, then each file is read alone, cut into shards, and each shard's
+    2**GROUP_BITS spill files on local disk, then each file is read alone, cut into shards, and each shard's
     prompts staged (with the input quarantine) in the dataset's `prompts` table."""
 
-    GROUPS = 64
+    GROUP_BITS = 6  # 64 spill files, each an equal range of ids (their top bits)
 
     def __init__(self, ds: DatasetDir, shard_size: int, salt: str, previous_buckets: int | None = None,
                  quarantine_rows: int = 50_000):
@@ -133,7 +133,7 @@ class Planner:
             "categories": [list(r.categories) for r in rows],
             "reference": [None if r.reference is None else json.dumps(r.reference) for r in rows],
         }, schema=SPILL)
-        groups = h >> np.uint64(64 - 6)  # GROUPS = 2**6 equal id ranges
+        groups = h >> np.uint64(64 - self.GROUP_BITS)
         for g in np.unique(groups).tolist():
             if g not in self.writers:
                 self.writers[g] = pa.ipc.new_file(os.path.join(self.spill.name, f"{g:02d}.arrow"), SPILL)
@@ -395,15 +395,15 @@ def _run_stages(config: RunConfig, ds: DatasetDir, pending: list[ShardRef], reci
 
 
 def version_parts(plan: Plan, recipe: Recipe, ds: DatasetDir) -> dict[str, set[str]]:
-    """The part names of every table that make up this version (summaries: the ones this run wrote)."""
+    """The part names of every table that make up this version. Summaries get none here: a run writes
+    its own after the shards (recipe.post), and finalize adds those."""
     # A shard's parts count only once its marker (written last) is there: a replica stopped mid-write
     # leaves the others staged, and the shard is built again.
     done = {s.shard_id for s in plan.shards} & ds.written(recipe.tables[-1])
     keep = {t: set(done) for t in recipe.tables}
     keep["prompts"] = {s.part for s in plan.shards}
     keep["quarantine"] = done | set(plan.quarantine_parts)
-    for t in recipe.summary_tables:
-        keep[t] = set(ds.parts(t, staged=True))
+    keep |= {t: set() for t in recipe.summary_tables}
     return keep
 
 
@@ -421,7 +421,8 @@ def finalize(
     tables = list(dict.fromkeys(["prompts"] + recipe.tables + ["quarantine"] + recipe.summary_tables))
     complete = not report["failed"] and not report["stopped"]
     previous = ds.read_manifest()
-    pruned = ds.prune_staged(version_parts(plan, recipe, ds))
+    keep = version_parts(plan, recipe, ds)
+    pruned = ds.prune_staged(keep)  # leftovers of earlier plans, and summaries an interrupted run staged
     if not complete and previous is not None and previous["status"] == "complete":
         return keep_previous(ds, plan, report, previous)
     ds.publish(tables)
@@ -431,11 +432,12 @@ def finalize(
         "one_row_per_prompt": recipe.one_row_per_prompt,
     }}
     if recipe.post is not None and complete:
-        extra |= recipe.post(ds, version_parts(plan, recipe, ds))
-    keep = version_parts(plan, recipe, ds)  # after post: its summaries are staged now
+        extra |= recipe.post(ds, keep)
+    keep |= {t: set(ds.parts(t, staged=True)) for t in recipe.summary_tables}
     ds.publish(recipe.summary_tables)
     # Published parts this version does not list: an older version's, removed once this one is committed.
-    pruned += sum(name not in keep.get(t, ()) for t in TABLES for name in ds.parts(t))
+    stale = [path for t in TABLES for name, path in ds.parts(t).items() if name not in keep.get(t, ())]
+    pruned += len(stale)
     manifest = redact(build_manifest(
         config=config.model_dump(mode="json"),
         fingerprint=config.fingerprint(),
@@ -451,7 +453,6 @@ def finalize(
     ))
     manifest = ds.commit_manifest(manifest, config.keep_versions)
     failpoint("commit")
-    stale = ds.unlisted(manifest)
     ds.remove(stale)
     ds.drop_staging()
     ds.write_bytes(CARD, dataset_card(manifest, recipe.main_table or recipe.tables[0]).encode())
