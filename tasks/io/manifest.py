@@ -120,6 +120,8 @@ def build_manifest(
             "done": len(shard_stats),
             "resumed": report["resumed"],
             "built": report["built"],
+            # built shards whose parts the driver wrote, because their replica could not
+            "written_by_driver": report.get("written_by_driver", 0),
             "failed": report["failed"],
             "not_built": len(plan.shards) - len(shard_stats) - len(report["failed"]),
             "pruned_stale_parts": pruned_parts,

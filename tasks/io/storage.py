@@ -74,6 +74,9 @@ def part_key(name: str) -> str:
 
 CREDENTIAL_KEYS = {"aws_access_key_id": "key", "aws_secret_access_key": "secret", "aws_session_token": "token"}
 CLIENT_KEYS = ("endpoint_url", "region_name")
+# botocore credential sources that renew themselves: never frozen into what replicas are sent
+REFRESHING = {"iam-role", "container-role", "assume-role", "assume-role-with-web-identity", "sso",
+              "custom-process"}
 
 
 def storage_options(uri: str, timeout_s: float, credentials: dict | None = None) -> dict:
@@ -139,6 +142,19 @@ class ShardWriter:
                 self.ds.write_part(name, result["shard_id"], tables[name], stats if name == self.tables[-1] else None)
         return stats
 
+    def in_replica(self, result: dict) -> dict:
+        """In the last stage's replica: write the shard's parts there and hand back only the stats
+        (`{"written": stats}`), so that the rows never travel to the driver. When this node cannot see
+        the output (a local folder on another node's disk) or the store refuses it (no credentials
+        here), the result goes back whole, with the reason under "unwritten", and the driver writes it."""
+        if self.ds.local and not self.ds.fs.exists(self.ds._path(CONFIG)):
+            return dict(result, unwritten=f"{self.ds.uri} is not on this node's disk")
+        try:
+            return {"written": self(result)}
+        except Exception as exc:  # a stop (KeyboardInterrupt, SystemExit) still goes up
+            log.warning("could not write shard %s here (%s); the driver writes it", result["shard_id"], first_line(exc))
+            return dict(result, unwritten=first_line(exc))
+
 
 def write_parquet(data: pa.Table, f) -> None:
     """A Parquet part. A table without rows gets a file with no row group at all: a row group of 0
@@ -152,10 +168,33 @@ def write_parquet(data: pa.Table, f) -> None:
 class DatasetDir:
     def __init__(self, output: str, dataset: str, timeout_s: float = 30, retries: int = 4, backoff_s: float = 1.0,
                  credentials: dict | None = None):
+        self._args = (output, dataset, timeout_s, retries, backoff_s)
+        self.credentials = credentials
         self.uri = output.rstrip("/") + "/" + dataset
         self.fs, self.root = fsspec.core.url_to_fs(self.uri, **storage_options(self.uri, timeout_s, credentials))
         self.local = "file" in (self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,))
         self.retries, self.backoff_s = retries, backoff_s
+
+    def for_replicas(self) -> "DatasetDir":
+        """This folder as Ray replicas on any node should open it. On an object store it carries the
+        endpoint, region and static keys this process resolved (from the environment, a profile file or
+        a Prefect block), since replicas have neither the driver's environment nor its files; keys that
+        refresh themselves (an IAM role, SSO) are left to each node's own credential chain."""
+        if self.local:
+            return self
+        from fsspec.asyn import sync
+
+        client = self.fs.connect()
+        creds = dict(self.credentials or {})
+        creds.setdefault("endpoint_url", client.meta.endpoint_url)
+        creds.setdefault("region_name", client.meta.region_name)
+        if not creds.get("aws_access_key_id"):
+            found = sync(self.fs.loop, self.fs.session.get_credentials)
+            if found is not None and found.method not in REFRESHING:
+                frozen = sync(self.fs.loop, found.get_frozen_credentials)
+                creds |= {"aws_access_key_id": frozen.access_key, "aws_secret_access_key": frozen.secret_key,
+                          "aws_session_token": frozen.token}
+        return DatasetDir(*self._args, credentials=creds)
 
     def _retry(self, what: str, op):
         """Run a store operation, retrying faults with exponential backoff; StorageError at the end."""
@@ -348,23 +387,32 @@ class DatasetDir:
 
         return self._retry("read a footer", read)
 
-    def shard_stats(self, marker: str, names: set[str]) -> list[dict]:
-        """The stats in the footers of the marker parts named (the shards of this version)."""
+    def shard_stats(self, marker: str, names: set[str], known: dict[str, dict] | None = None) -> list[dict]:
+        """The stats of the shards named (this version's): those in `known` (what this run's writers
+        returned), the others from the footers of their marker parts (shards an earlier run built)."""
+        known = known or {}
         out = []
         for name, path in self.parts(marker).items():
             if name not in names:
+                continue
+            if name in known:
+                out.append(known[name])
                 continue
             meta = self.footer(path).metadata or {}
             out.append(json.loads(meta.get(STATS_KEY, b"{}")))
         return out
 
-    def row_counts(self, tables: list[str] | None = None, keep: dict[str, set[str]] | None = None) -> dict[str, dict]:
+    def row_counts(self, tables: list[str] | None = None, keep: dict[str, set[str]] | None = None,
+                   known: dict[tuple[str, str], int] | None = None) -> dict[str, dict]:
         """Rows and the exact part files of each published table (what the manifest lists for readers);
-        with `keep`, only the parts named there (this version's)."""
+        with `keep`, only the parts named there (this version's). Rows of the parts in `known` ((table,
+        part) -> rows, as their writer counted them) are not read again from their footers."""
+        known = known or {}
         counts = {}
         for table in tables if tables is not None else list(TABLES):
-            paths = [p for name, p in self.parts(table).items() if keep is None or name in keep.get(table, ())]
-            rows = [self.footer(p).num_rows for p in paths]
+            parts = [(n, p) for n, p in self.parts(table).items() if keep is None or n in keep.get(table, ())]
+            paths = [p for _, p in parts]
+            rows = [known[(table, n)] if (table, n) in known else self.footer(p).num_rows for n, p in parts]
             counts[table] = {"rows": sum(rows), "parts": len(paths),
                              "files": [f"{table}/{posixpath.basename(p)}" for p in paths]}
         return counts

@@ -300,7 +300,7 @@ def build_shards(config: RunConfig, ds: DatasetDir, plan: Plan, recipe: Recipe) 
     done_ids = ds.written(recipe.tables[-1])
     pending = [s for s in plan.shards if s.shard_id not in done_ids]
     report = {"resumed": len(plan.shards) - len(pending), "built": 0, "workers": [], "seconds": {},
-              "failed": [], "stopped": None}
+              "failed": [], "stopped": None, "stats": {}}
     if report["resumed"]:
         logger.info("resuming: %d of %d shards already written", report["resumed"], len(plan.shards))
     if not pending:
@@ -353,19 +353,27 @@ def _run_stages(config: RunConfig, ds: DatasetDir, pending: list[ShardRef], reci
     t0 = time.perf_counter()
     try:
         on_cluster = bool(config.ray.address or os.environ.get("RAY_ADDRESS"))
+        # The last stage's replicas write their shards' parts; the driver writes those they hand back.
+        writer = ShardWriter(ds, tuple(recipe.tables), tuple(recipe.sample_tables))
+        recipe.stages[-1].writer = ShardWriter(ds.for_replicas(), writer.tables, writer.sample_tables)
         report["workers"] = start_stages(recipe.stages, local=not on_cluster, retries=config.shard_retries)
         report["seconds"]["load_models"] = time.perf_counter() - t0
         logger.info("workers ready in %.1fs: %s", report["seconds"]["load_models"],
                     ", ".join(f"{w['stage']}@{w['node']}" for w in report["workers"]))
         rows, t1 = 0, time.perf_counter()
 
-        # The driver stages each shard's parts: replicas on other nodes may not share its disk, nor its
-        # credentials for the store.
-        writer = ShardWriter(ds, tuple(recipe.tables), tuple(recipe.sample_tables))
+        handed_back = []
 
         def on_result(result: dict) -> None:
             nonlocal rows
-            stats = writer(result)
+            if "written" in result:
+                stats = result["written"]
+            else:
+                if result.get("unwritten") and not handed_back:
+                    logger.warning("the driver writes shards a replica could not: %s", result["unwritten"])
+                handed_back.append(result["shard_id"])
+                stats = writer(result)
+            report["stats"][stats["shard_id"]] = stats
             failpoint("shard")
             report["built"] += 1
             rows += sum(stats["rows"][t] for t in recipe.sample_tables)
@@ -390,6 +398,7 @@ def _run_stages(config: RunConfig, ds: DatasetDir, pending: list[ShardRef], reci
             logger.warning("stopped (%s) after %d of %d shards; keeping them", report["stopped"],
                            report["built"], len(pending))
         report["seconds"]["build_wall"] = time.perf_counter() - t1
+        report["written_by_driver"] = len(handed_back)
     finally:
         kill_stages(recipe.stages)
 
@@ -438,12 +447,16 @@ def finalize(
     # Published parts this version does not list: an older version's, removed once this one is committed.
     stale = [path for t in TABLES for name, path in ds.parts(t).items() if name not in keep.get(t, ())]
     pruned += len(stale)
+    shard_stats = ds.shard_stats(recipe.tables[-1], keep[recipe.tables[-1]], report["stats"])
+    # Rows their writers counted: the footers of this run's parts are not read again.
+    known = {(t, s["shard_id"]): n for s in shard_stats for t, n in s["rows"].items()}
+    known |= {("prompts", s.part): s.prompts for s in plan.shards}
     manifest = redact(build_manifest(
         config=config.model_dump(mode="json"),
         fingerprint=config.fingerprint(),
         plan=plan,
-        shard_stats=ds.shard_stats(recipe.tables[-1], keep[recipe.tables[-1]]),
-        counts=ds.row_counts(tables, keep),
+        shard_stats=shard_stats,
+        counts=ds.row_counts(tables, keep, known),
         outcomes_key=recipe.outcomes_key,
         timings=timings | {f"workers_{k}": round(v, 3) for k, v in report["seconds"].items()},
         models=models | {"workers": report["workers"]},

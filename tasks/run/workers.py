@@ -111,11 +111,19 @@ def worker_info() -> dict:
 
 class Stage:
     """Base of the stage actors: `run` returns the payload and a tiny ok flag, so that the driver learns
-    of a failure where it happens without fetching the payload (see stream)."""
+    of a failure where it happens without fetching the payload (see stream). The last stage's replicas
+    are given the shard writer (`attach`): they write their shard's parts themselves and return only
+    its stats."""
+
+    writer = None
+
+    def attach(self, writer) -> None:
+        self.writer = writer
 
     @ray.method(num_returns=2)
     def run(self, work):
-        return self.process(work), True
+        out = self.process(work)
+        return (out if self.writer is None else self.writer.in_replica(out)), True
 
 
 class TooManyErrors(RuntimeError):
@@ -331,6 +339,7 @@ class StageSpec:
     num_replicas: int = 1
     num_gpus: float = 0
     num_cpus: float = 1
+    writer: Any = None  # the last stage's: each replica writes its shards' parts (Stage.attach)
     actors: list = field(default_factory=list)
     retired: list = field(default_factory=list)
 
@@ -341,11 +350,19 @@ class StageSpec:
             num_gpus=self.num_gpus, num_cpus=self.num_cpus, max_restarts=restarts, max_task_retries=0,
             scheduling_strategy="SPREAD",
         )
-        self.actors = [self._remote.remote(*self.args) for _ in range(self.num_replicas)]
+        self.actors = [self._new() for _ in range(self.num_replicas)]
+
+    def _new(self):
+        actor = self._remote.remote(*self.args)
+        if self.writer is not None:
+            # Ordered before any work sent to it. A restarted replica comes back without it, and hands
+            # its shards to the driver to write.
+            actor.attach.remote(self.writer)
+        return actor
 
     def replace(self, dead) -> Any:
         """A new replica in place of one that is dead after its restarts (its resources are free now)."""
-        actor = self._remote.remote(*self.args)
+        actor = self._new()
         self.actors[self.actors.index(dead)] = actor
         self.retired.append(dead)  # held, so that its id() is never another actor's
         return actor
