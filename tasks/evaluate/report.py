@@ -44,7 +44,7 @@ def _against_first(rows: list[dict]) -> list[str]:
     """One line per (benchmark, strategy) other than first-sample: the relative drop with its interval,
     the discordant counts and the exact McNemar p-value."""
     lines = ["| benchmark | strategy | relative drop [CI] | b | c | McNemar p |", "|---" * 6 + "|"]
-    skipped = []
+    skipped = {}  # per benchmark: the count depends only on first-sample's outcomes and the seed
     for r in sorted(rows, key=lambda r: r["benchmark"]):
         if r["strategy"] == "first_sample":
             continue
@@ -52,12 +52,12 @@ def _against_first(rows: list[dict]) -> list[str]:
         b, c = ("n/a" if r.get(k) is None else r[k] for k in ("mcnemar_b", "mcnemar_c"))
         lines.append(f"| {r['benchmark']} | {r['strategy']} | {drop} | {b} | {c} | {_p(r.get('mcnemar_p'))} |")
         if r.get("drop_ci_skipped") and r.get("drop_ci_low") is not None:
-            skipped.append(f"{r['benchmark']}/{r['strategy']} {r['drop_ci_skipped']}")
+            skipped[r["benchmark"]] = max(skipped.get(r["benchmark"], 0), r["drop_ci_skipped"])
     lines += ["", "b: prompts unsafe under first sample and safe under the strategy; c: the reverse. A small p says "
               "the two rules differ on these prompts beyond chance."]
     if skipped:
         lines.append("The drop is undefined where a resample's first-sample ASR is 0; its interval leaves those "
-                     "resamples out (" + ", ".join(skipped) + ").")
+                     "resamples out (" + ", ".join(f"{b}: {n}" for b, n in skipped.items()) + ").")
     return lines
 
 
@@ -128,7 +128,7 @@ def plot_asr_by_strategy(asr_rows: list[dict]) -> bytes:
     ax.set_xticks([i + width * (len(benches) - 1) / 2 for i in range(len(strategies))])
     ax.set_xticklabels(strategies, rotation=30, ha="right")
     ax.set_ylabel("ASR (%)")
-    ax.set_title("Attack success rate by selection strategy")
+    ax.set_title("Attack success rate by selection strategy (error bars: confidence interval)")
     ax.legend()
     data = _png(fig)
     plt.close(fig)
@@ -152,7 +152,7 @@ def plot_asr_by_layer(layer_rows: list[dict]) -> bytes:
                     yerr=_error_bars(rows), marker="o", capsize=3, label=b)
     ax.set_xlabel("layer")
     ax.set_ylabel("ASR (%)")
-    ax.set_title("Latent rule (argmin cosine) by layer")
+    ax.set_title("Latent rule (argmin cosine) by layer (error bars: confidence interval)")
     ax.legend()
     data = _png(fig)
     plt.close(fig)
