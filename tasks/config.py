@@ -394,6 +394,15 @@ class EvaluateConfig(RunConfig):
     )
     layers: list[int] = Field(default_factory=lambda: [12], min_length=1,
                               description="Hidden-state layers for the latent signal; the first ranks.")
+    bootstrap_resamples: int = Field(
+        1000, ge=1, description="Paired bootstrap resamples of the prompts behind each ASR and relative-drop "
+        "confidence interval.",
+    )
+    bootstrap_seed: int = Field(0, description="Seed of the bootstrap resampling (the intervals are reproducible).")
+    confidence: float = Field(
+        0.95, gt=0, lt=1, description="Confidence level of the ASR and relative-drop intervals (percentile "
+        "intervals of the bootstrap).",
+    )
     scoring: StageResources = Field(default_factory=StageResources, description="Ray resources of scoring.")
 
     @property

@@ -1,12 +1,14 @@
 """Evaluation: benchmark loaders, and the evaluate flow on the fake backend and on tiny real models."""
 
 import json
+from collections import defaultdict
 
 import pytest
 
 from dafactory.tasks.config import BenchmarkSource, EvaluateConfig, build_config
 from dafactory.tasks.errors import UserError
 from dafactory.tasks.evaluate.benchmarks import load_benchmark
+from dafactory.tasks.evaluate.stats import UNCERTAINTY_FIELDS
 from dafactory.tasks.io.storage import DatasetDir
 from tests.conftest import latent_reference
 
@@ -66,6 +68,28 @@ def test_fake_evaluate_flow(tmp_path, run_flow):
     report = (tmp_path / "out" / "e" / "report.md").read_text()
     assert "| first_sample |" in report and "HEURISTIC" in report
     assert (tmp_path / "out" / "e" / "asr_by_strategy.png").read_bytes()[:4] == b"\x89PNG"
+    # uncertainty: McNemar from the candidates, bootstrap intervals around the point values, shown in the report
+    for bench in ("strongreject", "dan"):
+        by_prompt = defaultdict(dict)
+        for c in cands:
+            if c["benchmark"] == bench:
+                by_prompt[c["prompt_id"]][c["sample_idx"]] = c["judge_safe"]
+        # judge-safe-first fixes a prompt whose sample 0 is unsafe when another sample is safe, breaks none
+        b = sum(1 for s in by_prompt.values() if not s[0] and any(s.values()))
+        first, safe_first = asr[(bench, "first_sample")], asr[(bench, "judge_safe_first")]
+        assert (safe_first["mcnemar_b"], safe_first["mcnemar_c"]) == (b, 0)
+        assert safe_first["mcnemar_p"] == (min(1.0, 2 / 2**b) if b else 1.0)  # 2 * C(b, 0) / 2^b
+        assert (first["mcnemar_b"], first["mcnemar_c"], first["mcnemar_p"]) == (0, 0, 1.0)
+        for r in (first, safe_first, asr[(bench, "random")]):
+            assert r["asr_ci_low"] <= r["asr"] <= r["asr_ci_high"]
+            if r["drop_vs_first"] is not None:
+                assert r["drop_ci_low"] <= r["drop_vs_first"] <= r["drop_ci_high"]
+            cell = f"{r['asr']:.1f} [{r['asr_ci_low']:.1f}, {r['asr_ci_high']:.1f}]"
+            assert f"| {r['strategy']} |" in report and cell in report
+        if first["drop_vs_first"] is not None:
+            assert (first["drop_ci_low"], first["drop_ci_high"]) == (0.0, 0.0)
+        assert f"| {bench} | judge_safe_first |" in report
+    assert "## Against first sample" in report and "paired bootstrap" in report
 
 
 def test_tiny_real_evaluate_with_latent_signals(tmp_path, run_flow, tiny_models):
@@ -99,6 +123,8 @@ def test_tiny_real_evaluate_with_latent_signals(tmp_path, run_flow, tiny_models)
     assert "latent_argmin_cos" in strategies and "self_certainty_argmax" in strategies
     layers = ds.read_table("asr_by_layer").to_pylist()
     assert [r["strategy"] for r in layers] == ["latent_argmin_cos@2", "latent_argmin_cos@1"]
+    for r in layers:  # the by-layer rows get the same intervals and test as the main table
+        assert r["asr_ci_low"] <= r["asr"] <= r["asr_ci_high"] and 0 <= r["mcnemar_p"] <= 1
     assert manifest["degenerate_latent"] is False and manifest["models"]["base"] == tiny_models["lm"]
     assert (tmp_path / "out" / "e" / "asr_by_layer.png").exists()
 
@@ -130,6 +156,8 @@ def test_same_weights_are_reported_as_degenerate(tmp_path, run_flow, tiny_models
     rows = {r["strategy"]: r for r in ds.read_table("asr").to_pylist()}
     assert rows["latent_argmin_cos"]["asr"] is None and rows["latent_argmin_cos"]["note"].startswith("degenerate")
     assert rows["kl_ft_base_argmax"]["asr"] is None
+    assert all(rows["latent_argmin_cos"][k] is None for k in UNCERTAINTY_FIELDS)  # no interval for no value
+    assert rows["perplexity_argmin"]["mcnemar_p"] is not None
     assert rows["perplexity_argmin"]["asr"] is not None  # FT-only signals still mean something
     assert "FT and base are the same weights" in (tmp_path / "out" / "e" / "report.md").read_text()
 
@@ -167,3 +195,43 @@ def test_utility_sets_report_accuracy_beside_asr(tmp_path, run_flow):
     assert manifest["judged_candidates"]["utility_wrong"] == sum(not c["correct"] for c in utility)
     assert {r["benchmark"] for r in ds.read_table("asr").to_pylist()} == {"strongreject"}
     assert "## Utility: accuracy by strategy" in (tmp_path / "out" / "e" / "report.md").read_text()
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("confidence=1", "confidence: Input should be less than 1"),  # a 100% interval is not an interval
+        ("confidence=0", "confidence: Input should be greater than 0"),
+        ("bootstrap_resamples=0", "bootstrap_resamples: Input should be greater than or equal to 1"),
+    ],
+)
+def test_bad_uncertainty_settings_are_one_line(tmp_path, override, message):
+    with pytest.raises(UserError, match=message):
+        config(tmp_path, override)
+
+
+def asr_row(strategy, asr, drop, **more):
+    row = {"benchmark": "sr", "strategy": strategy, "prompts": 40, "unsafe": None, "asr": asr,
+           "drop_vs_first": drop, "fallbacks": 0, "note": None}
+    return row | more
+
+
+def test_the_report_shows_intervals_and_p_values():
+    from dafactory.tasks.evaluate.report import markdown
+
+    rows = [
+        asr_row("first_sample", 50.0, 0.0, asr_ci_low=35.0, asr_ci_high=65.0, drop_ci_low=0.0, drop_ci_high=0.0,
+                drop_ci_skipped=0, mcnemar_b=0, mcnemar_c=0, mcnemar_p=1.0),
+        asr_row("judge_safe_first", 12.5, 0.75, asr_ci_low=2.5, asr_ci_high=22.5, drop_ci_low=0.5,
+                drop_ci_high=0.9444, drop_ci_skipped=3, mcnemar_b=15, mcnemar_c=0, mcnemar_p=2 / 2**15),
+        asr_row("latent_argmin_cos", None, None, note="degenerate", **dict.fromkeys(UNCERTAINTY_FIELDS)),
+    ]
+    lines = markdown("t", {}, rows, [], {"first_sample": 0.0, "judge_safe_first": 0.75}, []).splitlines()
+    assert "| first_sample | 50.0 [35.0, 65.0] | +0.0% |" in lines
+    assert "| judge_safe_first | 12.5 [2.5, 22.5] | +75.0% |" in lines
+    assert "| latent_argmin_cos | n/a | n/a |" in lines  # no value, no interval
+    # against first sample: first-sample itself is left out (drop 0, p 1 by construction)
+    assert "| sr | judge_safe_first | +75.0% [+50.0%, +94.4%] | 15 | 0 | 6.1e-05 |" in lines
+    assert "| sr | latent_argmin_cos | n/a | n/a | n/a | n/a |" in lines
+    assert not any(l.startswith("| sr | first_sample |") for l in lines)
+    assert any("resamples out (sr: 3)" in l for l in lines)  # resamples left out of the drop interval

@@ -173,6 +173,18 @@ ASR = pa.schema(
         ("drop_vs_first", pa.float64()),  # (ASR_first - ASR) / ASR_first; null when ASR_first is 0
         ("fallbacks", pa.int64()),  # prompts where the strategy had no valid signal and took sample 0
         ("note", pa.string()),
+        # Uncertainty (tasks/evaluate/stats.py): percentile intervals of a paired bootstrap over prompts (the
+        # strategy and first-sample resampled together), at the run's `confidence`; null where undefined.
+        ("asr_ci_low", pa.float64()),  # percent
+        ("asr_ci_high", pa.float64()),
+        ("drop_ci_low", pa.float64()),  # relative drop, as drop_vs_first
+        ("drop_ci_high", pa.float64()),
+        ("drop_ci_skipped", pa.int64()),  # resamples left out of the drop's interval: first-sample ASR 0 in them
+        # Exact McNemar test against first-sample on the same prompts: b = prompts unsafe under first-sample
+        # and safe under the strategy, c = the reverse; p = min(1, 2 * BinomCDF(min(b, c); b + c, 1/2)).
+        ("mcnemar_b", pa.int64()),
+        ("mcnemar_c", pa.int64()),
+        ("mcnemar_p", pa.float64()),
     ]
 )
 

@@ -8,6 +8,7 @@ import logging
 from dafactory.tasks.config import EvaluateConfig, PromptSource, ScorerConfig
 from dafactory.tasks.evaluate.benchmarks import load_benchmark, merge, source_of
 from dafactory.tasks.evaluate.report import markdown, plot_asr_by_layer, plot_asr_by_strategy
+from dafactory.tasks.evaluate.stats import UNCERTAINTY_FIELDS, add_uncertainty, unsafe_by_prompt
 from dafactory.tasks.generate.generation import ChatPrompt
 from dafactory.tasks.io.manifest import artifact_key
 from dafactory.tasks.io.prompts import PromptSet
@@ -86,12 +87,15 @@ def evaluation_summary(config: EvaluateConfig, ds: DatasetDir, parts: dict[str, 
     utility = [c for c in cands if c["correct"] is not None]
     degenerate = degenerate_latent(cands)
     sts = strategies(config)
-    rows = asr_table(safety, sts, seed=config.sampling.seed)
-    utility_rows = utility_table(utility, sts, seed=config.sampling.seed)
-    layer_rows = [] if config.student.backend == "fake" else asr_table(
-        safety, [Strategy(f"latent_argmin_cos@{l}", "signal", f"{LATENT}:cos@{l}", "min") for l in config.layers],
-        seed=config.sampling.seed,
-    )
+    seed = config.sampling.seed
+    layer_sts = [] if config.student.backend == "fake" else [
+        Strategy(f"latent_argmin_cos@{l}", "signal", f"{LATENT}:cos@{l}", "min") for l in config.layers]
+    rows = asr_table(safety, sts, seed=seed)
+    utility_rows = utility_table(utility, sts, seed=seed)
+    layer_rows = asr_table(safety, layer_sts, seed=seed) if layer_sts else []
+    # CIs and McNemar from the per-prompt outcomes behind those rows, paired with first-sample by prompt_id
+    outcomes = unsafe_by_prompt(safety, sts + layer_sts, seed=seed)
+    add_uncertainty(rows + layer_rows, outcomes, config.bootstrap_resamples, config.bootstrap_seed, config.confidence)
     warnings = []
     if degenerate:
         log.warning(DEGENERATE)
@@ -100,7 +104,7 @@ def evaluation_summary(config: EvaluateConfig, ds: DatasetDir, parts: dict[str, 
         note = "degenerate: FT and base are the same weights"
         for r in rows + layer_rows:
             if r["strategy"] in latent_names or r["strategy"].startswith("latent_argmin_cos@"):
-                r.update(asr=None, unsafe=None, drop_vs_first=None, note=note)
+                r.update(asr=None, unsafe=None, drop_vs_first=None, note=note, **dict.fromkeys(UNCERTAINTY_FIELDS))
         for r in utility_rows:
             if r["strategy"] in latent_names:
                 r.update(accuracy=None, correct=None, drop_vs_first=None, note=note)
@@ -124,6 +128,9 @@ def evaluation_summary(config: EvaluateConfig, ds: DatasetDir, parts: dict[str, 
         "N": config.n, "judge": judge.name + (f" ({judge.model})" if judge.model else ""),
         "sampling": f"temperature {config.sampling.temperature}, top_p {config.sampling.top_p}, "
                     f"max_new_tokens {config.sampling.max_new_tokens}",
+        "uncertainty": f"{100 * config.confidence:g}% percentile intervals from {config.bootstrap_resamples} paired "
+                       f"bootstrap resamples of the prompts (seed {config.bootstrap_seed}); exact McNemar test "
+                       "against first sample",
     }
     report = markdown(f"Evaluation: {config.dataset}", facts, rows, layer_rows, drops, warnings, utility_rows)
     ds.write_bytes("report.md", report.encode())
