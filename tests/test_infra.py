@@ -76,7 +76,8 @@ FORMS = {  # the Run form of each flow, top to bottom: what a user changes first
     "DistillConfig": ["dataset", "output", "prompts", "teacher", "k", "sampling", "judges", "spec", "template",
                       "missing_category", "student_system_prompt", "near_duplicates", "decontamination", "judging"],
     "EvaluateConfig": ["dataset", "output", "benchmarks", "system_prompt", "student", "base", "base_revision", "n", "sampling",
-                       "judge", "scorers", "strategies", "layers", "scoring"],
+                       "judge", "scorers", "strategies", "layers", "bootstrap_resamples", "bootstrap_seed",
+                       "confidence", "scoring"],
 }
 PLUMBING = ["shard_size", "ray", "retries", "shard_retries", "max_error_rate", "gpu_slot_timeout_s", "keep_versions", "storage_block",
             "storage_timeout_s", "storage_retries", "result_storage"]
