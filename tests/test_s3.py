@@ -47,6 +47,7 @@ def test_preference_flow_writes_to_s3_and_resumes(tmp_path, s3, run_flow):
     ])
     manifest = run_flow(cfg)
     assert s3.exists("datasets/nightly/pref/manifest.json")
+    assert manifest["shards"]["written_by_driver"] == 0  # the scoring replicas wrote every shard's parts
     assert sorted(s3.ls("datasets/nightly/pref/candidates")) == sorted(
         f"datasets/nightly/pref/{f}" for f in manifest["tables"]["candidates"]["files"])
     ds = DatasetDir(cfg.output, cfg.dataset)
@@ -108,6 +109,8 @@ def test_credentials_from_a_prefect_secret_block(tmp_path, s3, run_flow, monkeyp
     cfg = build_config(PreferenceConfig, None, base + ["dataset=with-block", "storage_block=s3-creds"])
     manifest = run_flow(cfg)
     assert manifest["status"] == "complete" and manifest["config"]["storage_block"] == "s3-creds"
+    # the replicas, with no AWS environment of their own, wrote with the block's keys
+    assert manifest["shards"]["written_by_driver"] == 0
     for key in ("manifest.json", "config.json"):
         assert block_secret not in s3.cat(f"datasets/blocks/with-block/{key}").decode()
 
@@ -203,3 +206,37 @@ def test_a_version_is_committed_once_on_s3(s3):
     with pytest.raises(UserError, match="another run committed manifest-000001.json first"):
         ds._create(path, b'{"v": 2}')
     assert s3.cat("datasets/exclusive/d/_versions/manifest-000001.json") == b'{"v": 1}'
+
+
+REPLICA = r"""
+import pickle, sys
+import pyarrow as pa
+ds = pickle.loads(sys.stdin.buffer.read())
+ds.write_bytes("from-replica.txt", b"written with what the driver sent")
+print(ds.fs.cat_file(ds._path("from-replica.txt")).decode())
+"""
+
+
+def test_replicas_get_the_endpoint_and_keys_the_driver_resolved(tmp_path, s3):
+    """A replica on another node has neither the driver's AWS environment nor its files: the folder it is
+    sent carries the endpoint, region and static keys. Checked in a process with no AWS setting at all."""
+    import pickle
+    import subprocess
+    import sys
+
+    ds = DatasetDir("s3://datasets/replicas", "d")
+    sent = ds.for_replicas()
+    assert sent.credentials == {"aws_access_key_id": "testing", "aws_secret_access_key": SECRET,
+                                "aws_session_token": None, "endpoint_url": os.environ["AWS_ENDPOINT_URL"],
+                                "region_name": "us-east-1"}
+    bare = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    bare |= {"AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "none"), "AWS_CONFIG_FILE": str(tmp_path / "none"),
+             "AWS_EC2_METADATA_DISABLED": "true"}
+    out = subprocess.run([sys.executable, "-c", REPLICA], input=pickle.dumps(sent), env=bare, capture_output=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr.decode()[-2000:]
+    assert out.stdout.decode().strip() == "written with what the driver sent"
+    # the same folder sent as it is (keys from the environment only) cannot write there
+    out = subprocess.run([sys.executable, "-c", REPLICA], input=pickle.dumps(DatasetDir(
+        "s3://datasets/replicas", "d", retries=0)), env=bare, capture_output=True, timeout=120)
+    assert out.returncode != 0

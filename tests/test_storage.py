@@ -2,6 +2,7 @@
 
 import json
 import posixpath
+import shutil
 
 import pytest
 
@@ -150,3 +151,32 @@ def test_a_store_that_stays_down_fails_cleanly_after_backoff(tmp_path, monkeypat
     monkeypatch.undo()  # the store is back: the same write goes through
     ds.write_part("quarantine", "a", to_table(qrows(1), QUARANTINE))
     assert list(ds.parts("quarantine", staged=True)) == ["a"]
+
+
+def shard_result(shard_id="s1"):
+    """What a last stage hands the writer for one shard: every table, counts and timings."""
+    return {"shard_id": shard_id, "shard_index": 0, "prompts": 2, "outcomes": {}, "seconds": {"score": 0.1},
+            "tables": {"quarantine": to_table(qrows(1), QUARANTINE), "best": to_table([], BEST)}}
+
+
+def test_a_replica_writes_its_shard_where_it_sees_the_folder_and_hands_it_back_otherwise(tmp_path):
+    from dafactory.tasks.io.storage import ShardWriter
+
+    ds = DatasetDir(str(tmp_path), "d")
+    writer = ShardWriter(ds, ("quarantine", "best"), ("best",))
+    # cases: (folder claimed on this node's disk?, what the replica returns)
+    back = writer.in_replica(shard_result())
+    assert back["unwritten"] == f"{ds.uri} is not on this node's disk" and back["tables"]  # the rows go back
+    assert ds.parts("best", staged=True) == {}
+    ds.claim("f", {})
+    back = writer.in_replica(shard_result())
+    assert back == {"written": {"shard_id": "s1", "shard_index": 0, "prompts": 2, "prompts_out": 0,
+                                "rows": {"quarantine": 1, "best": 0}, "quarantined": {"empty": 1}, "outcomes": {},
+                                "candidates": {}, "errors": {}, "seconds": {"score": 0.1}}}
+    assert set(ds.parts("best", staged=True)) == set(ds.parts("quarantine", staged=True)) == {"s1"}
+    # a store that refuses the write: the rows go back with the reason, for the driver to write
+    shutil.rmtree(tmp_path / "d" / "_staging" / "best")
+    (tmp_path / "d" / "_staging" / "best").write_text("a file where a folder must be")
+    broken = ShardWriter(DatasetDir(str(tmp_path), "d", retries=0), ("quarantine", "best"), ("best",))
+    back = broken.in_replica(shard_result("s2"))
+    assert "unwritten" in back and back["shard_id"] == "s2" and back["tables"]
