@@ -72,7 +72,10 @@ def _run(config) -> dict:
 
         check_categories(config, setup(config))
     name = next(name for name, cls in FLOWS.items() if isinstance(config, cls))
-    return flow_of(name)(config)
+    from dafactory.tasks.run.workers import ray_started_early
+
+    with ray_started_early(config.ray):  # Ray starts while Prefect's temporary server does
+        return flow_of(name)(config)
 
 
 def _print_summary(manifest: dict, uri: str) -> None:

@@ -11,8 +11,10 @@ import contextlib
 import logging
 import math
 import os
+import signal
 import socket
 import sys
+import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -45,34 +47,110 @@ from dafactory.tasks.score.strategies import DEFAULT_STRATEGIES, Strategy
 log = logging.getLogger(__name__)
 
 
+_early: dict = {}  # the thread of ray_started_early, and what it raised
+
+
 @contextlib.contextmanager
-def ray_session(cfg: RayConfig):
-    """Join the cluster at `address`, or start a local Ray; leave alone a Ray the caller started."""
+def ray_started_early(cfg: RayConfig):
+    """Start Ray in a thread while the caller goes on (the CLI: while Prefect's temporary server starts
+    and the input is planned, which would otherwise wait for each other); the flow's ray_session waits
+    for it and uses it. Stopped on exit. A failure to start is raised by ray_session, in the flow."""
     if ray.is_initialized():
         yield
         return
+
+    done = threading.Event()
+
+    def start():
+        try:
+            _start_ray(cfg)
+        except BaseException as exc:  # handed to the flow's ray_session
+            _early["error"] = exc
+            _early["started"].set()
+            return
+        _early["started"].set()
+        # Ray's processes die with the thread that started them (PR_SET_PDEATHSIG): it waits here
+        # until Ray is shut down.
+        done.wait()
+
+    main = threading.current_thread() is threading.main_thread()
+    handler = signal.getsignal(signal.SIGTERM) if main else None
+    if handler is signal.SIG_DFL:
+        # What ray.init does from the main thread only: a SIGTERM exits through atexit, which stops Ray.
+        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(signum))
+    _early.clear()
+    _early["started"] = threading.Event()
+    thread = threading.Thread(target=start, name="ray-start", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        _early["started"].wait()
+        _early.clear()
+        if ray.is_initialized():
+            ray.shutdown()
+            _restore_cluster_flag()
+        done.set()
+        thread.join()
+        if handler is signal.SIG_DFL:
+            signal.signal(signal.SIGTERM, handler)
+
+
+class _NotMainThread(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "current thread is not the main thread" not in record.getMessage()
+
+
+_saved_cluster_flag: list = []
+
+
+def _start_ray(cfg: RayConfig) -> None:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     # Workers mask secrets in their logs too (tasks.redact).
     runtime_env = {"worker_process_setup_hook": "dafactory.tasks.io.redact.install_log_filter"}
     # RAY_ADDRESS is how a Ray job, a KubeRay pod or `ray job submit` says which cluster to join.
     address = cfg.address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, log_to_driver=True, runtime_env=runtime_env)
-        saved = None
-    else:
+    quiet = _NotMainThread()  # ray.init from a thread says it set no SIGTERM handler: ray_started_early does
+    logging.getLogger("ray._private.worker").addFilter(quiet)
+    try:
+        if address:
+            ray.init(address=address, log_to_driver=True, runtime_env=runtime_env)
+            return
         # Ray binds every server to all interfaces, and turns 127.0.0.1 into the host's address, unless
         # clusters are off (its macOS/Windows default): then a local Ray listens on loopback only.
         from ray._private import ray_constants
 
-        saved = ray_constants.ENABLE_RAY_CLUSTER
+        _saved_cluster_flag.append(ray_constants.ENABLE_RAY_CLUSTER)
         ray_constants.ENABLE_RAY_CLUSTER = False
         ray.init(num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus, include_dashboard=False, runtime_env=runtime_env)
+    finally:
+        logging.getLogger("ray._private.worker").removeFilter(quiet)
+
+
+def _restore_cluster_flag() -> None:
+    if _saved_cluster_flag:
+        from ray._private import ray_constants
+
+        ray_constants.ENABLE_RAY_CLUSTER = _saved_cluster_flag.pop()
+
+
+@contextlib.contextmanager
+def ray_session(cfg: RayConfig):
+    """Join the cluster at `address`, or start a local Ray; leave alone a Ray the caller started (or is
+    starting: see ray_started_early)."""
+    if "started" in _early:
+        _early["started"].wait()
+        if "error" in _early:
+            raise _early.pop("error")
+    if ray.is_initialized():
+        yield
+        return
+    _start_ray(cfg)
     try:
         yield
     finally:
         ray.shutdown()
-        if saved is not None:
-            ray_constants.ENABLE_RAY_CLUSTER = saved
+        _restore_cluster_flag()
 
 
 def use_cpus(num_cpus: float) -> None:
