@@ -23,6 +23,7 @@ from dafactory.tasks.registry import Registry
 log = logging.getLogger(__name__)
 
 ENGINES: Registry = Registry("engine")
+PAGE = 256  # tokens per KV page of the paged engine (transformers' default)
 AUTO = "auto"  # the default: `generate` on CPU, `paged` on CUDA
 
 
@@ -146,8 +147,15 @@ def paged_engine(backend, requests: list[Request], sampling: SamplingConfig,
         backend._paged_key = key
     config = GenerationConfig(max_new_tokens=sampling.max_new_tokens, pad_token_id=backend.tok.pad_token_id,
                               eos_token_id=sorted(backend.eos_ids) or None, **_sampling_kwargs(sampling))
+    # The seed only takes effect when the manager is built; a kept manager is seeded below, the same way.
+    sizing = dict(seed=requests[0].seed, max_memory_percent=backend.cfg.params.get("kv_cache_memory"))
+    if model.device.type != "cuda":
+        # Off CUDA transformers would size the cache from free host memory (gigabytes, zeroed on every reuse):
+        # enough pages for this call's sequences instead; later calls queue for pages if they need more.
+        pages = sum(r.n * -(-(len(r.prompt_ids) + b) // PAGE) for r, b in zip(requests, budgets))
+        sizing |= dict(page_size=PAGE, num_blocks=max(16, pages), max_batch_tokens=4096)
     manager = model.init_continuous_batching(generation_config=config,
-                                             continuous_batching_config=ContinuousBatchingConfig())
+                                             continuous_batching_config=ContinuousBatchingConfig(**sizing))
     # Children of num_return_sequences come back from 5.18; before, each sample is a request of its own.
     forks = _transformers_at_least("5.18")
     if model.device.type == "cuda" and not manager.warmed_up:

@@ -4,7 +4,8 @@ The template is applied as text and tokenised without adding special tokens agai
 start with BOS do not get it twice.
 
 params: engine ("auto": how it decodes, see engines.py: "generate", "static" or "paged"; auto picks
-`generate` on CPU and `paged` on CUDA).
+`generate` on CPU and `paged` on CUDA), kv_cache_memory (None: for `paged` on CUDA, the fraction of
+free GPU memory its KV cache takes; transformers' default is 0.9, or 0.8 with sampling processors).
 """
 
 from __future__ import annotations
