@@ -101,7 +101,8 @@ def static_engine(backend, requests: list[Request], sampling: SamplingConfig,
     model = backend.model
     ids, mask = _left_padded([r.prompt_ids for r in requests], backend.tok.pad_token_id, model.device)
     budget = max(budgets)
-    cache = StaticCache(config=model.config, max_cache_len=ids.shape[1] + budget)
+    # Cache lengths rounded up to a multiple of 256: compiled decoding is specialised to the cache's shape.
+    cache = StaticCache(config=model.config, max_cache_len=-(-(ids.shape[1] + budget) // 256) * 256)
     with torch.inference_mode():
         if ids.shape[1] > 1:
             # Positions as generate gives them under left padding: counted from each row's first real token.
