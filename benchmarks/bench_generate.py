@@ -141,6 +141,12 @@ def check(backend, args, rng: random.Random, sampling_cls) -> dict:
     return result
 
 
+def save(path: Path | None, results: dict) -> None:
+    if path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(results, indent=2, default=str))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--small", action="store_true", help="a tiny model and loads, for a CPU")
@@ -185,10 +191,11 @@ def main() -> None:
     if args.check:
         results["check"] = check(backend, args, random.Random(1), SamplingConfig)
         print("greedy check (first 32 tokens vs plain generate):", json.dumps(results["check"]), flush=True)
+        save(args.json, results)
     work = loads(args, rng, backend.model.config.vocab_size)
     engines = ["generate"] + [e for e in args.engines.split(",") if e and e != "generate"]
     sampling = SamplingConfig(temperature=0.7, max_new_tokens=max(args.new_tokens, args.max_budget))
-    for key in args.loads.split(","):
+    for key in [k for k in args.loads.split(",") if k]:
         load = work[key]
         useful = sum(n * b for _, n, b in load)
         print(f"load ({key}): {len(load)} requests, {sum(n for _, n, _ in load)} sequences, {useful} tokens",
@@ -216,10 +223,8 @@ def main() -> None:
             print(f"  {engine:9s} " + (f"{r['tokens_per_s']:>10.1f} tokens/s  {r.get('vs_generate', 0):5.2f}x generate"
                                        + (f"  {frac:.2%} of the bandwidth limit" if frac is not None else "")
                                        if "tokens_per_s" in r else r["error"]), flush=True)
-        results["loads"][key] = rows
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(results, indent=2, default=lambda x: round(x, 6) if isinstance(x, float) else str(x)))
+            results["loads"][key] = rows
+            save(args.json, results)  # after each engine: a step killed by its timeout keeps what it measured
     if "check" in results and not all(c.get("ok") for c in results["check"].values()):
         sys.exit(1)
 
