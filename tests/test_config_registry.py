@@ -21,6 +21,8 @@ from dafactory.tasks.run.preflight import check_names
         (['scorers=[{"name": "refusal_heuristik"}]'], "unknown scorer 'refusal_heuristik': did you mean 'refusal_heuristic'?"),
         # unknown backend, with a suggestion
         (["student.backend=hff"], "unknown backend 'hff': did you mean 'hf'?"),
+        # unknown generation engine of the transformers backend, with a suggestion
+        (['student.params={"engine": "pagd"}'], "unknown engine 'pagd': did you mean 'paged'?"),
         # selection names a scorer that is not configured
         (["selection.scorer=reward_model"], "selection uses scorer 'reward_model', which is not among the configured scorers"),
         # an unknown strategy, listing the known ones

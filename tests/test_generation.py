@@ -88,22 +88,22 @@ def test_hf_greedy_is_identical_across_samples(tiny_lm):
     assert alone.text == gens[0].text
 
 
-# --- generation faults: a batch that raises is split in halves down to one sequence -------------------
+# --- generation faults: a call that raises is split in halves of its requests, down to one request ----
 
 class RecordingBackend(FakeBackend):
-    """The fake backend, keeping (batch size, whether it raised) for each generate() call."""
+    """The fake backend, keeping (samples per request, whether it raised) for each sample() call."""
 
     def __init__(self, cfg):
         super().__init__(cfg)
         self.calls = []
 
-    def generate(self, conversations, sampling, seed, prefill=""):
+    def sample(self, requests, sampling):
         try:
-            gens = super().generate(conversations, sampling, seed, prefill)
+            gens = super().sample(requests, sampling)
         except Exception:
-            self.calls.append((len(conversations), "raised"))
+            self.calls.append(([r.n for r in requests], "raised"))
             raise
-        self.calls.append((len(conversations), "ok"))
+        self.calls.append(([r.n for r in requests], "ok"))
         return gens
 
 
@@ -119,23 +119,22 @@ def test_a_failing_prompt_is_quarantined_and_the_rest_of_its_batch_retried(caplo
     stats = Counter()
     b = RecordingBackend(ModelConfig(backend="fake", params={"fail_on": "BAD"}))
     rows, quarantine = run(b, FIVE, stats=stats)
-    # 15 sequences: batch 0 is p0, p1 and two samples of p2; batch 1 (7) is p2's last sample, p3 and p4.
-    # Batch 1 splits 7 -> 3 + 4, 3 -> 1 + 2, 2 -> 1 + 1, 4 -> 2 + 2, 2 -> 1 + 1: only calls with p3 raise.
+    # 15 sequences: batch 0 is p0, p1 and two samples of p2; batch 1 (7) is p2's last sample, p3 and p4: three
+    # requests. Batch 1 splits [p2, p3, p4] -> [p2] + [p3, p4] -> [p3] + [p4]: only calls with p3 raise.
     assert b.calls == [
-        (8, "ok"), (7, "raised"), (3, "raised"), (1, "ok"), (2, "raised"), (1, "raised"), (1, "raised"),
-        (4, "raised"), (2, "raised"), (1, "raised"), (1, "ok"), (2, "ok"),
+        ([3, 3, 2], "ok"), ([1, 3, 3], "raised"), ([1], "ok"), ([3, 3], "raised"), ([3], "raised"), ([3], "ok"),
     ]
     assert quarantine == [{
         "prompt_id": prompt_id("p3 BAD delta"), "source_row": 3, "prompt": "p3 BAD delta",
         "reason": "generation_error", "detail": "RuntimeError: injected failure on a prompt containing BAD",
     }]
     assert [(r["prompt"], r["sample_idx"]) for r in rows] == [(t, k) for t in FIVE if "BAD" not in t for k in range(3)]
-    # each row records the seed of the call that produced it: the batch's, or its sub-range's after a split
-    sub = [sub_batch_seed(0, "s1", 1, 0, 1), sub_batch_seed(0, "s1", 1, 4, 5)] + [sub_batch_seed(0, "s1", 1, 5, 7)] * 2
+    # each row records the seed of the call that produced it: the batch's, or its sequences' after a split
+    sub = [sub_batch_seed(0, "s1", 1, 0, 1)] + [sub_batch_seed(0, "s1", 1, 4, 7)] * 3
     assert [r["seed"] for r in rows] == [batch_seed(0, "s1", 0)] * 8 + sub
-    assert stats == {"splits": 5, "generation_error": 1}
+    assert stats == {"splits": 2, "generation_error": 1}
     assert [r.getMessage() for r in caplog.records if r.name == "dafactory.tasks.generate.generation"] == [
-        f"generate() of {size} sequences raised RuntimeError; retrying in halves" for size in (7, 3, 2, 4, 2)
+        f"generate() of {size} sequences raised RuntimeError; retrying in halves" for size in (7, 6)
     ]
     # the batch that did not fail is exactly what a run without fail_on gives
     clean, _ = run(FakeBackend(ModelConfig(backend="fake")), FIVE)
@@ -145,9 +144,9 @@ def test_a_failing_prompt_is_quarantined_and_the_rest_of_its_batch_retried(caplo
 class FailsInLaterBatches(FakeBackend):
     """Raises on "gamma" in every call but batch 0's (the seed of batch 0 of shard s1, base 0)."""
 
-    def generate(self, conversations, sampling, seed, prefill=""):
-        self.fail_on = None if seed == batch_seed(0, "s1", 0) else "gamma"
-        return super().generate(conversations, sampling, seed, prefill)
+    def sample(self, requests, sampling):
+        self.fail_on = None if requests[0].seed == batch_seed(0, "s1", 0) else "gamma"
+        return super().sample(requests, sampling)
 
 
 def test_a_prompt_with_one_failed_sample_keeps_none_of_its_samples():
@@ -163,8 +162,8 @@ class AlwaysRaises(RecordingBackend):
         super().__init__(cfg)
         self.exc = exc
 
-    def generate(self, conversations, sampling, seed, prefill=""):
-        self.calls.append((len(conversations), "raised"))
+    def sample(self, requests, sampling):
+        self.calls.append(([r.n for r in requests], "raised"))
         raise self.exc
 
 
@@ -180,9 +179,9 @@ def test_a_backend_that_always_raises_quarantines_every_prompt_once():
         ("w w", "too_long"), ("a b", "generation_error"), ("c d", "generation_error"), ("e f", "generation_error")
     ]
     assert quarantine[1]["detail"] == "ValueError: " + "x" * 200  # first line, cut at 200 characters
-    # batch 0 (4): 4 -> 2 + 2 -> four singles; batch 1 (2): 2 -> two singles
-    assert [size for size, _ in b.calls] == [4, 2, 1, 1, 2, 1, 1, 2, 1, 1]
-    assert stats == {"splits": 4, "generation_error": 3, "too_long": 1}
+    # batch 0: requests [a b, c d] -> each alone; batch 1: [e f] alone, not split further (its 2 samples fail together)
+    assert [ns for ns, _ in b.calls] == [[2, 2], [2], [2], [2]]
+    assert stats == {"splits": 1, "generation_error": 3, "too_long": 1}
 
 
 @pytest.mark.parametrize("exc", [KeyboardInterrupt(), SystemExit(1)])
@@ -191,7 +190,7 @@ def test_interrupts_are_not_generation_errors(exc):
     b = AlwaysRaises(ModelConfig(backend="fake"), exc)
     with pytest.raises(type(exc)):
         run(b, FIVE)
-    assert b.calls == [(8, "raised")]
+    assert b.calls == [([3, 3, 2], "raised")]
 
 
 def test_fake_backend_appends_its_pid_at_load(tmp_path):

@@ -1,11 +1,12 @@
 """Generation bookkeeping shared by every backend. Pure: no Prefect, Ray or torch.
 
-A backend only turns a batch of chat messages into texts; this module decides batches and seeds,
-quarantines prompts that do not fit the context or that fail to generate, and builds GENERATED rows.
+A backend renders conversations to token ids (`render`) and samples requests (`sample`: a prompt's
+ids, how many samples, a seed); this module decides batches and seeds, quarantines prompts that do not
+fit the context or that fail to generate, and builds GENERATED rows.
 
-A generate() call that raises (CUDA out of memory, a tokenizer error on one row, ...) is split in two
-halves and each is retried, down to a single sequence; a prompt with a sample that fails alone is
-quarantined with reason `generation_error`, and none of its samples are kept.
+A sample() call that raises (CUDA out of memory, a tokenizer error on one row, ...) has its list of
+requests split in two halves and each is retried, down to a single request; a prompt whose request
+fails alone is quarantined with reason `generation_error`, and none of its samples are kept.
 """
 
 from __future__ import annotations
@@ -45,6 +46,16 @@ class Generation:
     token_ids: tuple[int, ...]
 
 
+@dataclass(frozen=True)
+class Request:
+    """One prompt to sample from: the token ids of its rendered conversation (chat template with the
+    generation prompt, then the prefill), how many samples, and the seed of its samples."""
+
+    prompt_ids: tuple[int, ...]
+    n: int = 1
+    seed: int = 0
+
+
 class Backend(Protocol):
     model_id: str
     revision: str | None
@@ -52,10 +63,22 @@ class Backend(Protocol):
     def __init__(self, cfg: ModelConfig) -> None: ...
     def load(self) -> None: ...
     def context_length(self) -> int | None: ...
+    def render(self, conversations: list[list[dict]], prefill: str = "") -> list[list[int]]:
+        """Each conversation's token ids, up to where the model starts writing."""
+    def sample(self, requests: list[Request], sampling: SamplingConfig) -> list[list[Generation]]:
+        """For each request, `request.n` Generations in sample order."""
     def count_prompt_tokens(self, conversations: list[list[dict]], prefill: str = "") -> list[int]: ...
     def generate(
         self, conversations: list[list[dict]], sampling: SamplingConfig, seed: int, prefill: str = ""
-    ) -> list[Generation]: ...
+    ) -> list[Generation]:
+        """One greedy-or-sampled Generation per conversation: render, then sample with n = 1 each."""
+
+
+def generate_with(backend, conversations: list[list[dict]], sampling: SamplingConfig, seed: int,
+                  prefill: str = "") -> list[Generation]:
+    """`Backend.generate` in terms of render and sample: one request of one sample per conversation."""
+    requests = [Request(tuple(ids), 1, seed) for ids in backend.render(conversations, prefill)]
+    return [gens[0] for gens in backend.sample(requests, sampling)] if requests else []
 
 
 @dataclass(frozen=True)
@@ -104,15 +127,34 @@ def generate_shard(
 ) -> tuple[list[dict], list[dict]]:
     """(GENERATED rows, QUARANTINE rows) for one shard; `conversation` turns a PromptRow into messages
     and may open the assistant turn with `conversation.prefill`. `stats`, if given, gets the number of
-    batch splits ("splits") and of quarantined prompts per reason added to it."""
-    stats = Counter() if stats is None else stats
-    prefill = conversation.prefill
+    batch splits ("splits") and of quarantined prompts per reason added to it.
 
-    def attempt(convs: list, b: int, lo: int, hi: int, seed: int) -> list[tuple]:
-        """(Generation, or the error as text, and the seed) for each of convs[lo:hi], sequences of batch b.
-        A call that raises is split in halves, each retried with its own seed, until one fails alone."""
+    Each prompt is one Request of its samples. Batches hold at most `batch_size` sequences (prompts x
+    samples), cut in sequence order, so that a prompt's samples share a call unless a batch boundary falls
+    among them; then its first samples are one request of the batch and the rest one of the next."""
+    stats = Counter() if stats is None else stats
+    ids = backend.render([conversation(r) for r in shard.rows], conversation.prefill)
+    limit = backend.context_length()
+    fits, quarantine = [], []  # fits: (row, prompt ids)
+    for row, prompt in zip(shard.rows, ids):
+        if limit and len(prompt) + sampling.max_new_tokens > limit:
+            detail = f"{len(prompt)} prompt tokens + max_new_tokens {sampling.max_new_tokens} > context {limit}"
+            quarantine.append(_quarantined(row, "too_long", detail))
+        else:
+            fits.append((row, tuple(prompt)))
+
+    def attempt(groups: list, b: int, lo: int, hi: int, seed: int) -> list[tuple]:
+        """(the Generations, or the error as text, and the seed) for each of groups[lo:hi], the requests of
+        batch b as (prompt index, sample indices, offset of its first sequence in the batch). A call that
+        raises is split in halves of its requests, each retried with its own seed, until one fails alone."""
+        part = groups[lo:hi]
+        requests = [Request(fits[i][1], len(ks), seed) for i, ks, _ in part]
         try:
-            return [(g, seed) for g in backend.generate(convs[lo:hi], sampling, seed, prefill)]
+            out = backend.sample(requests, sampling)
+            if [len(g) for g in out] != [r.n for r in requests]:
+                raise RuntimeError(f"the backend returned {[len(g) for g in out]} samples for requests of "
+                                   f"{[r.n for r in requests]}")
+            return [(g, seed) for g in out]
         except Exception as exc:  # a KeyboardInterrupt or SystemExit still stops the run
             kind = type(exc).__name__
             error = f"{kind}: {first_line(exc, 200)}"
@@ -122,30 +164,28 @@ def generate_shard(
             sys.modules["torch"].cuda.empty_cache()
         if hi - lo == 1:
             return [(error, seed)]
-        log.warning("generate() of %d sequences raised %s; retrying in halves", hi - lo, kind)
+        log.warning("generate() of %d sequences raised %s; retrying in halves", sum(r.n for r in requests), kind)
         stats["splits"] += 1
         mid = (lo + hi) // 2
+        end = part[-1][2] + len(part[-1][1])  # sequence offsets: the seeds do not depend on how requests group
         sub = partial(sub_batch_seed, sampling.seed, shard.shard_id, b)
-        return attempt(convs, b, lo, mid, sub(lo, mid)) + attempt(convs, b, mid, hi, sub(mid, hi))
+        return (attempt(groups, b, lo, mid, sub(groups[lo][2], groups[mid][2]))
+                + attempt(groups, b, mid, hi, sub(groups[mid][2], end)))
 
-    convs = [conversation(r) for r in shard.rows]
-    limit = backend.context_length()
-    fits, quarantine = [], []
-    lengths = backend.count_prompt_tokens(convs, prefill) if limit else [0] * len(convs)
-    for row, conv, length in zip(shard.rows, convs, lengths):
-        if limit and length + sampling.max_new_tokens > limit:
-            detail = f"{length} prompt tokens + max_new_tokens {sampling.max_new_tokens} > context {limit}"
-            quarantine.append(_quarantined(row, "too_long", detail))
-        else:
-            fits.append((row, conv))
-    # One sequence per (prompt, sample); consecutive so that a prompt's samples share a batch when possible.
-    seqs = [(row, conv, k) for row, conv in fits for k in range(n)]
+    # One sequence per (prompt, sample), in order; each batch's consecutive samples of a prompt are one request.
+    seqs = [(i, k) for i in range(len(fits)) for k in range(n)]
     results = []  # (row, sample_idx, Generation or the error, seed), in sequence order
     for b, start in enumerate(range(0, len(seqs), batch_size)):
-        chunk = seqs[start : start + batch_size]
-        seed = batch_seed(sampling.seed, shard.shard_id, b)
-        gens = attempt([conv for _, conv, _ in chunk], b, 0, len(chunk), seed)
-        results += [(row, k, g, s) for (row, _, k), (g, s) in zip(chunk, gens)]
+        groups = []
+        for offset, (i, k) in enumerate(seqs[start : start + batch_size]):
+            if groups and groups[-1][0] == i:
+                groups[-1][1].append(k)
+            else:
+                groups.append((i, [k], offset))
+        outcome = attempt(groups, b, 0, len(groups), batch_seed(sampling.seed, shard.shard_id, b))
+        for (i, ks, _), (gens, seed) in zip(groups, outcome):
+            row = fits[i][0]
+            results += [(row, k, gens if isinstance(gens, str) else gens[j], seed) for j, k in enumerate(ks)]
     # Every prompt ends in one place: a prompt with any failed sample is quarantined, with none kept.
     failed = {}
     for row, _, g, _ in results:

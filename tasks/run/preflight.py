@@ -54,7 +54,7 @@ def _inputs(config: RunConfig) -> tuple[list[PromptSource], list[ScorerConfig]]:
 def check_names(config: RunConfig) -> None:
     """Names of backends, scorers and strategies against their registries: the one place they are
     checked, with a one-line error that suggests the closest names."""
-    BACKENDS.check(config.generator.backend)
+    BACKENDS.get(config.generator.backend)(config.generator)  # constructors check params (the engine); load() loads
     names = [s.name for s in config.scorer_configs]
     for name in names:
         SCORERS.check(name)

@@ -1,12 +1,14 @@
 """A deterministic fake backend for orchestration tests and benchmarks. Pure Python.
 
-Each sequence's text is a function of (seed, position in batch, prompt): refusals and compliant
+Each sequence's text is a function of (seed, position in the call, prompt): refusals and compliant
 answers of varied length, some cut off at max_new_tokens. Tokens are whitespace-separated words, and a
-token's id is a hash of its word (the same word, the same id).
+token's id is a hash of its word (the same word, the same id). A rendered prompt is its messages' words
+then the prefill's, the first word of each message and of the prefill flagged in bits above the hash, so
+that sample() can read back the request (the last message, and whether a prefill opens the answer).
 
 params: refusal_rate (0.5), context_length (4096), latency_s (0: seconds slept per batch, to
-stand in for a real model in tests of interruption and throughput), fail_on (None: generate() raises
-RuntimeError when the last message of any conversation in the batch contains this text, to test
+stand in for a real model in tests of interruption and throughput), fail_on (None: sample() raises
+RuntimeError when the last message of any request in the call contains this text, to test
 generation faults), pid_file (None: load() appends the process id and a newline to this file, so that
 a test can find and kill the Ray worker that holds the backend), exit_on (None: the process exits at
 once, as a segfault or a fatal CUDA error would, when a prompt in the batch contains this text).
@@ -20,9 +22,11 @@ import time
 import zlib
 
 from dafactory.tasks.config import ModelConfig, SamplingConfig
-from dafactory.tasks.generate.generation import Generation
+from dafactory.tasks.generate.generation import Generation, Request, generate_with
 
 REFUSAL = "I'm sorry, but I can't help with that request."
+MESSAGE = 1 << 31  # flags the first word of a message
+PREFILL = 1 << 32  # flags the first word of the prefill
 
 
 class FakeBackend:
@@ -36,6 +40,7 @@ class FakeBackend:
         self.fail_on = cfg.params.get("fail_on")
         self.pid_file = cfg.params.get("pid_file")
         self.exit_on = cfg.params.get("exit_on")
+        self._words: dict[int, str] = {}  # the vocabulary seen by render(): id -> word
 
     def load(self) -> None:
         if self.pid_file:
@@ -45,38 +50,64 @@ class FakeBackend:
     def context_length(self) -> int | None:
         return self._context
 
+    def render(self, conversations: list[list[dict]], prefill: str = "") -> list[list[int]]:
+        out = []
+        for conv in conversations:
+            ids = []
+            for part, flag in [(m["content"], MESSAGE) for m in conv] + [(prefill, PREFILL)]:
+                words = part.split()
+                self._words.update((word_id(w), w) for w in words)
+                ids += [word_id(w) | (flag if j == 0 else 0) for j, w in enumerate(words)]
+            out.append(ids)
+        return out
+
     def count_prompt_tokens(self, conversations: list[list[dict]], prefill: str = "") -> list[int]:
-        return [sum(len(m["content"].split()) for m in conv) + len(prefill.split()) for conv in conversations]
+        return [len(ids) for ids in self.render(conversations, prefill)]
 
     def generate(
         self, conversations: list[list[dict]], sampling: SamplingConfig, seed: int, prefill: str = ""
     ) -> list[Generation]:
+        return generate_with(self, conversations, sampling, seed, prefill)
+
+    def _read(self, ids: tuple[int, ...]) -> tuple[str, bool]:
+        """(the last message's words, whether a prefill follows it) of rendered ids."""
+        starts = [j for j, t in enumerate(ids) if t & MESSAGE]
+        cut = next((j for j, t in enumerate(ids) if t & PREFILL), len(ids))
+        first = starts[-1] if starts else 0
+        return " ".join(self._words[t & (MESSAGE - 1)] for t in ids[first:cut]), cut < len(ids)
+
+    def sample(self, requests: list[Request], sampling: SamplingConfig) -> list[list[Generation]]:
         if self.latency_s:
             time.sleep(self.latency_s)
-        if self.exit_on is not None and any(self.exit_on in conv[-1]["content"] for conv in conversations):
+        read = [self._read(r.prompt_ids) for r in requests]
+        if self.exit_on is not None and any(self.exit_on in last for last, _ in read):
             os._exit(1)
-        if self.fail_on is not None and any(self.fail_on in conv[-1]["content"] for conv in conversations):
+        if self.fail_on is not None and any(self.fail_on in last for last, _ in read):
             raise RuntimeError(f"injected failure on a prompt containing {self.fail_on}")
-        out = []
-        prompt_lens = self.count_prompt_tokens(conversations, prefill)
-        for i, (conv, plen) in enumerate(zip(conversations, prompt_lens)):
-            h = hashlib.blake2b(f"{seed}:{i}:{conv[-1]['content']}".encode(), digest_size=8).digest()
-            if h[0] / 256 < self.refusal_rate:
-                words = REFUSAL.split()
-            else:
-                topic = " ".join(conv[-1]["content"].split()[:4])
-                words = f"Sure. Here is a detailed answer about {topic}:".split() + ["step"] * (h[1] % 24)
-            if prefill:
-                # A reasoning trace closed by </think>; one in ten leaves it open, one in ten answers nothing.
-                thought = "The request touches the policy. I weigh it and decide.".split()
-                words = thought + (
-                    [] if h[2] % 10 == 0 else ["</think>"] if h[2] % 10 == 1 else ["</think>"] + words
-                )
-            finish = "stop"
-            if len(words) > sampling.max_new_tokens:
-                words, finish = words[: sampling.max_new_tokens], "length"
-            out.append(Generation(" ".join(words), finish, plen, len(words), tuple(map(word_id, words))))
+        out, i = [], 0  # i: the sequence's position in the call
+        for r, (last, prefilled) in zip(requests, read):
+            gens = []
+            for _ in range(r.n):
+                gens.append(self._one(r.seed, i, last, prefilled, len(r.prompt_ids), sampling.max_new_tokens))
+                i += 1
+            out.append(gens)
         return out
+
+    def _one(self, seed: int, i: int, last: str, prefilled: bool, plen: int, max_new_tokens: int) -> Generation:
+        h = hashlib.blake2b(f"{seed}:{i}:{last}".encode(), digest_size=8).digest()
+        if h[0] / 256 < self.refusal_rate:
+            words = REFUSAL.split()
+        else:
+            topic = " ".join(last.split()[:4])
+            words = f"Sure. Here is a detailed answer about {topic}:".split() + ["step"] * (h[1] % 24)
+        if prefilled:
+            # A reasoning trace closed by </think>; one in ten leaves it open, one in ten answers nothing.
+            thought = "The request touches the policy. I weigh it and decide.".split()
+            words = thought + ([] if h[2] % 10 == 0 else ["</think>"] if h[2] % 10 == 1 else ["</think>"] + words)
+        finish = "stop"
+        if len(words) > max_new_tokens:
+            words, finish = words[:max_new_tokens], "length"
+        return Generation(" ".join(words), finish, plen, len(words), tuple(map(word_id, words)))
 
 
 def word_id(word: str) -> int:

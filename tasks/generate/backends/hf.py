@@ -2,6 +2,10 @@
 
 The template is applied as text and tokenised without adding special tokens again, so templates that
 start with BOS do not get it twice.
+
+params: engine ("auto": how it decodes, see engines.py: "generate", "static" or "paged"; auto picks
+`generate` on CPU and `paged` on CUDA), kv_cache_memory (None: for `paged` on CUDA, the fraction of
+free GPU memory its KV cache takes; transformers' default is 0.9, or 0.8 with sampling processors).
 """
 
 from __future__ import annotations
@@ -9,7 +13,8 @@ from __future__ import annotations
 import logging
 
 from dafactory.tasks.config import ModelConfig, SamplingConfig
-from dafactory.tasks.generate.generation import Generation
+from dafactory.tasks.generate.backends.engines import AUTO, ENGINES, default_engine
+from dafactory.tasks.generate.generation import Generation, Request, generate_with
 from dafactory.tasks.generate.models import commit_of, load_model, load_tokenizer, resolve
 
 log = logging.getLogger(__name__)
@@ -41,6 +46,9 @@ class HFBackend:
         self.model_id = cfg.model
         self.revision = cfg.revision
         self.model = self.tok = None
+        self.engine = str(cfg.params.get("engine", AUTO))
+        if self.engine != AUTO:
+            ENGINES.check(self.engine)  # a bad name fails at preflight, before the model loads
 
     def load(self) -> None:
         from transformers import AutoModelForCausalLM
@@ -55,55 +63,44 @@ class HFBackend:
         if self.tok.eos_token_id is not None:
             eos.add(self.tok.eos_token_id)
         self.eos_ids = eos
-        log.info("loaded %s (%s) on %s", self.model_id, self.revision, self.model.device)
+        if self.engine == AUTO:
+            self.engine = default_engine(self.model.device.type)
+        log.info("loaded %s (%s) on %s, engine %s", self.model_id, self.revision, self.model.device, self.engine)
 
     def context_length(self) -> int | None:
         return getattr(self.model.config, "max_position_embeddings", None)
 
-    def _encode(self, conversations: list[list[dict]], padding: bool, prefill: str = ""):
-        return self.tok(
-            prompt_texts(self.tok, conversations, prefill),
-            add_special_tokens=adds_special_tokens(self.tok),
-            padding=padding,
-            return_tensors="pt" if padding else None,
-        )
-
-    def count_prompt_tokens(self, conversations: list[list[dict]], prefill: str = "") -> list[int]:
+    def render(self, conversations: list[list[dict]], prefill: str = "") -> list[list[int]]:
         if not conversations:
             return []
-        return [len(ids) for ids in self._encode(conversations, padding=False, prefill=prefill)["input_ids"]]
+        texts = prompt_texts(self.tok, conversations, prefill)
+        return self.tok(texts, add_special_tokens=adds_special_tokens(self.tok))["input_ids"]
+
+    def count_prompt_tokens(self, conversations: list[list[dict]], prefill: str = "") -> list[int]:
+        return [len(ids) for ids in self.render(conversations, prefill)]
 
     def generate(
         self, conversations: list[list[dict]], sampling: SamplingConfig, seed: int, prefill: str = ""
     ) -> list[Generation]:
-        import torch
+        return generate_with(self, conversations, sampling, seed, prefill)
 
-        if not conversations:
+    def sample(self, requests: list[Request], sampling: SamplingConfig,
+               budgets: list[int] | None = None) -> list[list[Generation]]:
+        """`budgets` (new tokens per request; default max_new_tokens) is for benchmarks of uneven lengths."""
+        if not requests:
             return []
-        batch = self._encode(conversations, padding=True, prefill=prefill).to(self.model.device)
-        kwargs = dict(max_new_tokens=sampling.max_new_tokens, pad_token_id=self.tok.pad_token_id)
-        if sampling.temperature > 0:
-            kwargs.update(
-                do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k or 0
-            )
-        else:
-            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-        torch.manual_seed(seed)
-        with torch.inference_mode():
-            out = self.model.generate(**batch, **kwargs)
-        new = out[:, batch["input_ids"].shape[1] :].tolist()
-        prompt_lens = batch["attention_mask"].sum(dim=1).tolist()
-        gens = []
-        for ids, plen in zip(new, prompt_lens):
-            stop = next((i for i, t in enumerate(ids) if t in self.eos_ids), None)
-            kept = ids if stop is None else ids[:stop]
-            gens.append(
-                Generation(
-                    text=self.tok.decode(kept, skip_special_tokens=True),
-                    finish_reason="length" if stop is None else "stop",
-                    prompt_tokens=int(plen),
-                    response_tokens=len(kept),
-                    token_ids=tuple(kept),
-                )
-            )
-        return gens
+        budgets = budgets or [sampling.max_new_tokens] * len(requests)
+        raw = ENGINES.get(self.engine)(self, requests, sampling, budgets)
+        return [[self._generation(ids, len(r.prompt_ids)) for ids in samples] for r, samples in zip(requests, raw)]
+
+    def _generation(self, ids: list[int], prompt_tokens: int) -> Generation:
+        """The kept ids are those before the first EOS (pads follow it in a padded batch); decoded once."""
+        stop = next((i for i, t in enumerate(ids) if t in self.eos_ids), None)
+        kept = ids if stop is None else ids[:stop]
+        return Generation(
+            text=self.tok.decode(kept, skip_special_tokens=True),
+            finish_reason="length" if stop is None else "stop",
+            prompt_tokens=prompt_tokens,
+            response_tokens=len(kept),
+            token_ids=tuple(kept),
+        )

@@ -1,0 +1,193 @@
+"""How the transformers backend decodes: engines, chosen by `params.engine` of the model config.
+
+- `generate`: plain batched `model.generate`, left padding, each prompt prefilled once per sample.
+- `static`: a static KV cache (compiled decoding on CUDA, where `generate` compiles it on its own), each
+  prompt prefilled once for all its samples (the prefilled cache is expanded to the samples).
+- `paged`: transformers continuous batching (paged attention): rows that finish are replaced at once, and a
+  prompt's samples share its prefilled KV blocks (`num_return_sequences` children, transformers >= 5.18).
+
+An engine takes the backend, the requests and the sampling, and returns for each request its samples' raw new
+ids (EOS and anything after it included); the backend cuts them at EOS and decodes. `budgets` (tokens per
+request, default max_new_tokens for all) lets a benchmark give requests different lengths. Imports torch only
+inside the engines.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from dafactory.tasks.config import SamplingConfig
+from dafactory.tasks.generate.generation import Request
+from dafactory.tasks.registry import Registry
+
+log = logging.getLogger(__name__)
+
+ENGINES: Registry = Registry("engine")
+PAGE = 256  # tokens per KV page of the paged engine (transformers' default)
+AUTO = "auto"  # the default: `generate` on CPU, `paged` on CUDA
+
+
+def default_engine(device_type: str) -> str:
+    """On CPU plain `generate` measured fastest (2 cores, the embedded model). On CUDA `paged` is what we expect to
+    be fastest on the long-tailed lengths of reasoning samples: NOT YET MEASURED on a GPU (benchmarks/gpu_check.sh)."""
+    return "paged" if device_type == "cuda" else "generate"
+
+
+def _sampling_kwargs(sampling: SamplingConfig) -> dict:
+    if sampling.temperature > 0:
+        return dict(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k or 0)
+    return dict(do_sample=False, temperature=None, top_p=None, top_k=None)
+
+
+def _generate_kwargs(backend, budget: int, sampling: SamplingConfig) -> dict:
+    kwargs = dict(max_new_tokens=budget, pad_token_id=backend.tok.pad_token_id, **_sampling_kwargs(sampling))
+    if backend.eos_ids:
+        kwargs["eos_token_id"] = sorted(backend.eos_ids)
+    return kwargs
+
+
+def _left_padded(rows: list[tuple[int, ...]], pad_id: int, device):
+    import torch
+
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        if r:
+            ids[i, width - len(r) :] = torch.tensor(r, dtype=torch.long)
+            mask[i, width - len(r) :] = 1
+    return ids.to(device), mask.to(device)
+
+
+def _regroup(rows: list[list[int]], requests: list[Request], budgets: list[int]) -> list[list[list[int]]]:
+    """Rows in request-major sample order back into per-request lists, each cut to its request's budget."""
+    out, i = [], 0
+    for r, budget in zip(requests, budgets):
+        out.append([row[:budget] for row in rows[i : i + r.n]])
+        i += r.n
+    return out
+
+
+@ENGINES.register("generate")
+def generate_engine(backend, requests: list[Request], sampling: SamplingConfig,
+                    budgets: list[int]) -> list[list[list[int]]]:
+    import torch
+
+    rows = [r.prompt_ids for r in requests for _ in range(r.n)]
+    ids, mask = _left_padded(rows, backend.tok.pad_token_id, backend.model.device)
+    torch.manual_seed(requests[0].seed)
+    with torch.inference_mode():
+        out = backend.model.generate(input_ids=ids, attention_mask=mask,
+                                     **_generate_kwargs(backend, max(budgets), sampling))
+    return _regroup(out[:, ids.shape[1] :].tolist(), requests, budgets)
+
+
+def _cache_kwarg(model) -> str:
+    """transformers renamed `past_key_values` to `cache` (5.2x); the old name is deprecated, not gone."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+@ENGINES.register("static")
+def static_engine(backend, requests: list[Request], sampling: SamplingConfig,
+                  budgets: list[int]) -> list[list[list[int]]]:
+    """Prefill each prompt but its last token once into a static cache, repeat the cache rows for the samples, then
+    `generate` from there (transformers' documented prompt-cache reuse): generate feeds the last prompt token, whose
+    logits give the first new token. On CUDA, generate compiles decoding because the cache is static."""
+    import torch
+    from transformers import StaticCache
+
+    model = backend.model
+    ids, mask = _left_padded([r.prompt_ids for r in requests], backend.tok.pad_token_id, model.device)
+    budget = max(budgets)
+    # Cache lengths rounded up to a multiple of 256: compiled decoding is specialised to the cache's shape.
+    cache = StaticCache(config=model.config, max_cache_len=-(-(ids.shape[1] + budget) // 256) * 256)
+    with torch.inference_mode():
+        if ids.shape[1] > 1:
+            # Positions as generate gives them under left padding: counted from each row's first real token.
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)
+            model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=positions[:, :-1],
+                  use_cache=True, **{_cache_kwarg(model): cache})
+        rows = torch.arange(len(requests), device=model.device).repeat_interleave(
+            torch.tensor([r.n for r in requests], device=model.device))
+        if ids.shape[1] > 1:
+            cache.reorder_cache(rows)
+            if model.device.type == "cuda":
+                # reorder_cache made new tensors: mark them static again, or compiled graphs would copy them per step.
+                for layer in cache.layers:
+                    torch._dynamo.mark_static_address(layer.keys)
+                    torch._dynamo.mark_static_address(layer.values)
+        torch.manual_seed(requests[0].seed)
+        out = model.generate(input_ids=ids[rows], attention_mask=mask[rows], **{_cache_kwarg(model): cache},
+                             **_generate_kwargs(backend, budget, sampling))
+    return _regroup(out[:, ids.shape[1] :].tolist(), requests, budgets)
+
+
+def _transformers_at_least(version: str) -> bool:
+    import transformers
+    from packaging.version import Version
+
+    return Version(transformers.__version__) >= Version(version)
+
+
+@ENGINES.register("paged")
+def paged_engine(backend, requests: list[Request], sampling: SamplingConfig,
+                 budgets: list[int]) -> list[list[list[int]]]:
+    """One continuous-batching manager per backend and sampling, kept between calls (on CUDA its warm-up captures
+    graphs once). The requests are queued while the loop is paused, so that the schedule, and with the seed the
+    samples, do not depend on thread timing."""
+    import torch
+    from transformers import GenerationConfig
+    from transformers.generation import ContinuousBatchingConfig
+
+    model = backend.model
+    key = (sampling.temperature, sampling.top_p, sampling.top_k, sampling.max_new_tokens, tuple(sorted(backend.eos_ids)))
+    if getattr(backend, "_paged_key", None) != key:
+        model.destroy_cached_continuous_batching_manager()
+        backend._paged_key = key
+    config = GenerationConfig(max_new_tokens=sampling.max_new_tokens, pad_token_id=backend.tok.pad_token_id,
+                              eos_token_id=sorted(backend.eos_ids) or None, **_sampling_kwargs(sampling))
+    # The seed only takes effect when the manager is built; a kept manager is seeded below, the same way.
+    sizing = dict(seed=requests[0].seed, max_memory_percent=backend.cfg.params.get("kv_cache_memory"))
+    if model.device.type != "cuda":
+        # Off CUDA transformers would size the cache from free host memory (gigabytes, zeroed on every reuse):
+        # enough pages for this call's sequences instead; later calls queue for pages if they need more.
+        pages = sum(r.n * -(-(len(r.prompt_ids) + b) // PAGE) for r, b in zip(requests, budgets))
+        sizing |= dict(page_size=PAGE, num_blocks=max(16, pages), max_batch_tokens=4096)
+    manager = model.init_continuous_batching(generation_config=config,
+                                             continuous_batching_config=ContinuousBatchingConfig(**sizing))
+    # Children of num_return_sequences come back from 5.18; before, each sample is a request of its own.
+    forks = _transformers_at_least("5.18")
+    if model.device.type == "cuda" and not manager.warmed_up:
+        manager.warmup()
+    torch.manual_seed(requests[0].seed)
+    manager.start()
+    try:
+        ids = []  # per request, the ids of its samples' results
+        with manager.pause():
+            for i, (r, budget) in enumerate(zip(requests, budgets)):
+                if forks:
+                    manager.num_return_sequences = r.n  # read by add_request: the request's children
+                    rid = manager.add_request(list(r.prompt_ids), request_id=f"r{i}", max_new_tokens=budget)
+                    ids.append([rid] + [f"{rid}__child#{c}" for c in range(r.n - 1)])
+                else:
+                    ids.append([manager.add_request(list(r.prompt_ids), request_id=f"r{i}s{c}", max_new_tokens=budget)
+                                for c in range(r.n)])
+        wanted = {rid for group in ids for rid in group}
+        if None in wanted:
+            raise RuntimeError("continuous batching refused a request (its loop is stopping)")
+        results = {}
+        while len(results) < len(wanted):
+            result = manager.get_result(timeout=1)
+            if result is not None and result.is_finished() and result.request_id in wanted:
+                if result.error is not None:
+                    raise RuntimeError(f"continuous batching failed request {result.request_id}: {result.error}")
+                results[result.request_id] = result.generated_tokens
+            elif result is None and not manager.is_running():
+                error = manager.background_thread_status.fatal_error
+                raise RuntimeError(f"continuous batching stopped with {len(wanted) - len(results)} requests left"
+                                   + (f": {error}" if error else ""))
+    finally:
+        manager.stop(block=True, keep_for_next_session=True)
+    return [[list(results[rid][:budget]) for rid in group] for group, budget in zip(ids, budgets)]
