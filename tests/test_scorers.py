@@ -202,5 +202,6 @@ def test_model_scorers_give_the_same_scores_under_any_token_budget(tiny_models, 
 
 @pytest.mark.parametrize("value", [0, -4, 2.5, "big", True])
 def test_max_batch_tokens_must_be_a_positive_integer(value):
-    with pytest.raises(UserError, match=re.escape(f"params.max_batch_tokens must be a positive integer, not {value!r}")):
+    message = f"params.max_batch_tokens must be a positive integer, not {value!r}"
+    with pytest.raises(UserError, match=re.escape(message)):
         SCORERS.get("reward_model")(ScorerConfig(name="reward_model", params={"max_batch_tokens": value}))

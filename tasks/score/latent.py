@@ -238,8 +238,9 @@ class LatentAttribution(Scorer):
             for h in handles:
                 h.remove()
 
-    def _run(self, run: dict, ids, mask, positions, last, windows: list[tuple[int, int]]):
-        """({layer: hidden state of each row's last token}, [logits of each row's window] or None)."""
+    def _run(self, run: dict, ids, mask, positions, last):
+        """({layer: hidden state of each row's last token}, the backbone's last hidden states or None
+        without token signals). The logits are taken from these row by row, to hold one row's at a time."""
         torch = self.torch
         store: dict = {}
         deepest = max(self.layers)
@@ -254,9 +255,7 @@ class LatentAttribution(Scorer):
                 return store, None
         if deepest == run["n_layers"] and run["last_normed"]:
             store[deepest] = hidden[torch.arange(ids.shape[0], device=ids.device), last]
-        if not self.token_signals:
-            return store, None
-        return store, [self._logits(run, hidden[i, lo:hi]) for i, (lo, hi) in enumerate(windows)]
+        return store, hidden if self.token_signals else None
 
     def _logits(self, run: dict, hidden):
         """The causal LM's logits from its last hidden states, as its forward computes them."""
@@ -308,35 +307,42 @@ class LatentAttribution(Scorer):
         ids, mask, last = ids.to(device), mask.to(device), last.to(device)
         positions = (mask.cumsum(dim=-1) - 1).clamp(min=0)
         with torch.inference_mode():
-            (ft_h, ft_logits), (base_h, base_logits) = (self._run(run, ids, mask, positions, last, windows)
-                                                        for run in self.passes_)
+            (ft_h, ft_out), (base_h, base_out) = (self._run(run, ids, mask, positions, last) for run in self.passes_)
             cosines = {layer: torch.nn.functional.cosine_similarity(ft_h[layer].float(), base_h[layer].float(), dim=-1)
                        for layer in set(self.layers)}
             cosines = {layer: c.tolist() for layer, c in cosines.items()}
-            results = []
-            for i, (row_ids, start) in enumerate(encoded):
-                details = [{"name": f"cos@{layer}", "value": cosines[layer][i]} for layer in self.layers]
-                if self.token_signals:
-                    details += self._token_signals(ft_logits[i], base_logits[i], row_ids[start:])
-                score = cosines[self.score_layer][i]
-                results.append({"score": score, "label": None, "reason": None, "details": details})
+            if self.token_signals:
+                ft_run, base_run = self.passes_
+                signals = torch.stack([
+                    self._token_signals(self._logits(ft_run, ft_out[i, lo:hi]),
+                                        self._logits(base_run, base_out[i, lo:hi]), row_ids[start:])
+                    for i, ((row_ids, start), (lo, hi)) in enumerate(zip(encoded, windows))
+                ]).tolist()
+        results = []
+        for i in range(len(encoded)):
+            details = [{"name": f"cos@{layer}", "value": cosines[layer][i]} for layer in self.layers]
+            if self.token_signals:
+                kl_fb, kl_bf, nll, self_certainty = signals[i]
+                details += [{"name": "kl_ft_base", "value": kl_fb}, {"name": "kl_base_ft", "value": kl_bf},
+                            {"name": "perplexity", "value": math.exp(nll)},
+                            {"name": "self_certainty", "value": self_certainty}]
+            results.append({"score": cosines[self.score_layer][i], "label": None, "reason": None, "details": details})
         return results
 
-    def _token_signals(self, ft_logits, base_logits, targets: list[int]) -> list[dict]:
-        """KL both ways, perplexity and self-certainty over the response tokens, from the logits of the
-        positions that predict them."""
+    def _token_signals(self, ft_logits, base_logits, targets: list[int]):
+        """(KL(FT || base), KL(base || FT), mean NLL under FT, self-certainty) over the response tokens, as
+        one tensor (read back once per batch), from the logits of the positions that predict them. In float32,
+        with few passes over the (tokens x vocabulary) values: on a GPU they cost as much as the forward."""
         torch = self.torch
-        lp_ft = torch.log_softmax(ft_logits.float(), dim=-1)
-        lp_base = torch.log_softmax(base_logits.float(), dim=-1)
-        p_ft, p_base = lp_ft.exp(), lp_base.exp()
-        kl_fb = (p_ft * (lp_ft - lp_base)).sum(-1).mean().item()
-        kl_bf = (p_base * (lp_base - lp_ft)).sum(-1).mean().item()
-        targets = torch.tensor(targets, device=lp_ft.device)
-        nll = -lp_ft.gather(1, targets[:, None]).mean().item()
-        vocab = lp_ft.shape[-1]
-        self_certainty = (-math.log(vocab) - lp_ft.mean(dim=-1)).mean().item()
-        return [{"name": "kl_ft_base", "value": kl_fb}, {"name": "kl_base_ft", "value": kl_bf},
-                {"name": "perplexity", "value": math.exp(nll)}, {"name": "self_certainty", "value": self_certainty}]
+        lp_ft = torch.log_softmax(ft_logits, dim=-1, dtype=torch.float32)
+        lp_base = torch.log_softmax(base_logits, dim=-1, dtype=torch.float32)
+        diff = lp_ft - lp_base
+        # sum_v p(v) (log p(v) - log q(v)) per token, as a batched dot product: no product tensor in memory.
+        kl_fb = torch.einsum("tv,tv->t", lp_ft.exp(), diff).mean()
+        kl_bf = -torch.einsum("tv,tv->t", lp_base.exp(), diff).mean()
+        nll = -lp_ft.gather(1, torch.tensor(targets, device=lp_ft.device)[:, None]).mean()
+        self_certainty = -math.log(lp_ft.shape[-1]) - lp_ft.mean(dim=-1).mean()
+        return torch.stack([kl_fb, kl_bf, nll, self_certainty])
 
 
 class _Stop(Exception):
