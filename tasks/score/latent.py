@@ -157,8 +157,9 @@ class LatentAttribution(Scorer):
         self.vocab_size = ft_cfg.vocab_size
         if self.max_batch_tokens is None:
             self.max_batch_tokens = default_max_batch_tokens(self.ft.device.type)
-        self.passes_ = [self._pass(self.ft, adapter=True)]
-        self.passes_.append(self._pass(self.ft, adapter=False) if self.shared else self._pass(self.base, adapter=True))
+        # FT's pass, then the base's: the same weights with the adapter off, or the base model.
+        self.passes_ = [self._pass(self.ft), self._pass(self.ft, adapter_off=True) if self.shared
+                        else self._pass(self.base)]
 
     def encode(self, row: dict) -> tuple[list[int], int]:
         """Token ids of the student's context (prompt side, then response), and where the response starts."""
@@ -184,9 +185,9 @@ class LatentAttribution(Scorer):
                         self.name, self.cfg.model)
         return self.tok(row["response"], add_special_tokens=False)["input_ids"]
 
-    def _pass(self, model, adapter: bool) -> dict:
+    def _pass(self, model, adapter_off: bool = False) -> dict:
         """What one forward pass runs: the backbone, its decoder layers and the output head of `model`;
-        adapter=False runs a PEFT model's base weights (the adapter disabled, the head's base layer)."""
+        adapter_off runs a PEFT model's base weights (the adapter disabled, the head's base layer)."""
         torch = self.torch
         text_cfg = model.config.get_text_config()
         n_layers = text_cfg.num_hidden_layers
@@ -198,14 +199,14 @@ class LatentAttribution(Scorer):
         if layers is None:
             raise UserError(f"scorer {self.name}: no list of {n_layers} decoder layers found in {type(model).__name__}")
         head = model.get_output_embeddings()
-        if not adapter:
+        if adapter_off:
             # A disabled LoRA layer runs its base layer; a modules_to_save copy, the original module.
             head = getattr(head, "original_module", None) or (head.get_base_layer() if hasattr(head, "get_base_layer")
                                                               else head)
         # transformers' hidden_states[-1] is the final norm's output unless the config says otherwise.
         last_normed = getattr(text_cfg, "tie_last_hidden_states", None) is not False
         return {"model": model, "backbone": backbone, "layers": layers, "n_layers": n_layers, "head": head,
-                "cfg": text_cfg, "adapter": adapter, "last_normed": last_normed}
+                "cfg": text_cfg, "adapter_off": adapter_off, "last_normed": last_normed}
 
     @contextmanager
     def _taps(self, run: dict, last, store: dict, stop_after: int | None):
@@ -246,7 +247,7 @@ class LatentAttribution(Scorer):
         deepest = max(self.layers)
         needs_output = self.token_signals or (deepest == run["n_layers"] and run["last_normed"])
         stop_after = None if needs_output else deepest
-        context = nullcontext() if run["adapter"] or not self.shared else run["model"].disable_adapter()
+        context = run["model"].disable_adapter() if run["adapter_off"] else nullcontext()
         with context, self._taps(run, last, store, stop_after):
             try:
                 hidden = run["backbone"](input_ids=ids, attention_mask=mask, position_ids=positions,
