@@ -316,8 +316,8 @@ class LatentAttribution(Scorer):
                 ft_run, base_run = self.passes_
                 signals = torch.stack([
                     self._token_signals(self._logits(ft_run, ft_out[i, lo:hi]),
-                                        self._logits(base_run, base_out[i, lo:hi]), row_ids[start:])
-                    for i, ((row_ids, start), (lo, hi)) in enumerate(zip(encoded, windows))
+                                        self._logits(base_run, base_out[i, lo:hi]), ids[i, lo + 1 : hi + 1])
+                    for i, (lo, hi) in enumerate(windows)
                 ]).tolist()
         results = []
         for i in range(len(encoded)):
@@ -330,7 +330,7 @@ class LatentAttribution(Scorer):
             results.append({"score": cosines[self.score_layer][i], "label": None, "reason": None, "details": details})
         return results
 
-    def _token_signals(self, ft_logits, base_logits, targets: list[int]):
+    def _token_signals(self, ft_logits, base_logits, targets):
         """(KL(FT || base), KL(base || FT), mean NLL under FT, self-certainty) over the response tokens, as
         one tensor (read back once per batch), from the logits of the positions that predict them. In float32,
         with few passes over the (tokens x vocabulary) values: on a GPU they cost as much as the forward."""
@@ -341,7 +341,7 @@ class LatentAttribution(Scorer):
         # sum_v p(v) (log p(v) - log q(v)) per token, as a batched dot product: no product tensor in memory.
         kl_fb = torch.einsum("tv,tv->t", lp_ft.exp(), diff).mean()
         kl_bf = -torch.einsum("tv,tv->t", lp_base.exp(), diff).mean()
-        nll = -lp_ft.gather(1, torch.tensor(targets, device=lp_ft.device)[:, None]).mean()
+        nll = -lp_ft.gather(1, targets[:, None]).mean()
         self_certainty = -math.log(lp_ft.shape[-1]) - lp_ft.mean(dim=-1).mean()
         return torch.stack([kl_fb, kl_bf, nll, self_certainty])
 
