@@ -311,7 +311,6 @@ class LatentAttribution(Scorer):
             (ft_h, ft_out), (base_h, base_out) = (self._run(run, ids, mask, positions, last) for run in self.passes_)
             cosines = {layer: torch.nn.functional.cosine_similarity(ft_h[layer].float(), base_h[layer].float(), dim=-1)
                        for layer in set(self.layers)}
-            cosines = {layer: c.tolist() for layer, c in cosines.items()}
             if self.token_signals:
                 ft_run, base_run = self.passes_
                 signals = torch.stack([
@@ -319,6 +318,7 @@ class LatentAttribution(Scorer):
                                         self._logits(base_run, base_out[i, lo:hi]), ids[i, lo + 1 : hi + 1])
                     for i, (lo, hi) in enumerate(windows)
                 ]).tolist()
+            cosines = {layer: c.tolist() for layer, c in cosines.items()}  # read back after all work is queued
         results = []
         for i in range(len(encoded)):
             details = [{"name": f"cos@{layer}", "value": cosines[layer][i]} for layer in self.layers]
