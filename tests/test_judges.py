@@ -139,8 +139,17 @@ def test_rubric_judge_checks_its_params():
         SCORERS.get("rubric_judge")(ScorerConfig(name="rubric_judge", params={"rubric": "likert"}))
 
 
-@pytest.mark.parametrize("name, params", [("llama_guard", {}), ("rubric_judge", {"rubric": "star1", "max_new_tokens": 6}),
-                                          ("rubric_judge", {"rubric": "strongreject", "max_new_tokens": 6})])
+@pytest.mark.parametrize(
+    "name, params",
+    [
+        ("llama_guard", {}),
+        ("rubric_judge", {"rubric": "star1", "max_new_tokens": 6}),
+        ("rubric_judge", {"rubric": "strongreject", "max_new_tokens": 6}),
+        ("llama_guard", {"max_batch_tokens": 1}),  # a budget below every row: each row decoded alone
+        ("llama_guard", {"max_batch_tokens": 64}),  # the two shorter rows together (2 x (15 + 16) tokens), then one
+        ("rubric_judge", {"rubric": "star1", "max_new_tokens": 6, "max_batch_tokens": 10**6}),  # batch_size caps
+    ],
+)
 def test_generative_judges_end_to_end_on_a_tiny_model(tiny_models, name, params):
     """The wiring is real: the judge's chat template, greedy decoding, then the parser on what came out."""
     from dafactory.tasks.generate.backends.hf import HFBackend
@@ -160,6 +169,12 @@ def test_generative_judges_end_to_end_on_a_tiny_model(tiny_models, name, params)
         assert got == judge.parse(g.text)
     assert all(set(r) == {"score", "label", "reason", "details"} for r in results)
     assert not any("judge context" in (r["reason"] or "") for r in results)  # every row was really judged
+
+
+@pytest.mark.parametrize("value", [0, "1k"])
+def test_judge_max_batch_tokens_must_be_a_positive_integer(value):
+    with pytest.raises(UserError, match="params.max_batch_tokens must be a positive integer"):
+        SCORERS.get("llama_guard")(ScorerConfig(name="llama_guard", params={"max_batch_tokens": value}))
 
 
 def test_judge_inputs_longer_than_its_context_get_a_null_verdict(tiny_models):

@@ -120,7 +120,11 @@ def test_layers_beyond_the_model_are_refused(tiny_models):
         s.load()
 
 
-def test_a_peft_adapter_shares_weights_with_its_base(tiny_models, tmp_path):
+@pytest.mark.parametrize("targets", [
+    ["q_proj", "v_proj"],
+    ["q_proj", "v_proj", "lm_head"],  # the output head adapted too: the base pass reads its base layer
+])
+def test_a_peft_adapter_shares_weights_with_its_base(tiny_models, tmp_path, targets):
     """FT given as a LoRA adapter: one model in memory, the base pass with the adapter disabled, and the
     same signals as two separate models (the adapter merged into a copy of the base)."""
     import torch
@@ -129,7 +133,7 @@ def test_a_peft_adapter_shares_weights_with_its_base(tiny_models, tmp_path):
 
     torch.manual_seed(7)
     base = AutoModelForCausalLM.from_pretrained(tiny_models["lm"], dtype=torch.float32)
-    lora = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    lora = get_peft_model(base, LoraConfig(r=4, target_modules=targets, init_lora_weights=False))
     lora.save_pretrained(tmp_path / "adapter")
     merged = PeftModel.from_pretrained(
         AutoModelForCausalLM.from_pretrained(tiny_models["lm"], dtype=torch.float32), tmp_path / "adapter"
@@ -148,7 +152,8 @@ def test_a_peft_adapter_shares_weights_with_its_base(tiny_models, tmp_path):
     for a, b in zip(shared.score(ROWS), separate.score(ROWS)):
         for da, db in zip(a["details"], b["details"]):
             assert da["name"] == db["name"]
-            assert (da["value"] is None and db["value"] is None) or da["value"] == pytest.approx(db["value"], abs=1e-5)
+            assert (da["value"] is None and db["value"] is None) or da["value"] == pytest.approx(db["value"], rel=1e-6,
+                                                                                                 abs=1e-5)
         assert a["score"] < 0.99999  # the adapter really changes the hidden states
 
 
@@ -447,3 +452,203 @@ def test_the_base_revision_is_pinned(tiny_models, tmp_path, monkeypatch):
     pinned = cos(base_revision="a" * 40)
     assert pinned == pytest.approx(scorer(tiny_models).score(ROWS[:1])[0]["details"][0]["value"], abs=1e-6)
     assert pinned < 0.999
+
+
+# --- what each pass computes: the requested layers, the response logits, a token budget -------------------
+
+# Families whose hidden_states[0], last layer or logits differ from Llama's: each is checked against its own
+# plain forward (output_hidden_states=True, full logits).
+FAMILIES = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),  # attention biases, a final RMSNorm
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM",  # embeddings scaled inside the backbone, soft-capped logits
+               {"head_dim": 8, "final_logit_softcapping": 3.0, "sliding_window": 16}),
+    "granite": ("GraniteConfig", "GraniteForCausalLM", {"embedding_multiplier": 3.0, "logits_scaling": 4.0}),
+    "cohere": ("CohereConfig", "CohereForCausalLM", {"logit_scale": 0.5}),  # LayerNorm, scaled logits
+}
+
+
+def save_family(root, family: str) -> tuple[str, str]:
+    import torch
+    import transformers
+
+    cfg_class, model_class, extra = FAMILIES[family]
+    tok = word_tokenizer(CHATML, bos=False)
+    cfg = getattr(transformers, cfg_class)(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=128, pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id, bos_token_id=None, **extra)
+    paths = []
+    for name, seed in (("ft", 5), ("base", 0)):
+        torch.manual_seed(seed)
+        getattr(transformers, model_class)(cfg).save_pretrained(root / family / name)
+        tok.save_pretrained(root / family / name)
+        paths.append(str(root / family / name))
+    return paths[0], paths[1]
+
+
+@pytest.fixture(scope="module")
+def families(tmp_path_factory):
+    root = tmp_path_factory.mktemp("families")
+    return {family: save_family(root, family) for family in FAMILIES}
+
+
+def padded_batch(rows: list[list[int]], side: str, pad: int):
+    """ids, mask and positions of `rows` padded by hand, and each row's offset."""
+    import torch
+
+    width = max(map(len, rows))
+    ids = torch.full((len(rows), width), pad)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    offsets = []
+    for i, r in enumerate(rows):
+        off = width - len(r) if side == "left" else 0
+        ids[i, off : off + len(r)], mask[i, off : off + len(r)] = torch.tensor(r), 1
+        offsets.append(off)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    return ids, mask, positions, offsets
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_each_pass_keeps_the_requested_layers_and_the_response_logits_of_a_plain_forward(families, family, side):
+    """The hooks give exactly hidden_states[l] (the normed state for the last layer) and the head on the
+    response positions gives exactly the model's own logits there, padding either side."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    ft_path, base_path = families[family]
+    s = SCORERS.get("latent_attribution")(ScorerConfig(
+        name="latent_attribution", model=ft_path, params={"base": base_path, "layers": [2, 0, 1]}))
+    s.load()
+    encoded = [([5, 6, 7, 8], 2), ([9, 10, 11, 12, 13, 14, 15], 3), ([16, 17], 1)]  # (ids, response start)
+    ids, mask, positions, offsets = padded_batch([e for e, _ in encoded], side, s.tok.pad_token_id)
+    last = torch.tensor([off + len(e) - 1 for off, (e, _) in zip(offsets, encoded)])
+    windows = [(off + start - 1, off + len(e) - 1) for off, (e, start) in zip(offsets, encoded)]
+    for run, path in zip(s.passes_, (ft_path, base_path)):
+        with torch.no_grad():
+            store, hidden = s._run(run, ids, mask, positions, last)
+            logits = [s._logits(run, hidden[i, lo:hi]) for i, (lo, hi) in enumerate(windows)]
+        plain = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        with torch.no_grad():
+            want = plain(input_ids=ids, attention_mask=mask, position_ids=positions, output_hidden_states=True)
+        assert sorted(store) == [0, 1, 2]
+        for layer in (0, 1, 2):
+            assert torch.allclose(store[layer], want.hidden_states[layer][torch.arange(3), last], rtol=0, atol=1e-6)
+        for got, (i, (lo, hi)) in zip(logits, enumerate(windows)):
+            assert got.shape == (hi - lo, len(s.tok))
+            assert torch.allclose(got, want.logits[i, lo:hi], rtol=0, atol=1e-5)
+
+
+def test_the_last_layer_is_read_after_the_final_norm(families):
+    """Not vacuous: the output of the last decoder layer itself is far from what is read as its state."""
+    import torch
+
+    s = SCORERS.get("latent_attribution")(ScorerConfig(
+        name="latent_attribution", model=families["qwen2"][0], params={"base": families["qwen2"][1], "layers": [2]}))
+    s.load()
+    run = s.passes_[0]
+    raw = {}
+    handle = run["layers"][1].register_forward_hook(lambda m, a, out: raw.setdefault("h", out))
+    ids, mask, positions, _ = padded_batch([[5, 6, 7]], "right", 0)
+    with torch.no_grad():
+        store, _ = s._run(run, ids, mask, positions, torch.tensor([2]))
+    handle.remove()
+    h = raw["h"][0] if isinstance(raw["h"], tuple) else raw["h"]
+    assert (store[2][0] - h[0, 2]).abs().max() > 0.1
+
+
+BUDGETS = [
+    {"max_batch_tokens": 1},  # smaller than any row: each row scored alone
+    {"max_batch_tokens": 24},  # a few short rows share a batch, the long ones alone
+    {"max_batch_tokens": 40, "padding_side": "left"},  # left padding across budget-sized batches
+    {"max_batch_tokens": 10**6},  # everything in one batch (batch_size 8 caps the rows)
+    {"max_batch_tokens": 10**6, "batch_size": 2},  # the row cap decides
+]
+
+
+@pytest.mark.parametrize("params", BUDGETS)
+def test_any_token_budget_gives_the_one_row_references(student, params):
+    import torch
+
+    results = student_scorer(student, **params).score(student["rows"])
+    got = torch.tensor([[d["value"] for d in r["details"] if d["name"].startswith("cos@")] for r in results],
+                       dtype=torch.float64)
+    want = torch.tensor([cos for cos, _ in student["refs"]], dtype=torch.float64)
+    assert torch.allclose(got, want, rtol=0, atol=ATOL), (got - want).abs().max()
+    got_ppl = [next(d["value"] for d in r["details"] if d["name"] == "perplexity") for r in results]
+    assert got_ppl == pytest.approx([ppl for _, ppl in student["refs"]], rel=1e-5)
+
+
+@pytest.mark.parametrize("layers", [[1], [0], [2, 0]])
+def test_without_token_signals_the_cosines_stay_and_no_logits_are_computed(tiny_models, reference, layers):
+    """layers [1] and [0]: the pass stops after the deepest requested layer; [2]: it runs to the final norm."""
+    s = scorer(tiny_models, layers=layers, token_signals=False)
+    results = s.score(ROWS)
+    for (cos, _), r in zip(reference, results):
+        assert [d["name"] for d in r["details"]] == [f"cos@{layer}" for layer in layers]
+        assert [d["value"] for d in r["details"]] == pytest.approx([cos[layer] for layer in layers], abs=1e-5)
+        assert r["score"] == r["details"][0]["value"]
+    import torch
+
+    ids, mask, positions, _ = padded_batch([[5, 6, 7]], "right", 0)
+    ran = []
+    handle = s.passes_[0]["layers"][1].register_forward_hook(lambda *args: ran.append(1))
+    with torch.no_grad():
+        store, hidden = s._run(s.passes_[0], ids, mask, positions, torch.tensor([2]))
+    handle.remove()
+    assert hidden is None and sorted(store) == sorted(layers)
+    assert len(ran) == (1 if 2 in layers else 0)  # the second (last) decoder layer runs only when it is read
+
+
+@pytest.mark.parametrize(
+    "limit, splits, nulls",
+    [
+        (10**6, 0, 0),  # everything fits: no split
+        (40, 1, 0),  # the three rows (3 x 17 padded tokens) do not fit; [10] and [14, 17] (2 x 17) do
+        (30, 2, 0),  # [14, 17] is split again
+        (16, 2, 1),  # the longest row (17 tokens) does not fit even alone
+    ],
+)
+def test_a_batch_out_of_cuda_memory_is_split_and_a_row_that_never_fits_is_null(tiny_models, reference, monkeypatch,
+                                                                                limit, splits, nulls, caplog):
+    """A fake device that runs out of memory above `limit` padded tokens (rows x width) per batch."""
+    import torch
+
+    from dafactory.tasks.score import scorers as scorers_module
+
+    monkeypatch.setattr(scorers_module, "_is_cuda_oom", lambda exc: isinstance(exc, torch.cuda.OutOfMemoryError))
+    s = scorer(tiny_models, padding_side="left")
+    real = s._score_batch
+
+    def fake_device(encoded):
+        if len(encoded) * max(len(ids) for ids, _ in encoded) > limit:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(encoded)
+
+    s._score_batch = fake_device
+    widths = sorted(len(s.encode(r)[0]) for r in ROWS)
+    assert widths == [10, 14, 17]
+    results = s.score(ROWS)
+    null = {"score": None, "label": None, "details": None,
+            "reason": "CUDA out of memory scoring this row alone: CUDA out of memory. Tried to allocate 2.00 GiB"}
+    assert [r for r in results if r["score"] is None] == [null] * nulls
+    assert len([r for r in caplog.records if "retrying in halves" in r.getMessage()]) == splits
+    for (cos, _), r in zip(reference, results):
+        if r["score"] is not None:
+            assert r["score"] == pytest.approx(cos[2], abs=1e-5)
+
+
+@pytest.mark.parametrize(
+    "params, message",
+    [
+        ({"max_batch_tokens": 0}, "params.max_batch_tokens must be a positive integer, not 0"),
+        ({"max_batch_tokens": "4k"}, "params.max_batch_tokens must be a positive integer, not '4k'"),
+        ({"max_batch_tokens": True}, "params.max_batch_tokens must be a positive integer, not True"),
+        ({"token_signals": "yes"}, "params.token_signals must be true or false"),
+    ],
+)
+def test_bad_batching_params(tiny_models, params, message):
+    with pytest.raises(UserError, match=re.escape(message)):
+        SCORERS.get("latent_attribution")(ScorerConfig(
+            name="latent_attribution", model=tiny_models["lm_ft"], params={"base": tiny_models["lm"], **params}))

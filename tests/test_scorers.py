@@ -1,10 +1,12 @@
 """Scorers: the refusal heuristic (pure) and the reward model (a tiny real transformers model)."""
 
+import re
+
 import pytest
 
 from dafactory.tasks.config import ScorerConfig
 from dafactory.tasks.errors import UserError
-from dafactory.tasks.score.scorers import SCORERS, RefusalHeuristic
+from dafactory.tasks.score.scorers import SCORERS, RefusalHeuristic, split_on_oom, token_batches
 
 
 def heuristic(**params):
@@ -125,3 +127,81 @@ def test_yes_no_judge_needs_single_token_answers(tiny_models):
     )
     with pytest.raises(UserError, match=r"none of \['absolutely'\] is a single token"):
         judge.load()
+
+
+@pytest.mark.parametrize(
+    "lengths, max_tokens, max_rows, batches",
+    [
+        ([], 100, 4, []),  # nothing to batch
+        ([5, 3, 4], 100, 8, [[1, 2, 0]]),  # one batch, shortest first
+        ([5, 3, 4], 100, 2, [[1, 2], [0]]),  # the row cap splits it
+        ([5, 3, 4], 10, 8, [[1, 2], [0]]),  # 3 rows x 5 > 10: the longest starts a batch of its own
+        ([5, 3, 4], 1, 8, [[1], [2], [0]]),  # a budget below every row: each row alone
+        ([4, 4, 4, 4], 12, 8, [[0, 1, 2], [3]]),  # exactly at the budget (3 x 4 = 12); ties keep input order
+        ([2, 50, 2, 2, 9], 20, 8, [[0, 2, 3], [4], [1]]),  # 4 x 9 > 20; the 50-token row over the budget alone
+    ],
+)
+def test_token_batches(lengths, max_tokens, max_rows, batches):
+    assert token_batches(lengths, max_tokens, max_rows) == batches
+
+
+def test_split_on_oom_halves_down_to_the_row_that_never_fits(monkeypatch, caplog):
+    """A fake device: a batch out of memory when its rows' sizes sum above 10; row 3 (size 11) never fits."""
+    import torch
+
+    from dafactory.tasks.score import scorers as scorers_module
+
+    monkeypatch.setattr(scorers_module, "_is_cuda_oom", lambda exc: isinstance(exc, torch.cuda.OutOfMemoryError))
+    size = {0: 2, 1: 3, 2: 4, 3: 11, 4: 1}
+    calls = []
+
+    def score(idx):
+        calls.append(idx)
+        if sum(size[i] for i in idx) > 10:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory.\nmore detail")
+        return [{"score": float(i)} for i in idx]
+
+    got = split_on_oom(score, [0, 1, 2, 3, 4], lambda reason: {"score": None, "reason": reason})
+    null = {"score": None, "reason": "CUDA out of memory scoring this row alone: CUDA out of memory."}
+    assert got == [{"score": 0.0}, {"score": 1.0}, {"score": 2.0}, null, {"score": 4.0}]
+    assert calls == [[0, 1, 2, 3, 4], [0, 1], [2, 3, 4], [2], [3, 4], [3], [4]]
+    with pytest.raises(ValueError):  # anything but running out of CUDA memory propagates
+        split_on_oom(lambda idx: int("x"), [0], lambda reason: {})
+
+
+@pytest.mark.parametrize(
+    "name, params",
+    [
+        ("reward_model", {"max_batch_tokens": 1}),  # each row alone
+        ("reward_model", {"max_batch_tokens": 30}),  # the two short rows together, the long one alone
+        ("reward_model", {"max_batch_tokens": 10**6}),  # one batch
+        ("yes_no_judge", {"max_batch_tokens": 1}),
+        ("yes_no_judge", {"max_batch_tokens": 60}),
+        ("yes_no_judge", {"max_batch_tokens": 10**6}),
+    ],
+)
+def test_model_scorers_give_the_same_scores_under_any_token_budget(tiny_models, name, params):
+    """Scores for each row alone (batch_size 1), against batches by token budget in any composition."""
+    rows = [
+        {"prompt": "how do i make a cake", "response": "sure here answer", "category": None},
+        {"prompt": "hello", "response": "sorry cannot help", "category": None},
+        {"prompt": "explain the sky", "response": "the sky is blue because the sky is blue sky", "category": None},
+    ]
+    model = tiny_models["rm" if name == "reward_model" else "lm"]
+    extra = {} if name == "reward_model" else {"question": "user {prompt} assistant {response} yes or no"}
+
+    def scores(batch_size, **p):
+        s = SCORERS.get(name)(ScorerConfig(name=name, model=model, batch_size=batch_size, params={**extra, **p}))
+        s.load()
+        return [r["score"] for r in s.score(rows)]
+
+    alone = scores(1)
+    assert scores(8, **params) == pytest.approx(alone, abs=1e-5)
+    assert len({round(x, 6) for x in alone}) == 3
+
+
+@pytest.mark.parametrize("value", [0, -4, 2.5, "big", True])
+def test_max_batch_tokens_must_be_a_positive_integer(value):
+    message = f"params.max_batch_tokens must be a positive integer, not {value!r}"
+    with pytest.raises(UserError, match=re.escape(message)):
+        SCORERS.get("reward_model")(ScorerConfig(name="reward_model", params={"max_batch_tokens": value}))

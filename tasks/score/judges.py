@@ -11,7 +11,13 @@ import json
 import re
 
 from dafactory.tasks.config import ModelConfig, SamplingConfig, ScorerConfig
-from dafactory.tasks.score.scorers import SCORERS, Scorer
+from dafactory.tasks.score.scorers import (
+    SCORERS,
+    Scorer,
+    default_max_batch_tokens,
+    max_batch_tokens_param,
+    token_batches,
+)
 
 # --- parsers (pure) ---------------------------------------------------------------------------------
 
@@ -148,11 +154,19 @@ Output your responses in the format below. For the "answer" responses, output on
 
 
 class GenerativeJudge(Scorer):
-    """Greedy-decodes a verdict with any causal LM (through the hf backend) and parses it."""
+    """Greedy-decodes a verdict with any causal LM (through the hf backend) and parses it. Batches hold
+    rows of similar prompt length, at most `batch_size` of them, and rows x (their longest prompt +
+    max_new_tokens) <= `params.max_batch_tokens` (default 16384 on CUDA, 4096 on CPU)."""
 
     max_new_tokens = 16
 
+    def __init__(self, cfg: ScorerConfig):
+        super().__init__(cfg)
+        self.max_batch_tokens = max_batch_tokens_param(cfg)
+
     def load(self) -> None:
+        import torch
+
         from dafactory.tasks.generate.backends.hf import HFBackend
 
         if not self.cfg.model:
@@ -167,6 +181,8 @@ class GenerativeJudge(Scorer):
         self.sampling = SamplingConfig(
             temperature=0, max_new_tokens=int(self.cfg.params.get("max_new_tokens", self.max_new_tokens))
         )
+        if self.max_batch_tokens is None:
+            self.max_batch_tokens = default_max_batch_tokens("cuda" if torch.cuda.is_available() else "cpu")
 
     def conversation(self, row: dict) -> list[dict]:
         raise NotImplementedError
@@ -185,9 +201,10 @@ class GenerativeJudge(Scorer):
                 out[i] = _null(f"{n} tokens + {self.sampling.max_new_tokens} > judge context {limit}")
             else:
                 fits.append(i)
-        bs = self.cfg.batch_size
-        for start in range(0, len(fits), bs):
-            idx = fits[start : start + bs]
+        # A batch's padded width at its last step: its longest prompt plus the new tokens.
+        widths = [lengths[i] + self.sampling.max_new_tokens for i in fits]
+        for batch in token_batches(widths, self.max_batch_tokens, self.cfg.batch_size):
+            idx = [fits[b] for b in batch]
             gens = self.backend.generate([convs[i] for i in idx], self.sampling, seed=0)
             for i, g in zip(idx, gens):
                 out[i] = self.parse(g.text)

@@ -16,6 +16,14 @@ no token of its own to read: its score is null with the reason. Signals, all in 
 Rows are right-padded into a batch and the last real token is found from the attention mask, so no pad
 position is ever read (the published code read padding for shorter rows, and took the cosine in bf16).
 A PEFT/LoRA adapter as FT is loaded once: the base pass runs the same weights with the adapter disabled.
+
+Each pass runs the model's backbone only and keeps only what the signals read: hooks on the decoder layers
+take hidden_states[l] of the last token for the requested layers (the input of layer 0 for l = 0, the
+output of layer l otherwise, and for the last layer the normed state, as transformers' `hidden_states`
+gives it), and the output head runs on the response positions alone. Without token signals
+(`params.token_signals: false`) no logits are computed, and the pass stops after the deepest requested
+layer. Batches hold rows of similar length up to a token budget; a batch that runs out of CUDA memory is
+split in halves, and a row that does not fit alone gets a null score with the reason.
 """
 
 from __future__ import annotations
@@ -23,13 +31,21 @@ from __future__ import annotations
 import json
 import logging
 import math
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 from dafactory.tasks.config import ScorerConfig
 from dafactory.tasks.errors import UserError
 from dafactory.tasks.generate.backends.hf import adds_special_tokens, prompt_texts
 from dafactory.tasks.generate.generation import messages
-from dafactory.tasks.score.scorers import SCORERS, Scorer
+from dafactory.tasks.score.scorers import (
+    SCORERS,
+    Scorer,
+    default_max_batch_tokens,
+    max_batch_tokens_param,
+    split_on_oom,
+    token_batches,
+)
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +76,10 @@ class LatentAttribution(Scorer):
     better (direction "min"); details hold cos@l for every layer and the KL, perplexity and
     self-certainty signals. params: base (the base model; read from the adapter config when `model` is
     a PEFT adapter), base_revision (pins the base's Hub revision), layers, score_layer, padding_side
-    ("right" or "left"). Rows may carry `system_prompt`, `prefill` and `response_token_ids` (see above)."""
+    ("right" or "left"), token_signals (default true: the KL, perplexity and self-certainty details;
+    false: the cosines only, without logits), max_batch_tokens (padded tokens per batch, default 16384
+    on CUDA, 4096 on CPU; `batch_size` caps the rows). Rows may carry `system_prompt`, `prefill` and
+    `response_token_ids` (see above)."""
 
     direction = "min"
 
@@ -81,6 +100,10 @@ class LatentAttribution(Scorer):
         if not self.base_ref:
             raise UserError(f"scorer {cfg.name}: set params.base to the student's base model")
         self.base_revision = p.get("base_revision")
+        self.token_signals = p.get("token_signals", True)
+        if not isinstance(self.token_signals, bool):
+            raise UserError(f"scorer {cfg.name}: params.token_signals must be true or false")
+        self.max_batch_tokens = max_batch_tokens_param(cfg)
         self.warned_foreign_ids = False
 
     def load(self) -> None:
@@ -132,6 +155,11 @@ class LatentAttribution(Scorer):
         if bad:
             raise UserError(f"scorer {self.name}: layers {bad} outside 0..{n_layers} of {cfg.model}")
         self.vocab_size = ft_cfg.vocab_size
+        if self.max_batch_tokens is None:
+            self.max_batch_tokens = default_max_batch_tokens(self.ft.device.type)
+        # FT's pass, then the base's: the same weights with the adapter off, or the base model.
+        self.passes_ = [self._pass(self.ft), self._pass(self.ft, adapter_off=True) if self.shared
+                        else self._pass(self.base)]
 
     def encode(self, row: dict) -> tuple[list[int], int]:
         """Token ids of the student's context (prompt side, then response), and where the response starts."""
@@ -157,14 +185,90 @@ class LatentAttribution(Scorer):
                         self.name, self.cfg.model)
         return self.tok(row["response"], add_special_tokens=False)["input_ids"]
 
-    def _forward(self, model, ids, mask, use_base_of_adapter: bool):
+    def _pass(self, model, adapter_off: bool = False) -> dict:
+        """What one forward pass runs: the backbone, its decoder layers and the output head of `model`;
+        adapter_off runs a PEFT model's base weights (the adapter disabled, the head's base layer)."""
         torch = self.torch
-        positions = (mask.cumsum(dim=-1) - 1).clamp(min=0)
-        kwargs = dict(input_ids=ids, attention_mask=mask, position_ids=positions, output_hidden_states=True)
-        if use_base_of_adapter:
-            with model.disable_adapter():
-                return model(**kwargs)
-        return model(**kwargs)
+        text_cfg = model.config.get_text_config()
+        n_layers = text_cfg.num_hidden_layers
+        backbone = model.get_decoder()
+        layers = getattr(backbone, "layers", None)
+        if not (isinstance(layers, torch.nn.ModuleList) and len(layers) == n_layers):
+            layers = next((m for m in backbone.modules() if isinstance(m, torch.nn.ModuleList) and len(m) == n_layers),
+                          None)
+        if layers is None:
+            raise UserError(f"scorer {self.name}: no list of {n_layers} decoder layers found in {type(model).__name__}")
+        head = model.get_output_embeddings()
+        if adapter_off:
+            # A disabled LoRA layer runs its base layer; a modules_to_save copy, the original module.
+            head = getattr(head, "original_module", None) or (head.get_base_layer() if hasattr(head, "get_base_layer")
+                                                              else head)
+        # transformers' hidden_states[-1] is the final norm's output unless the config says otherwise.
+        last_normed = getattr(text_cfg, "tie_last_hidden_states", None) is not False
+        return {"model": model, "backbone": backbone, "layers": layers, "n_layers": n_layers, "head": head,
+                "cfg": text_cfg, "adapter_off": adapter_off, "last_normed": last_normed}
+
+    @contextmanager
+    def _taps(self, run: dict, last, store: dict, stop_after: int | None):
+        """Forward hooks that put hidden_states[l][row, last[row]] into store[l] for each requested l
+        (the normed last layer excepted: the backbone's output gives it); `stop_after` ends the pass by
+        raising _Stop once layer `stop_after` is read."""
+        torch = self.torch
+        rows = torch.arange(last.shape[0], device=last.device)
+        layers, handles = run["layers"], []
+
+        def keep(layer: int, hidden) -> None:
+            store[layer] = hidden[rows, last]
+            if layer == stop_after:
+                raise _Stop
+
+        def before_first(module, args, kwargs):
+            keep(0, args[0] if args else kwargs["hidden_states"])
+
+        def after(layer: int):
+            return lambda module, args, output: keep(layer, output[0] if isinstance(output, tuple) else output)
+
+        try:
+            for layer in sorted(set(self.layers)):
+                if layer == 0:
+                    handles.append(layers[0].register_forward_pre_hook(before_first, with_kwargs=True))
+                elif layer < run["n_layers"] or not run["last_normed"]:
+                    handles.append(layers[layer - 1].register_forward_hook(after(layer)))
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+
+    def _run(self, run: dict, ids, mask, positions, last):
+        """({layer: hidden state of each row's last token}, the backbone's last hidden states or None
+        without token signals). The logits are taken from these row by row, to hold one row's at a time."""
+        torch = self.torch
+        store: dict = {}
+        deepest = max(self.layers)
+        needs_output = self.token_signals or (deepest == run["n_layers"] and run["last_normed"])
+        stop_after = None if needs_output else deepest
+        context = run["model"].disable_adapter() if run["adapter_off"] else nullcontext()
+        with context, self._taps(run, last, store, stop_after):
+            try:
+                hidden = run["backbone"](input_ids=ids, attention_mask=mask, position_ids=positions,
+                                         use_cache=False).last_hidden_state
+            except _Stop:
+                return store, None
+        if deepest == run["n_layers"] and run["last_normed"]:
+            store[deepest] = hidden[torch.arange(ids.shape[0], device=ids.device), last]
+        return store, hidden if self.token_signals else None
+
+    def _logits(self, run: dict, hidden):
+        """The causal LM's logits from its last hidden states, as its forward computes them."""
+        logits = run["head"](hidden)
+        cfg = run["cfg"]
+        if getattr(cfg, "final_logit_softcapping", None):  # Gemma 2 and 3
+            logits = self.torch.tanh(logits / cfg.final_logit_softcapping) * cfg.final_logit_softcapping
+        if getattr(cfg, "logit_scale", None) is not None:  # Cohere
+            logits = logits * cfg.logit_scale
+        if getattr(cfg, "logits_scaling", None):  # Granite
+            logits = logits / cfg.logits_scaling
+        return logits
 
     def score(self, rows: list[dict]) -> list[dict]:
         # Batches of similar length waste little compute on padding; results go back in input order.
@@ -175,11 +279,13 @@ class LatentAttribution(Scorer):
                 # The last token would be the template's, the same for every sample of the prompt.
                 out[i] = {"score": None, "label": None, "reason": "empty response: no response token to read",
                           "details": None}
-        order = sorted((i for i in range(len(rows)) if out[i] is None), key=lambda i: len(encoded[i][0]))
-        bs = self.cfg.batch_size
-        for s in range(0, len(order), bs):
-            idx = order[s : s + bs]
-            for i, result in zip(idx, self._score_batch([encoded[i] for i in idx])):
+        todo = [i for i in range(len(rows)) if out[i] is None]
+        lengths = [len(encoded[i][0]) for i in todo]
+        for batch in token_batches(lengths, self.max_batch_tokens, self.cfg.batch_size):
+            idx = [todo[b] for b in batch]
+            results = split_on_oom(lambda sub: self._score_batch([encoded[i] for i in sub]), idx,
+                                   lambda reason: {"score": None, "label": None, "reason": reason, "details": None})
+            for i, result in zip(idx, results):
                 out[i] = result
         return out
 
@@ -195,38 +301,50 @@ class LatentAttribution(Scorer):
             ids[i, off : off + len(row_ids)] = torch.tensor(row_ids)
             mask[i, off : off + len(row_ids)] = 1
             offsets.append(off)
+        # The true last token of each row (never a pad), and the positions whose logits predict the response.
+        last = torch.tensor([off + len(row_ids) - 1 for off, (row_ids, _) in zip(offsets, encoded)])
+        windows = [(off + start - 1, off + len(row_ids) - 1) for off, (row_ids, start) in zip(offsets, encoded)]
         device = self.ft.device
-        ids, mask = ids.to(device), mask.to(device)
+        ids, mask, last = ids.to(device), mask.to(device), last.to(device)
+        positions = (mask.cumsum(dim=-1) - 1).clamp(min=0)
         with torch.inference_mode():
-            ft_out = self._forward(self.ft, ids, mask, False)
-            base_out = self._forward(self.ft if self.shared else self.base, ids, mask, self.shared)
+            (ft_h, ft_out), (base_h, base_out) = (self._run(run, ids, mask, positions, last) for run in self.passes_)
+            cosines = {layer: torch.nn.functional.cosine_similarity(ft_h[layer].float(), base_h[layer].float(), dim=-1)
+                       for layer in set(self.layers)}
+            if self.token_signals:
+                ft_run, base_run = self.passes_
+                signals = torch.stack([
+                    self._token_signals(self._logits(ft_run, ft_out[i, lo:hi]),
+                                        self._logits(base_run, base_out[i, lo:hi]), ids[i, lo + 1 : hi + 1])
+                    for i, (lo, hi) in enumerate(windows)
+                ]).tolist()
+            cosines = {layer: c.tolist() for layer, c in cosines.items()}  # read back after all work is queued
         results = []
-        for i, (row_ids, start) in enumerate(encoded):
-            off, last = offsets[i], offsets[i] + len(row_ids) - 1  # the true last token, never a pad
-            details = []
-            for layer in self.layers:
-                h_ft = ft_out.hidden_states[layer][i, last].float()
-                h_base = base_out.hidden_states[layer][i, last].float()
-                cos = torch.nn.functional.cosine_similarity(h_ft, h_base, dim=0).item()
-                details.append({"name": f"cos@{layer}", "value": cos})
-            details += self._token_signals(ft_out.logits[i], base_out.logits[i], row_ids, start, off)
-            score = next(d["value"] for d in details if d["name"] == f"cos@{self.score_layer}")
-            results.append({"score": score, "label": None, "reason": None, "details": details})
+        for i in range(len(encoded)):
+            details = [{"name": f"cos@{layer}", "value": cosines[layer][i]} for layer in self.layers]
+            if self.token_signals:
+                kl_fb, kl_bf, nll, self_certainty = signals[i]
+                details += [{"name": "kl_ft_base", "value": kl_fb}, {"name": "kl_base_ft", "value": kl_bf},
+                            {"name": "perplexity", "value": math.exp(nll)},
+                            {"name": "self_certainty", "value": self_certainty}]
+            results.append({"score": cosines[self.score_layer][i], "label": None, "reason": None, "details": details})
         return results
 
-    def _token_signals(self, ft_logits, base_logits, row_ids, start, off) -> list[dict]:
-        """KL both ways, perplexity and self-certainty over the response tokens (the logits at position
-        t predict token t+1)."""
+    def _token_signals(self, ft_logits, base_logits, targets):
+        """(KL(FT || base), KL(base || FT), mean NLL under FT, self-certainty) over the response tokens, as
+        one tensor (read back once per batch), from the logits of the positions that predict them. In float32,
+        with few passes over the (tokens x vocabulary) values: on a GPU they cost as much as the forward."""
         torch = self.torch
-        lo, hi = off + start - 1, off + len(row_ids) - 1
-        lp_ft = torch.log_softmax(ft_logits[lo:hi].float(), dim=-1)
-        lp_base = torch.log_softmax(base_logits[lo:hi].float(), dim=-1)
-        p_ft, p_base = lp_ft.exp(), lp_base.exp()
-        kl_fb = (p_ft * (lp_ft - lp_base)).sum(-1).mean().item()
-        kl_bf = (p_base * (lp_base - lp_ft)).sum(-1).mean().item()
-        targets = torch.tensor(row_ids[start:], device=lp_ft.device)
-        nll = -lp_ft.gather(1, targets[:, None]).mean().item()
-        vocab = lp_ft.shape[-1]
-        self_certainty = (-math.log(vocab) - lp_ft.mean(dim=-1)).mean().item()
-        return [{"name": "kl_ft_base", "value": kl_fb}, {"name": "kl_base_ft", "value": kl_bf},
-                {"name": "perplexity", "value": math.exp(nll)}, {"name": "self_certainty", "value": self_certainty}]
+        lp_ft = torch.log_softmax(ft_logits, dim=-1, dtype=torch.float32)
+        lp_base = torch.log_softmax(base_logits, dim=-1, dtype=torch.float32)
+        diff = lp_ft - lp_base
+        # sum_v p(v) (log p(v) - log q(v)) per token, as a batched dot product: no product tensor in memory.
+        kl_fb = torch.einsum("tv,tv->t", lp_ft.exp(), diff).mean()
+        kl_bf = -torch.einsum("tv,tv->t", lp_base.exp(), diff).mean()
+        nll = -lp_ft.gather(1, targets[:, None]).mean()
+        self_certainty = -math.log(lp_ft.shape[-1]) - lp_ft.mean(dim=-1).mean()
+        return torch.stack([kl_fb, kl_bf, nll, self_certainty])
+
+
+class _Stop(Exception):
+    """Ends a forward pass once the deepest requested layer is read, when nothing after it is needed."""

@@ -6,17 +6,78 @@ where rows carry `prompt`, `response` and `category`; rows of generated samples 
 (the rest of the conversation the response was generated in), which a scorer that reads only the request
 and the response ignores. A score of None means "could not score" and the reason says why. Rule-based
 scorers set `heuristic = True`, and every score they write says so.
+
+Model scorers batch by a token budget: rows sorted by length, each batch's padded size (rows x its longest
+row) at most `params.max_batch_tokens` (default 16384 on CUDA, 4096 on CPU) and its rows at most
+`batch_size`; a row longer than the budget is scored alone.
 """
 
 from __future__ import annotations
 
+import logging
+import sys
+from collections.abc import Callable, Sequence
 from typing import ClassVar
 
 from dafactory.tasks.config import ScorerConfig
-from dafactory.tasks.errors import UserError
+from dafactory.tasks.errors import UserError, first_line
+from dafactory.tasks.generate.generation import _is_cuda_oom
 from dafactory.tasks.registry import Registry
 
+log = logging.getLogger(__name__)
+
 SCORERS: Registry = Registry("scorer")
+
+DEFAULT_MAX_BATCH_TOKENS = {"cuda": 16384, "cpu": 4096}  # padded tokens per forward pass, by device type
+
+
+def max_batch_tokens_param(cfg: ScorerConfig) -> int | None:
+    """`params.max_batch_tokens` checked (a positive integer), or None when unset (the device's default)."""
+    value = cfg.params.get("max_batch_tokens")
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise UserError(f"scorer {cfg.name}: params.max_batch_tokens must be a positive integer, not {value!r}")
+    return value
+
+
+def default_max_batch_tokens(device_type: str) -> int:
+    return DEFAULT_MAX_BATCH_TOKENS["cuda" if device_type == "cuda" else "cpu"]
+
+
+def token_batches(lengths: Sequence[int], max_tokens: int, max_rows: int) -> list[list[int]]:
+    """Indices into `lengths` in batches, shortest rows first (ties in input order): each batch holds at
+    most `max_rows` rows and rows x its longest row <= `max_tokens`; a row longer than `max_tokens` alone."""
+    batches: list[list[int]] = []
+    current: list[int] = []
+    for i in sorted(range(len(lengths)), key=lengths.__getitem__):
+        # Sorted ascending, the row being added is the batch's longest.
+        if current and (len(current) >= max_rows or (len(current) + 1) * lengths[i] > max_tokens):
+            batches.append(current)
+            current = []
+        current.append(i)
+    if current:
+        batches.append(current)
+    return batches
+
+
+def split_on_oom(score: Callable[[list[int]], list[dict]], idx: list[int], null: Callable[[str], dict],
+                 what: str = "scoring") -> list[dict]:
+    """`score(idx)`, split in halves on CUDA out of memory down to single rows; a row that still does not
+    fit alone gets `null(reason)`. Any other exception propagates."""
+    try:
+        return score(idx)
+    except Exception as exc:
+        if not _is_cuda_oom(exc):
+            raise
+        reason = f"CUDA out of memory {what} this row alone: {first_line(exc, 200)}"
+    # Out of the except block, the traceback and the tensors its frames hold are released.
+    sys.modules["torch"].cuda.empty_cache()
+    if len(idx) == 1:
+        return [null(reason)]
+    log.warning("CUDA out of memory %s %d rows; retrying in halves", what, len(idx))
+    mid = len(idx) // 2
+    return split_on_oom(score, idx[:mid], null, what) + split_on_oom(score, idx[mid:], null, what)
 
 
 class Scorer:
@@ -103,6 +164,10 @@ class ModelScorer(Scorer):
     padding_side: ClassVar[str]
     model_kind: ClassVar[str]  # for the error when `model` is missing
 
+    def __init__(self, cfg: ScorerConfig):
+        super().__init__(cfg)
+        self.max_batch_tokens = max_batch_tokens_param(cfg)
+
     def load(self) -> None:
         import torch
         import transformers
@@ -115,6 +180,8 @@ class ModelScorer(Scorer):
         self.tok = load_tokenizer(resolved, self.cfg.trust_remote_code, padding_side=self.padding_side)
         self.model = load_model(getattr(transformers, self.auto_class), resolved, self.cfg.trust_remote_code)
         self.torch = torch
+        if self.max_batch_tokens is None:
+            self.max_batch_tokens = default_max_batch_tokens(self.model.device.type)
         self.setup()
 
     def setup(self) -> None:
@@ -140,10 +207,11 @@ class ModelScorer(Scorer):
                 out[i] = {"score": None, "label": None, "reason": f"{n} tokens > scorer context {limit}"}
             else:
                 fits.append(i)
-        bs = self.cfg.batch_size
-        for start in range(0, len(fits), bs):
-            idx = fits[start : start + bs]
-            for i, result in zip(idx, self.score_batch([texts[i] for i in idx])):
+        for batch in token_batches([lengths[i] for i in fits], self.max_batch_tokens, self.cfg.batch_size):
+            idx = [fits[b] for b in batch]
+            results = split_on_oom(lambda sub: self.score_batch([texts[i] for i in sub]), idx,
+                                   lambda reason: {"score": None, "label": None, "reason": reason})
+            for i, result in zip(idx, results):
                 out[i] = result
         return out
 
