@@ -104,7 +104,7 @@ def check_run_form(schema: dict) -> None:
         assert positions == list(range(len(definition["properties"])))
     assert form_fields(defs["ModelConfig"])[:3] == ["model", "revision", "backend"]
     assert form_fields(defs["SamplingConfig"]) == ["temperature", "top_p", "top_k", "max_new_tokens", "seed"]
-    assert defs["ModelConfig"]["properties"]["backend"]["enum"] == ["fake", "hf"]
+    assert defs["ModelConfig"]["properties"]["backend"]["enum"] == ["fake", "hf", "vllm"]
     assert defs["ScorerConfig"]["properties"]["name"]["enum"] == SCORER_NAMES
     assert defs["ScorerConfig"]["properties"]["reads"]["items"]["enum"] == ["full", "answer", "reasoning"]
     if name == "PreferenceConfig":

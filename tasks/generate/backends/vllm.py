@@ -1,0 +1,191 @@
+"""vLLM generation backend (`backend: vllm`, extra `dafactory[vllm]`): continuous batching and prefix caching.
+
+One `vllm.LLM` per backend (so one per Ray actor), loaded in `load()`; nothing of vLLM or torch is imported
+before that, and the backend pickles until it is loaded. Prompts are rendered by the model's Hugging Face
+tokenizer with the same chat template logic as the `hf` backend and handed to vLLM as token ids, so both
+backends sample from the same prompt tokens.
+
+Each request is one `SamplingParams(n, seed)`: its samples share the prompt's KV blocks, and the seed is per
+request, so a request's samples do not depend on what else is in the batch. Greedy requests (temperature 0)
+are sampled once and repeated n times (vLLM refuses n > 1 under greedy decoding; the samples would be equal).
+The text is decoded once by the Hugging Face tokenizer from the kept ids (EOS excluded, special tokens
+skipped); vLLM's own detokenizer is off.
+
+params: `max_model_len` (the engine's context; the model's own if unset), `gpu_memory_utilization` (the
+share of GPU memory vLLM may take; on a vLLM CPU build, the share of the NUMA node's RAM), `engine_kwargs`
+(a dict passed to `vllm.LLM` as is, overriding ours: `dtype`, `enforce_eager`, `kv_cache_memory_bytes`,
+`distributed_executor_backend`, ...). `tensor_parallel_size` is the replica's `num_gpus` (at least 1).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from dafactory.tasks.config import ModelConfig, SamplingConfig
+from dafactory.tasks.errors import UserError
+from dafactory.tasks.generate.backends.hf import adds_special_tokens, prompt_texts
+from dafactory.tasks.generate.generation import Generation
+from dafactory.tasks.generate.models import load_tokenizer, resolve
+
+try:
+    from dafactory.tasks.generate.generation import Request
+except ImportError:  # until the engine interface (issue 12 part 1) lands in generation.py
+
+    @dataclass(frozen=True)
+    class Request:
+        """One prompt to sample from: the token ids of its rendered conversation (chat template with the
+        generation prompt, then the prefill), how many samples, and the seed of its samples."""
+
+        prompt_ids: tuple[int, ...]
+        n: int = 1
+        seed: int = 0
+
+
+log = logging.getLogger(__name__)
+
+INSTALL_HINT = "pip install 'dafactory[vllm]'"
+PARAMS = ("max_model_len", "gpu_memory_utilization", "engine_kwargs")
+FINISH_REASONS = {"stop": "stop", "length": "length"}
+
+
+def check_params(params: dict) -> None:
+    """A one-line UserError on options the backend does not know or cannot use, before any model loads."""
+    unknown = sorted(set(params) - set(PARAMS))
+    if unknown:
+        raise UserError(f"unknown vllm backend params {unknown}; known: {', '.join(PARAMS)}")
+    max_len = params.get("max_model_len")
+    if max_len is not None and (isinstance(max_len, bool) or not isinstance(max_len, int) or max_len < 1):
+        raise UserError(f"vllm params.max_model_len must be a positive integer, got {max_len!r}")
+    util = params.get("gpu_memory_utilization")
+    if util is not None and (isinstance(util, bool) or not isinstance(util, (int, float)) or not 0 < util <= 1):
+        raise UserError(f"vllm params.gpu_memory_utilization must be in (0, 1], got {util!r}")
+    kwargs = params.get("engine_kwargs", {})
+    if not isinstance(kwargs, dict) or not all(isinstance(k, str) for k in kwargs):
+        raise UserError(f"vllm params.engine_kwargs must be a mapping of vllm.LLM arguments, got {kwargs!r}")
+
+
+def tensor_parallel_size(num_gpus: float) -> int:
+    """GPUs one replica shards its model over: its whole GPUs, at least 1 (a fraction shares one GPU)."""
+    if num_gpus > 1 and num_gpus != int(num_gpus):
+        raise UserError(f"the vllm backend shards a model over whole GPUs: num_gpus {num_gpus:g} is not whole")
+    return max(1, int(num_gpus))
+
+
+class VLLMBackend:
+    def __init__(self, cfg: ModelConfig):
+        check_params(cfg.params)
+        self.cfg = cfg
+        self.tp = tensor_parallel_size(cfg.num_gpus)
+        self.model_id = cfg.model
+        self.revision = cfg.revision
+        self.llm = self.tok = None
+        self.eos_ids: set[int] = set()
+
+    def load(self) -> None:
+        try:
+            import vllm
+        except ImportError as exc:
+            raise ImportError(f"the vllm backend needs vLLM, which is not installed ({exc}): {INSTALL_HINT}") from exc
+        import torch
+
+        resolved = resolve(self.cfg.model, self.cfg.revision, self.cfg.allow_pickle_weights)
+        hub_revision = resolved.revision if resolved.source == resolved.model_id else None
+        self.tok = load_tokenizer(resolved, self.cfg.trust_remote_code, padding_side="left")
+        params = self.cfg.params
+        kwargs = dict(
+            model=resolved.source,
+            tokenizer=resolved.source,
+            revision=hub_revision,
+            tokenizer_revision=hub_revision,
+            trust_remote_code=self.cfg.trust_remote_code,
+            # bf16 on CUDA like the hf backend; float32 on CPU, where the hf backend runs it too.
+            dtype="bfloat16" if torch.cuda.is_available() else "float32",
+            enable_prefix_caching=True,
+            tensor_parallel_size=self.tp,
+            seed=0,  # every request carries its own seed; this one only seeds the engine
+        )
+        kwargs.update({k: params[k] for k in ("max_model_len", "gpu_memory_utilization") if k in params})
+        kwargs.update(params.get("engine_kwargs", {}))
+        self.llm = vllm.LLM(**kwargs)
+        self.model_id = resolved.model_id
+        self.revision = self._commit(resolved)
+        # What vLLM stops on: the tokenizer's EOS and the generation config's eos_token_id(s).
+        gen_eos = self.llm.llm_engine.model_config.try_get_generation_config().get("eos_token_id")
+        eos = set(gen_eos if isinstance(gen_eos, list) else [gen_eos] if gen_eos is not None else [])
+        if self.tok.eos_token_id is not None:
+            eos.add(self.tok.eos_token_id)
+        self.eos_ids = eos
+        log.info("loaded %s (%s) in vLLM %s, tensor parallel %d", self.model_id, self.revision, vllm.__version__,
+                 self.tp)
+
+    def _commit(self, resolved) -> str | None:
+        """The Hub commit of the weights vLLM loaded when the Hub cache knows it; otherwise the requested
+        revision (a local folder or the embedded default: what `resolve` recorded)."""
+        if resolved.source != resolved.model_id:
+            return resolved.revision
+        from huggingface_hub import try_to_load_from_cache
+
+        path = try_to_load_from_cache(resolved.source, "config.json", revision=resolved.revision)
+        # <cache>/models--org--name/snapshots/<commit>/config.json
+        return path.split("/")[-2] if isinstance(path, str) and "/snapshots/" in path else resolved.revision
+
+    def context_length(self) -> int | None:
+        return self.llm.llm_engine.model_config.max_model_len
+
+    def render(self, conversations: list[list[dict]], prefill: str = "") -> list[list[int]]:
+        if not conversations:
+            return []
+        texts = prompt_texts(self.tok, conversations, prefill)
+        return [list(ids) for ids in self.tok(texts, add_special_tokens=adds_special_tokens(self.tok))["input_ids"]]
+
+    def count_prompt_tokens(self, conversations: list[list[dict]], prefill: str = "") -> list[int]:
+        return [len(ids) for ids in self.render(conversations, prefill)]
+
+    def sample(self, requests: list[Request], sampling: SamplingConfig) -> list[list[Generation]]:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        if not requests:
+            return []
+        greedy = sampling.temperature == 0
+        knobs = dict(temperature=0.0) if greedy else dict(
+            temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k or -1  # -1: none
+        )
+        params = [
+            SamplingParams(n=1 if greedy else r.n, seed=r.seed, max_tokens=sampling.max_new_tokens,
+                           detokenize=False, **knobs)
+            for r in requests
+        ]
+        prompts = [TokensPrompt(prompt_token_ids=list(r.prompt_ids)) for r in requests]
+        outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        out = []
+        for r, o in zip(requests, outputs):
+            gens = [self._generation(c, len(r.prompt_ids)) for c in sorted(o.outputs, key=lambda c: c.index)]
+            out.append(gens * r.n if greedy else gens)
+        return out
+
+    def _generation(self, completion, prompt_tokens: int) -> Generation:
+        reason = FINISH_REASONS.get(completion.finish_reason)
+        if reason is None:
+            log.warning("vLLM finished a sample with %r; recorded as 'stop'", completion.finish_reason)
+            reason = "stop"
+        ids = list(completion.token_ids)
+        if reason == "stop" and ids and ids[-1] in self.eos_ids:
+            ids = ids[:-1]
+        return Generation(
+            text=self.tok.decode(ids, skip_special_tokens=True),
+            finish_reason=reason,
+            prompt_tokens=prompt_tokens,
+            response_tokens=len(ids),
+            token_ids=tuple(ids),
+        )
+
+    def generate(
+        self, conversations: list[list[dict]], sampling: SamplingConfig, seed: int, prefill: str = ""
+    ) -> list[Generation]:
+        """One sample per conversation; conversation i is seeded `seed + i`, so equal conversations in one
+        call (n copies of a prompt) still get different samples."""
+        ids = self.render(conversations, prefill)
+        requests = [Request(tuple(p), 1, seed + i) for i, p in enumerate(ids)]
+        return [gens[0] for gens in self.sample(requests, sampling)]
