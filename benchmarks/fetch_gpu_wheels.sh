@@ -15,7 +15,7 @@ mkdir -p "$DEST"
 pins=$("$PY" - <<'PYEOF'
 import importlib.metadata as m
 names = ["transformers", "tokenizers", "huggingface-hub", "safetensors",
-         "pydantic", "pydantic-core", "typing-inspection", "annotated-types"]
+         "pydantic", "pydantic-core", "typing-inspection", "annotated-types", "pyyaml"]
 print(" ".join(f"{n}=={m.version(n)}" for n in names))
 PYEOF
 )

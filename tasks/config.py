@@ -67,7 +67,8 @@ class ModelConfig(_Strict):
         description=f"'{EMBEDDED_MODEL}' (embedded default, offline), a Hugging Face Hub id, or a local path.",
     )
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
-    backend: str = Field("hf", description="Generation backend: 'hf' (transformers) or 'fake'.")
+    backend: str = Field("hf", description="Generation backend: 'hf' (transformers; its engine is params.engine), "
+                                           "'vllm' (the vllm extra) or 'fake'.")
     trust_remote_code: bool = Field(
         False, description="Run the model repository's own Python code. Off unless you trust it."
     )

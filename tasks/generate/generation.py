@@ -74,10 +74,24 @@ class Backend(Protocol):
         """One greedy-or-sampled Generation per conversation: render, then sample with n = 1 each."""
 
 
+def request_seed(seed: int, j: int) -> int:
+    """The seed of the j-th request of a call seeded `seed`: the call's own for the first (engines that
+    seed once per call use requests[0].seed), a hash of both for the others, so that engines seeding each
+    request (vLLM) never give two prompts of a call the same random stream."""
+    if j == 0:
+        return seed
+    return int.from_bytes(hashlib.sha256(f"{seed}:request:{j}".encode()).digest()[:4], "little")
+
+
+def requests_of(prompts: list[tuple[tuple[int, ...], int]], seed: int) -> list["Request"]:
+    """Requests of (prompt ids, n) for one call seeded `seed`."""
+    return [Request(ids, n, request_seed(seed, j)) for j, (ids, n) in enumerate(prompts)]
+
+
 def generate_with(backend, conversations: list[list[dict]], sampling: SamplingConfig, seed: int,
                   prefill: str = "") -> list[Generation]:
     """`Backend.generate` in terms of render and sample: one request of one sample per conversation."""
-    requests = [Request(tuple(ids), 1, seed) for ids in backend.render(conversations, prefill)]
+    requests = requests_of([(tuple(ids), 1) for ids in backend.render(conversations, prefill)], seed)
     return [gens[0] for gens in backend.sample(requests, sampling)] if requests else []
 
 
@@ -148,7 +162,7 @@ def generate_shard(
         batch b as (prompt index, sample indices, offset of its first sequence in the batch). A call that
         raises is split in halves of its requests, each retried with its own seed, until one fails alone."""
         part = groups[lo:hi]
-        requests = [Request(fits[i][1], len(ks), seed) for i, ks, _ in part]
+        requests = requests_of([(fits[i][1], len(ks)) for i, ks, _ in part], seed)
         try:
             out = backend.sample(requests, sampling)
             if [len(g) for g in out] != [r.n for r in requests]:

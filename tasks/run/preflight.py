@@ -27,7 +27,7 @@ def preflight(config: RunConfig) -> DatasetDir:
     for src in sources:
         check_columns(src)
     gen = config.generator
-    if gen.backend == "hf":
+    if gen.backend in ("hf", "vllm"):
         check_reference(gen.model, gen.revision, gen.allow_pickle_weights)
     for s in scorers:
         SCORERS.get(s.name)(s)  # constructors check params; only load() is heavy

@@ -85,10 +85,11 @@ class FakeBackend:
         if self.fail_on is not None and any(self.fail_on in last for last, _ in read):
             raise RuntimeError(f"injected failure on a prompt containing {self.fail_on}")
         out, i = [], 0  # i: the sequence's position in the call
+        seed = requests[0].seed if requests else 0  # seeded once per call, as the batched torch engines are
         for r, (last, prefilled) in zip(requests, read):
             gens = []
             for _ in range(r.n):
-                gens.append(self._one(r.seed, i, last, prefilled, len(r.prompt_ids), sampling.max_new_tokens))
+                gens.append(self._one(seed, i, last, prefilled, len(r.prompt_ids), sampling.max_new_tokens))
                 i += 1
             out.append(gens)
         return out

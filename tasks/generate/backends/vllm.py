@@ -20,27 +20,12 @@ share of GPU memory vLLM may take; on a vLLM CPU build, the share of the NUMA no
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 
 from dafactory.tasks.config import ModelConfig, SamplingConfig
 from dafactory.tasks.errors import UserError
 from dafactory.tasks.generate.backends.hf import adds_special_tokens, prompt_texts
-from dafactory.tasks.generate.generation import Generation
+from dafactory.tasks.generate.generation import Generation, Request, generate_with
 from dafactory.tasks.generate.models import load_tokenizer, resolve
-
-try:
-    from dafactory.tasks.generate.generation import Request
-except ImportError:  # until the engine interface (issue 12 part 1) lands in generation.py
-
-    @dataclass(frozen=True)
-    class Request:
-        """One prompt to sample from: the token ids of its rendered conversation (chat template with the
-        generation prompt, then the prefill), how many samples, and the seed of its samples."""
-
-        prompt_ids: tuple[int, ...]
-        n: int = 1
-        seed: int = 0
-
 
 log = logging.getLogger(__name__)
 
@@ -184,8 +169,6 @@ class VLLMBackend:
     def generate(
         self, conversations: list[list[dict]], sampling: SamplingConfig, seed: int, prefill: str = ""
     ) -> list[Generation]:
-        """One sample per conversation; conversation i is seeded `seed + i`, so equal conversations in one
-        call (n copies of a prompt) still get different samples."""
-        ids = self.render(conversations, prefill)
-        requests = [Request(tuple(p), 1, seed + i) for i, p in enumerate(ids)]
-        return [gens[0] for gens in self.sample(requests, sampling)]
+        """One sample per conversation: each its own request, seeded by request_seed, so equal
+        conversations in one call still get different samples."""
+        return generate_with(self, conversations, sampling, seed, prefill)
