@@ -145,3 +145,32 @@ def test_a_file_named_parquet_that_is_not_parquet_is_one_line(tmp_path):
     with pytest.raises(UserError, match=r"p.parquet: not a readable Parquet file \(.*magic bytes") as err:
         load_prompts(PromptSource(path=str(path)))
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("batch_rows", [1, 8192])
+@pytest.mark.parametrize(
+    "rows",
+    [
+        [("a", "harm"), ("b", "benign"), ("a", "violence")],
+        [("a", ["harm", "fraud"]), ("a", [" fraud ", "privacy"])],
+        [("a", None), ("a", "harm")],
+        [("a", "harm"), ("  ", "x"), ("a", "violence"), ("a", "fraud"), ("b", None)],
+    ],
+)
+def test_the_planner_reads_the_input_once_and_still_keeps_every_category(tmp_path, rows, batch_rows):
+    """Planning without a screen reads the file once: categories that repeats bring are added when the
+    spill files are read back. The planned prompts equal the two-pass reading's rows."""
+    from dafactory.tasks.io.storage import DatasetDir
+    from dafactory.tasks.run.build import Planner
+
+    path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": p, "category": c} for p, c in rows])
+    src = PromptSource(path=str(path), category_column="category")
+    two_pass = merge(iter_prompts(src, batch_rows=batch_rows))
+    ds = DatasetDir(str(tmp_path / "out"), "d")
+    planner = Planner(ds, shard_size=64, salt="s")
+    for batch in iter_prompts(src, batch_rows=batch_rows, late=planner.late):
+        planner.add(batch)
+    plan = planner.finish()
+    planned = {r["prompt_id"]: r for ref in plan.shards for r in ds.read_part("prompts", ref.part).to_pylist()}
+    assert {pid: (r["category"], tuple(r["categories"])) for pid, r in planned.items()} == {
+        r.prompt_id: (r.category, r.categories) for r in two_pass.rows}

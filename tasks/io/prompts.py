@@ -283,9 +283,32 @@ class SeenIds:
             return False
         self.recent.add(key)
         if len(self.recent) >= self.flush_at:
-            self.sorted = np.union1d(self.sorted, np.fromiter(self.recent, dtype=np.uint64, count=len(self.recent)))
-            self.recent = set()
+            self._flush()
         return True
+
+    def add_many(self, pids: list[str]) -> list[bool]:
+        """add() of each id in order, with one vectorised lookup in the sorted array for the batch."""
+        keys = [int(p[:16], 16) for p in pids]
+        if len(self.sorted) and keys:
+            arr = np.array(keys, dtype=np.uint64)
+            at = np.minimum(np.searchsorted(self.sorted, arr), len(self.sorted) - 1)
+            old = (self.sorted[at] == arr).tolist()
+        else:
+            old = [False] * len(keys)
+        recent, fresh = self.recent, []
+        for key, known in zip(keys, old):
+            if known or key in recent:
+                fresh.append(False)
+            else:
+                recent.add(key)
+                fresh.append(True)
+        if len(recent) >= self.flush_at:
+            self._flush()
+        return fresh
+
+    def _flush(self) -> None:
+        self.sorted = np.union1d(self.sorted, np.fromiter(self.recent, dtype=np.uint64, count=len(self.recent)))
+        self.recent = set()
 
 
 def repeat_categories(src: PromptSource, batch_rows: int = 8192) -> dict[str, tuple[str, ...]]:
@@ -305,15 +328,24 @@ def repeat_categories(src: PromptSource, batch_rows: int = 8192) -> dict[str, tu
     return out
 
 
-def iter_prompts(src: PromptSource, batch_rows: int = 8192) -> Iterator[PromptSet]:
+def iter_prompts(src: PromptSource, batch_rows: int = 8192, late: dict | None = None) -> Iterator[PromptSet]:
     """The prompt file as PromptSets of at most `batch_rows` source rows, deduplicated across batches.
     A prompt repeated with other categories keeps them all, on its first row, whatever the batch size:
-    with a category column the file is read twice (see repeat_categories)."""
-    repeats = repeat_categories(src, batch_rows) if src.category_column else {}
+    with a category column the file is read twice (see repeat_categories). Unless the caller passes
+    `late`, a dict: then the file is read once, and the categories repeats bring are put there
+    (prompt_id -> categories, in file order) for the caller to add to the first rows (see add_late)."""
+    repeats = repeat_categories(src, batch_rows) if src.category_column and late is None else {}
     seen, offset = SeenIds(), 0
     for raw_prompts, raw_cats in iter_raw(src, batch_rows):
-        yield decode_rows(raw_prompts, raw_cats, seen=seen, offset=offset, repeats=repeats)
+        yield decode_rows(raw_prompts, raw_cats, seen=seen, offset=offset, repeats=repeats, late=late)
         offset += len(raw_prompts)
+
+
+def add_late(categories: tuple[str, ...], late: tuple[str, ...]) -> tuple[tuple[str, ...], str | None]:
+    """A first row's categories with those its repeats brought (iter_prompts' `late`), and the joined
+    category string, as decode_rows makes them."""
+    cats = tuple(dict.fromkeys(categories + late))
+    return cats, "; ".join(cats) or None
 
 
 def merge(sets) -> PromptSet:
@@ -331,24 +363,30 @@ def load_prompts(src: PromptSource) -> PromptSet:
 
 
 def decode_rows(raw_prompts: list, raw_cats: list, key=None, dedup: bool = True, seen: SeenIds | None = None,
-                offset: int = 0, repeats: dict[str, tuple[str, ...]] | None = None) -> PromptSet:
+                offset: int = 0, repeats: dict[str, tuple[str, ...]] | None = None,
+                late: dict[str, tuple[str, ...]] | None = None) -> PromptSet:
     """Decode raw cells into PromptRows, quarantining bad ones (and repeated prompts, as `duplicate`).
     `key(i, text)` gives the prompt_id (default: the content hash); with dedup off, rows with equal text
     are all kept (their keys differ). Source rows are numbered from `offset`. `repeats` (prompt_id ->
     categories of its repeats) adds to a first occurrence the categories its duplicates bring."""
     out = PromptSet(rows=[], source_rows=len(raw_prompts))
     seen = seen if seen is not None else SeenIds()
-    for i, (raw, raw_cat) in enumerate(zip(raw_prompts, raw_cats), start=offset):
-        text, reason, detail = _decode(raw)
+    decoded = [_decode(raw) for raw in raw_prompts]
+    pids = [None if reason is not None else key(i, text) if key else prompt_id(text)
+            for i, (text, reason, _) in enumerate(decoded, start=offset)]
+    fresh = iter(seen.add_many([pid for pid in pids if pid is not None]) if dedup else [])
+    for i, ((text, reason, detail), pid, raw_cat) in enumerate(zip(decoded, pids, raw_cats), start=offset):
         if reason is not None:
             out.quarantine.append(
                 {"prompt_id": None, "source_row": i, "prompt": None, "reason": reason, "detail": detail}
             )
             continue
-        pid = key(i, text) if key else prompt_id(text)
-        if dedup and not seen.add(pid):
+        if dedup and not next(fresh):
             out.duplicates += 1
-            kept = ", which takes its categories" if repeats and _categories(raw_cat) else ""
+            brought = _categories(raw_cat) if repeats or late is not None else ()
+            if late is not None and brought:
+                late[pid] = tuple(dict.fromkeys(late.get(pid, ()) + brought))
+            kept = ", which takes its categories" if brought else ""
             out.quarantine.append({"prompt_id": pid, "source_row": i, "prompt": text[:200], "reason": "duplicate",
                                    "detail": "same text as an earlier row" + kept})
             continue

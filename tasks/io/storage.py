@@ -295,12 +295,11 @@ class DatasetDir:
     def write_keyed(self, table: str, key: str, data: pa.Table) -> str:
         """Stage a part named by its key and a hash of its content (`key@hash`): a part whose content
         can change under the same key never overwrites another version's. Returns the part name."""
-        data = data.cast(TABLES[table])
         sink = pa.BufferOutputStream()
-        with pa.ipc.new_stream(sink, data.schema) as writer:
-            writer.write_table(data)
-        name = f"{key}@{hashlib.sha256(sink.getvalue().to_pybytes()).hexdigest()[:12]}"
-        self.write_part(table, name, data)
+        write_parquet(data.cast(TABLES[table]), sink)  # serialised once: the hash is of the part's own bytes
+        body = sink.getvalue().to_pybytes()
+        name = f"{key}@{hashlib.sha256(body).hexdigest()[:12]}"
+        self._put(self.part_path(table, name, staged=True), lambda f: f.write(body))
         return name
 
     def written(self, table: str) -> set[str]:

@@ -38,6 +38,7 @@ from dafactory.tasks.io.prompts import (
     PromptRow,
     PromptSet,
     Shard,
+    add_late,
     bucket_of,
     choose_buckets,
     id_hashes,
@@ -114,6 +115,9 @@ class Planner:
         self.plan, self.quarantine, self.unique = Plan(), [], 0
         self.spill = tempfile.TemporaryDirectory(prefix="dafactory-plan-")
         self.writers: dict[int, pa.ipc.RecordBatchFileWriter] = {}
+        # Categories that repeats brought to prompts already spilled (iter_prompts' `late`): added when
+        # their spill file is read back, so that the input is read once.
+        self.late: dict[str, tuple[str, ...]] = {}
 
     def add(self, batch: PromptSet) -> None:
         self.plan.source_rows += batch.source_rows
@@ -148,6 +152,22 @@ class Planner:
         self.plan.shards.append(ShardRef(shard_id, len(self.plan.shards), rows.num_rows, part))
         failpoint("plan")
 
+    def _add_late(self, table: pa.Table) -> pa.Table:
+        if not self.late:
+            return table
+        ids = table.column("prompt_id").to_pylist()
+        hits = [j for j, pid in enumerate(ids) if pid in self.late]
+        if not hits:
+            return table
+        cats, joined = table.column("categories").to_pylist(), table.column("category").to_pylist()
+        for j in hits:
+            merged, joined[j] = add_late(tuple(cats[j] or ()), self.late[ids[j]])
+            cats[j] = list(merged)
+        table = table.set_column(table.schema.get_field_index("categories"), "categories",
+                                 pa.array(cats, table.schema.field("categories").type))
+        return table.set_column(table.schema.get_field_index("category"), "category",
+                                pa.array(joined, table.schema.field("category").type))
+
     def _quarantine(self) -> None:
         key = f"input-{len(self.plan.quarantine_parts):05d}"
         self.plan.quarantine_parts.append(self.ds.write_keyed("quarantine", key, to_table(self.quarantine, QUARANTINE)))
@@ -161,7 +181,7 @@ class Planner:
         for g in sorted(self.writers):
             with pa.memory_map(os.path.join(self.spill.name, f"{g:02d}.arrow")) as source:
                 table = pa.ipc.open_file(source).read_all()
-            table = table if carry is None else pa.concat_tables([carry, table])
+            table = self._add_late(table if carry is None else pa.concat_tables([carry, table]))
             table = table.take(pc.sort_indices(table, [("h", "ascending")]))
             buckets = bucket_of(table.column("h").to_numpy(), self.plan.buckets)
             starts = [0, *(np.flatnonzero(np.diff(buckets)) + 1).tolist()]
@@ -202,7 +222,10 @@ def plan_input(
     logger = get_run_logger()
     previous = ds.read_manifest()  # the id ranges of the folder's last version, kept while the input fits
     planner = Planner(ds, config.shard_size, salt, (previous or {}).get("shards", {}).get("buckets"))
-    for batch in [load()] if load is not None else iter_prompts(config.prompts):
+    # With no screen, the input is read once (categories of repeats are added at the end, see Planner);
+    # a screen must see each row's categories whole, so the input is read twice then.
+    late = planner.late if screen is None else None
+    for batch in [load()] if load is not None else iter_prompts(config.prompts, late=late):
         planner.add(screen(batch) if screen is not None else batch)
     plan = planner.finish()
     logger.info(
