@@ -78,7 +78,9 @@ class ModelConfig(_Strict):
     batch_size: int = Field(16, ge=1, description="Sequences per generate() call (prompts x samples).")
     num_replicas: int = Field(1, ge=1, description="Ray actors, each holding one copy of the model.")
     num_gpus: float = Field(0, ge=0, description="GPUs per replica (0 on a CPU machine).")
-    num_cpus: float = Field(1, ge=0, description="CPUs per replica.")
+    num_cpus: float | None = Field(
+        None, ge=0, description="CPUs per replica (its torch threads: this, rounded up). Empty: on a local Ray, "
+        "the cores the other stages leave, shared by the replicas (at least 1 each); 1 on a cluster.")
     params: dict[str, Any] = Field(
         default_factory=dict, description="Backend-specific options (see the backend's docs)."
     )

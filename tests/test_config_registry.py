@@ -2,7 +2,7 @@
 
 import pytest
 
-from dafactory.tasks.config import PreferenceConfig, build_config
+from dafactory.tasks.config import PreferenceConfig, RayConfig, StageResources, build_config
 from dafactory.tasks.errors import UserError
 from dafactory.tasks.registry import Registry
 from dafactory.tasks.run.preflight import check_names
@@ -86,3 +86,32 @@ def test_registry_refuses_duplicates_and_suggests():
         reg.get("alpah")
     with pytest.raises(UserError, match="unknown thing 'zzz': known: alpha"):
         reg.get("zzz")
+
+
+@pytest.mark.parametrize(
+    "others, replicas, ray_cfg, env, cpus",
+    [
+        # a local Ray on 2 cores, the scorer asking half of one: the generator gets the rest (2 torch threads)
+        ([StageResources(num_cpus=0.5)], 1, RayConfig(num_cpus=2), {}, 1.5),
+        # two replicas share what is left
+        ([StageResources(num_cpus=1)], 2, RayConfig(num_cpus=9), {}, 4.0),
+        # never below one each
+        ([StageResources(num_replicas=4, num_cpus=1)], 2, RayConfig(num_cpus=2), {}, 1.0),
+        # on a cluster (an address, or RAY_ADDRESS), one CPU: the nodes are sized by whoever runs them
+        ([StageResources(num_cpus=0.5)], 1, RayConfig(address="ray://head:10001"), {}, 1.0),
+        ([StageResources(num_cpus=0.5)], 1, RayConfig(num_cpus=8), {"RAY_ADDRESS": "head:6379"}, 1.0),
+    ],
+)
+def test_a_model_stage_left_at_its_default_uses_the_cores_the_others_leave(others, replicas, ray_cfg, env, cpus,
+                                                                           monkeypatch):
+    from dafactory.tasks.config import ModelConfig
+    from dafactory.tasks.run.workers import auto_cpus, generate_spec
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    assert auto_cpus(others, replicas, ray_cfg) == cpus
+    spec = generate_spec(ModelConfig(backend="fake", num_replicas=replicas), (), others, ray_cfg)
+    assert spec.num_cpus == spec.args[0].num_cpus == cpus  # the actor's request and its torch threads agree
+    # a number in the config is kept as it is
+    assert generate_spec(ModelConfig(backend="fake", num_cpus=0.5), (), others, ray_cfg).num_cpus == 0.5

@@ -12,7 +12,7 @@ from dafactory.tasks.distill.spec import Spec, load_spec
 from dafactory.tasks.errors import UserError
 from dafactory.tasks.io.prompts import PromptSet, SeenIds, iter_prompts
 from dafactory.tasks.run.build import Recipe
-from dafactory.tasks.run.workers import GenerateStage, JudgeFilterStage, StageSpec
+from dafactory.tasks.run.workers import JudgeFilterStage, StageSpec, generate_spec
 
 
 @dataclass(frozen=True)
@@ -71,8 +71,7 @@ def distill_recipe(config: DistillConfig, ds: DistillSetup) -> Recipe:
     return Recipe(
         name="distill",
         stages=[
-            StageSpec("generate", GenerateStage, (t, config.sampling, config.k, ds.teacher_prompt, config.max_error_rate),
-                      t.num_replicas, t.num_gpus, t.num_cpus),
+            generate_spec(t, (config.sampling, config.k, ds.teacher_prompt, config.max_error_rate), [j], config.ray),
             StageSpec("judge", JudgeFilterStage, (config.judges, config.student_system_prompt, j.num_cpus),
                       j.num_replicas, j.num_gpus, j.num_cpus),
         ],

@@ -15,7 +15,7 @@ from dafactory.tasks.io.prompts import PromptSet
 from dafactory.tasks.io.schemas import ASR, UTILITY, to_table
 from dafactory.tasks.io.storage import DatasetDir
 from dafactory.tasks.run.build import Recipe
-from dafactory.tasks.run.workers import EvalScoreStage, GenerateStage, StageSpec
+from dafactory.tasks.run.workers import EvalScoreStage, StageSpec, generate_spec
 from dafactory.tasks.score.latent import adapter_base
 from dafactory.tasks.score.strategies import (
     DEFAULT_STRATEGIES,
@@ -153,8 +153,7 @@ def evaluate_recipe(config: EvaluateConfig, refs: dict | None = None) -> Recipe:
     return Recipe(
         name="evaluate",
         stages=[
-            StageSpec("generate", GenerateStage, (st, config.sampling, config.n, conversation, config.max_error_rate),
-                      st.num_replicas, st.num_gpus, st.num_cpus),
+            generate_spec(st, (config.sampling, config.n, conversation, config.max_error_rate), [sc], config.ray),
             StageSpec("score", EvalScoreStage, (config.judge, signals, sc.num_cpus, refs or {}, conversation),
                       sc.num_replicas, sc.num_gpus, sc.num_cpus),
         ],

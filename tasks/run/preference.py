@@ -5,7 +5,7 @@ from __future__ import annotations
 from dafactory.tasks.config import PreferenceConfig
 from dafactory.tasks.generate.generation import ChatPrompt
 from dafactory.tasks.run.build import Recipe
-from dafactory.tasks.run.workers import GenerateStage, ScoreSelectStage, StageSpec
+from dafactory.tasks.run.workers import ScoreSelectStage, StageSpec, generate_spec
 from dafactory.tasks.score.selection import ranking_signal
 
 
@@ -15,8 +15,7 @@ def preference_recipe(config: PreferenceConfig) -> Recipe:
     return Recipe(
         name="preference",
         stages=[
-            StageSpec("generate", GenerateStage, (st, config.sampling, config.n, conversation, config.max_error_rate),
-                      st.num_replicas, st.num_gpus, st.num_cpus),
+            generate_spec(st, (config.sampling, config.n, conversation, config.max_error_rate), [sc], config.ray),
             StageSpec("score", ScoreSelectStage,
                       (config.scorers, config.selection, ranking_signal(config.selection, [s.name for s in config.scorers]),
                        conversation, sc.num_cpus, config.sampling.seed),

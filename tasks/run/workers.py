@@ -409,6 +409,23 @@ class EvalScoreStage(_ScoringStage):
         return payload
 
 
+def auto_cpus(others: list, replicas: int, ray_cfg: RayConfig) -> float:
+    """CPUs per replica of a model stage whose num_cpus is left empty: on a local Ray, the cores that the
+    other stages (`others`: StageResources) do not ask for, shared by its replicas, at least 1 each; on a
+    cluster, 1 (a cluster's nodes are sized by whoever runs it)."""
+    if ray_cfg.address or os.environ.get("RAY_ADDRESS"):
+        return 1.0
+    left = (ray_cfg.num_cpus or os.cpu_count() or 1) - sum(o.num_replicas * o.num_cpus for o in others)
+    return max(1.0, left / replicas)
+
+
+def generate_spec(model: ModelConfig, args: tuple, others: list, ray_cfg: RayConfig) -> "StageSpec":
+    """The generate stage of a recipe: GenerateStage(model, *args) on `model`'s replicas and resources."""
+    cpus = model.num_cpus if model.num_cpus is not None else auto_cpus(others, model.num_replicas, ray_cfg)
+    model = model.model_copy(update={"num_cpus": cpus})
+    return StageSpec("generate", GenerateStage, (model, *args), model.num_replicas, model.num_gpus, cpus)
+
+
 @dataclass
 class StageSpec:
     name: str
