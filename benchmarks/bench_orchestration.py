@@ -27,7 +27,8 @@ os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 
 class RayRssSampler(threading.Thread):
     """Peaks of the summed RSS and USS (memory unique to each process, so without the shared object
-    store pages that RSS counts in every process touching them) of Ray worker processes, every 0.5 s."""
+    store pages that RSS counts in every process touching them) of this run's Ray worker processes, every
+    0.5 s."""
 
     def __init__(self):
         super().__init__(daemon=True)
@@ -38,14 +39,15 @@ class RayRssSampler(threading.Thread):
 
         while not self.stop.is_set():
             rss = uss = 0
-            for p in psutil.process_iter(["name", "cmdline"]):
-                cmd = " ".join(p.info["cmdline"] or [])
-                if "ray::" in (p.info["name"] or "") or "default_worker.py" in cmd:
-                    try:
+            # This run's Ray only (its processes descend from this one): not another Ray on the machine.
+            for p in psutil.Process().children(recursive=True):
+                try:
+                    name, cmd = p.name(), " ".join(p.cmdline())
+                    if "ray::" in name or "default_worker.py" in cmd:
                         mem = p.memory_full_info()
-                    except (psutil.NoSuchProcess, psutil.AccessDenied):
-                        continue
-                    rss, uss = rss + mem.rss, uss + mem.uss
+                        rss, uss = rss + mem.rss, uss + mem.uss
+                except (psutil.NoSuchProcess, psutil.AccessDenied):
+                    continue
             self.peak, self.peak_uss = max(self.peak, rss), max(self.peak_uss, uss)
             time.sleep(0.5)
 

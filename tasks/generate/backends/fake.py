@@ -24,6 +24,7 @@ import zlib
 from dafactory.tasks.config import ModelConfig, SamplingConfig
 from dafactory.tasks.generate.generation import Generation, Request, generate_with
 
+VOCABULARY = 1 << 17  # words remembered from earlier render() calls, at most
 REFUSAL = "I'm sorry, but I can't help with that request."
 MESSAGE = 1 << 31  # flags the first word of a message
 PREFILL = 1 << 32  # flags the first word of the prefill
@@ -51,6 +52,10 @@ class FakeBackend:
         return self._context
 
     def render(self, conversations: list[list[dict]], prefill: str = "") -> list[list[int]]:
+        if len(self._words) > VOCABULARY:
+            # A real tokenizer's vocabulary is fixed; this one grows with the words seen, so it forgets them
+            # between renders (sample() reads ids rendered since), keeping a replica's memory flat.
+            self._words.clear()
         out = []
         for conv in conversations:
             ids = []
