@@ -109,6 +109,8 @@ def build_cost(report: dict, shard_stats: list[dict], prices: dict | None) -> di
     stages = {}
     for st in report.get("stages", []):
         total, run = _stage_work(shard_stats, st["name"]), _stage_work(run_stats, st["name"])
+        if "generated_tokens" in total:  # a stage that generates: this run's tokens too, 0 when it built none
+            run = {"prompt_tokens": 0, "generated_tokens": 0} | run
         cpu_s = round(st["replicas"] * st["num_cpus"] * held, 3)
         gpu_s = round(st["replicas"] * st["num_gpus"] * held, 3)
         this_run = run | {
@@ -227,7 +229,7 @@ def cost_rows(cost: dict | None) -> list[dict]:
         if "generated_tokens" in e:
             rows += [{"what": f"{stage}: prompt tokens", "count": e["prompt_tokens"]},
                      {"what": f"{stage}: generated tokens", "count": e["generated_tokens"]},
-                     {"what": f"{stage}: tokens/s (this run, per busy replica)", "count": run["tokens_per_s"]}]
+                     {"what": f"{stage}: tokens/s (this run, per busy replica)", "count": run.get("tokens_per_s")}]
         rows += [{"what": f"{stage}: samples/s (this run, per busy replica)", "count": run["samples_per_s"]},
                  {"what": f"{stage}: busy share (this run)", "count": run["busy_share"]},
                  {"what": f"{stage}: CPU-seconds (this run)", "count": run["cpu_s"]}]
