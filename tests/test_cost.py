@@ -126,7 +126,8 @@ def test_resource_seconds_match_the_busy_time_of_a_saturated_stage(tmp_path, run
     g, s = gen["this_run"], score["this_run"]
     assert g["cost"] == g["cpu_s"] * 0.04 / 3600 + g["gpu_s"] * 2.5 / 3600
     assert s["cost"] == s["cpu_s"] * 0.04 / 3600 + s["gpu_s"] * 2.5 / 3600
-    assert cost["total"] == {"cpu_s": round(g["cpu_s"] + s["cpu_s"], 3), "gpu_s": g["gpu_s"], "cost": g["cost"] + s["cost"]}
+    total = {"cpu_s": round(g["cpu_s"] + s["cpu_s"], 3), "gpu_s": g["gpu_s"], "cost": g["cost"] + s["cost"]}
+    assert cost["total"] == total
 
     # the summary artifact's rows and `dafactory inspect` show them
     rows = {r["what"]: r["count"] for r in summary_rows(manifest)}
