@@ -111,7 +111,7 @@ def _print_cost(cost: dict) -> None:
         table.append((
             stage, f"{e['replicas']} x {e['num_cpus']:g}C/{e['num_gpus']:g}G", _num(e["samples"]),
             _num(e.get("prompt_tokens")), _num(e.get("generated_tokens")), _num(run["busy_s"]),
-            _num(run.get("tokens_per_s")), _num(run["samples_per_s"]),
+            _num(run.get("tokens_per_s"), 2), _num(run["samples_per_s"], 2),
             "-" if run["busy_share"] is None else f"{run['busy_share']:.0%}", _num(run["cpu_s"]), _num(run["gpu_s"]),
             _num(run["cost"], 4),
         ))
