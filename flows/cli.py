@@ -82,11 +82,46 @@ def _print_summary(manifest: dict, uri: str) -> None:
     from dafactory.tasks.io.manifest import summary_rows
 
     print(f"\ndataset: {uri}")
-    width = max(len(r["what"]) for r in summary_rows(manifest))
-    for r in summary_rows(manifest):
+    rows = summary_rows(manifest, cost=False)
+    width = max(len(r["what"]) for r in rows)
+    for r in rows:
         print(f"  {r['what']:<{width}}  {r['count']:>8}")
     t = manifest["timings_s"]
     print(f"  time: prepare {t['prepare']}s, build {t['build']}s")
+    if manifest.get("cost"):
+        _print_cost(manifest["cost"])
+
+
+def _num(value, digits: int = 1) -> str:
+    return "-" if value is None else f"{value:,.{digits}f}" if isinstance(value, float) else f"{value:,}"
+
+
+def _print_cost(cost: dict) -> None:
+    """Per stage: the dataset's samples and tokens (resumed shards included), then this run's busy time,
+    throughput per busy replica, resource-seconds and estimated cost (README: the manifest's `cost`)."""
+    prices = ", ".join(f"{v:g} per {k.removeprefix('per_').replace('_', '-')}" for k, v in cost["prices"].items()
+                       if v is not None) or "none set"
+    print(f"  cost: build wall {_num(cost['wall_s'])}s, replicas held {_num(cost['held_s'])}s, "
+          f"{_num(cost['samples_per_s'], 2)} samples/s; prices: {prices}")
+    head = ("stage", "replicas", "samples", "prompt tok", "gen tok", "busy s", "tok/s", "samples/s", "busy",
+            "CPU-s", "GPU-s", "cost")
+    table = [head]
+    for stage, e in cost["stages"].items():
+        run = e["this_run"]
+        table.append((
+            stage, f"{e['replicas']} x {e['num_cpus']:g}C/{e['num_gpus']:g}G", _num(e["samples"]),
+            _num(e.get("prompt_tokens")), _num(e.get("generated_tokens")), _num(run["busy_s"]),
+            _num(run.get("tokens_per_s"), 2), _num(run["samples_per_s"], 2),
+            "-" if run["busy_share"] is None else f"{run['busy_share']:.0%}", _num(run["cpu_s"]), _num(run["gpu_s"]),
+            _num(run["cost"], 4),
+        ))
+    total = cost["total"]
+    table.append(("total", "", "", "", "", "", "", "", "", _num(total["cpu_s"]), _num(total["gpu_s"]),
+                  _num(total["cost"], 4)))
+    widths = [max(len(str(row[i])) for row in table) for i in range(len(head))]
+    for row in table:
+        print("    " + "  ".join(f"{c:<{w}}" if i == 0 else f"{c:>{w}}" for i, (c, w) in enumerate(zip(row, widths))))
+    print("    (samples and tokens: the whole dataset; the rest: this run's shards only)")
 
 
 def _demo_config(cls, demo: dict, output: str, overrides: list[str]):

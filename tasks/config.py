@@ -147,6 +147,17 @@ class RayConfig(_Strict):
     )
 
 
+class CostConfig(_Strict):
+    per_gpu_hour: float | None = Field(
+        None, ge=0, description="Price of one GPU for one hour, in any currency (cost units per hour): the "
+        "manifest's estimated cost counts each stage's GPU-seconds at it; GPUs cost nothing if empty.",
+    )
+    per_cpu_hour: float | None = Field(
+        None, ge=0, description="Price of one CPU for one hour, in the same cost units: the manifest's "
+        "estimated cost counts each stage's CPU-seconds at it; CPUs cost nothing if empty.",
+    )
+
+
 class RunConfig(_Strict):
     """Fields and fingerprints every flow's config shares."""
 
@@ -154,7 +165,7 @@ class RunConfig(_Strict):
     RUNTIME: ClassVar[dict] = {
         "output": True, "ray": True, "retries": True, "shard_retries": True, "storage_timeout_s": True,
         "storage_retries": True, "storage_block": True, "result_storage": True, "keep_versions": True,
-        "max_error_rate": True, "gpu_slot_timeout_s": True,
+        "max_error_rate": True, "gpu_slot_timeout_s": True, "cost": True,
     }
     # Fields that decide the generated text for given prompts (they salt shard ids, and so seeds).
     GENERATION: ClassVar[dict] = {}
@@ -198,6 +209,10 @@ class RunConfig(_Strict):
         None, description="Where Prefect persists task results (local path or s3://bucket/prefix); the input "
         "plan is cached there, so a run retried on another machine that shares it skips planning. Off if empty. "
         "S3 credentials for it come from the AWS environment or profile.",
+    )
+    cost: CostConfig = Field(
+        default_factory=CostConfig, description="Prices per GPU-hour and CPU-hour: with either set, the manifest "
+        "adds an estimated cost of each stage and of the build (its resource-seconds at these prices).",
     )
 
     # The form (the Prefect UI's Run page) opens with these, then the config's own fields as declared

@@ -156,6 +156,7 @@ def test_a_store_that_stays_down_fails_cleanly_after_backoff(tmp_path, monkeypat
 def shard_result(shard_id="s1"):
     """What a last stage hands the writer for one shard: every table, counts and timings."""
     return {"shard_id": shard_id, "shard_index": 0, "prompts": 2, "outcomes": {}, "seconds": {"score": 0.1},
+            "work": {"score": {"busy_s": 0.2, "samples": 0}},
             "tables": {"quarantine": to_table(qrows(1), QUARANTINE), "best": to_table([], BEST)}}
 
 
@@ -172,7 +173,8 @@ def test_a_replica_writes_its_shard_where_it_sees_the_folder_and_hands_it_back_o
     back = writer.in_replica(shard_result())
     assert back == {"written": {"shard_id": "s1", "shard_index": 0, "prompts": 2, "prompts_out": 0,
                                 "rows": {"quarantine": 1, "best": 0}, "quarantined": {"empty": 1}, "outcomes": {},
-                                "candidates": {}, "errors": {}, "seconds": {"score": 0.1}}}
+                                "candidates": {}, "errors": {}, "seconds": {"score": 0.1},
+                                "work": {"score": {"busy_s": 0.2, "samples": 0}}}}
     assert set(ds.parts("best", staged=True)) == set(ds.parts("quarantine", staged=True)) == {"s1"}
     # a store that refuses the write: the rows go back with the reason, for the driver to write
     shutil.rmtree(tmp_path / "d" / "_staging" / "best")

@@ -74,6 +74,74 @@ def accounting(plan, shard_stats: list[dict], failed: list[dict]) -> dict:
     }
 
 
+def _rate(amount: float, seconds: float) -> float | None:
+    return round(amount / seconds, 3) if seconds > 0 else None
+
+
+def _stage_work(stats: list[dict], stage: str) -> dict:
+    """A stage's work summed over shards' stats: shards that recorded it, samples, busy seconds, tokens."""
+    found = [s["work"][stage] for s in stats if stage in s.get("work", {})]
+    total = {"shards": len(found), "samples": 0, "busy_s": 0.0} | sum_counters(found)
+    return total | {"busy_s": round(total["busy_s"], 3)}
+
+
+def price(cpu_s: float, gpu_s: float, prices: dict) -> float | None:
+    """Cost units of these resource-seconds at the prices per hour (an unset price counts as 0); None
+    when neither price is set."""
+    per_cpu, per_gpu = prices.get("per_cpu_hour"), prices.get("per_gpu_hour")
+    if per_cpu is None and per_gpu is None:
+        return None
+    return cpu_s * (per_cpu or 0.0) / 3600 + gpu_s * (per_gpu or 0.0) / 3600
+
+
+def build_cost(report: dict, shard_stats: list[dict], prices: dict | None) -> dict:
+    """What the build cost, per stage (the README's manifest section says what each figure means).
+
+    Work (samples, tokens, busy seconds) is summed over this version's shards, those resumed from an
+    earlier run included (their stats come from their footers), and again under `this_run` over the
+    shards this run built. Resource-seconds are this run's only: replicas x CPUs (GPUs) per replica, as
+    asked of Ray, x the seconds the replicas were held (from when all were ready to when they were
+    killed)."""
+    prices = {k: (prices or {}).get(k) for k in ("per_gpu_hour", "per_cpu_hour")}
+    run_stats = list(report.get("stats", {}).values())
+    held = round(report.get("held_s", 0.0), 3)
+    wall = round(report.get("seconds", {}).get("build_wall", 0.0), 3)
+    stages = {}
+    for st in report.get("stages", []):
+        total, run = _stage_work(shard_stats, st["name"]), _stage_work(run_stats, st["name"])
+        if "generated_tokens" in total:  # a stage that generates: this run's tokens too, 0 when it built none
+            run = {"prompt_tokens": 0, "generated_tokens": 0} | run
+        cpu_s = round(st["replicas"] * st["num_cpus"] * held, 3)
+        gpu_s = round(st["replicas"] * st["num_gpus"] * held, 3)
+        this_run = run | {
+            "samples_per_s": _rate(run["samples"], run["busy_s"]),
+            **({"tokens_per_s": _rate(run["generated_tokens"], run["busy_s"])} if "generated_tokens" in run else {}),
+            "held_s": held,
+            "busy_share": _rate(run["busy_s"], st["replicas"] * held),
+            "cpu_s": cpu_s,
+            "gpu_s": gpu_s,
+            "cost": price(cpu_s, gpu_s, prices),
+        }
+        stages[st["name"]] = {"replicas": st["replicas"], "num_cpus": st["num_cpus"], "num_gpus": st["num_gpus"],
+                              **total, "this_run": this_run}
+    first = next(iter(stages.values()), {}).get("this_run", {})
+    costs = [e["this_run"]["cost"] for e in stages.values()]
+    return {
+        "prices": prices,
+        "prompt_tokens": "once per prompt",  # not once per sample
+        "wall_s": wall,
+        "held_s": held,
+        "samples_per_s": _rate(first.get("samples", 0), wall),
+        "tokens_per_s": _rate(first.get("generated_tokens", 0), wall),
+        "stages": stages,
+        "total": {
+            "cpu_s": round(sum(e["this_run"]["cpu_s"] for e in stages.values()), 3),
+            "gpu_s": round(sum(e["this_run"]["gpu_s"] for e in stages.values()), 3),
+            "cost": None if None in costs else sum(costs),
+        },
+    }
+
+
 def build_manifest(
     *,
     config: dict,
@@ -128,11 +196,13 @@ def build_manifest(
         },
         "timings_s": timings,
         "gpu_slot": report.get("gpu_slot") or None,  # when this build held the GPU slot, and how long it waited
+        "cost": build_cost(report, shard_stats, config.get("cost")),
     } | (extra or {})
 
 
-def summary_rows(manifest: dict) -> list[dict]:
-    """The short table printed by the CLI and published as a Prefect artifact."""
+def summary_rows(manifest: dict, cost: bool = True) -> list[dict]:
+    """The short table printed by the CLI and published as a Prefect artifact (the CLI prints the cost
+    rows as a table of their own: cost=False)."""
     rows = [{"what": f"{name} rows", "count": t["rows"]} for name, t in manifest["tables"].items()]
     if manifest["status"] != "complete":
         s = manifest["shards"]
@@ -145,6 +215,31 @@ def summary_rows(manifest: dict) -> list[dict]:
     label = {"unpaired_prompts": "no pair", "filtered_samples": "filtered"}.get(key, key)
     rows += [{"what": f"{label}: {k}", "count": v} for k, v in manifest[key].items()]
     rows += [{"what": f"candidates: {k}", "count": v} for k, v in manifest.get("candidate_counts", {}).items()]
+    return rows + (cost_rows(manifest.get("cost")) if cost else [])
+
+
+def cost_rows(cost: dict | None) -> list[dict]:
+    """The manifest's cost as summary rows: tokens of the whole dataset, throughput and resource-seconds
+    of this run."""
+    if not cost:
+        return []
+    rows = []
+    for stage, e in cost["stages"].items():
+        run = e["this_run"]
+        if "generated_tokens" in e:
+            rows += [{"what": f"{stage}: prompt tokens", "count": e["prompt_tokens"]},
+                     {"what": f"{stage}: generated tokens", "count": e["generated_tokens"]},
+                     {"what": f"{stage}: tokens/s (this run, per busy replica)", "count": run.get("tokens_per_s")}]
+        rows += [{"what": f"{stage}: samples/s (this run, per busy replica)", "count": run["samples_per_s"]},
+                 {"what": f"{stage}: busy share (this run)", "count": run["busy_share"]},
+                 {"what": f"{stage}: CPU-seconds (this run)", "count": run["cpu_s"]}]
+        if e["num_gpus"]:
+            rows.append({"what": f"{stage}: GPU-seconds (this run)", "count": run["gpu_s"]})
+        if run["cost"] is not None:
+            rows.append({"what": f"{stage}: estimated cost (this run)", "count": round(run["cost"], 6)})
+    rows.append({"what": "build: samples/s (this run, wall clock)", "count": cost["samples_per_s"]})
+    if cost["total"]["cost"] is not None:
+        rows.append({"what": "estimated cost (this run)", "count": round(cost["total"]["cost"], 6)})
     return rows
 
 

@@ -136,6 +136,8 @@ class ShardWriter:
             "candidates": result.get("candidates", {}),  # per-candidate counts, e.g. judge_no_verdict
             "errors": result.get("errors", {}),
             "seconds": result["seconds"],
+            # per stage: seconds in process() and samples (tokens for generate); a resumed build's totals
+            "work": result.get("work", {}),
         }
         for name in self.tables:
             if name != "quarantine" or tables[name].num_rows:

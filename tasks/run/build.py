@@ -323,7 +323,10 @@ def build_shards(config: RunConfig, ds: DatasetDir, plan: Plan, recipe: Recipe) 
     done_ids = ds.written(recipe.tables[-1])
     pending = [s for s in plan.shards if s.shard_id not in done_ids]
     report = {"resumed": len(plan.shards) - len(pending), "built": 0, "workers": [], "seconds": {},
-              "failed": [], "stopped": None, "stats": {}}
+              "failed": [], "stopped": None, "stats": {}, "held_s": 0.0,
+              # what each stage's actors asked Ray for (the manifest's resource-seconds)
+              "stages": [{"name": st.name, "replicas": st.num_replicas, "num_cpus": st.num_cpus,
+                          "num_gpus": st.num_gpus} for st in recipe.stages]}
     if report["resumed"]:
         logger.info("resuming: %d of %d shards already written", report["resumed"], len(plan.shards))
     if not pending:
@@ -373,14 +376,15 @@ def _run_stages(config: RunConfig, ds: DatasetDir, pending: list[ShardRef], reci
                 progress) -> None:
     """Start the recipe's actors, stream the pending shards through them, stop them."""
     logger = get_run_logger()
-    t0 = time.perf_counter()
+    t0 = ready = time.perf_counter()
     try:
         on_cluster = bool(config.ray.address or os.environ.get("RAY_ADDRESS"))
         # The last stage's replicas write their shards' parts; the driver writes those they hand back.
         writer = ShardWriter(ds, tuple(recipe.tables), tuple(recipe.sample_tables))
         recipe.stages[-1].writer = ShardWriter(ds.for_replicas(), writer.tables, writer.sample_tables)
         report["workers"] = start_stages(recipe.stages, local=not on_cluster, retries=config.shard_retries)
-        report["seconds"]["load_models"] = time.perf_counter() - t0
+        ready = time.perf_counter()  # every replica holds its resources and its model from here
+        report["seconds"]["load_models"] = ready - t0
         logger.info("workers ready in %.1fs: %s", report["seconds"]["load_models"],
                     ", ".join(f"{w['stage']}@{w['node']}" for w in report["workers"]))
         rows, t1 = 0, time.perf_counter()
@@ -424,6 +428,8 @@ def _run_stages(config: RunConfig, ds: DatasetDir, pending: list[ShardRef], reci
         report["written_by_driver"] = len(handed_back)
     finally:
         kill_stages(recipe.stages)
+        if report["workers"]:
+            report["held_s"] = time.perf_counter() - ready
 
 
 def version_parts(plan: Plan, recipe: Recipe, ds: DatasetDir) -> dict[str, set[str]]:

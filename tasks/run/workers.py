@@ -191,7 +191,10 @@ class Stage:
     """Base of the stage actors: `run` returns the payload and a tiny ok flag, so that the driver learns
     of a failure where it happens without fetching the payload (see stream). The last stage's replicas
     are given the shard writer (`attach`): they write their shard's parts themselves and return only
-    its stats."""
+    its stats.
+
+    `run` files what the work cost under the payload's `work[stage]`: the seconds spent in process()
+    (`busy_s`) and what process() reports under `usage` (samples; tokens for the generate stage)."""
 
     writer = None
 
@@ -199,8 +202,10 @@ class Stage:
         self.writer = writer
 
     @ray.method(num_returns=2)
-    def run(self, work):
+    def run(self, work, stage: str = ""):
+        t0 = time.perf_counter()
         out = self.process(work)
+        out.setdefault("work", {})[stage] = {"busy_s": time.perf_counter() - t0, **out.pop("usage", {})}
         return (out if self.writer is None else self.writer.in_replica(out)), True
 
 
@@ -222,6 +227,14 @@ def check_error_rate(quarantine: list[dict], prompts: int, max_error_rate: float
         raise TooManyErrors(f"generation failed on {sum(errors.values())} of {prompts} prompts (max_error_rate "
                             f"{max_error_rate:g}); first: {first}")
     return errors
+
+
+def generation_usage(rows: list[dict]) -> dict:
+    """Samples and tokens of a shard's GENERATED rows. A prompt's tokens count once per prompt (not once
+    per sample): the prompt as the model read it, whatever number of samples or requests it got."""
+    prompt_tokens = {r["prompt_id"]: r["prompt_tokens"] for r in rows}
+    return {"samples": len(rows), "prompt_tokens": sum(prompt_tokens.values()),
+            "generated_tokens": sum(r["response_tokens"] for r in rows)}
 
 
 class GenerateStage(Stage):
@@ -258,6 +271,7 @@ class GenerateStage(Stage):
             "quarantine": quarantine,
             "errors": {"generation_error": dict(errors)} if errors else {},
             "seconds": {"generate": time.perf_counter() - t0},
+            "usage": generation_usage(rows),
         }
 
 
@@ -330,6 +344,7 @@ class ScoreSelectStage(_ScoringStage):
         payload["outcomes"] = dict(sel.unpaired)
         payload["candidates"] = {NO_VERDICT: sel.no_verdict} if sel.no_verdict else {}  # counted in candidates
         payload["seconds"] |= {"score": t1 - t0, "select": time.perf_counter() - t1}
+        payload["usage"] = {"samples": len(rows)}
         return payload
 
 
@@ -363,6 +378,7 @@ class JudgeFilterStage(_ScoringStage):
         }
         payload["outcomes"] = dict(counts)
         payload["seconds"] |= {"judge": t1 - t0, "filter": time.perf_counter() - t1}
+        payload["usage"] = {"samples": len(rows)}
         return payload
 
 
@@ -406,6 +422,7 @@ class EvalScoreStage(_ScoringStage):
         }
         payload["outcomes"] = {k: v for k, v in counts.items() if v}
         payload["seconds"] |= {"score": time.perf_counter() - t0}
+        payload["usage"] = {"samples": len(rows)}
         return payload
 
 
@@ -559,7 +576,7 @@ def stream(
                     break
                 actor = idle[s].pop()
                 work = queues[s].pop(0)
-                payload, ok = actor.run.remote(work)
+                payload, ok = actor.run.remote(work, stages[s].name)
                 item, actors = (work, set()) if s == 0 else origin.pop(work)
                 origin[payload] = (item, actors | {id(actor)})
                 in_flight[ok] = (s, actor, payload)
