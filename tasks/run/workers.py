@@ -11,7 +11,6 @@ import contextlib
 import logging
 import math
 import os
-import signal
 import socket
 import sys
 import threading
@@ -73,11 +72,8 @@ def ray_started_early(cfg: RayConfig):
         # until Ray is shut down.
         done.wait()
 
-    main = threading.current_thread() is threading.main_thread()
-    handler = signal.getsignal(signal.SIGTERM) if main else None
-    if handler is signal.SIG_DFL:
-        # What ray.init does from the main thread only: a SIGTERM exits through atexit, which stops Ray.
-        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(signum))
+    # ray.init from a thread sets no SIGTERM handler; none is needed: Ray's processes die with their parent
+    # (PR_SET_PDEATHSIG), and during the build sigterm_stops turns SIGTERM into a graceful stop.
     _early.clear()
     _early["started"] = threading.Event()
     thread = threading.Thread(target=start, name="ray-start", daemon=True)
@@ -92,8 +88,6 @@ def ray_started_early(cfg: RayConfig):
             _restore_cluster_flag()
         done.set()
         thread.join()
-        if handler is signal.SIG_DFL:
-            signal.signal(signal.SIGTERM, handler)
 
 
 class _NotMainThread(logging.Filter):
@@ -110,7 +104,7 @@ def _start_ray(cfg: RayConfig) -> None:
     runtime_env = {"worker_process_setup_hook": "dafactory.tasks.io.redact.install_log_filter"}
     # RAY_ADDRESS is how a Ray job, a KubeRay pod or `ray job submit` says which cluster to join.
     address = cfg.address or os.environ.get("RAY_ADDRESS")
-    quiet = _NotMainThread()  # ray.init from a thread says it set no SIGTERM handler: ray_started_early does
+    quiet = _NotMainThread()  # ray.init from a thread says it set no SIGTERM handler (see ray_started_early)
     logging.getLogger("ray._private.worker").addFilter(quiet)
     try:
         if address:
@@ -122,7 +116,9 @@ def _start_ray(cfg: RayConfig) -> None:
 
         _saved_cluster_flag.append(ray_constants.ENABLE_RAY_CLUSTER)
         ray_constants.ENABLE_RAY_CLUSTER = False
-        ray.init(num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus, include_dashboard=False, runtime_env=runtime_env)
+        # "local": a new instance, never a cluster that `ray start` left on this machine
+        ray.init(address="local", num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus, include_dashboard=False,
+                 runtime_env=runtime_env)
     finally:
         logging.getLogger("ray._private.worker").removeFilter(quiet)
 
