@@ -127,7 +127,7 @@ def test_the_run_form_the_server_keeps_has_its_order_and_drop_downs(served):
     client, dep = served["client"], served["deployment"]
     check_run_form(client.read_deployment(dep.id).parameter_openapi_schema)  # as stored, as the UI reads it
     params = {"config": dict(dep.parameters["config"], student=dict(dep.parameters["config"]["student"],
-                                                                    backend="vllm"))}
+                                                                    backend="vlm"))}
     with pytest.raises(Exception, match="(?i)validation"):  # not among the drop-down's choices
         client.create_flow_run_from_deployment(dep.id, parameters=params)
 
