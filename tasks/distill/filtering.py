@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections import Counter
 
-from dafactory.tasks.distill.reasoning import OK, completion_text, parse_reasoning
+from dafactory.tasks.distill.reasoning import FORCED_CLOSE, OK, completion_text, parse_reasoning
 from dafactory.tasks.generate.generation import assistant, messages
 
 
@@ -34,10 +34,13 @@ def parse_rows(rows: list[dict]) -> list[dict]:
     return out
 
 
-def filter_reason(row: dict) -> tuple[str, str | None] | None:
-    """None to keep; else (countable reason, detail). Every judge view must pass."""
+def filter_reason(row: dict, keep_forced_close: bool = True) -> tuple[str, str | None] | None:
+    """None to keep; else (countable reason, detail). Every judge view must pass; a sample whose reasoning
+    budget forcing closed is dropped unless `keep_forced_close` (its parse status comes first)."""
     if row["parse_status"] != OK:
         return row["parse_status"], row["parse_detail"]
+    if row.get("reasoning_forced_close") and not keep_forced_close:
+        return FORCED_CLOSE, f"reasoning closed at the budget of {row['reasoning_tokens']} tokens"
     for name, passed, label, reason in row["verdicts"]:
         if passed is None:
             return f"{name}: no verdict", reason
@@ -46,11 +49,12 @@ def filter_reason(row: dict) -> tuple[str, str | None] | None:
     return None
 
 
-def distill_rows(rows: list[dict], student_system_prompt: str | None) -> tuple[list[dict], list[dict], Counter]:
+def distill_rows(rows: list[dict], student_system_prompt: str | None,
+                 keep_forced_close: bool = True) -> tuple[list[dict], list[dict], Counter]:
     """(train rows, filtered rows, filtered counts by reason)."""
     train, filtered, counts = [], [], Counter()
     for r in rows:
-        why = filter_reason(r)
+        why = filter_reason(r, keep_forced_close)
         ok = why is None
         out = {
             "prompt": messages(r["prompt"], student_system_prompt),
@@ -68,6 +72,9 @@ def distill_rows(rows: list[dict], student_system_prompt: str | None) -> tuple[l
             "finish_reason": r["finish_reason"],
             "prompt_tokens": r["prompt_tokens"],
             "response_tokens": r["response_tokens"],
+            "reasoning_forced_close": r.get("reasoning_forced_close") or False,
+            "reasoning_tokens": r.get("reasoning_tokens"),
+            "answer_tokens": r.get("answer_tokens"),
             "scores": r["scores"],
             "filter_reason": None if ok else why[0] + (f" ({why[1]})" if why[1] else ""),
         }
@@ -77,3 +84,10 @@ def distill_rows(rows: list[dict], student_system_prompt: str | None) -> tuple[l
             filtered.append(out)
             counts[why[0]] += 1
     return train, filtered, counts
+
+
+def forced_close_counts(train: list[dict], filtered: list[dict]) -> Counter:
+    """Samples whose reasoning budget forcing closed: in all, and of them those kept in train."""
+    counts = Counter(reasoning_forced_close=sum(1 for r in train + filtered if r["reasoning_forced_close"]),
+                     reasoning_forced_close_in_train=sum(1 for r in train if r["reasoning_forced_close"]))
+    return +counts  # zeros left out

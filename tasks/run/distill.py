@@ -73,7 +73,8 @@ def distill_recipe(config: DistillConfig, ds: DistillSetup) -> Recipe:
         stages=[
             StageSpec("generate", GenerateStage, (t, config.sampling, config.k, ds.teacher_prompt, config.max_error_rate),
                       t.num_replicas, t.num_gpus, t.num_cpus),
-            StageSpec("judge", JudgeFilterStage, (config.judges, config.student_system_prompt, j.num_cpus),
+            StageSpec("judge", JudgeFilterStage,
+                      (config.judges, config.student_system_prompt, j.num_cpus, config.keep_forced_close),
                       j.num_replicas, j.num_gpus, j.num_cpus),
         ],
         tables=["train", "quarantine", "filtered"],

@@ -23,7 +23,7 @@ from typing import Any, Callable, Iterable
 import ray
 
 from dafactory.tasks.config import ModelConfig, RayConfig, SamplingConfig, ScorerConfig, SelectionConfig
-from dafactory.tasks.distill.filtering import distill_rows, parse_rows
+from dafactory.tasks.distill.filtering import distill_rows, forced_close_counts, parse_rows
 from dafactory.tasks.distill.reasoning import OK
 from dafactory.tasks.errors import UserError
 from dafactory.tasks.evaluate.utility import is_correct
@@ -337,10 +337,11 @@ class JudgeFilterStage(_ScoringStage):
     """Parses teacher samples into reasoning and answer, judges each configured view of the samples
     that parsed, and splits them into train and filtered."""
 
-    def __init__(self, judges: list[ScorerConfig], student_system_prompt: str | None, num_cpus: float = 1):
+    def __init__(self, judges: list[ScorerConfig], student_system_prompt: str | None, num_cpus: float = 1,
+                 keep_forced_close: bool = True):
         super().__init__(judges, num_cpus)
         self.reads = [cfg.reads for cfg in judges]
-        self.system_prompt = student_system_prompt
+        self.system_prompt, self.keep_forced_close = student_system_prompt, keep_forced_close
 
     def process(self, payload: dict) -> dict:
         t0 = time.perf_counter()
@@ -355,13 +356,14 @@ class JudgeFilterStage(_ScoringStage):
                     r["scores"].append(self.entry(judge, view, res))
                     r["verdicts"].append((f"{judge.name}@{view}", judge.passes(res), res["label"], res["reason"]))
         t1 = time.perf_counter()
-        train, filtered, counts = distill_rows(rows, self.system_prompt)
+        train, filtered, counts = distill_rows(rows, self.system_prompt, self.keep_forced_close)
         payload["tables"] = {
             "train": to_table(train, DISTILLED),
             "filtered": to_table(filtered, DISTILLED),
             "quarantine": to_table(payload.pop("quarantine"), QUARANTINE),
         }
         payload["outcomes"] = dict(counts)
+        payload["candidates"] = dict(forced_close_counts(train, filtered))  # the manifest's candidate_counts
         payload["seconds"] |= {"judge": t1 - t0, "filter": time.perf_counter() - t1}
         return payload
 
