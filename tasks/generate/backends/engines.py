@@ -93,7 +93,9 @@ def _generate_run(backend, requests: list[Request], sampling: SamplingConfig, bu
     with torch.inference_mode():
         out = backend.model.generate(input_ids=ids, attention_mask=mask, return_dict_in_generate=True,
                                      **_generate_kwargs(backend, budget, sampling))
-    return out.sequences, mask, out.past_key_values
+    # transformers >= 5.2x names the returned cache `cache` (`past_key_values` warns); before, `past_key_values`
+    cache = out.get("cache")
+    return out.sequences, mask, out.get("past_key_values") if cache is None else cache
 
 
 def _cache_kwarg(model) -> str:
