@@ -44,7 +44,10 @@ DEMO_DISTILL = {
     # that dedup and decontamination have something to show.
     "prompts": {"path": "distill_sample", "category_column": "category"},
     "k": 1,
-    "sampling": {"temperature": 0.7, "top_p": 1.0, "max_new_tokens": 96, "seed": 0},
+    # Budget forcing: a reasoning still open after 64 tokens is closed for the teacher, which then answers in at
+    # most 48 (the 135M teacher almost never closes </think> by itself).
+    "sampling": {"temperature": 0.7, "top_p": 1.0, "max_new_tokens": 96, "seed": 0, "reasoning_budget": 64,
+                 "answer_budget": 48},
     "teacher": {"batch_size": 12, "num_cpus": max(0.5, (os.cpu_count() or 1) - 0.5)},
     "judging": {"num_cpus": 0.5},
     # The heuristic judge reads the answer: a refusal passes for harmful prompts, help for benign ones.
