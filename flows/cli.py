@@ -44,8 +44,14 @@ DEMO_DISTILL = {
     # that dedup and decontamination have something to show.
     "prompts": {"path": "distill_sample", "category_column": "category"},
     "k": 1,
-    "sampling": {"temperature": 0.7, "top_p": 1.0, "max_new_tokens": 96, "seed": 0},
+    # Budget forcing: a reasoning still open after 64 tokens is closed for the teacher, which then answers in at
+    # most 48 (the 135M teacher almost never closes </think> by itself).
+    "sampling": {"temperature": 0.7, "top_p": 1.0, "max_new_tokens": 96, "seed": 0, "reasoning_budget": 64,
+                 "answer_budget": 48},
     "teacher": {"batch_size": 12},
+    # The 135M teacher does not end its answers within the budget either: the demo keeps answers cut at 48
+    # tokens (finish_reason "length"; counted as answer_cut_in_train), to show the data for what it is.
+    "keep_cut_answers": True,
     "judging": {"num_cpus": 0.5},
     # The heuristic judge reads the answer: a refusal passes for harmful prompts, help for benign ones.
     "judges": [{"name": "refusal_heuristic", "reads": ["answer"]}],

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from dafactory.tasks.errors import UserError, first_line
 
@@ -59,6 +59,28 @@ class SamplingConfig(_Strict):
     top_k: int | None = Field(None, ge=1, description="Top-k cut-off; none by default.")
     max_new_tokens: int = Field(256, ge=1, description="Most tokens generated per response.")
     seed: int = Field(0, description="Base seed; each batch's seed is derived from it and recorded.")
+    reasoning_budget: int | None = Field(
+        None, ge=1, description="Budget forcing (distillation): most tokens of reasoning; a sample still "
+        "thinking then has its reasoning closed (</think> and a blank line appended) and goes on to its answer "
+        "in the same sequence. A sample that closes by itself within it goes on the same way. Off if empty: "
+        "max_new_tokens bounds the whole response.",
+    )
+    answer_budget: int | None = Field(
+        None, ge=1, description="With reasoning_budget: most tokens of the answer after the close (max_new_tokens "
+        "if empty). A response is at most reasoning_budget + the close's tokens + answer_budget tokens long.",
+    )
+
+    @model_validator(mode="after")
+    def _budgets(self):
+        if self.answer_budget is not None and self.reasoning_budget is None:
+            raise ValueError("answer_budget needs reasoning_budget (without it max_new_tokens bounds the response)")
+        return self
+
+    def max_response_tokens(self, close_tokens: int) -> int:
+        """Most tokens a response can have: max_new_tokens, or under budget forcing reasoning, close and answer."""
+        if self.reasoning_budget is None:
+            return self.max_new_tokens
+        return self.reasoning_budget + close_tokens + (self.answer_budget or self.max_new_tokens)
 
 
 class ModelConfig(_Strict):
@@ -249,6 +271,13 @@ class RunConfig(_Strict):
         return self._hash(include=self.GENERATION)
 
 
+def _no_reasoning_budget(config: "RunConfig") -> "RunConfig":
+    """Budget forcing closes a teacher's </think>: only the distill flow's conversations open one."""
+    if config.sampling.reasoning_budget is not None:
+        raise ValueError("sampling.reasoning_budget is for the distill flow, whose teacher reasons under <think>")
+    return config
+
+
 _MODEL_GENERATION = {"model", "revision", "backend", "trust_remote_code", "batch_size", "params"}
 
 
@@ -285,6 +314,8 @@ class PreferenceConfig(RunConfig):
     @property
     def scorer_configs(self) -> list[ScorerConfig]:
         return self.scorers
+
+    _budget = model_validator(mode="after")(_no_reasoning_budget)
 
 
 class DecontaminationConfig(_Strict):
@@ -324,6 +355,14 @@ class DistillConfig(RunConfig):
         default_factory=lambda: [ScorerConfig(name="refusal_heuristic")],
         min_length=1,
         description="Judges; a sample is kept only if every judge view passes.",
+    )
+    keep_forced_close: bool = Field(
+        True, description="Keep samples whose reasoning was closed by sampling.reasoning_budget (budget forcing) "
+        "when they pass the judges; if false they go to `filtered` with reason forced_close.",
+    )
+    keep_cut_answers: bool = Field(
+        False, description="Keep samples whose reasoning closed but whose answer was cut at answer_budget or "
+        "max_new_tokens (finish_reason length), judged like the others; off: they go to `filtered` as truncated.",
     )
     spec: str | None = Field(None, description="Safety spec YAML file; the bundled spec if empty.")
     template: str | None = Field(
@@ -431,6 +470,8 @@ class EvaluateConfig(RunConfig):
     def scorer_configs(self) -> list[ScorerConfig]:
         """The judge and the extra scorers (the latent scorer is built from `student` and `base`)."""
         return [self.judge, *self.scorers]
+
+    _budget = model_validator(mode="after")(_no_reasoning_budget)
 
 
 def _validation_line(exc: ValidationError) -> str:

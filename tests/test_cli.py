@@ -102,6 +102,11 @@ def test_demo_end_to_end(tmp_path):
     t = distill["tables"]
     assert t["train"]["rows"] + t["filtered"]["rows"] == 11
     assert sum(distill["filtered_samples"].values()) == t["filtered"]["rows"]
+    # budget forcing: no reasoning runs past 64 tokens; the teacher rarely closes by itself, so most are forced
+    rows = DatasetDir(str(tmp_path), "demo-distill").read_table("filtered").to_pylist() + \
+        DatasetDir(str(tmp_path), "demo-distill").read_table("train").to_pylist()
+    assert all(r["reasoning_tokens"] <= 64 and r["answer_tokens"] <= 48 for r in rows)
+    assert distill["candidate_counts"]["reasoning_forced_close"] == sum(r["reasoning_forced_close"] for r in rows) > 0
     assert f"dataset: {tmp_path}/demo-distill" in proc.stdout
 
 

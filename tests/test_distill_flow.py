@@ -120,3 +120,33 @@ def test_tiny_real_teacher_and_guard_judge(tmp_path, run_flow, tiny_models):
             assert [(s["scorer"], s["view"]) for s in r["scores"]] == [("llama_guard", "full"), ("llama_guard", "answer")]
         else:
             assert r["filter_reason"].startswith(r["parse_status"])
+
+
+@pytest.mark.parametrize("keep", [True, False])
+def test_budget_forcing_rows_flow_into_train_or_filtered(tmp_path, run_flow, keep):
+    # the fake teacher thinks 10 to 25 words: a budget of 16 closes some traces and finds others closed
+    from collections import Counter
+
+    from dafactory.flows.distill import distill
+
+    cfg = config(tmp_path, "sampling.reasoning_budget=16", "sampling.answer_budget=30", f"keep_forced_close={keep}")
+    manifest = distill(cfg)
+    ds = DatasetDir(cfg.output, cfg.dataset)
+    train, filtered = ds.read_table("train").to_pylist(), ds.read_table("filtered").to_pylist()
+    rows = train + filtered
+    assert len(rows) == 5 * 4 and verify(ds).problems == []
+    forced = [r for r in rows if r["reasoning_forced_close"]]
+    assert 0 < len(forced) < len(rows)
+    for r in forced:
+        # the reasoning phase's 16 words, the forced close, then the answer, parsed as any other output
+        assert r["reasoning_tokens"] == 16 and r["response_tokens"] == 16 + 1 + r["answer_tokens"]
+        assert r["reasoning"] == " ".join(r["response"].split()[:16])
+    assert all(r["reasoning_tokens"] is not None and r["answer_tokens"] is not None for r in rows)
+    in_train = sum(r["reasoning_forced_close"] for r in train)
+    assert (in_train > 0) if keep else (in_train == 0)
+    reasons = Counter(r["filter_reason"].split(" (")[0] for r in filtered)
+    assert dict(reasons) == manifest["filtered_samples"]
+    # without keep, a forced close that parsed goes to filtered as forced_close
+    assert reasons["forced_close"] == (0 if keep else sum(r["parse_status"] == "ok" for r in forced))
+    assert manifest["candidate_counts"] == {"reasoning_forced_close": len(forced)} | (
+        {"reasoning_forced_close_in_train": in_train} if in_train else {})

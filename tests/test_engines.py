@@ -150,3 +150,76 @@ print("ok")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == "ok"
+
+
+# Budget forcing: a reasoning phase of REASONING tokens, then an answer phase of at most ANSWER tokens, in one sequence.
+REASONING, ANSWER, FORCED = 6, 4, "yes answer"  # the forced close: two words of the tiny vocabulary
+
+
+def self_closing_text(tok, expected: list[list[int]]) -> tuple[str, int]:
+    """(the text of some tokens the first prompt's greedy continuation ends at step j, j): made the reasoning's
+    close, the first prompt closes by itself there and the others (whose first REASONING tokens' text does not
+    hold it) reach the budget open."""
+    def text(ids):
+        return tok.decode(ids, skip_special_tokens=False)
+
+    for j in range(1, REASONING - 1):
+        for a in range(j, -1, -1):
+            close = text(expected[0][a : j + 1])
+            if close.strip() and close not in text(expected[0][:j]) and all(
+                close not in text(e[:REASONING]) for e in expected[1:]
+            ):
+                return close, j
+    raise AssertionError("no text of the reference closes the first prompt alone")
+
+
+@pytest.mark.parametrize("engine", ENGINE_NAMES)
+def test_budget_forcing_equals_the_reference_token_for_token(tiny_models, reference, engine):
+    from dafactory.tasks.generate.generation import BudgetForcing
+
+    prompts, expected = reference
+    b = backend(tiny_models["lm"], engine)
+    b.eos_ids = set()  # no EOS: every sample reasons to its close or its budget and answers to its budget
+    close, j = self_closing_text(b.tok, expected)
+    forced_ids = b.tok(FORCED, add_special_tokens=False)["input_ids"]
+    assert len(forced_ids) == 2
+    # The references, from the model alone: the first prompt closed at step j, so its sequence simply goes on
+    # (ANSWER tokens after the close); the others reach the budget open, get the forced ids and answer from the
+    # whole sequence, decoded without a cache.
+    want = [(tuple(greedy_reference(b.model, prompts[0], j + 1 + ANSWER)), False, j + 1, ANSWER)]
+    for p in prompts[1:]:
+        reasoning = greedy_reference(b.model, p, REASONING)
+        answer = greedy_reference(b.model, list(p) + reasoning + forced_ids, ANSWER)
+        want.append((tuple(reasoning + forced_ids + answer), True, REASONING, ANSWER))
+    forcing = BudgetForcing(REASONING, ANSWER, close, FORCED)
+    requests = [Request(tuple(p), n, seed=5) for p, n in zip(prompts, SAMPLES)]
+    out = b.sample(requests, SamplingConfig(temperature=0, max_new_tokens=NEW), forcing)
+    got = [[(g.token_ids, g.reasoning_forced_close, g.reasoning_tokens, g.answer_tokens) for g in gens] for gens in out]
+    assert got == [[w] * n for w, n in zip(want, SAMPLES)]
+    for gens, w in zip(out, want):
+        for g in gens:
+            # finished by the answer budget; every token counted: reasoning, the forced ids, the answer
+            assert (g.finish_reason, g.response_tokens) == ("length", len(w[0]))
+            assert g.text == b.tok.decode(list(w[0]), skip_special_tokens=True)
+
+
+@pytest.mark.parametrize("engine", ["generate", "static"])
+def test_budget_forcing_continues_from_the_cache_without_prefilling_again(tiny_models, reference, engine):
+    # every forward pass the model runs, by how many tokens it feeds: the prompts once (the first pass), then one
+    # token a step, and for the answer phase the reasoning phase's last token and the forced ids (3), never more
+    from dafactory.tasks.generate.generation import BudgetForcing
+
+    prompts, expected = reference
+    b = backend(tiny_models["lm"], engine)
+    b.eos_ids = set()
+    close, _ = self_closing_text(b.tok, expected)
+    fed = []
+    hook = b.model.register_forward_pre_hook(lambda m, args, kw: fed.append(kw["input_ids"].shape[1]), with_kwargs=True)
+    try:
+        b.sample([Request(tuple(p), n, seed=5) for p, n in zip(prompts, SAMPLES)],
+                 SamplingConfig(temperature=0, max_new_tokens=NEW), BudgetForcing(REASONING, ANSWER, close, FORCED))
+    finally:
+        hook.remove()
+    width = max(len(p) for p in prompts)
+    assert fed[0] == (width if engine == "generate" else width - 1)  # static prefills all but the last prompt token
+    assert max(fed[1:]) == 3 and fed.count(3) == 1  # the forced close's row group, once

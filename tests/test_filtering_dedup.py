@@ -52,6 +52,84 @@ def test_train_rows_are_trl_prompt_completion_without_the_spec():
     assert dict(counts) == {"truncated": 1}
 
 
+def forced(response, finish="stop", verdicts=(), forced_close=True):
+    r = gen(response, finish, verdicts)
+    return dict(r, reasoning_forced_close=forced_close, reasoning_tokens=64, answer_tokens=3)
+
+
+SAFE = [("h@answer", True, "refusal", None)]
+
+
+@pytest.mark.parametrize(
+    "row, keep, expect",
+    [
+        # a forced close that passes the judges: kept by default, dropped when forced closes are not kept
+        (forced("I weigh it\n</think>\n\nNo.", verdicts=SAFE), True, None),
+        (forced("I weigh it\n</think>\n\nNo.", verdicts=SAFE), False,
+         ("forced_close", "reasoning closed at the budget of 64 tokens")),
+        # a sample that closed by itself is kept either way
+        (forced("I weigh it</think>No.", verdicts=SAFE, forced_close=False), False, None),
+        # a forced close whose answer ran out of budget is truncated first, whatever keep says
+        (forced("I weigh it\n</think>\n\nNo, bec", "length"), False, ("truncated", "stopped at max_new_tokens")),
+        (forced("I weigh it\n</think>\n\nNo, bec", "length"), True, ("truncated", "stopped at max_new_tokens")),
+        # and one the judge fails is filtered for that
+        (forced("I weigh it\n</think>\n\nSure.", verdicts=[("h@answer", False, "compliance", None)]), True,
+         ("h@answer: compliance", None)),
+    ],
+)
+def test_forced_close_rules(row, keep, expect):
+    assert filter_reason(row, keep) == expect
+
+
+@pytest.mark.parametrize(
+    "row, expect",
+    [
+        # keep_cut_answers: a closed reasoning whose answer ran out of budget is judged like the others
+        (forced("I weigh it\n</think>\n\nNo, bec", "length", verdicts=SAFE), None),
+        (forced("I weigh it\n</think>\n\nSure, st", "length", verdicts=[("h@answer", False, "compliance", None)]),
+         ("h@answer: compliance", None)),
+        # but output cut inside its reasoning has no answer to keep
+        (forced("I weigh it and", "length", forced_close=False), ("truncated", "stopped at max_new_tokens")),
+        # an answer that is only cut away (nothing after the close) is not one
+        (forced("I weigh it\n</think>\n\n", "length"), ("truncated", "stopped at max_new_tokens")),
+    ],
+)
+def test_cut_answers_kept_when_asked(row, expect):
+    assert filter_reason(row, True, keep_cut_answers=True) == expect
+
+
+def test_cut_answers_in_train_are_counted():
+    from dafactory.tasks.distill.filtering import forced_close_counts
+
+    rows_in = [forced("a\n</think>\n\nNo, bec", "length", verdicts=SAFE), forced("b</think>No.", verdicts=SAFE,
+                                                                                  forced_close=False)]
+    train, filtered, _ = distill_rows(rows_in, None, True, keep_cut_answers=True)
+    assert [(r["answer"], r["finish_reason"]) for r in train] == [("No, bec", "length"), ("No.", "stop")]
+    assert dict(forced_close_counts(train, filtered)) == {
+        "reasoning_forced_close": 1, "reasoning_forced_close_in_train": 1, "answer_cut_in_train": 1}
+
+
+@pytest.mark.parametrize("keep, train_n, filtered_reasons, candidates", [
+    (True, 2, ["truncated (stopped at max_new_tokens)"],
+     {"reasoning_forced_close": 2, "reasoning_forced_close_in_train": 1}),
+    (False, 1, ["forced_close (reasoning closed at the budget of 64 tokens)", "truncated (stopped at max_new_tokens)"],
+     {"reasoning_forced_close": 2}),
+])
+def test_forced_close_rows_split_and_counted(keep, train_n, filtered_reasons, candidates):
+    from dafactory.tasks.distill.filtering import forced_close_counts
+
+    rows_in = [forced("a\n</think>\n\nNo.", verdicts=SAFE), forced("b</think>No.", verdicts=SAFE, forced_close=False),
+               forced("c\n</think>\n\nNo, bec", "length")]
+    train, filtered, counts = distill_rows(rows_in, None, keep)
+    assert len(train) == train_n and [f["filter_reason"] for f in filtered] == filtered_reasons
+    assert sum(counts.values()) == len(filtered)
+    assert dict(forced_close_counts(train, filtered)) == candidates
+    # the columns travel to both tables; the answer of a forced close is what followed the forced </think>
+    assert sorted((r["reasoning"], r["answer"], r["reasoning_forced_close"], r["reasoning_tokens"])
+                  for r in train + filtered) == [("a", "No.", True, 64), ("b", "No.", False, 64),
+                                                 ("c", "No, bec", True, 64)]
+
+
 def rows(*texts):
     return [PromptRow(str(i), t, None, i) for i, t in enumerate(texts)]
 

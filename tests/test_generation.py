@@ -198,3 +198,166 @@ def test_fake_backend_appends_its_pid_at_load(tmp_path):
     for _ in range(2):
         FakeBackend(ModelConfig(backend="fake", params={"pid_file": str(path)})).load()
     assert path.read_text() == f"{os.getpid()}\n" * 2
+
+
+# ---- budget forcing: the pure bookkeeping, the fake backend, the config ---------------------------------------
+
+WORDS = ["<eos>", "a", "b", "</", "think>", "ans", "x"]  # id -> word; a word-level decode, "</think>" in two tokens
+EOS = {0}
+
+
+def decode(ids):
+    return "".join(WORDS[i] for i in ids)
+
+
+@pytest.mark.parametrize("ids, at", [
+    ([1, 2, 3, 4, 5], 4),  # the close ends with its 4th token
+    ([3, 4], 2),  # at once
+    ([1, 3, 1, 4], None),  # its two halves apart: no close
+    ([1, 2], None),
+    ([], None),
+])
+def test_closed_at_is_where_the_close_is_complete(ids, at):
+    from dafactory.tasks.generate.generation import closed_at
+
+    assert closed_at(ids, decode, "</think>") == at
+
+
+@pytest.mark.parametrize("raw, want", [
+    # (ids, eos, close_end, append, answer_budget); reasoning budget 5, answer budget 4, forced ids [3, 4]
+    ([1, 2, 1, 2, 1], ((1, 2, 1, 2, 1), False, None, (3, 4), 4)),  # open at the budget: forced
+    ([1, 3, 4, 5, 5], ((1, 3, 4, 5, 5), False, 3, (), 2)),  # closed at 3: 2 answer tokens written, 2 left
+    ([3, 4, 5, 5, 5], ((3, 4, 5, 5, 5), False, 2, (), 1)),
+    ([1, 2, 3, 4, 5], ((1, 2, 3, 4, 5), False, 4, (), 3)),
+    ([1, 2, 0, 7, 7], ((1, 2), True, None, None, 0)),  # EOS before the budget, open: ended
+    ([3, 4, 5, 0, 0], ((3, 4, 5), True, 2, None, 0)),  # closed and answered within the phase: ended
+])
+def test_reasoning_phase_decides_the_answer_phase(raw, want):
+    from dafactory.tasks.generate.generation import BudgetForcing, reasoning_phase
+
+    p = reasoning_phase(raw, EOS, decode, BudgetForcing(5, 4, "</think>", "</think>"), [3, 4])
+    assert (p.ids, p.eos, p.close_end, p.append, p.answer_budget) == want
+    assert p.forced == (want[2] is None and want[3] is not None)
+
+
+def test_a_closed_sample_whose_answer_filled_its_budget_has_no_answer_phase():
+    from dafactory.tasks.generate.generation import BudgetForcing, forced_generation, reasoning_phase
+
+    p = reasoning_phase([3, 4, 5, 5, 5], EOS, decode, BudgetForcing(5, 3, "</think>", "</think>"), [3, 4])
+    assert (p.append, p.answer_budget) == (None, 0)
+    g = forced_generation(p, [], EOS, decode, prompt_tokens=7)
+    assert (g.finish_reason, g.reasoning_tokens, g.answer_tokens, g.reasoning_forced_close) == ("length", 2, 3, False)
+
+
+@pytest.mark.parametrize("raw, answer, want", [
+    # (token_ids, finish, forced, reasoning_tokens, answer_tokens, response_tokens)
+    ([1, 2, 1, 2, 1], [5, 5, 0, 9], ((1, 2, 1, 2, 1, 3, 4, 5, 5), "stop", True, 5, 2, 9)),  # forced, EOS ends it
+    ([1, 2, 1, 2, 1], [5, 5, 5, 5], ((1, 2, 1, 2, 1, 3, 4, 5, 5, 5, 5), "length", True, 5, 4, 11)),
+    ([1, 3, 4, 5, 5], [5, 0], ((1, 3, 4, 5, 5, 5), "stop", False, 3, 3, 6)),  # closed by itself, went on
+    ([1, 2, 0, 7, 7], [], ((1, 2), "stop", False, 2, 0, 2)),  # ended open: no answer phase
+])
+def test_forced_generation_counts_each_part(raw, answer, want):
+    from dafactory.tasks.generate.generation import BudgetForcing, forced_generation, reasoning_phase
+
+    p = reasoning_phase(raw, EOS, decode, BudgetForcing(5, 4, "</think>", "</think>"), [3, 4])
+    g = forced_generation(p, answer, EOS, decode, prompt_tokens=7)
+    assert (g.token_ids, g.finish_reason, g.reasoning_forced_close, g.reasoning_tokens, g.answer_tokens,
+            g.response_tokens) == want
+    assert g.text == decode(list(want[0])) and g.prompt_tokens == 7
+
+
+def teacher_shard():
+    from dafactory.tasks.distill.reasoning import TeacherPrompt
+    from dafactory.tasks.distill.spec import load_spec
+
+    rows = tuple(PromptRow(prompt_id(t), t, "benign", i, ("benign",)) for i, t in enumerate(
+        ["bake a cake", "why is the sky blue", "how do magnets work"]))
+    return Shard("s1", 0, rows), TeacherPrompt("{prompt}", load_spec(None))
+
+
+def fake_teacher_rows(budget: int) -> list[dict]:
+    s, teacher = teacher_shard()
+    b = FakeBackend(ModelConfig(backend="fake"))
+    sampling = SamplingConfig(max_new_tokens=64, reasoning_budget=budget, answer_budget=6)
+    rows, quarantine = generate_shard(b, s, n=4, sampling=sampling, batch_size=5, conversation=teacher)
+    assert quarantine == [] and len(rows) == 12
+    return rows
+
+
+@pytest.mark.parametrize("budget, forced, closed", [
+    # the fake's traces think 10 to 25 words, then close with one more word or end open
+    (8, 12, 0),  # every trace is still thinking at 8 words: all forced
+    (18, 7, 4),  # some closed (or ended) within 18 words, some not
+    (40, 0, 9),  # none reaches 40: 9 closed by themselves, 3 ended open
+])
+def test_fake_teacher_under_budget_forcing(budget, forced, closed):
+    rows = fake_teacher_rows(budget)
+    assert sum(r["reasoning_forced_close"] for r in rows) == forced
+    assert sum(not r["reasoning_forced_close"] and "</think>" in r["response"] for r in rows) == closed
+    # forced exactly the traces whose unforced reasoning (a budget none reaches) is longer than this budget
+    natural = [r["reasoning_tokens"] for r in fake_teacher_rows(40)]
+    assert [r["reasoning_forced_close"] for r in rows] == [n > budget for n in natural]
+    for r in rows:
+        words = r["response"].split()
+        assert r["response_tokens"] == len(words) == len(r["response_token_ids"])
+        assert r["answer_tokens"] <= 6 and r["reasoning_tokens"] <= budget
+        if r["reasoning_forced_close"]:
+            # the budget's words, the forced close (its one word), then the answer
+            assert (r["reasoning_tokens"], words[budget]) == (budget, "</think>")
+            assert r["response_tokens"] == budget + 1 + r["answer_tokens"]
+        elif "</think>" in words:
+            assert words.index("</think>") + 1 == r["reasoning_tokens"]
+            assert r["response_tokens"] == r["reasoning_tokens"] + r["answer_tokens"]
+    table = to_table(rows, GENERATED)
+    assert table.column("reasoning_forced_close").to_pylist() == [r["reasoning_forced_close"] for r in rows]
+
+
+def test_budget_forcing_off_leaves_the_rows_as_they_were():
+    s, teacher = teacher_shard()
+    b = FakeBackend(ModelConfig(backend="fake"))
+    rows, _ = generate_shard(b, s, n=2, sampling=SamplingConfig(max_new_tokens=64), batch_size=8, conversation=teacher)
+    assert {(r["reasoning_forced_close"], r["reasoning_tokens"], r["answer_tokens"]) for r in rows} == {
+        (False, None, None)}
+
+
+def test_budgets_bound_the_context_check_and_need_a_reasoning_conversation():
+    from dafactory.tasks.errors import UserError
+
+    s, teacher = teacher_shard()
+    b = FakeBackend(ModelConfig(backend="fake", params={"context_length": 40}))
+    # prompt words and <think> + 20 reasoning + 11 characters of "\n</think>\n\n" (a bound on its tokens)
+    # + 5 answer: the first prompt's 4 words fit in 40, the others' 6 and 5 do not (max_new_tokens is not the bound)
+    sampling = SamplingConfig(max_new_tokens=4, reasoning_budget=20, answer_budget=5)
+    rows, quarantine = generate_shard(b, s, n=1, sampling=sampling, batch_size=8, conversation=teacher)
+    assert [r["prompt"] for r in rows] == ["bake a cake"]
+    assert [q["detail"] for q in quarantine] == ["6 prompt tokens + the response's budgets 36 > context 40",
+                                                 "5 prompt tokens + the response's budgets 36 > context 40"]
+    with pytest.raises(UserError, match="sampling.reasoning_budget needs a conversation that reasons"):
+        generate_shard(b, s, n=1, sampling=sampling, batch_size=8, conversation=ChatPrompt())
+
+
+@pytest.mark.parametrize("cls, overrides, error", [
+    # an answer budget alone has nothing to follow: refused
+    ("DistillConfig", ["sampling.answer_budget=8"], "invalid config: sampling: answer_budget needs reasoning_budget"),
+    # budgets below one token
+    ("DistillConfig", ["sampling.reasoning_budget=0"], "invalid config: sampling.reasoning_budget: Input should be"),
+    # the preference and evaluation flows' students open no <think>
+    ("PreferenceConfig", ["sampling.reasoning_budget=8"], "invalid config: config: sampling.reasoning_budget is for"),
+    ("EvaluateConfig", ["sampling.reasoning_budget=8"], "invalid config: config: sampling.reasoning_budget is for"),
+])
+def test_budget_config_is_checked(cls, overrides, error):
+    from dafactory.tasks import config
+    from dafactory.tasks.errors import UserError
+
+    with pytest.raises(UserError) as err:
+        config.build_config(getattr(config, cls), None, overrides)
+    assert str(err.value).startswith(error)
+
+
+def test_budget_config_defaults():
+    from dafactory.tasks.config import DistillConfig, build_config
+
+    cfg = build_config(DistillConfig, None, ["sampling.reasoning_budget=64", "sampling.max_new_tokens=300"])
+    assert (cfg.sampling.reasoning_budget, cfg.sampling.answer_budget, cfg.keep_forced_close) == (64, None, True)
+    assert cfg.sampling.max_response_tokens(3) == 64 + 3 + 300  # the answer gets max_new_tokens
+    assert SamplingConfig(max_new_tokens=9).max_response_tokens(3) == 9

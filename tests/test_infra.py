@@ -73,7 +73,8 @@ def test_every_bundled_deployment_builds_with_its_schedule_and_form():
 FORMS = {  # the Run form of each flow, top to bottom: what a user changes first, the run plumbing last
     "PreferenceConfig": ["dataset", "output", "prompts", "system_prompt", "student", "n", "sampling", "scorers",
                          "selection", "scoring"],
-    "DistillConfig": ["dataset", "output", "prompts", "teacher", "k", "sampling", "judges", "spec", "template",
+    "DistillConfig": ["dataset", "output", "prompts", "teacher", "k", "sampling", "judges", "keep_forced_close",
+                      "keep_cut_answers", "spec", "template",
                       "missing_category", "student_system_prompt", "near_duplicates", "decontamination", "judging"],
     "EvaluateConfig": ["dataset", "output", "benchmarks", "system_prompt", "student", "base", "base_revision", "n", "sampling",
                        "judge", "scorers", "strategies", "layers", "bootstrap_resamples", "bootstrap_seed",
@@ -103,7 +104,8 @@ def check_run_form(schema: dict) -> None:
         positions = sorted(p["position"] for p in definition["properties"].values())
         assert positions == list(range(len(definition["properties"])))
     assert form_fields(defs["ModelConfig"])[:3] == ["model", "revision", "backend"]
-    assert form_fields(defs["SamplingConfig"]) == ["temperature", "top_p", "top_k", "max_new_tokens", "seed"]
+    assert form_fields(defs["SamplingConfig"]) == ["temperature", "top_p", "top_k", "max_new_tokens", "seed",
+                                                 "reasoning_budget", "answer_budget"]
     assert defs["ModelConfig"]["properties"]["backend"]["enum"] == ["fake", "hf", "vllm"]
     assert defs["ScorerConfig"]["properties"]["name"]["enum"] == SCORER_NAMES
     assert defs["ScorerConfig"]["properties"]["reads"]["items"]["enum"] == ["full", "answer", "reasoning"]

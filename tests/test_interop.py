@@ -31,8 +31,13 @@ def built(tmp_path_factory, prefect_harness, ray_local):
                                                  "student.num_cpus=0.5", "scoring.num_cpus=0.5"])
     dist = build_config(DistillConfig, None, [*common, "dataset=dist", "teacher.backend=fake", "k=1",
                                               "teacher.num_cpus=0.5", "judging.num_cpus=0.5"])
+    # budget forcing: the fake teacher's traces think 10 to 25 words, so a budget of 16 forces some closes
+    forced = build_config(DistillConfig, None, [*common, "dataset=forced", "teacher.backend=fake", "k=2",
+                                                "teacher.num_cpus=0.5", "judging.num_cpus=0.5",
+                                                "sampling.reasoning_budget=16", "sampling.answer_budget=40"])
     return {"pref": (DatasetDir(pref.output, "pref"), preference(pref)),
-            "dist": (DatasetDir(dist.output, "dist"), distill(dist))}
+            "dist": (DatasetDir(dist.output, "dist"), distill(dist)),
+            "forced": (DatasetDir(forced.output, "forced"), distill(forced))}
 
 
 @pytest.mark.parametrize("name, table", [
@@ -91,4 +96,24 @@ def test_trl_trains_one_step_on_pairs_and_on_train(built, tiny_models, tmp_path)
     train = datasets.load_dataset(dist.root, "train", split="train")
     sft = SFTTrainer(model=AutoModelForCausalLM.from_pretrained(tiny_models["lm"]), processing_class=tok,
                      args=SFTConfig(output_dir=str(tmp_path / "sft"), max_length=48, **common), train_dataset=train)
+    assert sft.train().global_step == 1
+
+
+@pytest.mark.slow
+def test_sft_trains_one_step_on_forced_close_rows(built, tiny_models, tmp_path):
+    # the distilled train table of a budget-forced teacher: its forced-close rows are ordinary prompt-completion rows
+    import datasets
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    ds, manifest = built["forced"]
+    train = datasets.load_dataset(ds.root, "train", split="train")
+    forced = train.filter(lambda r: r["reasoning_forced_close"])
+    assert len(forced) == manifest["candidate_counts"]["reasoning_forced_close_in_train"] > 0
+    assert all(r["completion"][0]["content"].startswith("<think>") for r in forced)
+    tok = AutoTokenizer.from_pretrained(tiny_models["lm"])
+    args = SFTConfig(output_dir=str(tmp_path / "sft"), max_length=48, max_steps=1, per_device_train_batch_size=2,
+                     report_to=[], save_strategy="no", use_cpu=True, logging_steps=1, dataloader_num_workers=0)
+    sft = SFTTrainer(model=AutoModelForCausalLM.from_pretrained(tiny_models["lm"]), processing_class=tok, args=args,
+                     train_dataset=forced)
     assert sft.train().global_step == 1

@@ -240,3 +240,38 @@ def test_generate_is_one_sample_per_conversation(engine):
     assert len(gens) == 3 and len({g.token_ids for g in gens}) == 3
     assert gens[0] == engine.sample([Request(tuple(engine.render(convs[:1])[0]), 1, 5)], SAMPLED)[0][0]
     assert engine.generate([], SAMPLED, seed=5) == [] and engine.sample([], SAMPLED) == []
+
+
+@engine_test
+def test_budget_forcing_equals_transformers_on_the_same_sequence(engine, reference):
+    # greedy: the reasoning phase's REASONING tokens, then the forced close's ids and ANSWER tokens generated from
+    # the whole sequence by transformers without any cache of the first phase; vLLM's answer phase is a request
+    # of its own (prefix caching), the same tokens either way
+    import torch
+
+    from dafactory.tasks.generate.generation import BudgetForcing
+
+    tok, model = reference
+    reasoning_budget, answer_budget, forced = 12, 10, "\n</think>\n\n"
+    forced_ids = tok(forced, add_special_tokens=False)["input_ids"]
+    prompts = engine.render(CONVERSATIONS)
+    out = engine.sample([Request(tuple(p), n=2, seed=7) for p in prompts], GREEDY,
+                        BudgetForcing(reasoning_budget, answer_budget, "</think>", forced))
+    checked = 0
+    for p, gens in zip(prompts, out):
+        assert gens[0] == gens[1]
+        g = gens[0]
+        with torch.inference_mode():
+            first = model.generate(torch.tensor([p]), max_new_tokens=reasoning_budget, do_sample=False,
+                                   pad_token_id=tok.eos_token_id)[0, len(p):].tolist()
+            whole = p + first + forced_ids
+            second = model.generate(torch.tensor([whole]), max_new_tokens=answer_budget, do_sample=False,
+                                    pad_token_id=tok.eos_token_id)[0, len(whole):].tolist()
+        eos = {tok.eos_token_id, model.generation_config.eos_token_id}
+        if any(t in eos for t in first) or "</think>" in tok.decode(first):
+            continue  # this prompt ended or closed by itself: not the case checked here
+        answer = second[: next((i for i, t in enumerate(second) if t in eos), len(second))]
+        assert (g.token_ids, g.reasoning_forced_close, g.reasoning_tokens, g.answer_tokens) == (
+            tuple(first + forced_ids + answer), True, reasoning_budget, len(answer))
+        checked += 1
+    assert checked > 0  # some prompt was still reasoning at the budget

@@ -16,6 +16,7 @@ THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 
 # Parse outcomes other than OK exclude the sample; the reason is recorded.
 OK, TRUNCATED, NO_THINK_CLOSE, EMPTY_ANSWER = "ok", "truncated", "missing_think_close", "empty_answer"
+FORCED_CLOSE = "forced_close"  # filter reason of a sample budget forcing closed, under keep_forced_close: false
 
 
 def load_template(path: str | None) -> tuple[str, str]:
@@ -40,6 +41,10 @@ class TeacherPrompt:
     spec: Spec
     missing_category: str = "error"  # or "benign": rows without a category use the benign policy
     prefill: str = THINK_OPEN + "\n"
+    # Budget forcing (sampling.reasoning_budget): what ends the reasoning, and what closes one that reached its
+    # budget open: the template asks for </think> on its own line, then the answer.
+    reasoning_close: str = THINK_CLOSE
+    forced_close: str = "\n" + THINK_CLOSE + "\n\n"
 
     def categories(self, row: PromptRow) -> tuple[str, ...]:
         if row.categories:

@@ -20,7 +20,7 @@ from functools import partial
 from typing import Protocol
 
 from dafactory.tasks.config import ModelConfig, SamplingConfig
-from dafactory.tasks.errors import first_line
+from dafactory.tasks.errors import UserError, first_line
 from dafactory.tasks.io.prompts import PromptRow, Shard
 
 log = logging.getLogger(__name__)
@@ -44,6 +44,101 @@ class Generation:
     # The ids the model produced, in the generator's own vocabulary: a scorer that shares it reads these
     # rather than re-tokenising `text`, which can split or merge differently at the prompt boundary.
     token_ids: tuple[int, ...]
+    # Budget forcing (see BudgetForcing): whether the reasoning was closed for the model, the tokens it reasoned
+    # (to and with the token that completed its close, when it closed by itself) and those after the close. The
+    # appended close is in neither count but in response_tokens. None and None when budget forcing is off.
+    reasoning_forced_close: bool = False
+    reasoning_tokens: int | None = None
+    answer_tokens: int | None = None
+
+
+@dataclass(frozen=True)
+class BudgetForcing:
+    """Budget forcing (s1, Muennighoff et al. 2025): a sample reasons for at most `reasoning` tokens; one that has
+    not written `close` by then gets `forced` appended (as tokens) and goes on, in the same sequence, to an answer
+    of at most `answer` tokens. One that closes by itself within the budget goes on too: its answer gets `answer`
+    tokens counted from its close (those it wrote before the budget ran out included)."""
+
+    reasoning: int
+    answer: int
+    close: str  # the text that ends the reasoning, looked for in the decoded output
+    forced: str  # the text appended to a reasoning that reached its budget open
+
+    @classmethod
+    def of(cls, sampling: SamplingConfig, conversation) -> "BudgetForcing | None":
+        """From the sampling's budgets and the conversation's `reasoning_close` (and `forced_close`); None if off."""
+        if sampling.reasoning_budget is None:
+            return None
+        close = getattr(conversation, "reasoning_close", None)
+        if not close:
+            raise UserError("sampling.reasoning_budget needs a conversation that reasons (the distill teacher's)")
+        return cls(sampling.reasoning_budget, sampling.answer_budget or sampling.max_new_tokens, close,
+                   getattr(conversation, "forced_close", None) or close)
+
+
+def closed_at(ids: list[int], decode, close: str) -> int | None:
+    """The least j such that decode(ids[:j]) holds `close` (the tokens up to and with the one that completed
+    it), None when the whole does not: a binary search, since a prefix's text is a prefix of the whole's."""
+    if close not in decode(ids):
+        return None
+    lo, hi = 1, len(ids)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if close in decode(ids[:mid]):
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
+
+
+@dataclass(frozen=True)
+class ReasoningPhase:
+    """What the first phase of budget forcing left of one sample, and what its answer phase is to do."""
+
+    ids: tuple[int, ...]  # the tokens of the reasoning phase, cut before EOS
+    eos: bool  # the sample ended (EOS) within the phase: no answer phase
+    close_end: int | None  # it closed by itself: the tokens up to and with its close
+    append: tuple[int, ...] | None  # the ids to append before the answer phase (the forced close, or none); None:
+    # no answer phase
+    answer_budget: int  # tokens the answer phase may generate
+
+    @property
+    def forced(self) -> bool:
+        return self.close_end is None and self.append is not None
+
+
+def reasoning_phase(raw: list[int], eos_ids, decode, forcing: BudgetForcing, forced_ids) -> ReasoningPhase:
+    """Reads the reasoning phase's new ids (at most forcing.reasoning of them; EOS and what follows included):
+    ended at EOS, closed by itself (its answer goes on for what is left of forcing.answer) or open (closed)."""
+    stop = next((i for i, t in enumerate(raw) if t in eos_ids), None)
+    ids = tuple(raw if stop is None else raw[:stop])
+    end = closed_at(list(ids), decode, forcing.close)
+    if stop is not None:
+        return ReasoningPhase(ids, True, end, None, 0)
+    if end is not None:
+        left = forcing.answer - (len(ids) - end)
+        return ReasoningPhase(ids, False, end, () if left > 0 else None, max(left, 0))
+    return ReasoningPhase(ids, False, None, tuple(forced_ids), forcing.answer)
+
+
+def forced_generation(phase: ReasoningPhase, answer_raw: list[int], eos_ids, decode,
+                      prompt_tokens: int) -> Generation:
+    """The Generation of one sample from its reasoning phase and the new ids of its answer phase (EOS and what
+    follows included; none when it had no answer phase). Finished "stop" when either phase ended at EOS."""
+    stop = next((i for i, t in enumerate(answer_raw) if t in eos_ids), None)
+    answer = list(answer_raw if stop is None else answer_raw[:stop])
+    ids = list(phase.ids) + list(phase.append or ()) + answer
+    reasoning = phase.close_end if phase.close_end is not None else len(phase.ids)
+    return Generation(
+        text=decode(ids),
+        finish_reason="stop" if phase.eos or stop is not None else "length",
+        prompt_tokens=prompt_tokens,
+        response_tokens=len(ids),
+        token_ids=tuple(ids),
+        reasoning_forced_close=phase.forced,
+        reasoning_tokens=reasoning,
+        answer_tokens=len(phase.ids) - reasoning + len(answer),
+    )
 
 
 @dataclass(frozen=True)
@@ -65,8 +160,10 @@ class Backend(Protocol):
     def context_length(self) -> int | None: ...
     def render(self, conversations: list[list[dict]], prefill: str = "") -> list[list[int]]:
         """Each conversation's token ids, up to where the model starts writing."""
-    def sample(self, requests: list[Request], sampling: SamplingConfig) -> list[list[Generation]]:
-        """For each request, `request.n` Generations in sample order."""
+    def sample(self, requests: list[Request], sampling: SamplingConfig,
+               forcing: BudgetForcing | None = None) -> list[list[Generation]]:
+        """For each request, `request.n` Generations in sample order; with `forcing`, under budget forcing
+        (the two budgets replace max_new_tokens)."""
     def count_prompt_tokens(self, conversations: list[list[dict]], prefill: str = "") -> list[int]: ...
     def generate(
         self, conversations: list[list[dict]], sampling: SamplingConfig, seed: int, prefill: str = ""
@@ -147,12 +244,16 @@ def generate_shard(
     samples), cut in sequence order, so that a prompt's samples share a call unless a batch boundary falls
     among them; then its first samples are one request of the batch and the rest one of the next."""
     stats = Counter() if stats is None else stats
+    forcing = BudgetForcing.of(sampling, conversation)
+    # Under budget forcing the close's characters bound its tokens (ASCII: a token holds one or more).
+    longest = sampling.max_response_tokens(len(forcing.forced) if forcing else 0)
     ids = backend.render([conversation(r) for r in shard.rows], conversation.prefill)
     limit = backend.context_length()
     fits, quarantine = [], []  # fits: (row, prompt ids)
     for row, prompt in zip(shard.rows, ids):
-        if limit and len(prompt) + sampling.max_new_tokens > limit:
-            detail = f"{len(prompt)} prompt tokens + max_new_tokens {sampling.max_new_tokens} > context {limit}"
+        if limit and len(prompt) + longest > limit:
+            what = "the response's budgets" if forcing else "max_new_tokens"
+            detail = f"{len(prompt)} prompt tokens + {what} {longest} > context {limit}"
             quarantine.append(_quarantined(row, "too_long", detail))
         else:
             fits.append((row, tuple(prompt)))
@@ -164,7 +265,7 @@ def generate_shard(
         part = groups[lo:hi]
         requests = requests_of([(fits[i][1], len(ks)) for i, ks, _ in part], seed)
         try:
-            out = backend.sample(requests, sampling)
+            out = backend.sample(requests, sampling, forcing) if forcing else backend.sample(requests, sampling)
             if [len(g) for g in out] != [r.n for r in requests]:
                 raise RuntimeError(f"the backend returned {[len(g) for g in out]} samples for requests of "
                                    f"{[r.n for r in requests]}")
@@ -218,6 +319,9 @@ def generate_shard(
             "prompt_tokens": g.prompt_tokens,
             "response_tokens": g.response_tokens,
             "response_token_ids": list(g.token_ids),
+            "reasoning_forced_close": g.reasoning_forced_close,
+            "reasoning_tokens": g.reasoning_tokens,
+            "answer_tokens": g.answer_tokens,
             "model": backend.model_id,
             "model_revision": backend.revision,
             "seed": seed,

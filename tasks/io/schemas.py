@@ -39,6 +39,11 @@ GENERATED = pa.schema(
         ("response_tokens", pa.int32()),
         # The generator's own token ids of `response` (special tokens it emitted included, EOS not)
         ("response_token_ids", pa.list_(pa.int32())),
+        # Budget forcing (sampling.reasoning_budget): the reasoning was closed for the model; the tokens before
+        # the close and after it (null when budget forcing was off)
+        ("reasoning_forced_close", pa.bool_()),
+        ("reasoning_tokens", pa.int32()),
+        ("answer_tokens", pa.int32()),
         ("model", pa.string()),
         ("model_revision", pa.string()),
         ("seed", pa.int64()),
@@ -130,6 +135,9 @@ DISTILLED = pa.schema(
         ("finish_reason", pa.string()),
         ("prompt_tokens", pa.int32()),
         ("response_tokens", pa.int32()),
+        ("reasoning_forced_close", pa.bool_()),  # budget forcing closed the reasoning (see GENERATED)
+        ("reasoning_tokens", pa.int32()),
+        ("answer_tokens", pa.int32()),
         ("scores", pa.list_(SCORE)),  # every judge verdict, one per judge and view
         ("filter_reason", pa.string()),  # null in train
     ]

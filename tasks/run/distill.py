@@ -72,7 +72,9 @@ def distill_recipe(config: DistillConfig, ds: DistillSetup) -> Recipe:
         name="distill",
         stages=[
             generate_spec(t, (config.sampling, config.k, ds.teacher_prompt, config.max_error_rate), [j], config.ray),
-            StageSpec("judge", JudgeFilterStage, (config.judges, config.student_system_prompt, j.num_cpus),
+            StageSpec("judge", JudgeFilterStage,
+                      (config.judges, config.student_system_prompt, j.num_cpus, config.keep_forced_close,
+                       config.keep_cut_answers),
                       j.num_replicas, j.num_gpus, j.num_cpus),
         ],
         tables=["train", "quarantine", "filtered"],

@@ -22,8 +22,7 @@ from typing import Any, Callable, Iterable
 import ray
 
 from dafactory.tasks.config import ModelConfig, RayConfig, SamplingConfig, ScorerConfig, SelectionConfig
-from dafactory.tasks.distill.filtering import distill_rows, parse_rows
-from dafactory.tasks.distill.reasoning import OK
+from dafactory.tasks.distill.filtering import distill_rows, forced_close_counts, judgeable, parse_rows
 from dafactory.tasks.errors import UserError
 from dafactory.tasks.evaluate.utility import is_correct
 from dafactory.tasks.generate.backends import BACKENDS
@@ -348,15 +347,17 @@ class JudgeFilterStage(_ScoringStage):
     """Parses teacher samples into reasoning and answer, judges each configured view of the samples
     that parsed, and splits them into train and filtered."""
 
-    def __init__(self, judges: list[ScorerConfig], student_system_prompt: str | None, num_cpus: float = 1):
+    def __init__(self, judges: list[ScorerConfig], student_system_prompt: str | None, num_cpus: float = 1,
+                 keep_forced_close: bool = True, keep_cut_answers: bool = False):
         super().__init__(judges, num_cpus)
         self.reads = [cfg.reads for cfg in judges]
-        self.system_prompt = student_system_prompt
+        self.system_prompt, self.keep_forced_close = student_system_prompt, keep_forced_close
+        self.keep_cut_answers = keep_cut_answers
 
     def process(self, payload: dict) -> dict:
         t0 = time.perf_counter()
         rows = parse_rows(payload.pop("generated").to_pylist())
-        parsed = [r for r in rows if r["parse_status"] == OK]  # unparsed samples are not worth a judge call
+        parsed = [r for r in rows if judgeable(r, self.keep_cut_answers)]  # the others are not worth a judge call
         for r in rows:
             r["scores"], r["verdicts"] = [], []
         for judge, views in zip(self.scorers, self.reads):
@@ -366,13 +367,14 @@ class JudgeFilterStage(_ScoringStage):
                     r["scores"].append(self.entry(judge, view, res))
                     r["verdicts"].append((f"{judge.name}@{view}", judge.passes(res), res["label"], res["reason"]))
         t1 = time.perf_counter()
-        train, filtered, counts = distill_rows(rows, self.system_prompt)
+        train, filtered, counts = distill_rows(rows, self.system_prompt, self.keep_forced_close, self.keep_cut_answers)
         payload["tables"] = {
             "train": to_table(train, DISTILLED),
             "filtered": to_table(filtered, DISTILLED),
             "quarantine": to_table(payload.pop("quarantine"), QUARANTINE),
         }
         payload["outcomes"] = dict(counts)
+        payload["candidates"] = dict(forced_close_counts(train, filtered))  # the manifest's candidate_counts
         payload["seconds"] |= {"judge": t1 - t0, "filter": time.perf_counter() - t1}
         payload["usage"] = {"samples": len(rows)}
         return payload

@@ -17,7 +17,15 @@ from __future__ import annotations
 import logging
 
 from dafactory.tasks.config import SamplingConfig
-from dafactory.tasks.generate.generation import Request
+from dafactory.tasks.generate.generation import (
+    BudgetForcing,
+    Generation,
+    ReasoningPhase,
+    Request,
+    forced_generation,
+    reasoning_phase,
+    request_seed,
+)
 from dafactory.tasks.registry import Registry
 
 log = logging.getLogger(__name__)
@@ -71,15 +79,23 @@ def _regroup(rows: list[list[int]], requests: list[Request], budgets: list[int])
 @ENGINES.register("generate")
 def generate_engine(backend, requests: list[Request], sampling: SamplingConfig,
                     budgets: list[int]) -> list[list[list[int]]]:
+    seqs, mask, _ = _generate_run(backend, requests, sampling, max(budgets))
+    return _regroup(seqs[:, mask.shape[1] :].tolist(), requests, budgets)
+
+
+def _generate_run(backend, requests: list[Request], sampling: SamplingConfig, budget: int, more: int = 0):
+    """(sequences, the prompts' attention mask, the KV cache) of one batched `generate`, a row per sample."""
     import torch
 
     rows = [r.prompt_ids for r in requests for _ in range(r.n)]
     ids, mask = _left_padded(rows, backend.tok.pad_token_id, backend.model.device)
     torch.manual_seed(requests[0].seed)
     with torch.inference_mode():
-        out = backend.model.generate(input_ids=ids, attention_mask=mask,
-                                     **_generate_kwargs(backend, max(budgets), sampling))
-    return _regroup(out[:, ids.shape[1] :].tolist(), requests, budgets)
+        out = backend.model.generate(input_ids=ids, attention_mask=mask, return_dict_in_generate=True,
+                                     **_generate_kwargs(backend, budget, sampling))
+    # transformers >= 5.2x names the returned cache `cache` (`past_key_values` warns); before, `past_key_values`
+    cache = out.get("cache")
+    return out.sequences, mask, out.get("past_key_values") if cache is None else cache
 
 
 def _cache_kwarg(model) -> str:
@@ -95,14 +111,30 @@ def static_engine(backend, requests: list[Request], sampling: SamplingConfig,
     """Prefill each prompt but its last token once into a static cache, repeat the cache rows for the samples, then
     `generate` from there (transformers' documented prompt-cache reuse): generate feeds the last prompt token, whose
     logits give the first new token. On CUDA, generate compiles decoding because the cache is static."""
+    seqs, mask, _ = _static_run(backend, requests, sampling, max(budgets))
+    return _regroup(seqs[:, mask.shape[1] :].tolist(), requests, budgets)
+
+
+def _mark_static(cache) -> None:
+    """New cache tensors marked static again on CUDA, or compiled graphs would copy them per step."""
+    import torch
+
+    for layer in cache.layers:
+        if layer.keys.device.type == "cuda":
+            torch._dynamo.mark_static_address(layer.keys)
+            torch._dynamo.mark_static_address(layer.values)
+
+
+def _static_run(backend, requests: list[Request], sampling: SamplingConfig, budget: int, more: int = 0):
+    """(sequences, the samples' prompt attention mask, the static cache); the cache holds `more` positions beyond
+    the budget, for an answer phase to continue in."""
     import torch
     from transformers import StaticCache
 
     model = backend.model
     ids, mask = _left_padded([r.prompt_ids for r in requests], backend.tok.pad_token_id, model.device)
-    budget = max(budgets)
     # Cache lengths rounded up to a multiple of 256: compiled decoding is specialised to the cache's shape.
-    cache = StaticCache(config=model.config, max_cache_len=-(-(ids.shape[1] + budget) // 256) * 256)
+    cache = StaticCache(config=model.config, max_cache_len=-(-(ids.shape[1] + budget + more) // 256) * 256)
     with torch.inference_mode():
         if ids.shape[1] > 1:
             # Positions as generate gives them under left padding: counted from each row's first real token.
@@ -113,15 +145,11 @@ def static_engine(backend, requests: list[Request], sampling: SamplingConfig,
             torch.tensor([r.n for r in requests], device=model.device))
         if ids.shape[1] > 1:
             cache.reorder_cache(rows)
-            if model.device.type == "cuda":
-                # reorder_cache made new tensors: mark them static again, or compiled graphs would copy them per step.
-                for layer in cache.layers:
-                    torch._dynamo.mark_static_address(layer.keys)
-                    torch._dynamo.mark_static_address(layer.values)
+            _mark_static(cache)  # reorder_cache made new tensors
         torch.manual_seed(requests[0].seed)
         out = model.generate(input_ids=ids[rows], attention_mask=mask[rows], **{_cache_kwarg(model): cache},
                              **_generate_kwargs(backend, budget, sampling))
-    return _regroup(out[:, ids.shape[1] :].tolist(), requests, budgets)
+    return out, mask[rows], cache
 
 
 def _transformers_at_least(version: str) -> bool:
@@ -191,3 +219,97 @@ def paged_engine(backend, requests: list[Request], sampling: SamplingConfig,
     finally:
         manager.stop(block=True, keep_for_next_session=True)
     return [[list(results[rid][:budget]) for rid in group] for group, budget in zip(ids, budgets)]
+
+
+def _cache_rows(cache, rows):
+    """A cache of the given rows (a LongTensor of batch indices) of `cache`, which stays as it was: its layers
+    copied with their key and value rows selected (a static layer keeps its length, in a tensor of its own)."""
+    import copy
+
+    import torch
+
+    out = copy.copy(cache)
+    out.layers = []
+    for layer in cache.layers:
+        new = copy.copy(layer)
+        new.keys, new.values = layer.keys[rows], layer.values[rows]
+        if hasattr(layer, "batch_size"):
+            new.batch_size = len(rows)
+        if isinstance(getattr(layer, "cumulative_length", None), torch.Tensor):
+            new.cumulative_length = layer.cumulative_length.clone()
+        out.layers.append(new)
+    _mark_static(out)
+    return out
+
+
+def _answer_phase(backend, seqs, mask, cache, phases: list[ReasoningPhase], sampling: SamplingConfig,
+                  seed: int) -> list[list[int]]:
+    """The answer phase of budget forcing from the reasoning phase's KV cache: each row that goes on (all ran the
+    whole reasoning budget: a row stopped sooner ended at EOS) gets its appended ids, and `generate` continues from
+    the cache, so only those ids and the phase's last token are prefilled. Rows that append the same ids (the
+    forced close, or nothing) go in one call. The new ids of each row's answer ([] for rows that do not go on)."""
+    import torch
+
+    model = backend.model
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, p in enumerate(phases):
+        if p.append is not None:
+            groups.setdefault(p.append, []).append(i)
+    answers = [[] for _ in phases]
+    for k, (append, idx) in enumerate(sorted(groups.items())):
+        rows = torch.tensor(idx, device=model.device)
+        tail = torch.tensor([list(append)] * len(idx), dtype=torch.long, device=model.device).reshape(len(idx), -1)
+        ids = torch.cat([seqs[rows], tail], dim=1)
+        ones = torch.ones((len(idx), ids.shape[1] - mask.shape[1]), dtype=mask.dtype, device=model.device)
+        budget = max(phases[i].answer_budget for i in idx)
+        torch.manual_seed(request_seed(seed, 1 + k))
+        with torch.inference_mode():
+            out = model.generate(input_ids=ids, attention_mask=torch.cat([mask[rows], ones], dim=1),
+                                 **{_cache_kwarg(model): _cache_rows(cache, rows)},
+                                 **_generate_kwargs(backend, budget, sampling))
+        for i, row in zip(idx, out[:, ids.shape[1] :].tolist()):
+            answers[i] = row[: phases[i].answer_budget]
+    return answers
+
+
+def forced_sample(backend, requests: list[Request], sampling: SamplingConfig,
+                  forcing: BudgetForcing) -> list[list[Generation]]:
+    """Budget forcing on the backend's engine: a reasoning phase of forcing.reasoning tokens, then an answer phase
+    for the samples that did not end. `generate` and `static` continue from the reasoning phase's KV cache;
+    `paged` submits prompt + reasoning + appended ids as new requests, whose complete KV pages (PAGE tokens) its
+    prefix sharing finds cached, so only the last partial page is prefilled again."""
+    tok, eos = backend.tok, backend.eos_ids
+    forced_ids = tok(forcing.forced, add_special_tokens=False)["input_ids"]
+
+    def decode_all(ids):
+        return tok.decode(ids, skip_special_tokens=False)
+
+    def decode_text(ids):
+        return tok.decode(ids, skip_special_tokens=True)
+
+    prompts = [r.prompt_ids for r in requests for _ in range(r.n)]
+    seed = requests[0].seed
+    if backend.engine == "paged":
+        raw = [ids for group in paged_engine(backend, requests, sampling, [forcing.reasoning] * len(requests))
+               for ids in group]
+        phases = [reasoning_phase(ids, eos, decode_all, forcing, forced_ids) for ids in raw]
+        going = [i for i, p in enumerate(phases) if p.append is not None]
+        answers = [[] for _ in phases]
+        if going:
+            more = [Request(prompts[i] + phases[i].ids + phases[i].append, 1, request_seed(seed, 1 + j))
+                    for j, i in enumerate(going)]
+            out = paged_engine(backend, more, sampling, [phases[i].answer_budget for i in going])
+            for i, (ids,) in zip(going, out):
+                answers[i] = ids
+    else:
+        run = _static_run if backend.engine == "static" else _generate_run
+        seqs, mask, cache = run(backend, requests, sampling, forcing.reasoning, len(forced_ids) + forcing.answer)
+        raw = [row[: forcing.reasoning] for row in seqs[:, mask.shape[1] :].tolist()]
+        phases = [reasoning_phase(ids, eos, decode_all, forcing, forced_ids) for ids in raw]
+        answers = _answer_phase(backend, seqs, mask, cache, phases, sampling, seed)
+    gens = [forced_generation(p, a, eos, decode_text, len(ids)) for p, a, ids in zip(phases, answers, prompts)]
+    out, i = [], 0
+    for r in requests:
+        out.append(gens[i : i + r.n])
+        i += r.n
+    return out

@@ -12,6 +12,9 @@ RuntimeError when the last message of any request in the call contains this text
 generation faults), pid_file (None: load() appends the process id and a newline to this file, so that
 a test can find and kill the Ray worker that holds the backend), exit_on (None: the process exits at
 once, as a segfault or a fatal CUDA error would, when a prompt in the batch contains this text).
+
+Under budget forcing (a teacher's prefilled turn with sampling.reasoning_budget) a trace thinks up to 15 words
+longer, so that a budget both closes traces and finds traces closed; see `_forced`.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import time
 import zlib
 
 from dafactory.tasks.config import ModelConfig, SamplingConfig
-from dafactory.tasks.generate.generation import Generation, Request, generate_with
+from dafactory.tasks.generate.generation import BudgetForcing, Generation, Request, generate_with
 
 VOCABULARY = 1 << 17  # words remembered from earlier render() calls, at most
 REFUSAL = "I'm sorry, but I can't help with that request."
@@ -81,7 +84,8 @@ class FakeBackend:
         first = starts[-1] if starts else 0
         return " ".join(self._words[t & (MESSAGE - 1)] for t in ids[first:cut]), cut < len(ids)
 
-    def sample(self, requests: list[Request], sampling: SamplingConfig) -> list[list[Generation]]:
+    def sample(self, requests: list[Request], sampling: SamplingConfig,
+               forcing: BudgetForcing | None = None) -> list[list[Generation]]:
         if self.latency_s:
             time.sleep(self.latency_s)
         read = [self._read(r.prompt_ids) for r in requests]
@@ -94,12 +98,13 @@ class FakeBackend:
         for r, (last, prefilled) in zip(requests, read):
             gens = []
             for _ in range(r.n):
-                gens.append(self._one(seed, i, last, prefilled, len(r.prompt_ids), sampling.max_new_tokens))
+                gens.append(self._one(seed, i, last, prefilled, len(r.prompt_ids), sampling.max_new_tokens, forcing))
                 i += 1
             out.append(gens)
         return out
 
-    def _one(self, seed: int, i: int, last: str, prefilled: bool, plen: int, max_new_tokens: int) -> Generation:
+    def _one(self, seed: int, i: int, last: str, prefilled: bool, plen: int, max_new_tokens: int,
+             forcing: BudgetForcing | None = None) -> Generation:
         h = hashlib.blake2b(f"{seed}:{i}:{last}".encode(), digest_size=8).digest()
         if h[0] / 256 < self.refusal_rate:
             words = REFUSAL.split()
@@ -109,13 +114,34 @@ class FakeBackend:
         if prefilled:
             # A reasoning trace closed by </think>; one in ten leaves it open, one in ten answers nothing.
             thought = "The request touches the policy. I weigh it and decide.".split()
+            if forcing is not None:
+                return self._forced(thought + ["more"] * (h[3] % 16), h[2] % 10, words, plen, forcing)
             words = thought + ([] if h[2] % 10 == 0 else ["</think>"] if h[2] % 10 == 1 else ["</think>"] + words)
         finish = "stop"
         if len(words) > max_new_tokens:
             words, finish = words[:max_new_tokens], "length"
         return Generation(" ".join(words), finish, plen, len(words), tuple(map(word_id, words)))
 
+    def _forced(self, thought: list[str], kind: int, answer: list[str], plen: int, f: BudgetForcing) -> Generation:
+        """Under budget forcing a trace thinks longer (up to 15 more words), so that a budget closes some traces
+        and not others: one that closes within f.reasoning words goes on to its answer; one that reaches it open
+        gets f.forced's words and then its answer; one that ends open within the budget stays so."""
+        close = f.close.split()
+        answer = [] if kind == 1 else answer
+        if kind != 0 and len(thought) + len(close) <= f.reasoning:  # closed by itself
+            reasoning, appended, forced = thought + close, [], False
+        elif kind == 0 and len(thought) < f.reasoning:  # ended (EOS) open, before the budget
+            reasoning, appended, forced, answer = thought, [], False, []
+        else:
+            reasoning, appended, forced = thought[: f.reasoning], f.forced.split(), True
+        words = reasoning + appended + answer[: f.answer]
+        finish = "length" if len(answer) > f.answer else "stop"
+        return Generation(" ".join(words), finish, plen, len(words), tuple(map(word_id, words)),
+                          reasoning_forced_close=forced, reasoning_tokens=len(reasoning),
+                          answer_tokens=min(len(answer), f.answer))
+
 
 def word_id(word: str) -> int:
     """A word's token id: stable across processes (unlike hash()), and within int32."""
     return zlib.crc32(word.encode()) & 0x7FFFFFFF
+

@@ -13,8 +13,8 @@ from __future__ import annotations
 import logging
 
 from dafactory.tasks.config import ModelConfig, SamplingConfig
-from dafactory.tasks.generate.backends.engines import AUTO, ENGINES, default_engine
-from dafactory.tasks.generate.generation import Generation, Request, generate_with
+from dafactory.tasks.generate.backends.engines import AUTO, ENGINES, default_engine, forced_sample
+from dafactory.tasks.generate.generation import BudgetForcing, Generation, Request, generate_with
 from dafactory.tasks.generate.models import commit_of, load_model, load_tokenizer, resolve
 
 log = logging.getLogger(__name__)
@@ -84,11 +84,14 @@ class HFBackend:
     ) -> list[Generation]:
         return generate_with(self, conversations, sampling, seed, prefill)
 
-    def sample(self, requests: list[Request], sampling: SamplingConfig,
+    def sample(self, requests: list[Request], sampling: SamplingConfig, forcing: BudgetForcing | None = None,
                budgets: list[int] | None = None) -> list[list[Generation]]:
-        """`budgets` (new tokens per request; default max_new_tokens) is for benchmarks of uneven lengths."""
+        """`budgets` (new tokens per request; default max_new_tokens) is for benchmarks of uneven lengths;
+        `forcing` is budget forcing (engines.forced_sample)."""
         if not requests:
             return []
+        if forcing is not None:
+            return forced_sample(self, requests, sampling, forcing)
         budgets = budgets or [sampling.max_new_tokens] * len(requests)
         raw = ENGINES.get(self.engine)(self, requests, sampling, budgets)
         return [[self._generation(ids, len(r.prompt_ids)) for ids in samples] for r, samples in zip(requests, raw)]

@@ -24,7 +24,15 @@ import logging
 from dafactory.tasks.config import ModelConfig, SamplingConfig
 from dafactory.tasks.errors import UserError
 from dafactory.tasks.generate.backends.hf import adds_special_tokens, prompt_texts
-from dafactory.tasks.generate.generation import Generation, Request, generate_with
+from dafactory.tasks.generate.generation import (
+    BudgetForcing,
+    Generation,
+    Request,
+    forced_generation,
+    generate_with,
+    reasoning_phase,
+    request_seed,
+)
 from dafactory.tasks.generate.models import load_tokenizer, resolve
 
 log = logging.getLogger(__name__)
@@ -127,28 +135,61 @@ class VLLMBackend:
     def count_prompt_tokens(self, conversations: list[list[dict]], prefill: str = "") -> list[int]:
         return [len(ids) for ids in self.render(conversations, prefill)]
 
-    def sample(self, requests: list[Request], sampling: SamplingConfig) -> list[list[Generation]]:
+    @staticmethod
+    def _params(sampling: SamplingConfig, n: int, seed: int, max_tokens: int):
         from vllm import SamplingParams
+
+        knobs = dict(temperature=0.0) if sampling.temperature == 0 else dict(
+            temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k or -1  # -1: none
+        )
+        return SamplingParams(n=n, seed=seed, max_tokens=max_tokens, detokenize=False, **knobs)
+
+    def _run(self, prompts: list[tuple[int, ...]], params: list) -> list[list]:
+        """Each prompt's completions, in sample order."""
         from vllm.inputs import TokensPrompt
 
+        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompts], params, use_tqdm=False)
+        return [sorted(o.outputs, key=lambda c: c.index) for o in outputs]
+
+    def sample(self, requests: list[Request], sampling: SamplingConfig,
+               forcing: BudgetForcing | None = None) -> list[list[Generation]]:
+        """With `forcing`, budget forcing: a reasoning phase of forcing.reasoning tokens, then, for each sample that
+        did not end, a request of its own for the answer whose prompt is prompt + reasoning (+ the forced close),
+        seeded from its request's seed and sample index; prefix caching finds the prompt's KV blocks (and the
+        reasoning's full ones) cached."""
         if not requests:
             return []
         greedy = sampling.temperature == 0
-        knobs = dict(temperature=0.0) if greedy else dict(
-            temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k or -1  # -1: none
-        )
-        params = [
-            SamplingParams(n=1 if greedy else r.n, seed=r.seed, max_tokens=sampling.max_new_tokens,
-                           detokenize=False, **knobs)
-            for r in requests
-        ]
-        prompts = [TokensPrompt(prompt_token_ids=list(r.prompt_ids)) for r in requests]
-        outputs = self.llm.generate(prompts, params, use_tqdm=False)
-        out = []
-        for r, o in zip(requests, outputs):
-            gens = [self._generation(c, len(r.prompt_ids)) for c in sorted(o.outputs, key=lambda c: c.index)]
-            out.append(gens * r.n if greedy else gens)
-        return out
+        budget = sampling.max_new_tokens if forcing is None else forcing.reasoning
+        params = [self._params(sampling, 1 if greedy else r.n, r.seed, budget) for r in requests]
+        done = self._run([r.prompt_ids for r in requests], params)
+        if forcing is not None:
+            out = self._forced(requests, done, sampling, forcing)
+        else:
+            out = [[self._generation(c, len(r.prompt_ids)) for c in cs] for r, cs in zip(requests, done)]
+        return [gens * r.n if greedy else gens for r, gens in zip(requests, out)]
+
+    def _forced(self, requests: list[Request], done: list[list], sampling: SamplingConfig,
+                forcing: BudgetForcing) -> list[list[Generation]]:
+        forced_ids = self.tok(forcing.forced, add_special_tokens=False)["input_ids"]
+
+        def decode_all(ids):
+            return self.tok.decode(ids, skip_special_tokens=False)
+
+        def decode_text(ids):
+            return self.tok.decode(ids, skip_special_tokens=True)
+
+        phases = [[reasoning_phase(list(c.token_ids), self.eos_ids, decode_all, forcing, forced_ids) for c in cs]
+                  for cs in done]
+        going = [(i, k) for i, ps in enumerate(phases) for k, p in enumerate(ps) if p.append is not None]
+        answers = {}
+        if going:
+            prompts = [requests[i].prompt_ids + phases[i][k].ids + phases[i][k].append for i, k in going]
+            params = [self._params(sampling, 1, request_seed(requests[i].seed, 1 + k), phases[i][k].answer_budget)
+                      for i, k in going]
+            answers = {ik: list(cs[0].token_ids) for ik, cs in zip(going, self._run(prompts, params))}
+        return [[forced_generation(p, answers.get((i, k), []), self.eos_ids, decode_text, len(requests[i].prompt_ids))
+                 for k, p in enumerate(ps)] for i, ps in enumerate(phases)]
 
     def _generation(self, completion, prompt_tokens: int) -> Generation:
         reason = FINISH_REASONS.get(completion.finish_reason)
