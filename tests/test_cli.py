@@ -107,6 +107,10 @@ def test_demo_end_to_end(tmp_path):
         DatasetDir(str(tmp_path), "demo-distill").read_table("train").to_pylist()
     assert all(r["reasoning_tokens"] <= 64 and r["answer_tokens"] <= 48 for r in rows)
     assert distill["candidate_counts"]["reasoning_forced_close"] == sum(r["reasoning_forced_close"] for r in rows) > 0
+    # the demo keeps answers cut at the budget (keep_cut_answers): train holds rows, each counted
+    train = DatasetDir(str(tmp_path), "demo-distill").read_table("train").to_pylist()
+    assert t["train"]["rows"] == len(train) > 0
+    assert distill["candidate_counts"].get("answer_cut_in_train", 0) == sum(r["finish_reason"] == "length" for r in train)
     assert f"dataset: {tmp_path}/demo-distill" in proc.stdout
 
 
