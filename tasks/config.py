@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -167,6 +168,11 @@ class RayConfig(_Strict):
     connect_timeout_s: float = Field(
         15, gt=0, description="How long to wait for the Ray address (and a Prefect API) before failing."
     )
+
+    def cluster_address(self) -> str | None:
+        """The cluster to join: `address`, else RAY_ADDRESS (how a Ray job, a KubeRay pod or `ray job
+        submit` says it); None: a local Ray."""
+        return self.address or os.environ.get("RAY_ADDRESS")
 
 
 class CostConfig(_Strict):

@@ -97,9 +97,9 @@ class RecordingBackend(FakeBackend):
         super().__init__(cfg)
         self.calls = []
 
-    def sample(self, requests, sampling):
+    def sample(self, requests, sampling, forcing=None):
         try:
-            gens = super().sample(requests, sampling)
+            gens = super().sample(requests, sampling, forcing)
         except Exception:
             self.calls.append(([r.n for r in requests], "raised"))
             raise
@@ -144,9 +144,9 @@ def test_a_failing_prompt_is_quarantined_and_the_rest_of_its_batch_retried(caplo
 class FailsInLaterBatches(FakeBackend):
     """Raises on "gamma" in every call but batch 0's (the seed of batch 0 of shard s1, base 0)."""
 
-    def sample(self, requests, sampling):
+    def sample(self, requests, sampling, forcing=None):
         self.fail_on = None if requests[0].seed == batch_seed(0, "s1", 0) else "gamma"
-        return super().sample(requests, sampling)
+        return super().sample(requests, sampling, forcing)
 
 
 def test_a_prompt_with_one_failed_sample_keeps_none_of_its_samples():
@@ -162,7 +162,7 @@ class AlwaysRaises(RecordingBackend):
         super().__init__(cfg)
         self.exc = exc
 
-    def sample(self, requests, sampling):
+    def sample(self, requests, sampling, forcing=None):
         self.calls.append(([r.n for r in requests], "raised"))
         raise self.exc
 

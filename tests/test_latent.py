@@ -617,7 +617,7 @@ def test_a_batch_out_of_cuda_memory_is_split_and_a_row_that_never_fits_is_null(t
 
     from dafactory.tasks.score import scorers as scorers_module
 
-    monkeypatch.setattr(scorers_module, "_is_cuda_oom", lambda exc: isinstance(exc, torch.cuda.OutOfMemoryError))
+    monkeypatch.setattr(scorers_module, "is_cuda_oom", lambda exc: isinstance(exc, torch.cuda.OutOfMemoryError))
     s = scorer(tiny_models, padding_side="left")
     real = s._score_batch
 

@@ -151,7 +151,7 @@ def test_split_on_oom_halves_down_to_the_row_that_never_fits(monkeypatch, caplog
 
     from dafactory.tasks.score import scorers as scorers_module
 
-    monkeypatch.setattr(scorers_module, "_is_cuda_oom", lambda exc: isinstance(exc, torch.cuda.OutOfMemoryError))
+    monkeypatch.setattr(scorers_module, "is_cuda_oom", lambda exc: isinstance(exc, torch.cuda.OutOfMemoryError))
     size = {0: 2, 1: 3, 2: 4, 3: 11, 4: 1}
     calls = []
 

@@ -76,6 +76,23 @@ class BudgetForcing:
                    getattr(conversation, "forced_close", None) or close)
 
 
+def forcing_codec(tok, forcing: BudgetForcing):
+    """What budget forcing needs of a tokenizer: the forced close's ids, a decode that keeps special tokens
+    (the close is looked for in it) and the decode of the text."""
+    forced_ids = tok(forcing.forced, add_special_tokens=False)["input_ids"]
+    return (forced_ids, lambda ids: tok.decode(ids, skip_special_tokens=False),
+            lambda ids: tok.decode(ids, skip_special_tokens=True))
+
+
+def by_request(items: list, requests: list["Request"]) -> list[list]:
+    """Items in request-major sample order (request.n of each), back into one list per request."""
+    out, i = [], 0
+    for r in requests:
+        out.append(items[i : i + r.n])
+        i += r.n
+    return out
+
+
 def closed_at(ids: list[int], decode, close: str) -> int | None:
     """The least j such that decode(ids[:j]) holds `close` (the tokens up to and with the one that completed
     it), None when the whole does not: a binary search, since a prefix's text is a prefix of the whole's."""
@@ -215,7 +232,7 @@ def sub_batch_seed(base: int, shard_id: str, batch_index: int, lo: int, hi: int)
     return int.from_bytes(digest[:4], "little")
 
 
-def _is_cuda_oom(exc: Exception) -> bool:
+def is_cuda_oom(exc: Exception) -> bool:
     torch = sys.modules.get("torch")  # never imported here: a pure module
     return torch is not None and isinstance(exc, torch.cuda.OutOfMemoryError) and torch.cuda.is_available()
 
@@ -265,7 +282,7 @@ def generate_shard(
         part = groups[lo:hi]
         requests = requests_of([(fits[i][1], len(ks)) for i, ks, _ in part], seed)
         try:
-            out = backend.sample(requests, sampling, forcing) if forcing else backend.sample(requests, sampling)
+            out = backend.sample(requests, sampling, forcing)
             if [len(g) for g in out] != [r.n for r in requests]:
                 raise RuntimeError(f"the backend returned {[len(g) for g in out]} samples for requests of "
                                    f"{[r.n for r in requests]}")
@@ -273,7 +290,7 @@ def generate_shard(
         except Exception as exc:  # a KeyboardInterrupt or SystemExit still stops the run
             kind = type(exc).__name__
             error = f"{kind}: {first_line(exc, 200)}"
-            oom = _is_cuda_oom(exc)
+            oom = is_cuda_oom(exc)
         # Out of the except block, the traceback and the tensors its frames hold are released.
         if oom:
             sys.modules["torch"].cuda.empty_cache()

@@ -378,7 +378,7 @@ def _run_stages(config: RunConfig, ds: DatasetDir, pending: list[ShardRef], reci
     logger = get_run_logger()
     t0 = ready = time.perf_counter()
     try:
-        on_cluster = bool(config.ray.address or os.environ.get("RAY_ADDRESS"))
+        on_cluster = bool(config.ray.cluster_address())
         # The last stage's replicas write their shards' parts; the driver writes those they hand back.
         writer = ShardWriter(ds, tuple(recipe.tables), tuple(recipe.sample_tables))
         recipe.stages[-1].writer = ShardWriter(ds.for_replicas(), writer.tables, writer.sample_tables)

@@ -81,7 +81,7 @@ def check_endpoints(config: RunConfig) -> None:
     """A Ray address or Prefect API that cannot be reached fails with one line, within the timeout,
     instead of hanging in a client's retries."""
     timeout = config.ray.connect_timeout_s
-    address = config.ray.address or os.environ.get("RAY_ADDRESS")
+    address = config.ray.cluster_address()
     if address and address not in ("auto", "local"):
         parsed = urlparse(address if "://" in address else f"tcp://{address}")
         if parsed.hostname and parsed.port and not _reachable(parsed.hostname, parsed.port, timeout):

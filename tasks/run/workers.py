@@ -101,8 +101,7 @@ def _start_ray(cfg: RayConfig) -> None:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     # Workers mask secrets in their logs too (tasks.redact).
     runtime_env = {"worker_process_setup_hook": "dafactory.tasks.io.redact.install_log_filter"}
-    # RAY_ADDRESS is how a Ray job, a KubeRay pod or `ray job submit` says which cluster to join.
-    address = cfg.address or os.environ.get("RAY_ADDRESS")
+    address = cfg.cluster_address()
     quiet = _NotMainThread()  # ray.init from a thread says it set no SIGTERM handler (see ray_started_early)
     logging.getLogger("ray._private.worker").addFilter(quiet)
     try:
@@ -428,7 +427,7 @@ def auto_cpus(others: list, replicas: int, ray_cfg: RayConfig) -> float:
     """CPUs per replica of a model stage whose num_cpus is left empty: on a local Ray, the cores that the
     other stages (`others`: StageResources) do not ask for, shared by its replicas, at least 1 each; on a
     cluster, 1 (a cluster's nodes are sized by whoever runs it)."""
-    if ray_cfg.address or os.environ.get("RAY_ADDRESS"):
+    if ray_cfg.cluster_address():
         return 1.0
     left = (ray_cfg.num_cpus or os.cpu_count() or 1) - sum(o.num_replicas * o.num_cpus for o in others)
     return max(1.0, left / replicas)

@@ -36,7 +36,7 @@ from pathlib import Path
 
 from dafactory.tasks.config import ScorerConfig
 from dafactory.tasks.errors import UserError
-from dafactory.tasks.generate.backends.hf import adds_special_tokens, prompt_texts
+from dafactory.tasks.generate.backends.hf import render_ids
 from dafactory.tasks.generate.generation import messages
 from dafactory.tasks.score.scorers import (
     SCORERS,
@@ -164,8 +164,7 @@ class LatentAttribution(Scorer):
     def encode(self, row: dict) -> tuple[list[int], int]:
         """Token ids of the student's context (prompt side, then response), and where the response starts."""
         conv = messages(row["prompt"], row.get("system_prompt"))
-        (text,) = prompt_texts(self.tok, [conv], row.get("prefill") or "")
-        prompt = self.tok(text, add_special_tokens=adds_special_tokens(self.tok))["input_ids"]
+        (prompt,) = render_ids(self.tok, [conv], row.get("prefill") or "")
         return prompt + self.response_ids(row), len(prompt)
 
     def response_ids(self, row: dict) -> list[int]:

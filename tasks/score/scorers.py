@@ -21,7 +21,7 @@ from typing import ClassVar
 
 from dafactory.tasks.config import ScorerConfig
 from dafactory.tasks.errors import UserError, first_line
-from dafactory.tasks.generate.generation import _is_cuda_oom
+from dafactory.tasks.generate.generation import is_cuda_oom
 from dafactory.tasks.registry import Registry
 
 log = logging.getLogger(__name__)
@@ -68,7 +68,7 @@ def split_on_oom(score: Callable[[list[int]], list[dict]], idx: list[int], null:
     try:
         return score(idx)
     except Exception as exc:
-        if not _is_cuda_oom(exc):
+        if not is_cuda_oom(exc):
             raise
         reason = f"CUDA out of memory {what} this row alone: {first_line(exc, 200)}"
     # Out of the except block, the traceback and the tensors its frames hold are released.

@@ -22,7 +22,9 @@ from dafactory.tasks.generate.generation import (
     Generation,
     ReasoningPhase,
     Request,
+    by_request,
     forced_generation,
+    forcing_codec,
     reasoning_phase,
     request_seed,
 )
@@ -69,11 +71,7 @@ def _left_padded(rows: list[tuple[int, ...]], pad_id: int, device):
 
 def _regroup(rows: list[list[int]], requests: list[Request], budgets: list[int]) -> list[list[list[int]]]:
     """Rows in request-major sample order back into per-request lists, each cut to its request's budget."""
-    out, i = [], 0
-    for r, budget in zip(requests, budgets):
-        out.append([row[:budget] for row in rows[i : i + r.n]])
-        i += r.n
-    return out
+    return [[row[:budget] for row in group] for group, budget in zip(by_request(rows, requests), budgets)]
 
 
 @ENGINES.register("generate")
@@ -278,15 +276,8 @@ def forced_sample(backend, requests: list[Request], sampling: SamplingConfig,
     for the samples that did not end. `generate` and `static` continue from the reasoning phase's KV cache;
     `paged` submits prompt + reasoning + appended ids as new requests, whose complete KV pages (PAGE tokens) its
     prefix sharing finds cached, so only the last partial page is prefilled again."""
-    tok, eos = backend.tok, backend.eos_ids
-    forced_ids = tok(forcing.forced, add_special_tokens=False)["input_ids"]
-
-    def decode_all(ids):
-        return tok.decode(ids, skip_special_tokens=False)
-
-    def decode_text(ids):
-        return tok.decode(ids, skip_special_tokens=True)
-
+    eos = backend.eos_ids
+    forced_ids, decode_all, decode_text = forcing_codec(backend.tok, forcing)
     prompts = [r.prompt_ids for r in requests for _ in range(r.n)]
     seed = requests[0].seed
     if backend.engine == "paged":
@@ -307,9 +298,5 @@ def forced_sample(backend, requests: list[Request], sampling: SamplingConfig,
         raw = [row[: forcing.reasoning] for row in seqs[:, mask.shape[1] :].tolist()]
         phases = [reasoning_phase(ids, eos, decode_all, forcing, forced_ids) for ids in raw]
         answers = _answer_phase(backend, seqs, mask, cache, phases, sampling, seed)
-    gens = [forced_generation(p, a, eos, decode_text, len(ids)) for p, a, ids in zip(phases, answers, prompts)]
-    out, i = [], 0
-    for r in requests:
-        out.append(gens[i : i + r.n])
-        i += r.n
-    return out
+    return by_request([forced_generation(p, a, eos, decode_text, len(ids))
+                       for p, a, ids in zip(phases, answers, prompts)], requests)

@@ -40,6 +40,21 @@ def adds_special_tokens(tok) -> bool:
     return not tok.chat_template
 
 
+def render_ids(tok, conversations: list[list[dict]], prefill: str = "") -> list[list[int]]:
+    """Each conversation's token ids up to where the model starts writing (prompt_texts, tokenised)."""
+    if not conversations:
+        return []
+    texts = prompt_texts(tok, conversations, prefill)
+    return [list(ids) for ids in tok(texts, add_special_tokens=adds_special_tokens(tok))["input_ids"]]
+
+
+def stop_ids(tok, generation_eos) -> set[int]:
+    """What a model stops on: its generation config's eos_token_id (one id, a list, or None) and the
+    tokenizer's EOS."""
+    eos = generation_eos if isinstance(generation_eos, list) else [] if generation_eos is None else [generation_eos]
+    return set(eos) | ({tok.eos_token_id} if tok.eos_token_id is not None else set())
+
+
 class HFBackend:
     def __init__(self, cfg: ModelConfig):
         self.cfg = cfg
@@ -58,11 +73,7 @@ class HFBackend:
         self.model = load_model(AutoModelForCausalLM, resolved, self.cfg.trust_remote_code)
         self.model_id = resolved.model_id
         self.revision = commit_of(self.model, resolved)
-        gen_eos = self.model.generation_config.eos_token_id
-        eos = set(gen_eos if isinstance(gen_eos, list) else [gen_eos] if gen_eos is not None else [])
-        if self.tok.eos_token_id is not None:
-            eos.add(self.tok.eos_token_id)
-        self.eos_ids = eos
+        self.eos_ids = stop_ids(self.tok, self.model.generation_config.eos_token_id)
         if self.engine == AUTO:
             self.engine = default_engine(self.model.device.type)
         log.info("loaded %s (%s) on %s, engine %s", self.model_id, self.revision, self.model.device, self.engine)
@@ -71,10 +82,7 @@ class HFBackend:
         return getattr(self.model.config, "max_position_embeddings", None)
 
     def render(self, conversations: list[list[dict]], prefill: str = "") -> list[list[int]]:
-        if not conversations:
-            return []
-        texts = prompt_texts(self.tok, conversations, prefill)
-        return self.tok(texts, add_special_tokens=adds_special_tokens(self.tok))["input_ids"]
+        return render_ids(self.tok, conversations, prefill)
 
     def count_prompt_tokens(self, conversations: list[list[dict]], prefill: str = "") -> list[int]:
         return [len(ids) for ids in self.render(conversations, prefill)]

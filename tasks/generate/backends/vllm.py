@@ -23,12 +23,13 @@ import logging
 
 from dafactory.tasks.config import ModelConfig, SamplingConfig
 from dafactory.tasks.errors import UserError
-from dafactory.tasks.generate.backends.hf import adds_special_tokens, prompt_texts
+from dafactory.tasks.generate.backends.hf import render_ids, stop_ids
 from dafactory.tasks.generate.generation import (
     BudgetForcing,
     Generation,
     Request,
     forced_generation,
+    forcing_codec,
     generate_with,
     reasoning_phase,
     request_seed,
@@ -103,12 +104,8 @@ class VLLMBackend:
         self.llm = vllm.LLM(**kwargs)
         self.model_id = resolved.model_id
         self.revision = self._commit(resolved)
-        # What vLLM stops on: the tokenizer's EOS and the generation config's eos_token_id(s).
-        gen_eos = self.llm.llm_engine.model_config.try_get_generation_config().get("eos_token_id")
-        eos = set(gen_eos if isinstance(gen_eos, list) else [gen_eos] if gen_eos is not None else [])
-        if self.tok.eos_token_id is not None:
-            eos.add(self.tok.eos_token_id)
-        self.eos_ids = eos
+        generation = self.llm.llm_engine.model_config.try_get_generation_config()
+        self.eos_ids = stop_ids(self.tok, generation.get("eos_token_id"))
         log.info("loaded %s (%s) in vLLM %s, tensor parallel %d", self.model_id, self.revision, vllm.__version__,
                  self.tp)
 
@@ -127,10 +124,7 @@ class VLLMBackend:
         return self.llm.llm_engine.model_config.max_model_len
 
     def render(self, conversations: list[list[dict]], prefill: str = "") -> list[list[int]]:
-        if not conversations:
-            return []
-        texts = prompt_texts(self.tok, conversations, prefill)
-        return [list(ids) for ids in self.tok(texts, add_special_tokens=adds_special_tokens(self.tok))["input_ids"]]
+        return render_ids(self.tok, conversations, prefill)
 
     def count_prompt_tokens(self, conversations: list[list[dict]], prefill: str = "") -> list[int]:
         return [len(ids) for ids in self.render(conversations, prefill)]
@@ -171,14 +165,7 @@ class VLLMBackend:
 
     def _forced(self, requests: list[Request], done: list[list], sampling: SamplingConfig,
                 forcing: BudgetForcing) -> list[list[Generation]]:
-        forced_ids = self.tok(forcing.forced, add_special_tokens=False)["input_ids"]
-
-        def decode_all(ids):
-            return self.tok.decode(ids, skip_special_tokens=False)
-
-        def decode_text(ids):
-            return self.tok.decode(ids, skip_special_tokens=True)
-
+        forced_ids, decode_all, decode_text = forcing_codec(self.tok, forcing)
         phases = [[reasoning_phase(list(c.token_ids), self.eos_ids, decode_all, forcing, forced_ids) for c in cs]
                   for cs in done]
         going = [(i, k) for i, ps in enumerate(phases) for k, p in enumerate(ps) if p.append is not None]
