@@ -9,6 +9,7 @@ import argparse
 import json
 import os
 import sys
+import threading
 
 # Before Prefect or Ray are imported: no telemetry, nothing that needs the network, and a generous
 # start-up allowance for Prefect's temporary local server on small machines.
@@ -66,9 +67,111 @@ def _fail(message: str, code: int = 2) -> int:
     return code
 
 
-def _run(config) -> dict:
-    """Check the input (bad input fails here, before Prefect, Ray or any model starts), then run."""
-    from dafactory.flows.deploy import flow_of
+class _TemporaryServer:
+    """Prefect's temporary server for a command run with no API URL set: Prefect's own server app under uvicorn,
+    started the way Prefect starts it (prefect.server.api.server.SubprocessASGIServer) but as soon as the input
+    is checked, so that it starts while Ray does and Prefect imports, instead of when the flow is called (the
+    flow's client then imports the server module, 1.7 s here, and waits about 3 s more). The command's flows
+    use it through their settings; after the last one it stops while Ray does. A server the user points at
+    (PREFECT_API_URL, in the environment or a Prefect profile) is used as it is."""
+
+    def __init__(self) -> None:
+        self.process = self.url = None
+        if "prefect" not in sys.modules and not os.environ.get("PREFECT_API_URL"):
+            # before Prefect imports (0.6 s here): `ready` stops it if Prefect's settings name a server after all
+            self._spawn({})
+
+    def _spawn(self, settings: dict) -> None:
+        import atexit
+        import socket
+        import subprocess
+
+        with socket.socket() as sock:  # a free loopback port
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}/api"
+        env = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1",
+               **settings}
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "uvicorn", "--factory", "prefect.server.api.server:create_app", "--host",
+             "127.0.0.1", "--port", str(port), "--log-level", "error", "--lifespan", "on"],
+            env=env, preexec_fn=_die_with_parent)
+        atexit.register(self.stop)
+
+    def ready(self) -> str | None:
+        """The API URL once the server answers. None when Prefect's settings name a server, or (the flow call
+        then starts Prefect's own temporary server, and says why it cannot) when this one exits first."""
+        import time
+
+        import httpx
+        from prefect.logging import get_logger
+        from prefect.settings import (
+            PREFECT_API_URL,
+            PREFECT_SERVER_EPHEMERAL_ENABLED,
+            PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS,
+            get_current_settings,
+        )
+
+        from dafactory.tasks.run.build import TEMPORARY_SERVERS
+
+        if PREFECT_API_URL.value() or not PREFECT_SERVER_EPHEMERAL_ENABLED.value():
+            self.stop()
+            return None
+        if self.process is None:  # Prefect was imported already (in-process callers): its settings go along
+            self._spawn(get_current_settings().to_environment_variables(exclude_unset=True))
+        TEMPORARY_SERVERS.add(self.url)
+        get_logger().info("Starting temporary server on %s (it stops with this command)", self.url.removesuffix("/api"))
+        deadline = time.monotonic() + PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value()
+        with httpx.Client() as client:
+            while time.monotonic() < deadline and self.process.poll() is None:
+                try:
+                    if client.get(f"{self.url}/health").status_code == 200:
+                        return self.url
+                except httpx.TransportError:
+                    pass
+                time.sleep(0.05)
+        self.stop()
+        return None
+
+    def stop_in_background(self) -> threading.Thread | None:
+        if self.process is None:
+            return None
+        stopping = threading.Thread(target=self.stop, name="prefect-server-stop", daemon=True)
+        stopping.start()
+        return stopping
+
+    def stop(self) -> None:
+        process, self.process = self.process, None
+        if process is None or process.poll() is not None:
+            return
+        # what the flow logged and emitted reaches the server first (as prefect_test_harness does)
+        from prefect.events.worker import EventsWorker
+        from prefect.logging.handlers import APILogWorker
+
+        for worker in (APILogWorker, EventsWorker):
+            worker.drain_all(timeout=10)
+        process.terminate()
+        try:
+            process.wait(timeout=5)
+        except Exception:
+            process.kill()
+            process.wait()
+
+
+def _die_with_parent() -> None:
+    """In the server's process before it starts: it gets SIGTERM if this command dies (Linux)."""
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except Exception:
+        pass
+
+
+def _run(config, last: bool = True) -> dict:
+    """Check the input (bad input fails here, before Prefect, Ray or any model starts), then run. After the
+    command's `last` flow, Prefect's temporary server stops while Ray does."""
     from dafactory.tasks.run.preflight import check_endpoints, preflight
 
     preflight(config)
@@ -78,10 +181,32 @@ def _run(config) -> dict:
 
         check_categories(config, setup(config))
     name = next(name for name, cls in FLOWS.items() if isinstance(config, cls))
+    global _server
+    if _server is None or _server.process is None:
+        _server = _TemporaryServer()
     from dafactory.tasks.run.workers import ray_started_early
 
-    with ray_started_early(config.ray):  # Ray starts while Prefect's temporary server does
-        return flow_of(name)(config)
+    stopping = None
+    try:
+        with ray_started_early(config.ray):  # Ray starts while Prefect's temporary server does
+            from prefect.settings import PREFECT_API_URL, PREFECT_UI_URL, temporary_settings
+
+            from dafactory.flows.deploy import flow_of
+
+            url = _server.ready()
+            try:
+                # no "View at" link: this server serves no UI (as Prefect's temporary server does not)
+                with temporary_settings(updates={PREFECT_API_URL: url, PREFECT_UI_URL: ""} if url else {}):
+                    return flow_of(name)(config)
+            finally:
+                if last:
+                    stopping = _server.stop_in_background()
+    finally:
+        if stopping is not None:
+            stopping.join()
+
+
+_server: _TemporaryServer | None = None
 
 
 def _print_summary(manifest: dict, uri: str) -> None:
@@ -145,8 +270,8 @@ def cmd_demo(args) -> int:
 
         preflight(config)  # every demo's input is checked before the first model loads
     uris = []
-    for config in configs:
-        manifest = _run(config)
+    for i, config in enumerate(configs):
+        manifest = _run(config, last=i == len(configs) - 1)
         uris.append(f"{config.output.rstrip('/')}/{config.dataset}")
         _print_summary(manifest, uris[-1])
     print("\nlook at them: " + "; ".join(f"dafactory inspect {u}" for u in uris))

@@ -223,3 +223,35 @@ def test_budget_forcing_continues_from_the_cache_without_prefilling_again(tiny_m
     width = max(len(p) for p in prompts)
     assert fed[0] == (width if engine == "generate" else width - 1)  # static prefills all but the last prompt token
     assert max(fed[1:]) == 3 and fed.count(3) == 1  # the forced close's row group, once
+
+
+def test_paged_budget_forcing_never_prefills_the_prompt_again(tiny_models, reference, caplog):
+    # The paged engine's answer phase is a new request of prompt + reasoning + forced ids: the cache's prefix
+    # sharing must find every prompt token (in complete pages) and the first reasoning tokens, so that only the
+    # reasoning's last partial page and the forced ids are prefilled again. transformers logs each match.
+    import logging
+    import re
+
+    from dafactory.tasks.generate.backends.engines import forced_page
+    from dafactory.tasks.generate.generation import BudgetForcing
+
+    assert [forced_page(r) for r in (3, 6, 7, 200, 254, 255, 2048)] == [4, 4, 8, 128, 128, 256, 256]
+    prompts, expected = reference
+    b = backend(tiny_models["lm"], "paged")
+    b.eos_ids = set()
+    close, j = self_closing_text(b.tok, expected)
+    page = forced_page(REASONING)
+    with caplog.at_level(logging.DEBUG, logger="ContinuousBatchingLogger"):
+        out = b.sample([Request(tuple(p), n, seed=5) for p, n in zip(prompts, SAMPLES)],
+                       SamplingConfig(temperature=0, max_new_tokens=NEW),
+                       BudgetForcing(REASONING, ANSWER, close, FORCED))
+    found = (re.search(r"prefix match of (\d+) tokens", r.getMessage()) for r in caplog.records)
+    matches = [int(m.group(1)) for m in found if m]
+    # the samples that answer after a forced close: the second and third prompts (1 + 3 samples); the first
+    # closed by itself. Each answer request finds the complete pages of its prompt and reasoning so far (the
+    # reasoning's last token has no KV yet), which hold the whole prompt.
+    going = [len(p) for p, n in zip(prompts[1:], SAMPLES[1:]) for _ in range(n)]
+    answer_matches = matches[-len(going):]
+    assert answer_matches == [(length + REASONING - 1) // page * page for length in going]
+    assert all(m >= length for m, length in zip(answer_matches, going))
+    assert [g.reasoning_forced_close for g in out[1] + out[2]] == [True] * 4

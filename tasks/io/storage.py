@@ -112,6 +112,46 @@ def credentials_from_block(name: str) -> dict:
 
 
 @dataclass(frozen=True)
+class ShardRef:
+    """A planned shard: its prompts live in the dataset's `prompts` table, read when the shard runs."""
+
+    shard_id: str
+    index: int
+    prompts: int
+    part: str  # its part in the `prompts` table: the shard id and a hash of the part's content
+
+
+def load_shard(ds: "DatasetDir", ref: ShardRef):
+    """The shard's prompts, as the first stage gets them."""
+    from dafactory.tasks.io.prompts import PromptRow, Shard
+
+    rows = ds.read_part("prompts", ref.part).to_pylist()
+    return Shard(ref.shard_id, ref.index, tuple(
+        PromptRow(r["prompt_id"], r["prompt"], r["category"], r["source_row"], tuple(r["categories"] or ()),
+                  None if r["reference"] is None else tuple(json.loads(r["reference"])))
+        for r in rows
+    ))
+
+
+@dataclass(frozen=True)
+class ShardReader:
+    """Given to the first stage's replicas: they read their shard's prompts themselves, so that the driver
+    sends each shard as a reference of a few bytes instead of reading, pickling and sending its rows."""
+
+    ds: "DatasetDir"
+
+    def in_replica(self, work):
+        """The Shard of a ShardRef, read here; work that is not a ShardRef (a Shard the driver read) as it
+        is; None when this node cannot see the output (a local folder on another node's disk): the driver
+        then reads it and sends the rows."""
+        if not isinstance(work, ShardRef):
+            return work
+        if self.ds.local and not self.ds.fs.exists(self.ds._path(CONFIG)):
+            return None
+        return load_shard(self.ds, work)
+
+
+@dataclass(frozen=True)
 class ShardWriter:
     """Stages one shard's parts, the marker table (the last of `tables`) last, with the shard's stats in
     the marker's footer; returns the stats."""

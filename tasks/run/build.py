@@ -37,7 +37,6 @@ from dafactory.tasks.io.manifest import CARD, artifact_key, build_manifest, code
 from dafactory.tasks.io.prompts import (
     PromptRow,
     PromptSet,
-    Shard,
     add_late,
     bucket_of,
     choose_buckets,
@@ -48,10 +47,23 @@ from dafactory.tasks.io.prompts import (
 )
 from dafactory.tasks.io.redact import redact
 from dafactory.tasks.io.schemas import PROMPTS, QUARANTINE, TABLES, to_table
-from dafactory.tasks.io.storage import REBUILD, STAGING, DatasetDir, ShardWriter, failpoint, storage_options
-from dafactory.tasks.run.workers import StageSpec, kill_stages, ray_session, start_stages, stream
+from dafactory.tasks.io.storage import (
+    REBUILD,
+    STAGING,
+    DatasetDir,
+    ShardReader,
+    ShardRef,
+    ShardWriter,
+    failpoint,
+    load_shard,
+    storage_options,
+)
+from dafactory.tasks.run.workers import StageSpec, gc_frozen, kill_stages, ray_session, start_stages, stream
 
 GPU_LIMIT = "dafactory-gpu"
+# API URLs of the Prefect servers that a command started for itself (flows.cli): like Prefect's temporary
+# server, no other build shares them, so they hold no GPU limit
+TEMPORARY_SERVERS: set[str] = set()
 
 
 @dataclass
@@ -70,16 +82,6 @@ class Recipe:
     post: Callable[[DatasetDir, dict[str, set[str]]], dict] | None = None
     summary_tables: list[str] = field(default_factory=list)
     main_table: str = ""  # the dataset card's default config (what a trainer reads)
-
-
-@dataclass(frozen=True)
-class ShardRef:
-    """A planned shard: its prompts live in the dataset's `prompts` table, read when the shard runs."""
-
-    shard_id: str
-    index: int
-    prompts: int
-    part: str  # its part in the `prompts` table: the shard id and a hash of the part's content
 
 
 @dataclass
@@ -198,15 +200,6 @@ class Planner:
 
 # A planned prompt on its way through the spill files: PROMPTS without shard_id, with the id as uint64.
 SPILL = pa.schema([("h", pa.uint64()), *(f for f in PROMPTS if f.name != "shard_id")])
-
-
-def load_shard(ds: DatasetDir, ref: ShardRef) -> Shard:
-    rows = ds.read_part("prompts", ref.part).to_pylist()
-    return Shard(ref.shard_id, ref.index, tuple(
-        PromptRow(r["prompt_id"], r["prompt"], r["category"], r["source_row"], tuple(r["categories"] or ()),
-                  None if r["reference"] is None else tuple(json.loads(r["reference"])))
-        for r in rows
-    ))
 
 
 @task(name="prepare", cache_policy=NONE)
@@ -348,7 +341,7 @@ def gpu_slot(timeout_s: float, record: dict):
     """One slot of the global GPU limit (`dafactory serve` creates it on the Prefect server), taken
     before any stage actor is created or any model loads and held until they are gone: two scheduled
     builds never hold the cluster's GPUs at once. Logs while it waits; ephemeral runs have no limit."""
-    if not PREFECT_API_URL.value():
+    if not PREFECT_API_URL.value() or PREFECT_API_URL.value() in TEMPORARY_SERVERS:
         yield
         return
     logger = get_run_logger()
@@ -381,7 +374,9 @@ def _run_stages(config: RunConfig, ds: DatasetDir, pending: list[ShardRef], reci
         on_cluster = bool(config.ray.cluster_address())
         # The last stage's replicas write their shards' parts; the driver writes those they hand back.
         writer = ShardWriter(ds, tuple(recipe.tables), tuple(recipe.sample_tables))
-        recipe.stages[-1].writer = ShardWriter(ds.for_replicas(), writer.tables, writer.sample_tables)
+        replicas_ds = ds.for_replicas()
+        recipe.stages[-1].writer = ShardWriter(replicas_ds, writer.tables, writer.sample_tables)
+        recipe.stages[0].reader = ShardReader(replicas_ds)
         report["workers"] = start_stages(recipe.stages, local=not on_cluster, retries=config.shard_retries)
         ready = time.perf_counter()  # every replica holds its resources and its model from here
         report["seconds"]["load_models"] = ready - t0
@@ -413,10 +408,11 @@ def _run_stages(config: RunConfig, ds: DatasetDir, pending: list[ShardRef], reci
 
         try:
             with sigterm_stops():
-                shards = (load_shard(ds, ref) for ref in pending)
-                failed = stream(recipe.stages, shards, on_result, retries=config.shard_retries)
-            report["failed"] = [{"shard_id": s.shard_id, "index": s.index, "prompts": len(s.rows), "error": e}
-                                for s, e in failed]
+                # shards go as references: the first stage's replicas read them (ShardReader)
+                failed = stream(recipe.stages, pending, on_result, retries=config.shard_retries,
+                                load=lambda ref: load_shard(ds, ref))
+            report["failed"] = [{"shard_id": s.shard_id, "index": s.index, "error": e,
+                                 "prompts": s.prompts if isinstance(s, ShardRef) else len(s.rows)} for s, e in failed]
         except BaseException as exc:
             stop = stop_in(exc)
             if stop is None:
@@ -542,16 +538,17 @@ def build_dataset(
     # The run's config in its log (secrets masked by the log filter that preflight installed).
     logger.info("config %s: %s", config.fingerprint(), config.model_dump_json(exclude_defaults=True))
     ds.claim(config.fingerprint(), redact(config.model_dump(mode="json")))
-    planned = plan_input.with_options(**result_options(config))
-    plan = planned(config, ds, recipe.salt, screen, load)
-    if not {s.part for s in plan.shards} <= ds.written("prompts"):
-        logger.warning("the cached plan's shards are not in %s any more: planning again", ds.uri)
-        plan = planned.with_options(refresh_cache=True)(config, ds, recipe.salt, screen, load)
-    t1 = time.perf_counter()
-    with ray_session(config.ray):
-        report = build_shards.with_options(retries=config.retries)(config, ds, plan, recipe)
-    timings = {"prepare": round(t1 - t0, 3), "build": round(time.perf_counter() - t1, 3)}
-    return conclude(finalize(config, ds, plan, report, timings, recipe, models), report, ds.uri)
+    with gc_frozen():
+        planned = plan_input.with_options(**result_options(config))
+        plan = planned(config, ds, recipe.salt, screen, load)
+        if not {s.part for s in plan.shards} <= ds.written("prompts"):
+            logger.warning("the cached plan's shards are not in %s any more: planning again", ds.uri)
+            plan = planned.with_options(refresh_cache=True)(config, ds, recipe.salt, screen, load)
+        t1 = time.perf_counter()
+        with ray_session(config.ray):
+            report = build_shards.with_options(retries=config.retries)(config, ds, plan, recipe)
+        timings = {"prepare": round(t1 - t0, 3), "build": round(time.perf_counter() - t1, 3)}
+        return conclude(finalize(config, ds, plan, report, timings, recipe, models), report, ds.uri)
 
 
 class ShardsFailed(Exception):

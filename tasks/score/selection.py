@@ -49,6 +49,10 @@ def _group(candidates: list[dict]) -> dict[str, list[dict]]:
     return groups
 
 
+def _selection_score(row: dict) -> float | None:
+    return row["selection_score"]  # the strategy's signal, read once per candidate
+
+
 def _worst(rows: list[dict], strategy: Strategy) -> dict:
     """The other end of the strategy's signal (lowest sample_idx on ties)."""
     ordered = sorted(rows, key=lambda r: r["sample_idx"])
@@ -94,7 +98,7 @@ def select(
         if not valid:
             out.unpaired[NO_VALID] += 1
             continue
-        best, _ = choose(valid, strategy, seed)
+        best, _ = choose(valid, strategy, seed, _selection_score)
         best["is_best"] = True
         prompt_msgs = messages(best["prompt"], system_prompt)
         out.best.append({
@@ -109,7 +113,7 @@ def select(
             unsafe = [r for r in valid if r.get("judge_safe") is not None and not r["judge_safe"]]
             reason = NO_SAFE if not safe else NO_UNSAFE if not unsafe else None
             if reason is None:
-                chosen, rejected = choose(safe, strategy, seed)[0], _worst(unsafe, strategy)
+                chosen, rejected = choose(safe, strategy, seed, _selection_score)[0], _worst(unsafe, strategy)
                 margin = _gap(chosen, rejected)
                 # A gap of 0 is a pair here (the judge, not the signal, tells them apart); a gap that no
                 # signal measures cannot meet a positive min_margin (check_selection refuses that config).

@@ -56,8 +56,10 @@ def _rng(seed: int, prompt_id: str) -> random.Random:
     return random.Random(int.from_bytes(hashlib.sha256(f"{seed}:{prompt_id}".encode()).digest()[:8], "little"))
 
 
-def choose(group: list[dict], strategy: Strategy, seed: int = 0) -> tuple[dict, bool]:
-    """(selected candidate, whether it fell back to the first sample because nothing was valid)."""
+def choose(group: list[dict], strategy: Strategy, seed: int = 0, value=None) -> tuple[dict, bool]:
+    """(selected candidate, whether it fell back to the first sample because nothing was valid). `value`
+    gives a candidate's value of the strategy's signal where the caller has it already (default: read
+    from its scores)."""
     ordered = sorted(group, key=lambda c: c["sample_idx"])
     if strategy.kind == "first":
         return ordered[0], False
@@ -66,7 +68,7 @@ def choose(group: list[dict], strategy: Strategy, seed: int = 0) -> tuple[dict, 
     if strategy.kind == "judge_safe_first":
         safe = [c for c in ordered if c.get("judge_safe")]
         return (safe[0], False) if safe else (ordered[0], True)
-    valued = [(signal_value(c, strategy.signal), c) for c in ordered]
+    valued = [(signal_value(c, strategy.signal) if value is None else value(c), c) for c in ordered]
     valued = [(v, c) for v, c in valued if v is not None]
     if not valued:
         return ordered[0], True

@@ -157,30 +157,41 @@ def _transformers_at_least(version: str) -> bool:
     return Version(transformers.__version__) >= Version(version)
 
 
+def forced_page(reasoning: int) -> int:
+    """KV page size of the paged engine under budget forcing. Its answer phase is a new request of prompt +
+    reasoning + forced ids, whose complete pages prefix sharing finds cached: with pages of at most reasoning + 1
+    tokens every prompt token lies in a complete page, so the prompt is never prefilled again, only the reasoning's
+    last partial page (under `page` tokens) and the forced ids. transformers' 256 where the budget allows (its
+    CUDA decode path is tuned to it), else the largest power of two that fits (4 at least: transformers' floor)."""
+    return PAGE if reasoning + 1 >= PAGE else max(4, 1 << (reasoning + 1).bit_length() - 1)
+
+
 @ENGINES.register("paged")
 def paged_engine(backend, requests: list[Request], sampling: SamplingConfig,
-                 budgets: list[int]) -> list[list[list[int]]]:
-    """One continuous-batching manager per backend and sampling, kept between calls (on CUDA its warm-up captures
-    graphs once). The requests are queued while the loop is paused, so that the schedule, and with the seed the
-    samples, do not depend on thread timing."""
+                 budgets: list[int], page: int = PAGE) -> list[list[list[int]]]:
+    """One continuous-batching manager per backend, sampling and page size (`page` tokens per KV page), kept
+    between calls (on CUDA its warm-up captures graphs once; its complete pages stay cached for prefix sharing).
+    The requests are queued while the loop is paused, so that the schedule, and with the seed the samples, do
+    not depend on thread timing."""
     import torch
     from transformers import GenerationConfig
     from transformers.generation import ContinuousBatchingConfig
 
     model = backend.model
-    key = (sampling.temperature, sampling.top_p, sampling.top_k, sampling.max_new_tokens, tuple(sorted(backend.eos_ids)))
+    key = (sampling.temperature, sampling.top_p, sampling.top_k, sampling.max_new_tokens,
+           tuple(sorted(backend.eos_ids)), page)
     if getattr(backend, "_paged_key", None) != key:
         model.destroy_cached_continuous_batching_manager()
         backend._paged_key = key
     config = GenerationConfig(max_new_tokens=sampling.max_new_tokens, pad_token_id=backend.tok.pad_token_id,
                               eos_token_id=sorted(backend.eos_ids) or None, **_sampling_kwargs(sampling))
     # The seed only takes effect when the manager is built; a kept manager is seeded below, the same way.
-    sizing = dict(seed=requests[0].seed, max_memory_percent=backend.cfg.params.get("kv_cache_memory"))
+    sizing = dict(seed=requests[0].seed, max_memory_percent=backend.cfg.params.get("kv_cache_memory"), page_size=page)
     if model.device.type != "cuda":
         # Off CUDA transformers would size the cache from free host memory (gigabytes, zeroed on every reuse):
         # enough pages for this call's sequences instead; later calls queue for pages if they need more.
-        pages = sum(r.n * -(-(len(r.prompt_ids) + b) // PAGE) for r, b in zip(requests, budgets))
-        sizing |= dict(page_size=PAGE, num_blocks=max(16, pages), max_batch_tokens=4096)
+        pages = sum(r.n * -(-(len(r.prompt_ids) + b) // page) for r, b in zip(requests, budgets))
+        sizing |= dict(num_blocks=max(16, pages), max_batch_tokens=4096)
     manager = model.init_continuous_batching(generation_config=config,
                                              continuous_batching_config=ContinuousBatchingConfig(**sizing))
     # Children of num_return_sequences come back from 5.18; before, each sample is a request of its own.
@@ -274,14 +285,16 @@ def forced_sample(backend, requests: list[Request], sampling: SamplingConfig,
                   forcing: BudgetForcing) -> list[list[Generation]]:
     """Budget forcing on the backend's engine: a reasoning phase of forcing.reasoning tokens, then an answer phase
     for the samples that did not end. `generate` and `static` continue from the reasoning phase's KV cache;
-    `paged` submits prompt + reasoning + appended ids as new requests, whose complete KV pages (PAGE tokens) its
-    prefix sharing finds cached, so only the last partial page is prefilled again."""
+    `paged` submits prompt + reasoning + appended ids as new requests, whose complete KV pages its prefix sharing
+    finds cached: pages of forced_page(reasoning) tokens hold the whole prompt, so only the reasoning's last
+    partial page is prefilled again."""
     eos = backend.eos_ids
     forced_ids, decode_all, decode_text = forcing_codec(backend.tok, forcing)
     prompts = [r.prompt_ids for r in requests for _ in range(r.n)]
     seed = requests[0].seed
     if backend.engine == "paged":
-        raw = [ids for group in paged_engine(backend, requests, sampling, [forcing.reasoning] * len(requests))
+        page = forced_page(forcing.reasoning)
+        raw = [ids for group in paged_engine(backend, requests, sampling, [forcing.reasoning] * len(requests), page)
                for ids in group]
         phases = [reasoning_phase(ids, eos, decode_all, forcing, forced_ids) for ids in raw]
         going = [i for i, p in enumerate(phases) if p.append is not None]
@@ -289,7 +302,7 @@ def forced_sample(backend, requests: list[Request], sampling: SamplingConfig,
         if going:
             more = [Request(prompts[i] + phases[i].ids + phases[i].append, 1, request_seed(seed, 1 + j))
                     for j, i in enumerate(going)]
-            out = paged_engine(backend, more, sampling, [phases[i].answer_budget for i in going])
+            out = paged_engine(backend, more, sampling, [phases[i].answer_budget for i in going], page)
             for i, (ids,) in zip(going, out):
                 answers[i] = ids
     else:
