@@ -105,6 +105,8 @@ def test_a_killed_worker_is_replaced_and_its_shard_retried(tmp_path, run_flow):
     pids = [int(p) for p in pid_file.read_text().split()]
     assert killed and len(pids) == 2 and pids[0] == killed[0]  # Ray restarted the actor in a new process
     assert manifest["status"] == "complete" and manifest["shards"]["failed"] == []
+    # the restarted replica came back without its shard reader: the driver read the shards it was sent after
+    assert manifest["shards"]["read_by_driver"] >= 1
     assert manifest["tables"]["candidates"]["rows"] == 32
     assert verify(ds).problems == []
 

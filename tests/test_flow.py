@@ -39,7 +39,7 @@ def test_fake_flow_writes_consistent_tables(tmp_path, run_flow):
                                    "quarantined": {"duplicate": 1, "empty": 1}}
     # shards are id ranges: 4 ranges for 10 prompts of about 3 each; here they hold 5, 2, 3 and none
     assert manifest["shards"] == {"total": 3, "buckets": 4, "done": 3, "resumed": 0, "built": 3, "failed": [],
-                                  "written_by_driver": 0, "not_built": 0, "pruned_stale_parts": 0}
+                                  "written_by_driver": 0, "read_by_driver": 0, "not_built": 0, "pruned_stale_parts": 0}
     assert manifest["accounting"] == {
         "source_rows": 12, "set_aside_at_input": 2, "planned_prompts": 10, "prompts_with_output": 10,
         "prompts_quarantined_in_shards": 0, "prompts_in_failed_shards": 0, "prompts_in_unbuilt_shards": 0,

@@ -160,6 +160,29 @@ def shard_result(shard_id="s1"):
             "tables": {"quarantine": to_table(qrows(1), QUARANTINE), "best": to_table([], BEST)}}
 
 
+def test_a_first_stage_replica_reads_its_shard_where_it_sees_the_folder(tmp_path):
+    from dafactory.tasks.io.prompts import PromptRow, Shard
+    from dafactory.tasks.io.schemas import PROMPTS
+    from dafactory.tasks.io.storage import ShardReader, ShardRef
+
+    ds = DatasetDir(str(tmp_path), "d")
+    rows = [
+        {"prompt_id": "a1", "source_row": 4, "prompt": "how do I bake bread?", "category": "benign",
+         "categories": ["benign"], "reference": None, "shard_id": "s7"},
+        {"prompt_id": "b2", "source_row": 9, "prompt": "what is 2+2?", "category": "math; benign",
+         "categories": ["math", "benign"], "reference": '["number", "4", 0]', "shard_id": "s7"},
+    ]
+    reader = ShardReader(ds)
+    ref = ShardRef("s7", 3, 2, "s7@abc")
+    assert reader.in_replica(ref) is None  # not this node's folder: the driver reads it
+    ds.claim("f", {})
+    ref = ShardRef("s7", 3, 2, ds.write_keyed("prompts", "s7", to_table(rows, PROMPTS)))
+    assert reader.in_replica(ref) == Shard("s7", 3, (
+        PromptRow("a1", "how do I bake bread?", "benign", 4, ("benign",), None),
+        PromptRow("b2", "what is 2+2?", "math; benign", 9, ("math", "benign"), ("number", "4", 0)),
+    ))
+
+
 def test_a_replica_writes_its_shard_where_it_sees_the_folder_and_hands_it_back_otherwise(tmp_path):
     from dafactory.tasks.io.storage import ShardWriter
 

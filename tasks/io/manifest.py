@@ -190,6 +190,8 @@ def build_manifest(
             "built": report["built"],
             # built shards whose parts the driver wrote, because their replica could not
             "written_by_driver": report.get("written_by_driver", 0),
+            # tries of shards whose prompts the driver read and sent, because their first-stage replica could not
+            "read_by_driver": report.get("read_by_driver", 0),
             "failed": report["failed"],
             "not_built": len(plan.shards) - len(shard_stats) - len(report["failed"]),
             "pruned_stale_parts": pruned_parts,

@@ -384,7 +384,11 @@ def _run_stages(config: RunConfig, ds: DatasetDir, pending: list[ShardRef], reci
                     ", ".join(f"{w['stage']}@{w['node']}" for w in report["workers"]))
         rows, t1 = 0, time.perf_counter()
 
-        handed_back = []
+        handed_back, read_back = [], []
+
+        def read_here(ref: ShardRef):
+            read_back.append(ref.shard_id)
+            return load_shard(ds, ref)
 
         def on_result(result: dict) -> None:
             nonlocal rows
@@ -409,8 +413,7 @@ def _run_stages(config: RunConfig, ds: DatasetDir, pending: list[ShardRef], reci
         try:
             with sigterm_stops():
                 # shards go as references: the first stage's replicas read them (ShardReader)
-                failed = stream(recipe.stages, pending, on_result, retries=config.shard_retries,
-                                load=lambda ref: load_shard(ds, ref))
+                failed = stream(recipe.stages, pending, on_result, retries=config.shard_retries, load=read_here)
             report["failed"] = [{"shard_id": s.shard_id, "index": s.index, "error": e,
                                  "prompts": s.prompts if isinstance(s, ShardRef) else len(s.rows)} for s, e in failed]
         except BaseException as exc:
@@ -421,7 +424,7 @@ def _run_stages(config: RunConfig, ds: DatasetDir, pending: list[ShardRef], reci
             logger.warning("stopped (%s) after %d of %d shards; keeping them", report["stopped"],
                            report["built"], len(pending))
         report["seconds"]["build_wall"] = time.perf_counter() - t1
-        report["written_by_driver"] = len(handed_back)
+        report["written_by_driver"], report["read_by_driver"] = len(handed_back), len(read_back)
     finally:
         kill_stages(recipe.stages)
         if report["workers"]:
