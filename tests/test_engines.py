@@ -213,15 +213,22 @@ def test_budget_forcing_continues_from_the_cache_without_prefilling_again(tiny_m
     b = backend(tiny_models["lm"], engine)
     b.eos_ids = set()
     close, _ = self_closing_text(b.tok, expected)
-    fed = []
-    hook = b.model.register_forward_pre_hook(lambda m, args, kw: fed.append(kw["input_ids"].shape[1]), with_kwargs=True)
+    fed, rows = [], []
+
+    def record(module, args, kw):
+        rows.append(kw["input_ids"].shape[0])
+        fed.append(kw["input_ids"].shape[1])
+
+    hook = b.model.register_forward_pre_hook(record, with_kwargs=True)
     try:
         b.sample([Request(tuple(p), n, seed=5) for p, n in zip(prompts, SAMPLES)],
                  SamplingConfig(temperature=0, max_new_tokens=NEW), BudgetForcing(REASONING, ANSWER, close, FORCED))
     finally:
         hook.remove()
     width = max(len(p) for p in prompts)
-    assert fed[0] == (width if engine == "generate" else width - 1)  # static prefills all but the last prompt token
+    # both prefill each prompt once for its samples (a row per prompt), all but its last token
+    assert (rows[0], fed[0]) == (len(prompts), width - 1)
+    assert rows[1] == sum(SAMPLES) and fed[1] == 1  # then generate feeds the last prompt token of every sample
     assert max(fed[1:]) == 3 and fed.count(3) == 1  # the forced close's row group, once
 
 

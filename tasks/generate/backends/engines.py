@@ -82,18 +82,56 @@ def generate_engine(backend, requests: list[Request], sampling: SamplingConfig,
 
 
 def _generate_run(backend, requests: list[Request], sampling: SamplingConfig, budget: int, more: int = 0):
-    """(sequences, the prompts' attention mask, the KV cache) of one batched `generate`, a row per sample."""
+    """(sequences, the prompts' attention mask, the KV cache) of one batched `generate`, a row per sample. A prompt
+    with several samples is prefilled once for all of them (_prefill_once into a dynamic cache), then `generate`
+    goes on from there: on the embedded model (2 cores, 16 prompts x 4 samples) the prefill was 3.2 s of 20 s."""
     import torch
 
-    rows = [r.prompt_ids for r in requests for _ in range(r.n)]
-    ids, mask = _left_padded(rows, backend.tok.pad_token_id, backend.model.device)
+    model = backend.model
+    if all(r.n == 1 for r in requests) or max(len(r.prompt_ids) for r in requests) < 2:
+        ids, mask = _left_padded([r.prompt_ids for r in requests], backend.tok.pad_token_id, model.device)
+        shared = {}
+    else:
+        from transformers import DynamicCache
+
+        prompts, prompt_mask = _left_padded([r.prompt_ids for r in requests], backend.tok.pad_token_id, model.device)
+        cache = DynamicCache()
+        rows = _prefill_once(model, prompts, prompt_mask, requests, cache)
+        ids, mask, shared = prompts[rows], prompt_mask[rows], {_cache_kwarg(model): cache}
+    if not shared:
+        ids, mask = _left_padded([r.prompt_ids for r in requests for _ in range(r.n)], backend.tok.pad_token_id,
+                                 model.device)
     torch.manual_seed(requests[0].seed)
     with torch.inference_mode():
-        out = backend.model.generate(input_ids=ids, attention_mask=mask, return_dict_in_generate=True,
-                                     **_generate_kwargs(backend, budget, sampling))
+        out = model.generate(input_ids=ids, attention_mask=mask, return_dict_in_generate=True, **shared,
+                             **_generate_kwargs(backend, budget, sampling))
     # transformers >= 5.2x names the returned cache `cache` (`past_key_values` warns); before, `past_key_values`
     cache = out.get("cache")
     return out.sequences, mask, out.get("past_key_values") if cache is None else cache
+
+
+def _prefill_once(model, ids, mask, requests: list[Request], cache):
+    """Each request's prompt but its last token through the model once, into `cache`, whose rows are then repeated
+    for the request's samples (transformers' documented prompt-cache reuse: `generate` then feeds the last prompt
+    token, whose logits give the first new token). Positions as generate gives them under left padding, counted
+    from each row's first real token; logits only for the last position, which nothing reads. Returns the sample
+    rows' prompt indices."""
+    import inspect
+
+    import torch
+
+    keep = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+    with torch.inference_mode():
+        if ids.shape[1] > 1:
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)
+            model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=positions[:, :-1],
+                  use_cache=True, **{_cache_kwarg(model): cache}, **keep)
+        rows = torch.arange(len(requests), device=model.device).repeat_interleave(
+            torch.tensor([r.n for r in requests], device=model.device))
+        if ids.shape[1] > 1:
+            cache.reorder_cache(rows)
+            _mark_static(cache)  # reorder_cache made new tensors
+    return rows
 
 
 def _cache_kwarg(model) -> str:
@@ -133,17 +171,8 @@ def _static_run(backend, requests: list[Request], sampling: SamplingConfig, budg
     ids, mask = _left_padded([r.prompt_ids for r in requests], backend.tok.pad_token_id, model.device)
     # Cache lengths rounded up to a multiple of 256: compiled decoding is specialised to the cache's shape.
     cache = StaticCache(config=model.config, max_cache_len=-(-(ids.shape[1] + budget + more) // 256) * 256)
+    rows = _prefill_once(model, ids, mask, requests, cache)
     with torch.inference_mode():
-        if ids.shape[1] > 1:
-            # Positions as generate gives them under left padding: counted from each row's first real token.
-            positions = (mask.cumsum(-1) - 1).clamp(min=0)
-            model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=positions[:, :-1],
-                  use_cache=True, **{_cache_kwarg(model): cache})
-        rows = torch.arange(len(requests), device=model.device).repeat_interleave(
-            torch.tensor([r.n for r in requests], device=model.device))
-        if ids.shape[1] > 1:
-            cache.reorder_cache(rows)
-            _mark_static(cache)  # reorder_cache made new tensors
         torch.manual_seed(requests[0].seed)
         out = model.generate(input_ids=ids[rows], attention_mask=mask[rows], **{_cache_kwarg(model): cache},
                              **_generate_kwargs(backend, budget, sampling))
