@@ -119,8 +119,10 @@ class _TemporaryServer:
             return None
         if self.process is None:  # Prefect was imported already (in-process callers): its settings go along
             self._spawn(get_current_settings().to_environment_variables(exclude_unset=True))
-        TEMPORARY_SERVERS.add(self.url)
-        get_logger().info("Starting temporary server on %s (it stops with this command)", self.url.removesuffix("/api"))
+        if self.url not in TEMPORARY_SERVERS:
+            TEMPORARY_SERVERS.add(self.url)
+            get_logger().info("Starting temporary server on %s (it stops with this command)",
+                              self.url.removesuffix("/api"))
         deadline = time.monotonic() + PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value()
         with httpx.Client() as client:
             while time.monotonic() < deadline and self.process.poll() is None:

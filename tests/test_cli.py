@@ -80,6 +80,10 @@ def test_demo_end_to_end(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"dataset: {tmp_path}/demo-preference" in proc.stdout
+    # one temporary Prefect server for both flows; it holds no GPU limit, and serves no UI to link to
+    log = proc.stdout + proc.stderr
+    assert log.count("Starting temporary server") == 1
+    assert "Concurrency limits" not in log and "View at" not in log
     manifest = json.loads((tmp_path / "demo-preference" / "manifest.json").read_text())
     assert manifest["status"] == "complete"
     assert manifest["prompts"] == {"source_rows": 16, "unique": 16, "duplicates_removed": 0, "quarantined": {}}
