@@ -93,9 +93,10 @@ class _TemporaryServer:
         env = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1",
                **settings}
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", "--factory", "prefect.server.api.server:create_app", "--host",
-             "127.0.0.1", "--port", str(port), "--log-level", "error", "--lifespan", "on"],
-            env=env, preexec_fn=_die_with_parent)
+            [sys.executable, "-c", _DIE_WITH_PARENT, str(os.getpid()), "--factory",
+             "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port", str(port), "--log-level",
+             "error", "--lifespan", "on"],
+            env=env)
         atexit.register(self.stop)
 
     def ready(self) -> str | None:
@@ -160,15 +161,20 @@ class _TemporaryServer:
             process.wait()
 
 
-def _die_with_parent() -> None:
-    """In the server's process before it starts: it gets SIGTERM if this command dies (Linux)."""
-    try:
-        import ctypes
-        import signal
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except Exception:
-        pass
+# uvicorn, in a process that gets SIGTERM when this command dies, however it dies (Linux: PR_SET_PDEATHSIG, set in
+# the child itself rather than by a preexec_fn, which is unsafe once the command has threads); argv: this
+# command's pid, then uvicorn's arguments
+_DIE_WITH_PARENT = """
+import ctypes, os, runpy, signal, sys
+try:
+    ctypes.CDLL("libc.so.6").prctl(1, signal.SIGTERM)
+except Exception:
+    pass
+if os.getppid() != int(sys.argv[1]):
+    sys.exit(0)  # the command died before this process could ask to follow it
+sys.argv = ["uvicorn", *sys.argv[2:]]
+runpy.run_module("uvicorn", run_name="__main__", alter_sys=True)
+"""
 
 
 def _run(config, last: bool = True) -> dict:
