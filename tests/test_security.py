@@ -476,6 +476,10 @@ def test_planted_credential_never_reaches_files_logs_or_artifacts(tmp_path, run_
             artifacts = await client.read_artifacts(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run.id])))
             return [log.message for log in logs], [str(a.data) + str(a.description) for a in artifacts]
 
+    # the run's logs reach the server in batches, in the background: all of them first
+    from prefect.logging.handlers import APILogWorker
+
+    APILogWorker.drain_all(timeout=30)
     logs, artifacts = asyncio.run(logs_and_artifacts())
     (config_line,) = [m for m in logs if m.startswith("config ")]  # the run's config is logged, masked
     assert '"api_token":"***"' in config_line.replace(" ", "") and "uses ***" in config_line
