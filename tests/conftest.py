@@ -47,6 +47,20 @@ def run_flow(prefect_harness, ray_local):
     return preference
 
 
+def interrupt_at_shard(monkeypatch, k: int = 2) -> None:
+    """The driver's hook after each shard it staged raises KeyboardInterrupt at the k-th, as Ctrl-C would, mid-run."""
+    from dafactory.tasks.run import build
+
+    seen = []
+
+    def stop(name):
+        seen.append(name)
+        if name == "shard" and seen.count("shard") == k:
+            raise KeyboardInterrupt("simulated interruption")
+
+    monkeypatch.setattr(build, "failpoint", stop)
+
+
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path

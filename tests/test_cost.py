@@ -6,6 +6,7 @@ from dafactory.tasks.config import PreferenceConfig, build_config
 from dafactory.tasks.errors import UserError
 from dafactory.tasks.io.manifest import build_cost, summary_rows
 from dafactory.tasks.io.storage import DatasetDir
+from tests.conftest import interrupt_at_shard
 from tests.test_flow import config
 
 STAGES = [{"name": "generate", "replicas": 2, "num_cpus": 1.5, "num_gpus": 1.0},
@@ -146,17 +147,8 @@ def test_resource_seconds_match_the_busy_time_of_a_saturated_stage(tmp_path, run
 
 
 def test_a_resumed_build_reports_the_whole_dataset_and_this_runs_resources(tmp_path, run_flow, monkeypatch):
-    from dafactory.tasks.run import build
-
     cfg = config(tmp_path)
-    seen = []
-
-    def stop_at_the_second(name):  # the driver's hook after each shard it staged
-        seen.append(name)
-        if name == "shard" and seen.count("shard") == 2:
-            raise KeyboardInterrupt("simulated interruption")
-
-    monkeypatch.setattr(build, "failpoint", stop_at_the_second)
+    interrupt_at_shard(monkeypatch, 2)
     with pytest.raises(KeyboardInterrupt):
         run_flow(cfg)
     ds = DatasetDir(cfg.output, cfg.dataset)

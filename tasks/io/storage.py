@@ -140,15 +140,12 @@ class ShardReader:
 
     ds: "DatasetDir"
 
-    def in_replica(self, work):
-        """The Shard of a ShardRef, read here; work that is not a ShardRef (a Shard the driver read) as it
-        is; None when this node cannot see the output (a local folder on another node's disk): the driver
-        then reads it and sends the rows."""
-        if not isinstance(work, ShardRef):
-            return work
+    def in_replica(self, ref: ShardRef):
+        """The shard's Shard, read here; None when this node cannot see the output (a local folder on another
+        node's disk): the driver then reads it and sends the rows."""
         if self.ds.local and not self.ds.fs.exists(self.ds._path(CONFIG)):
             return None
-        return load_shard(self.ds, work)
+        return load_shard(self.ds, ref)
 
 
 @dataclass(frozen=True)

@@ -183,28 +183,19 @@ def worker_info() -> dict:
     }
 
 
-_frozen: list = []
-
-
-def _freeze() -> None:
-    """Once per replica, before its first work: what it holds for good (its modules, model and scorers) goes
-    out of the cyclic garbage collector's sight (gc.freeze). Otherwise each full collection, which the
-    many row dicts of every shard set off, walks all of it again: 40-45% of a stage's CPU on the fake
-    backend here (benchmarks/bench_vs_raydata.py)."""
-    gc.freeze()
-    _frozen.append(True)
-
-
 @contextlib.contextmanager
-def gc_paused():
-    """Around a replica's model and scorer loading: imports and weights make objects by the hundred thousand and
-    keep them, so the collector finds nothing there but walks them again and again (0.7-0.9 s of 3.0-3.2 s for the
-    embedded model here). Collection resumes after; what was loaded is frozen before the first work (_freeze)."""
+def gc_loading():
+    """Around a replica's model and scorer loading. Imports and weights make objects by the hundred thousand and
+    keep them: the collector is paused meanwhile (0.7-0.9 s of 3.0-3.2 s for the embedded model here), and what
+    was loaded then goes out of its sight for good (gc.freeze). Otherwise each full collection, which the many row
+    dicts of every shard set off, walks all of it again: 40-45% of a stage's CPU on the fake backend here
+    (benchmarks/bench_vs_raydata.py)."""
     enabled = gc.isenabled()
     gc.disable()
     try:
         yield
     finally:
+        gc.freeze()
         if enabled:
             gc.enable()
 
@@ -212,7 +203,7 @@ def gc_paused():
 @contextlib.contextmanager
 def gc_frozen():
     """In the driver, around a build: what is alive when it starts (Prefect, Ray, the config) goes out of
-    the garbage collector's sight, as in the replicas (_freeze), and back after it. Planning 100k prompts
+    the garbage collector's sight, as in the replicas (gc_loading), and back after it. Planning 100k prompts
     took 1.27 s with it in sight, 0.85 s without; the build's driver loop gains as much."""
     gc.freeze()
     try:
@@ -237,13 +228,10 @@ class Stage:
     writer = reader = None
 
     def attach(self, writer=None, reader=None) -> None:
-        self.writer = writer if writer is not None else self.writer
-        self.reader = reader if reader is not None else self.reader
+        self.writer, self.reader = writer, reader
 
     @ray.method(num_returns=2)
     def run(self, work, stage: str = ""):
-        if not _frozen:
-            _freeze()
         if isinstance(work, ShardRef):
             # a restarted replica has no reader (attach is not replayed): the driver reads the shard then
             work = None if self.reader is None else self.reader.in_replica(work)
@@ -294,7 +282,7 @@ class GenerateStage(Stage):
         self.model, self.sampling, self.n, self.conversation = model, sampling, n, conversation
         self.max_error_rate = max_error_rate
         self.backend = BACKENDS.get(model.backend)(model)
-        with gc_paused():
+        with gc_loading():
             self.backend.load()
         use_cpus(model.num_cpus)
         self.load_seconds = time.perf_counter() - t0
@@ -328,7 +316,7 @@ class _ScoringStage(Stage):
     def __init__(self, scorers: list[ScorerConfig], num_cpus: float):
         t0 = time.perf_counter()
         self.scorers = [SCORERS.get(s.name)(s) for s in scorers]
-        with gc_paused():
+        with gc_loading():
             for s in self.scorers:
                 s.load()
         use_cpus(num_cpus)

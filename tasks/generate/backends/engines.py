@@ -88,19 +88,14 @@ def _generate_run(backend, requests: list[Request], sampling: SamplingConfig, bu
     import torch
 
     model = backend.model
-    if all(r.n == 1 for r in requests) or max(len(r.prompt_ids) for r in requests) < 2:
-        ids, mask = _left_padded([r.prompt_ids for r in requests], backend.tok.pad_token_id, model.device)
-        shared = {}
-    else:
+    ids, mask = _left_padded([r.prompt_ids for r in requests], backend.tok.pad_token_id, model.device)
+    shared = {}
+    if any(r.n > 1 for r in requests):
         from transformers import DynamicCache
 
-        prompts, prompt_mask = _left_padded([r.prompt_ids for r in requests], backend.tok.pad_token_id, model.device)
         cache = DynamicCache()
-        rows = _prefill_once(model, prompts, prompt_mask, requests, cache)
-        ids, mask, shared = prompts[rows], prompt_mask[rows], {_cache_kwarg(model): cache}
-    if not shared:
-        ids, mask = _left_padded([r.prompt_ids for r in requests for _ in range(r.n)], backend.tok.pad_token_id,
-                                 model.device)
+        rows = _prefill_once(model, ids, mask, requests, cache)
+        ids, mask, shared = ids[rows], mask[rows], {_cache_kwarg(model): cache}
     torch.manual_seed(requests[0].seed)
     with torch.inference_mode():
         out = model.generate(input_ids=ids, attention_mask=mask, return_dict_in_generate=True, **shared,
@@ -120,17 +115,16 @@ def _prefill_once(model, ids, mask, requests: list[Request], cache):
 
     import torch
 
-    keep = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
-    with torch.inference_mode():
-        if ids.shape[1] > 1:
-            positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    rows = torch.arange(len(requests), device=model.device).repeat_interleave(
+        torch.tensor([r.n for r in requests], device=model.device))
+    if ids.shape[1] > 1:  # one-token prompts: nothing to prefill, the cache stays empty
+        keep = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        with torch.inference_mode():
             model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=positions[:, :-1],
                   use_cache=True, **{_cache_kwarg(model): cache}, **keep)
-        rows = torch.arange(len(requests), device=model.device).repeat_interleave(
-            torch.tensor([r.n for r in requests], device=model.device))
-        if ids.shape[1] > 1:
             cache.reorder_cache(rows)
-            _mark_static(cache)  # reorder_cache made new tensors
+        _mark_static(cache)  # reorder_cache made new tensors
     return rows
 
 
