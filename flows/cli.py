@@ -346,11 +346,13 @@ def cmd_inspect(args) -> int:
     if args.version is not None and manifest is not None:
         return _compare(ds, args.version, manifest)
     if manifest is None:
-        print(f"{uri}: INCOMPLETE (no manifest.json: a run is in progress or failed)")
-        for table, c in ds.row_counts().items():
-            staged = len(ds.parts(table, staged=True))
-            if c["parts"] or staged:
-                print(f"  {table}: {c['rows']} rows published, {staged} parts staged so far")
+        print(f"{uri}: INCOMPLETE (no version committed: a first run is in progress or failed)")
+        from dafactory.tasks.io.schemas import TABLES
+
+        for table in TABLES:
+            written = len(ds.parts(table))
+            if written:
+                print(f"  {table}: {written} parts written so far (no version lists them yet)")
         return 1
     _print_summary(manifest, uri)
     print(f"  version {manifest['version']} of {manifest['created_at']}"
@@ -390,6 +392,8 @@ def cmd_verify(args) -> int:
     v = verify(ds)
     for problem in v.problems:
         print(f"MISMATCH {problem}")
+    for note in v.notes:
+        print(f"NOTE {note}")
     c = v.counts
     if c:
         print(f"{ds.uri}: {c['source_rows']} source rows = {c['set_aside_at_input']} set aside at input "
@@ -399,6 +403,25 @@ def cmd_verify(args) -> int:
     verdict = "MISMATCH" if v.problems else "ok" if v.status == "complete" else "ok but INCOMPLETE"
     print(f"verify: {verdict} ({len(v.problems)} problems, status {v.status})")
     return v.code
+
+
+def cmd_vacuum(args) -> int:
+    """Remove versions and files that no kept version needs (Delta Lake's VACUUM); see retention_hours."""
+    from dafactory.tasks.io.commit import vacuum
+    from dafactory.tasks.io.schemas import TABLES
+
+    ds = _dataset(args.path)
+    manifest = ds.read_manifest()
+    if manifest is None:
+        raise UserError(f"{ds.uri}: no version committed yet; nothing to vacuum")
+    cfg = manifest.get("config", {})
+    hours = args.retention_hours if args.retention_hours is not None else cfg.get("retention_hours", 168.0)
+    keep = args.keep_versions if args.keep_versions is not None else cfg.get("keep_versions", 1)
+    done = vacuum(ds, list(TABLES), keep, hours, dry_run=args.dry_run)
+    verb = "would remove" if args.dry_run else "removed"
+    print(f"{ds.uri}: {verb} {done['files']} files and {done['versions']} versions (kept versions "
+          f"{', '.join(map(str, done['retained_versions']))}; window {hours:g}h, keep_versions {keep})")
+    return 0
 
 
 def parser() -> argparse.ArgumentParser:
@@ -412,6 +435,14 @@ def parser() -> argparse.ArgumentParser:
                    help="override a field of the distillation demo's config")
     d.add_argument("--skip-distill", action="store_true", help="build only the preference set")
     d.set_defaults(func=cmd_demo)
+    vc = sub.add_parser("vacuum", help="remove versions and parts no kept version needs (after the retention)")
+    vc.add_argument("path", help="dataset folder (local path or s3://...)")
+    vc.add_argument("--retention-hours", type=float, default=None,
+                    help="window in hours (default: the dataset's retention_hours, 168)")
+    vc.add_argument("--keep-versions", type=int, default=None,
+                    help="earlier versions always kept (default: the dataset's keep_versions)")
+    vc.add_argument("--dry-run", action="store_true", help="print what would be removed")
+    vc.set_defaults(func=cmd_vacuum)
     r = sub.add_parser("run", help="run a flow from a YAML config")
     r.add_argument("flow", choices=sorted(FLOWS))
     r.add_argument("--config", required=False, help="YAML config file")

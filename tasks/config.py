@@ -193,6 +193,7 @@ class RunConfig(_Strict):
     RUNTIME: ClassVar[dict] = {
         "output": True, "ray": True, "retries": True, "shard_retries": True, "storage_timeout_s": True,
         "storage_retries": True, "storage_block": True, "result_storage": True, "keep_versions": True,
+        "retention_hours": True,
         "max_error_rate": True, "gpu_slot_timeout_s": True, "cost": True,
     }
     # Fields that decide the generated text for given prompts (they salt shard ids, and so seeds).
@@ -218,8 +219,13 @@ class RunConfig(_Strict):
         "'dafactory-gpu' limit (taken before any model loads) before it fails.",
     )
     keep_versions: int = Field(
-        1, ge=0, description="Manifests of earlier versions kept beside the current one (in _versions/), for "
-        "`dafactory inspect --version`; their parts are removed once a new version is committed.",
+        1, ge=0, description="Earlier versions always kept beside the current one (in _versions/, with every part "
+        "they list), for `dafactory inspect --version` and readers still on them.",
+    )
+    retention_hours: float = Field(
+        168.0, ge=0, description="Vacuum window (Delta Lake's VACUUM): a version that was current within this many "
+        "hours is kept with its parts, and a part no kept version lists is removed only once it is this old (a run "
+        "still building keeps its parts). Must exceed the longest build and read.",
     )
     storage_block: str | None = Field(
         None, description="Name of a Prefect Secret block holding S3 credentials as JSON (aws_access_key_id, "

@@ -52,9 +52,9 @@ def main(out_dir: str, mode: str) -> None:
     runner = threading.Thread(target=lambda: result.update(manifest=preference(cfg)), daemon=True)
     runner.start()
     if mode == "remove":
-        while len(ds.parts("candidates", staged=True)) < 2 and runner.is_alive():
+        while len(ds.parts("candidates")) < 2 and runner.is_alive():
             time.sleep(0.1)
-        removed["after_parts"] = len(ds.parts("candidates", staged=True))
+        removed["after_parts"] = len(ds.parts("candidates"))
         cluster.remove_node(workers[1])  # the node dies with its replica and the work on it
         cluster.add_node(num_cpus=2, num_gpus=1)  # a replacement, as an autoscaler would bring
     runner.join(timeout=400)

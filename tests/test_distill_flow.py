@@ -85,7 +85,7 @@ def test_distill_resumes_and_keeps_its_spec(tmp_path, run_flow):
     first = distill(cfg)
     second = distill(cfg)
     assert second["shards"] == {"total": 3, "buckets": 3, "done": 3, "resumed": 3, "built": 0, "failed": [],
-                                "written_by_driver": 0, "read_by_driver": 0, "not_built": 0, "pruned_stale_parts": 0}
+                                "written_by_driver": 0, "read_by_driver": 0, "not_built": 0, "replaced_parts": 0}
     assert second["tables"] == first["tables"]
     assert verify(DatasetDir(cfg.output, cfg.dataset)).code == 0
     # another spec text is another dataset: its shards are rebuilt, the old ones pruned

@@ -92,7 +92,7 @@ def test_a_killed_worker_is_replaced_and_its_shard_retried(tmp_path, run_flow):
     killed = []
 
     def killer():  # kill the generate worker once the first shard is written, mid-way through the run
-        while not ds.parts("candidates", staged=True):
+        while not ds.parts("candidates"):
             time.sleep(0.05)
         pid = int(pid_file.read_text().split()[0])
         os.kill(pid, signal.SIGKILL)
@@ -131,7 +131,7 @@ def test_a_shard_that_keeps_failing_is_listed_and_the_rest_go_on(tmp_path, run_f
 
 def wait_for_parts(ds: DatasetDir, proc: subprocess.Popen, n: int, timeout_s: float = 240) -> None:
     t0 = time.time()
-    while len(ds.parts("candidates", staged=True)) < n:
+    while len(ds.parts("candidates")) < n:
         assert proc.poll() is None, output(Path(ds.uri).parents[1])
         if time.time() - t0 > timeout_s:
             proc.kill()
@@ -154,10 +154,10 @@ def test_sigkill_mid_run_then_rerun_recomputes_only_shards_in_flight(tmp_path):
     proc.wait()
     # Count what is written once nothing more lands (a write in flight at the kill either landed whole
     # or not at all).
-    done_before, t0 = set(ds.parts("candidates", staged=True)), time.time()
+    done_before, t0 = set(ds.parts("candidates")), time.time()
     while time.time() - t0 < 30:
         time.sleep(3)
-        now = set(ds.parts("candidates", staged=True))
+        now = set(ds.parts("candidates"))
         if now == done_before:
             break
         done_before = now

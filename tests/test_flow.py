@@ -6,6 +6,8 @@ from collections import defaultdict
 import pytest
 
 from dafactory.tasks.config import PreferenceConfig, build_config
+from dafactory.tasks.io.commit import vacuum
+from dafactory.tasks.io.schemas import TABLES
 from dafactory.tasks.io.storage import DatasetDir
 from dafactory.tasks.io.verify import verify
 from tests.conftest import interrupt_at_shard, write_jsonl
@@ -39,14 +41,18 @@ def test_fake_flow_writes_consistent_tables(tmp_path, run_flow):
                                    "quarantined": {"duplicate": 1, "empty": 1}}
     # shards are id ranges: 4 ranges for 10 prompts of about 3 each; here they hold 5, 2, 3 and none
     assert manifest["shards"] == {"total": 3, "buckets": 4, "done": 3, "resumed": 0, "built": 3, "failed": [],
-                                  "written_by_driver": 0, "read_by_driver": 0, "not_built": 0, "pruned_stale_parts": 0}
+                                  "written_by_driver": 0, "read_by_driver": 0, "not_built": 0, "replaced_parts": 0}
     assert manifest["accounting"] == {
         "source_rows": 12, "set_aside_at_input": 2, "planned_prompts": 10, "prompts_with_output": 10,
         "prompts_quarantined_in_shards": 0, "prompts_in_failed_shards": 0, "prompts_in_unbuilt_shards": 0,
         "balanced": True,
     }
     assert verify(ds).problems == [] and verify(ds).code == 0
-    assert not (tmp_path / "out" / "t" / "_staging").exists()  # every staged part was published
+    # every part was written straight to its table, no temporary file is left, and the version lists them all
+    folder = tmp_path / "out" / "t"
+    assert not (folder / "_staging").exists() and not list(folder.glob("*/*.tmp-*"))
+    assert {f"{p.parent.name}/{p.name}" for p in folder.glob("*/part-*.parquet")} == {
+        f for e in manifest["tables"].values() for f in e["files"]}
     assert sorted(r["source_row"] for r in ds.read_table("prompts").to_pylist()) == [0, 1, 2, 3, 4, 5, 6, 7, 8, 9]
 
     cands = ds.read_table("candidates").to_pylist()
@@ -107,12 +113,18 @@ def test_changed_input_prunes_stale_shards(tmp_path, run_flow):
     run_flow(cfg)
     prompts_file(tmp_path, extra=[{"prompt": "one more question", "category": "benign"}])
     manifest = run_flow(cfg)
-    # one shard with other content replaced the old one: its prompts, pairs, best, candidates parts pruned
+    # one shard with other content replaced the old one: its prompts, pairs, best, candidates parts
     # (the input quarantine part has the same content, so the same name, and stays)
-    assert (manifest["shards"]["total"], manifest["shards"]["resumed"], manifest["shards"]["pruned_stale_parts"]) == (1, 0, 4)
+    assert (manifest["shards"]["total"], manifest["shards"]["resumed"], manifest["shards"]["replaced_parts"]) == (1, 0, 4)
     ds = DatasetDir(cfg.output, cfg.dataset)
-    assert sum(len(ds.parts(t)) for t in ("prompts", "pairs", "best", "candidates", "quarantine")) == 5
+    tables = ("prompts", "pairs", "best", "candidates", "quarantine")
+    # version 1 is kept (keep_versions 1) with its parts, for readers still on it
+    assert sum(len(ds.parts(t)) for t in tables) == 9
     assert ds.versions() == [1, 2] and verify(ds).problems == []
+    # with no earlier version kept and no window, vacuum removes version 1 and the 4 parts only it listed
+    removed = vacuum(ds, list(TABLES), keep_versions=0, retention_hours=0)
+    assert (removed["versions"], removed["files"]) == (1, 4)
+    assert sum(len(ds.parts(t)) for t in tables) == 5 and ds.versions() == [2] and verify(ds).problems == []
     assert manifest["tables"]["candidates"]["rows"] == 44
 
 

@@ -170,7 +170,7 @@ def test_cancel_from_the_ui_keeps_finished_shards_under_an_incomplete_manifest(s
     params["config"] = dict(params["config"], dataset="cancelled", shard_size=1, prompts={"path": str(prompts)},
                             student=dict(params["config"]["student"], params={"latency_s": 2.0}))
     run = client.create_flow_run_from_deployment(dep.id, parameters=params)
-    staged = served["work"] / "out" / "cancelled" / "_staging" / "candidates"
+    staged = served["work"] / "out" / "cancelled" / "candidates"
     wait_for(lambda: staged.exists() and any(staged.glob("*.parquet")), 240, "a first shard")
     client.set_flow_run_state(run.id, Cancelling(), force=True)  # what the UI's Cancel button does
     final = wait_for(lambda: (r := client.read_flow_run(run.id)).state.is_final() and r, 120, "the cancellation")

@@ -1,12 +1,12 @@
-"""Storage: parts, ownership by config, manifests written last, pruning of stale parts."""
+"""Storage: parts written once under their final names, ownership by config, reads of what a version lists."""
 
 import json
-import posixpath
 import shutil
 
 import pytest
 
 from dafactory.tasks.errors import UserError
+from dafactory.tasks.io.commit import commit
 from dafactory.tasks.io.schemas import BEST, QUARANTINE, to_table
 from dafactory.tasks.io.storage import DatasetDir
 
@@ -17,18 +17,19 @@ def qrows(n):
 
 def test_parts_are_zstd_parquet_with_the_schema_and_stats(tmp_path):
     ds = DatasetDir(str(tmp_path), "d")
-    ds.write_part("quarantine", "a", to_table(qrows(2), QUARANTINE), stats={"k": 1})
-    assert ds.parts("quarantine") == {} and list(ds.parts("quarantine", staged=True)) == ["a"]  # staged first
-    assert ds.publish(["quarantine"]) == 1
+    ds.write_part("quarantine", "a@t1", to_table(qrows(2), QUARANTINE), stats={"k": 1})
+    assert list(ds.parts("quarantine")) == ["a@t1"]  # written where it stays, under its final name
     (path,) = ds.parts("quarantine").values()
     meta = ds.footer(path)
     assert meta.row_group(0).column(0).compression == "ZSTD"
-    assert ds.read_table("quarantine").schema == QUARANTINE
-    assert list((tmp_path / "d" / "quarantine").iterdir())[0].name == "part-a.parquet"  # no temp files left
-    # rewriting the same part replaces it, never duplicates it
-    ds.write_part("quarantine", "a", to_table(qrows(3), QUARANTINE))
-    ds.publish(["quarantine"])
-    assert ds.row_counts(["quarantine"]) == {"quarantine": {"rows": 3, "parts": 1, "files": ["quarantine/part-a.parquet"]}}
+    assert ds.marker_stats([path]) == [{"k": 1}]
+    assert ds.read_part("quarantine", "a@t1").schema == QUARANTINE
+    assert [p.name for p in (tmp_path / "d" / "quarantine").iterdir()] == ["part-a@t1.parquet"]  # no temp files left
+    # a keyed part of the same content is the same name, and is not written again when listed already
+    name = ds.write_keyed("quarantine", "input", to_table(qrows(3), QUARANTINE))
+    mtime = (tmp_path / "d" / "quarantine" / f"part-{name}.parquet").stat().st_mtime_ns
+    assert ds.write_keyed("quarantine", "input", to_table(qrows(3), QUARANTINE), set(ds.parts("quarantine"))) == name
+    assert (tmp_path / "d" / "quarantine" / f"part-{name}.parquet").stat().st_mtime_ns == mtime
 
 
 def test_rows_outside_the_schema_fail_loudly():
@@ -47,65 +48,10 @@ def test_output_owned_by_another_config_is_refused(tmp_path):
 def test_claim_keeps_the_last_version(tmp_path):
     ds = DatasetDir(str(tmp_path), "d")
     ds.claim("aaaa", {})
-    ds.commit_manifest({"status": "complete", "tables": {}})
+    commit(ds, lambda current: {"status": "complete", "tables": {}})
     ds.claim("aaaa", {})  # a new run starts: readers keep the committed version until it commits
     assert ds.read_manifest()["version"] == 1
     assert json.loads((tmp_path / "d" / "config.json").read_text())["fingerprint"] == "aaaa"
-
-
-def test_prune_staged_leaves_published_parts_and_removes_temp_files(tmp_path):
-    ds = DatasetDir(str(tmp_path), "d")
-    for part in ("keep", "old"):
-        ds.write_part("quarantine", part, to_table(qrows(1), QUARANTINE))
-    ds.publish(["quarantine"])
-    ds.write_part("quarantine", "stale2", to_table(qrows(1), QUARANTINE))  # staged by an interrupted run
-    (tmp_path / "d" / "_staging" / "quarantine" / "part-x.parquet.tmp-1234").write_bytes(b"half")
-    assert ds.prune_staged({"quarantine": {"keep"}}) == 1
-    # published parts may be listed by the committed version: only the commit's clean-up removes them
-    assert sorted(p.name for p in (tmp_path / "d" / "quarantine").iterdir()) == ["part-keep.parquet", "part-old.parquet"]
-    assert sorted(p.name for p in (tmp_path / "d" / "_staging" / "quarantine").iterdir()) == []
-
-
-def test_a_committed_version_replaces_the_last_and_older_parts_go_after(tmp_path):
-    ds = DatasetDir(str(tmp_path), "d")
-    ds.write_part("quarantine", "a", to_table(qrows(2), QUARANTINE))
-    ds.publish(["quarantine"])
-    v1 = ds.commit_manifest({"status": "complete", "tables": ds.row_counts(["quarantine"])})
-    ds.write_part("quarantine", "b", to_table(qrows(3), QUARANTINE))
-    ds.publish(["quarantine"])
-    assert ds.read_table("quarantine").num_rows == 2  # b is not listed yet: readers see version 1
-    v2 = ds.commit_manifest({"status": "complete", "tables": ds.row_counts(["quarantine"], {"quarantine": {"b"}})})
-    assert (v1["version"], v2["version"], v2["previous_version"]) == (1, 2, 1)
-    assert [posixpath.basename(p) for p in ds.unlisted(v2)] == ["part-a.parquet"]
-    ds.remove(ds.unlisted(v2))
-    assert ds.read_table("quarantine").num_rows == 3 and ds.versions() == [1, 2]
-    ds.commit_manifest({"status": "complete", "tables": ds.row_counts(["quarantine"])}, keep_versions=1)
-    assert ds.versions() == [2, 3]  # the current one and keep_versions earlier ones
-    assert ds.read_version(2)["tables"]["quarantine"]["rows"] == 3
-
-
-def test_a_retried_commit_that_finds_its_own_bytes_succeeds(tmp_path):
-    ds = DatasetDir(str(tmp_path), "d")
-    data = b'{"v": 1}'
-    ds._create(ds._path("_versions", "manifest-000001.json"), data)
-    ds._create(ds._path("_versions", "manifest-000001.json"), data)  # the first PUT landed, its answer was lost
-    with pytest.raises(UserError, match="another run committed manifest-000001.json first"):
-        ds._create(ds._path("_versions", "manifest-000001.json"), b'{"v": 2}')
-
-
-def test_manifest_is_created_exclusively_and_lists_what_readers_read(tmp_path):
-    ds = DatasetDir(str(tmp_path), "d")
-    ds.write_part("quarantine", "a", to_table(qrows(2), QUARANTINE))
-    ds.publish(["quarantine"])
-    ds.drop_staging()
-    counts = ds.row_counts(["quarantine"])
-    ds.commit_manifest({"status": "complete", "tables": counts})
-    # a part written after the manifest (a run in progress) is not part of the dataset
-    ds.write_part("quarantine", "b", to_table(qrows(5), QUARANTINE))
-    ds.publish(["quarantine"])
-    assert ds.read_table("quarantine").num_rows == 2
-    ds.drop_staging()
-    assert sorted(p.name for p in (tmp_path / "d").iterdir()) == ["_versions", "manifest.json", "quarantine"]
 
 
 def test_reading_parts_never_aborts_the_process_at_exit(tmp_path):
@@ -115,9 +61,11 @@ def test_reading_parts_never_aborts_the_process_at_exit(tmp_path):
     import sys
 
     ds = DatasetDir(str(tmp_path), "d")
+    files = []
     for part in "abcd":
         ds.write_part("quarantine", part, to_table(qrows(50), QUARANTINE))
-    ds.publish(["quarantine"])
+        files.append(f"quarantine/part-{part}.parquet")
+    commit(ds, lambda current: {"tables": {"quarantine": {"rows": 200, "files": files}}})
     code = (f"from dafactory.tasks.io.storage import DatasetDir; "
             f"assert DatasetDir({str(tmp_path)!r}, 'd').read_table('quarantine').num_rows == 200")
     codes = [subprocess.run([sys.executable, "-c", code], capture_output=True).returncode for _ in range(8)]
@@ -127,7 +75,7 @@ def test_reading_parts_never_aborts_the_process_at_exit(tmp_path):
 def test_a_manifest_naming_files_outside_the_dataset_is_refused(tmp_path):
     (tmp_path / "secret.parquet").write_bytes(b"not yours")
     ds = DatasetDir(str(tmp_path), "d")
-    ds.commit_manifest({"tables": {"quarantine": {"rows": 0, "files": ["../secret.parquet"]}}})
+    commit(ds, lambda current: {"tables": {"quarantine": {"rows": 0, "files": ["../secret.parquet"]}}})
     with pytest.raises(UserError, match="outside the dataset: '../secret.parquet'"):
         ds.read_table("quarantine")
 
@@ -145,12 +93,12 @@ def test_a_store_that_stays_down_fails_cleanly_after_backoff(tmp_path, monkeypat
     monkeypatch.setattr(ds, "_put_once", down)
     with pytest.raises(StorageError) as err:
         ds.write_part("quarantine", "a", to_table(qrows(1), QUARANTINE))
-    assert str(err.value) == (f"storage {ds.uri} failed to write _staging/quarantine/part-a.parquet after 3 "
+    assert str(err.value) == (f"storage {ds.uri} failed to write quarantine/part-a.parquet after 3 "
                               "attempts: Could not connect to the endpoint URL")
     assert len(calls) == 3
     monkeypatch.undo()  # the store is back: the same write goes through
     ds.write_part("quarantine", "a", to_table(qrows(1), QUARANTINE))
-    assert list(ds.parts("quarantine", staged=True)) == ["a"]
+    assert list(ds.parts("quarantine")) == ["a"]
 
 
 def shard_result(shard_id="s1"):
@@ -191,17 +139,23 @@ def test_a_replica_writes_its_shard_where_it_sees_the_folder_and_hands_it_back_o
     # cases: (folder claimed on this node's disk?, what the replica returns)
     back = writer.in_replica(shard_result())
     assert back["unwritten"] == f"{ds.uri} is not on this node's disk" and back["tables"]  # the rows go back
-    assert ds.parts("best", staged=True) == {}
+    assert ds.parts("best") == {}
     ds.claim("f", {})
     back = writer.in_replica(shard_result())
+    part = back["written"]["part"]
+    assert part.startswith("s1@") and len(part) == len("s1@") + 12  # one token for the shard's parts
     assert back == {"written": {"shard_id": "s1", "shard_index": 0, "prompts": 2, "prompts_out": 0,
                                 "rows": {"quarantine": 1, "best": 0}, "quarantined": {"empty": 1}, "outcomes": {},
                                 "candidates": {}, "errors": {}, "seconds": {"score": 0.1},
-                                "work": {"score": {"busy_s": 0.2, "samples": 0}}}}
-    assert set(ds.parts("best", staged=True)) == set(ds.parts("quarantine", staged=True)) == {"s1"}
+                                "work": {"score": {"busy_s": 0.2, "samples": 0}}, "part": part}}
+    assert set(ds.parts("best")) == set(ds.parts("quarantine")) == {part}
+    assert ds.marker_stats([ds.part_path("best", part)]) == [back["written"]]  # the marker carries the stats
+    # the same shard written again (a retry) gets its own name: nothing is overwritten
+    again = writer.in_replica(shard_result())["written"]["part"]
+    assert again != part and set(ds.parts("best")) == {part, again}
     # a store that refuses the write: the rows go back with the reason, for the driver to write
-    shutil.rmtree(tmp_path / "d" / "_staging" / "best")
-    (tmp_path / "d" / "_staging" / "best").write_text("a file where a folder must be")
+    shutil.rmtree(tmp_path / "d" / "best")
+    (tmp_path / "d" / "best").write_text("a file where a folder must be")
     broken = ShardWriter(DatasetDir(str(tmp_path), "d", retries=0), ("quarantine", "best"), ("best",))
     back = broken.in_replica(shard_result("s2"))
     assert "unwritten" in back and back["shard_id"] == "s2" and back["tables"]

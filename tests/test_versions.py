@@ -1,6 +1,8 @@
 """A failed rebuild never takes away the last good dataset: the CLI is SIGKILLed at each step of a
-rebuild over changed input (planning, mid-shard, while publishing, right after the commit), and after
-each kill the folder verifies clean for the version it holds; a re-run then finishes the new one."""
+rebuild over changed input (planning, mid-shard, after its parts and before the version file, after the
+version file and before the pointer, after the pointer and before the clean-up), and after each kill the
+folder verifies clean for the version that is current; a re-run then finishes the new one, with the rows
+of a clean build."""
 
 from __future__ import annotations
 
@@ -13,6 +15,8 @@ import sys
 import pytest
 
 from dafactory.tasks.config import PreferenceConfig, build_config
+from dafactory.tasks.io.commit import vacuum
+from dafactory.tasks.io.schemas import TABLES
 from dafactory.tasks.io.storage import FAILPOINT, DatasetDir
 from dafactory.tasks.io.verify import verify
 from tests.conftest import ROOT, write_jsonl
@@ -39,12 +43,26 @@ def run_cli(tmp_path, cfg, failpoint: str | None = None) -> int:
     return code
 
 
+KILL_POINTS = ["plan", "shard", "parts", "version", "pointer"]
+
+
+def row_keys(ds: DatasetDir, manifest: dict | None = None) -> dict[str, set]:
+    """Each sample table's rows as a set of (prompt_id, sample), and each per-prompt table's as prompt ids:
+    what two builds of one input must agree on, whatever order or parts they were written in."""
+    out = {}
+    for table in ("candidates", "best", "pairs", "quarantine", "prompts"):
+        rows = ds.read_table(table, manifest).to_pylist()
+        out[table] = {(r["prompt_id"], r.get("sample_idx", r.get("chosen_sample_idx")),
+                       r.get("response", r.get("reason"))) for r in rows}
+    return out
+
+
 def killed_rebuilds(tmp_path, output: str, points: list[str]) -> None:
-    def config(prompts: list[str]) -> PreferenceConfig:
-        path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": p} for p in prompts])
+    def config(prompts: list[str], dataset="v") -> PreferenceConfig:
+        path = write_jsonl(tmp_path / f"{dataset}.jsonl", [{"prompt": p} for p in prompts])
         return build_config(PreferenceConfig, None, [
-            f"output={output}", "dataset=v", f"prompts.path={path}", "student.backend=fake", "n=2", "shard_size=2",
-            "student.num_cpus=0.5", "scoring.num_cpus=0.5",
+            f"output={output}", f"dataset={dataset}", f"prompts.path={path}", "student.backend=fake", "n=2",
+            "shard_size=2", "student.num_cpus=0.5", "scoring.num_cpus=0.5",
         ])
 
     first = [f"question number {i}" for i in range(8)]
@@ -53,11 +71,14 @@ def killed_rebuilds(tmp_path, output: str, points: list[str]) -> None:
     v1 = ds.read_manifest()
     assert (v1["version"], v1["accounting"]["source_rows"], verify(ds).problems) == (1, 8, [])
 
-    changed = config(["a new first question", *first[:5], "question number 5, reworded", *first[6:], "one more"])
+    prompts = ["a new first question", *first[:5], "question number 5, reworded", *first[6:], "one more"]
+    changed = config(prompts)
+    expected = 1
     for point in points:
         assert run_cli(tmp_path, changed, failpoint=point) == -signal.SIGKILL, point
         current = ds.read_manifest()
-        expected = 2 if point == "commit" else 1  # the kill after the commit leaves the new version
+        # a kill after the version file leaves the new version committed, whatever manifest.json says
+        expected += point in ("version", "pointer")
         assert (point, current["version"], current["status"]) == (point, expected, "complete")
         assert (point, verify(ds).problems) == (point, [])
         assert ds.read_table("candidates").num_rows == current["tables"]["candidates"]["rows"]
@@ -65,14 +86,25 @@ def killed_rebuilds(tmp_path, output: str, points: list[str]) -> None:
     assert run_cli(tmp_path, changed) == 0, (tmp_path / "cli.log").read_text()[-3000:]
     last = ds.read_manifest()
     assert (last["accounting"]["source_rows"], last["status"], verify(ds).problems) == (10, "complete", [])
-    assert last["shards"]["resumed"] > 0  # the killed runs' staged shards were kept
-    assert ds.unlisted(last) == []  # every part an older version alone listed is gone
-    assert ds.versions() == [last["version"] - 1, last["version"]]  # keep_versions: 1
+    if "shard" in points:
+        assert last["shards"]["resumed"] > 0  # the killed runs' shards were kept
+    assert json.loads(ds.fs.cat(ds._path("manifest.json")))["version"] == last["version"]  # the pointer
+    # the rows equal a clean build's of the same inputs (the first, then the changed one: a folder keeps its
+    # id ranges, and so its shards, while the input fits them), in another folder, never killed
+    assert run_cli(tmp_path, config(first, dataset="clean")) == 0
+    assert run_cli(tmp_path, config(prompts, dataset="clean")) == 0
+    clean = DatasetDir(output, "clean")
+    assert row_keys(ds) == row_keys(clean) and ds.read_table("candidates").num_rows == 20
+    # vacuum with no window and no earlier version kept leaves exactly the current version's parts
+    vacuum(ds, list(TABLES), keep_versions=0, retention_hours=0)
+    assert ds.versions() == [last["version"]] and verify(ds).problems == []
+    left = {f"{t}/part-{n}.parquet" for t in TABLES for n in ds.parts(t)}
+    assert left == {f for e in last["tables"].values() for f in e["files"]}
 
 
 @pytest.mark.slow
 def test_a_killed_rebuild_keeps_the_last_version_on_local_disk(tmp_path):
-    killed_rebuilds(tmp_path, str(tmp_path / "out"), ["plan", "shard", "publish", "commit"])
+    killed_rebuilds(tmp_path, str(tmp_path / "out"), KILL_POINTS)
 
 
 @pytest.mark.slow
@@ -96,7 +128,7 @@ def test_a_failed_rebuild_keeps_the_last_version(tmp_path, run_flow):
     shown = subprocess.run([sys.executable, "-m", "dafactory.flows.cli", "inspect", ds.uri], capture_output=True,
                            text=True, cwd=ROOT)
     assert "a rebuild is INCOMPLETE (2 of 3 shards, 1 failed" in shown.stdout
-    # fixed input: the re-run resumes the staged shards, commits version 2 and shows what changed
+    # fixed input: the re-run resumes the shards written, commits version 2 and shows what changed
     write_jsonl(tmp_path / "p.jsonl", [{"prompt": f"question number {i}"} for i in range(6)]
                 + [{"prompt": "a good question"}])
     manifest = run_flow(build_config(PreferenceConfig, None, common))

@@ -153,12 +153,13 @@ def build_manifest(
     timings: dict,
     models: dict,
     report: dict,
-    pruned_parts: int,
+    replaced_parts: int,
     extra: dict | None = None,
 ) -> dict:
     quarantined = Counter(plan.quarantined)
     quarantined.update(sum_counters(s.get("quarantined", {}) for s in shard_stats))
-    done = {s.get("shard_index") for s in shard_stats}
+    # by shard id: a resumed shard keeps the index of the plan that built it
+    done = {s["shard_id"] for s in shard_stats} & {ref.shard_id for ref in plan.shards}
     complete = not report["failed"] and not report["stopped"] and len(done) == len(plan.shards)
     return {
         "status": "complete" if complete else "incomplete",
@@ -194,7 +195,8 @@ def build_manifest(
             "read_by_driver": report.get("read_by_driver", 0),
             "failed": report["failed"],
             "not_built": len(plan.shards) - len(shard_stats) - len(report["failed"]),
-            "pruned_stale_parts": pruned_parts,
+            # parts the previous version listed and this one does not (removed by vacuum after the retention)
+            "replaced_parts": replaced_parts,
         },
         "timings_s": timings,
         "gpu_slot": report.get("gpu_slot") or None,  # when this build held the GPU slot, and how long it waited

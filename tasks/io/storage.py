@@ -1,31 +1,28 @@
-"""Dataset layout on local disk or any fsspec filesystem (s3:// through s3fs): same code path.
+"""Dataset layout on local disk or any fsspec filesystem (s3:// through s3fs): same code path. How a
+version is committed, found and cleaned up is the commit protocol (tasks/io/commit.py); this module is
+the files.
 
 <output>/<dataset>/
   config.json                  the config that owns this folder (written first)
-  _staging/<table>/part-*.parquet   parts of a run in progress (every write goes here first)
   prompts/part-<shard>@<hash>.parquet   the planned input: each unique prompt, its source row and shard
-  candidates/part-<shard>.parquet   (preference) all N per prompt, with scores (written last per shard)
-  pairs/part-<shard>.parquet        TRL conversational preference rows
-  best/part-<shard>.parquet         TRL conversational prompt-completion rows
+  candidates/part-<shard>@<token>.parquet   (preference) all N per prompt, with scores (written last per shard)
+  pairs/, best/                     TRL conversational preference and prompt-completion rows
   train/, filtered/                 (distill) kept and excluded samples (filtered written last)
   quarantine/part-<...>.parquet     input rows that never reached a model, with reasons
-  manifest.json                written last; "status": "complete" means every shard is in
-  _versions/manifest-<n>.json  every committed manifest (the last `keep_versions` + 1 are kept)
-  README.md                    dataset card: `configs:` front matter naming exactly the manifest's parts
+  _versions/manifest-<n>.json  the commit log: version n is committed once this file exists
+  manifest.json                a pointer to the current version, for readers (repaired when stale)
+  README.md                    dataset card: `configs:` front matter naming exactly the current version's parts
 
-A run writes every part under _staging/ (on local disk under a temporary name renamed into place; on
-object stores one PUT, already atomic), so a reader never sees half a part. Finishing a run publishes
-the staged parts into their tables and then commits the manifest (see commit_manifest); it lists every
-part of every table, and readers trust only parts a manifest lists. Shard part names are content
-hashes, so re-running a shard overwrites it instead of duplicating it, and a part already staged or
-published marks its shard done (resume). Every store operation is retried with exponential backoff;
-when the store stays down the run fails with StorageError and no manifest.
-
-A rebuild never takes the last good version away: published parts are never overwritten (parts whose
-content can change under the same key, the planned prompts, the input quarantine and summaries, carry
-a hash of their content after `@`, so the same content keeps its name), the new manifest replaces the old one in one atomic step, and only then are
-the parts that only older versions list removed. Until that step the folder holds the previous manifest
-and every part it lists; a rebuild that fails or is stopped leaves its parts staged for the re-run.
+Every part is written once, straight to its final name, and never rewritten, moved or copied: on local
+disk under a temporary name renamed into place in the same folder, on object stores one PUT (already
+atomic), so nobody sees half a part. A part is invisible until a committed version lists it. A shard's
+parts share one name, `<shard id>@<token>` (a token per write), and its stats travel in the footer of
+the part of the table it writes last (the marker), so a marker found in a listing names the shard's
+other parts and says how many rows each holds. Parts whose name is a hash of their content (the planned
+prompts, the input quarantine, summaries) are written once for all runs that plan the same content.
+Listings are never cached: fsspec's directory cache is off and invalidated before each listing, since a
+stale listing would hide the parts a run just wrote. Every store operation is retried with exponential
+backoff; when the store stays down the run fails with StorageError and commits nothing.
 """
 
 from __future__ import annotations
@@ -52,9 +49,8 @@ log = logging.getLogger(__name__)
 STATS_KEY = b"dafactory.shard_stats"
 MANIFEST = "manifest.json"
 CONFIG = "config.json"
-STAGING = "_staging"
 VERSIONS = "_versions"
-REBUILD = "rebuild.json"  # in _staging/: what a failed or stopped rebuild got to (the last version stands)
+REBUILD = "_rebuild.json"  # what a failed or stopped rebuild got to (the last version stands)
 FAILPOINT = "DAFACTORY_FAILPOINT"
 
 
@@ -68,8 +64,14 @@ def failpoint(name: str) -> None:
 
 
 def part_key(name: str) -> str:
-    """The shard id (or `input-...`, `summary`) a part name stands for, without the run token."""
+    """The shard id (or `input-...`, `summary`) a part name stands for, without its token or hash."""
     return name.split("@", 1)[0]
+
+
+def new_token() -> str:
+    """A token for one write of a shard's parts: two writes of one shard (a retry, a concurrent run)
+    never share a name."""
+    return uuid.uuid4().hex[:12]
 
 
 CREDENTIAL_KEYS = {"aws_access_key_id": "key", "aws_secret_access_key": "secret", "aws_session_token": "token"}
@@ -87,8 +89,11 @@ def storage_options(uri: str, timeout_s: float, credentials: dict | None = None)
         return {}
     # A filesystem of its own: fsspec's shared instance would keep credentials and endpoints of an
     # earlier run (rotated keys, another block) for the life of a serving process.
+    # use_listings_cache=False: s3fs before 2026.9 answered later listings from its cache, so a run
+    # never saw the parts it wrote after a first listing (and committed a version without them).
     options = {"config_kwargs": {"connect_timeout": timeout_s, "read_timeout": timeout_s,
-                                 "retries": {"max_attempts": 2}}, "skip_instance_cache": True}
+                                 "retries": {"max_attempts": 2}}, "skip_instance_cache": True,
+               "use_listings_cache": False}
     creds = credentials or {}
     options |= {fs_key: creds[k] for k, fs_key in CREDENTIAL_KEYS.items() if creds.get(k)}
     client = {k: creds[k] for k in CLIENT_KEYS if creds.get(k)}
@@ -143,15 +148,16 @@ class ShardReader:
     def in_replica(self, ref: ShardRef):
         """The shard's Shard, read here; None when this node cannot see the output (a local folder on another
         node's disk): the driver then reads it and sends the rows."""
-        if self.ds.local and not self.ds.fs.exists(self.ds._path(CONFIG)):
+        if not self.ds.visible_here():
             return None
         return load_shard(self.ds, ref)
 
 
 @dataclass(frozen=True)
 class ShardWriter:
-    """Stages one shard's parts, the marker table (the last of `tables`) last, with the shard's stats in
-    the marker's footer; returns the stats."""
+    """Writes one shard's parts under one name (`<shard id>@<token>`), the marker table (the last of
+    `tables`) last, with the shard's stats in the marker's footer; returns the stats. An empty quarantine
+    gets no part (the stats say it had 0 rows)."""
 
     ds: "DatasetDir"
     tables: tuple[str, ...]
@@ -175,10 +181,11 @@ class ShardWriter:
             "seconds": result["seconds"],
             # per stage: seconds in process() and samples (tokens for generate); a resumed build's totals
             "work": result.get("work", {}),
+            "part": f"{result['shard_id']}@{new_token()}",  # the name of each of its parts
         }
         for name in self.tables:
             if name != "quarantine" or tables[name].num_rows:
-                self.ds.write_part(name, result["shard_id"], tables[name], stats if name == self.tables[-1] else None)
+                self.ds.write_part(name, stats["part"], tables[name], stats if name == self.tables[-1] else None)
         return stats
 
     def in_replica(self, result: dict) -> dict:
@@ -186,7 +193,7 @@ class ShardWriter:
         (`{"written": stats}`), so that the rows never travel to the driver. When this node cannot see
         the output (a local folder on another node's disk) or the store refuses it (no credentials
         here), the result goes back whole, with the reason under "unwritten", and the driver writes it."""
-        if self.ds.local and not self.ds.fs.exists(self.ds._path(CONFIG)):
+        if not self.ds.visible_here():
             return dict(result, unwritten=f"{self.ds.uri} is not on this node's disk")
         try:
             return {"written": self(result)}
@@ -320,43 +327,64 @@ class DatasetDir:
         self.check_owner(fingerprint)
         self.write_bytes(CONFIG, json.dumps({"fingerprint": fingerprint, "config": config}, indent=2).encode())
 
+    def visible_here(self) -> bool:
+        """False on a node that cannot see this folder (a local folder on another node's disk)."""
+        return not self.local or self.fs.exists(self._path(CONFIG))
+
     # parts -----------------------------------------------------------------------------------
-    def part_path(self, table: str, part: str, staged: bool = False) -> str:
-        return self._path(*([STAGING] if staged else []), table, f"part-{part}.parquet")
+    def part_path(self, table: str, part: str) -> str:
+        return self._path(table, f"part-{part}.parquet")
 
     def write_part(self, table: str, part: str, data: pa.Table, stats: dict | None = None) -> None:
-        """Stage a part; publish() moves it into its table when the run finishes."""
+        """Write a part to its final name; no version lists it until a commit does."""
         data = data.cast(TABLES[table])
         if stats is not None:
             data = data.replace_schema_metadata({STATS_KEY: json.dumps(stats).encode()})
-        self._put(self.part_path(table, part, staged=True), lambda f: write_parquet(data, f))
+        self._put(self.part_path(table, part), lambda f: write_parquet(data, f))
 
-    def write_keyed(self, table: str, key: str, data: pa.Table) -> str:
-        """Stage a part named by its key and a hash of its content (`key@hash`): a part whose content
-        can change under the same key never overwrites another version's. Returns the part name."""
+    def write_keyed(self, table: str, key: str, data: pa.Table, existing: set[str] | None = None) -> str:
+        """Write a part named by its key and a hash of its content (`key@hash`), unless `existing` (the
+        table's part names, listed once by the caller) already holds that name: the same content is
+        never uploaded twice. Returns the part name."""
         sink = pa.BufferOutputStream()
         write_parquet(data.cast(TABLES[table]), sink)  # serialised once: the hash is of the part's own bytes
         body = sink.getvalue().to_pybytes()
         name = f"{key}@{hashlib.sha256(body).hexdigest()[:12]}"
-        self._put(self.part_path(table, name, staged=True), lambda f: f.write(body))
+        if existing is None or name not in existing:
+            self._put(self.part_path(table, name), lambda f: f.write(body))
         return name
 
-    def written(self, table: str) -> set[str]:
-        """Names of the table's parts, staged (this run) or published (an earlier one). For the table a
-        shard writes last, these are the shards done."""
-        return set(self.parts(table, staged=True)) | set(self.parts(table))
+    def listing(self, folder: str) -> list[dict]:
+        """Every file in a folder of the dataset (name, size, mtime), read from the store itself: the
+        directory cache is invalidated first, whatever the installed s3fs does with listings."""
+        path = self._path(folder)
 
-    def parts(self, table: str, staged: bool = False) -> dict[str, str]:
-        """part name -> path, for finished parts only."""
-        pattern = self.part_path(table, "*", staged)
-        paths = self._retry(f"list {table}", lambda: sorted(self.fs.glob(pattern)))
-        return {posixpath.basename(p)[len("part-") : -len(".parquet")]: p for p in paths}
+        def ls():
+            self.fs.invalidate_cache(path)
+            try:
+                entries = self.fs.ls(path, detail=True)
+            except FileNotFoundError:
+                return []
+            return [e for e in entries if e.get("type", "file") == "file"]
+
+        out = []
+        for e in self._retry(f"list {folder}", ls):
+            when = e.get("mtime") or e.get("LastModified") or e.get("created")
+            if hasattr(when, "timestamp"):
+                when = when.timestamp()
+            out.append({"name": posixpath.basename(e["name"].rstrip("/")), "size": e.get("size"),
+                        "mtime": float(when) if when is not None else None,
+                        "path": self._path(folder, posixpath.basename(e["name"].rstrip("/")))})
+        return out
+
+    def parts(self, table: str) -> dict[str, str]:
+        """part name -> path of every finished part in the table's folder, listed or not by a version
+        (temporary files of writes in flight are not parts)."""
+        return {e["name"][len("part-") : -len(".parquet")]: e["path"] for e in self.listing(table)
+                if e["name"].startswith("part-") and e["name"].endswith(".parquet")}
 
     def read_part(self, table: str, part: str) -> pa.Table:
-        """One part, staged (this run) or published (an earlier run)."""
-        staged = self.part_path(table, part, staged=True)
-        path = staged if self._retry("look up a part", lambda: self.fs.exists(staged)) else self.part_path(table, part)
-        return self.read_file(path)
+        return self.read_file(self.part_path(table, part))
 
     def read_file(self, path: str) -> pa.Table:
         def read():
@@ -367,56 +395,9 @@ class DatasetDir:
 
         return self._retry(f"read {posixpath.relpath(path, self.root)}", read)
 
-    def prune_staged(self, keep: dict[str, set[str]]) -> int:
-        """Remove staged parts of the tables in `keep` whose names are not kept (left over from an
-        earlier plan of the input), and leftovers of interrupted writes. Published parts are untouched:
-        the committed version may list them."""
-        removed = 0
-        for table, names in keep.items():
-            for part, path in self.parts(table, staged=True).items():
-                if part not in names:
-                    self._retry(f"remove {part}", lambda: self.fs.rm(path))
-                    removed += 1
-        for path in self._retry("list", lambda: self.fs.glob(self.part_path("*", "*", True) + ".tmp-*")):
-            self.fs.rm(path)
-        return removed
-
-    def unlisted(self, manifest: dict) -> list[str]:
-        """Published parts of any table that the manifest does not list (stale versions, leftovers)."""
-        listed = {self._inside(f) for entry in manifest["tables"].values() for f in entry["files"]}
-        paths = [p for table in TABLES for p in self.parts(table).values()]
-        paths += self._retry("list", lambda: self.fs.glob(self.part_path("*", "*") + ".tmp-*"))
-        return [p for p in paths if p not in listed]
-
     def remove(self, paths: list[str]) -> None:
         for path in paths:
             self._retry(f"remove {posixpath.relpath(path, self.root)}", lambda: self.fs.rm(path))
-
-    def publish(self, tables: list[str]) -> int:
-        """Move every staged part into its table (overwriting the same shard's older part). On object
-        stores the copies and deletes of a table go out as concurrent batches."""
-        moved = 0
-        for table in tables:
-            staged = self.parts(table, staged=True)
-            if not staged:
-                continue
-            sources = list(staged.values())
-            targets = [self.part_path(table, part) for part in staged]
-            if self.local:  # a rename each: atomic, no bytes copied
-                self.fs.makedirs(posixpath.dirname(targets[0]), exist_ok=True)
-                for src, dst in zip(sources, targets):
-                    os.replace(src, dst)
-            else:
-                self._retry(f"publish {table}", lambda: self.fs.copy(sources, targets))
-                self._retry(f"publish {table}", lambda: self.fs.rm(sources))
-            moved += len(sources)
-        return moved
-
-    def drop_staging(self) -> None:
-        """Remove what is left of the staging prefix (empty folders on local disk)."""
-        staging = self._path(STAGING)
-        if self._retry("look up staging", lambda: self.fs.exists(staging)):
-            self._retry("remove staging", lambda: self.fs.rm(staging, recursive=True))
 
     def footer(self, path: str) -> pq.FileMetaData:
         def read():
@@ -425,117 +406,59 @@ class DatasetDir:
 
         return self._retry("read a footer", read)
 
-    def shard_stats(self, marker: str, names: set[str], known: dict[str, dict] | None = None) -> list[dict]:
-        """The stats of the shards named (this version's): those in `known` (what this run's writers
-        returned), the others from the footers of their marker parts (shards an earlier run built)."""
-        known = known or {}
-        out = []
-        for name, path in self.parts(marker).items():
-            if name not in names:
-                continue
-            if name in known:
-                out.append(known[name])
-                continue
-            meta = self.footer(path).metadata or {}
-            out.append(json.loads(meta.get(STATS_KEY, b"{}")))
-        return out
+    def footers(self, paths: list[str], threads: int = 32) -> list[pq.FileMetaData]:
+        """Footers of many parts, read concurrently (each is a GET or two on an object store)."""
+        if len(paths) < 2:
+            return [self.footer(p) for p in paths]
+        from concurrent.futures import ThreadPoolExecutor
 
-    def row_counts(self, tables: list[str] | None = None, keep: dict[str, set[str]] | None = None,
-                   known: dict[tuple[str, str], int] | None = None) -> dict[str, dict]:
-        """Rows and the exact part files of each published table (what the manifest lists for readers);
-        with `keep`, only the parts named there (this version's). Rows of the parts in `known` ((table,
-        part) -> rows, as their writer counted them) are not read again from their footers."""
-        known = known or {}
-        counts = {}
-        for table in tables if tables is not None else list(TABLES):
-            parts = [(n, p) for n, p in self.parts(table).items() if keep is None or n in keep.get(table, ())]
-            paths = [p for _, p in parts]
-            rows = [known[(table, n)] if (table, n) in known else self.footer(p).num_rows for n, p in parts]
-            counts[table] = {"rows": sum(rows), "parts": len(paths),
-                             "files": [f"{table}/{posixpath.basename(p)}" for p in paths]}
-        return counts
+        with ThreadPoolExecutor(min(threads, len(paths))) as pool:
+            return list(pool.map(self.footer, paths))
+
+    def marker_stats(self, paths: list[str]) -> list[dict]:
+        """The shard stats each marker part carries in its footer."""
+        return [json.loads((m.metadata or {}).get(STATS_KEY, b"{}")) for m in self.footers(paths)]
 
     def listed_files(self, table: str, manifest: dict | None = None) -> list[str]:
-        """The part files of a table that the manifest lists (what is published when there is none)."""
+        """The part files of a table that a version lists (the current one unless given)."""
         manifest = manifest if manifest is not None else self.read_manifest()
         if manifest is None:
-            return list(self.parts(table).values())
+            return []
         return [self._inside(f) for f in manifest["tables"].get(table, {}).get("files", [])]
 
     def read_parts(self, table: str, names: set[str]) -> pa.Table:
-        """The published parts of a table with these names (one version's, whatever the manifest says)."""
-        paths = [p for name, p in sorted(self.parts(table).items()) if name in names]
+        """The parts of a table with these names (one version's, before it is committed)."""
+        paths = [self.part_path(table, name) for name in sorted(names)]
         return pa.concat_tables([self.read_file(p) for p in paths]) if paths else TABLES[table].empty_table()
 
-    def read_table(self, table: str) -> pa.Table:
-        """The table's parts: those the manifest lists when there is one, else what is published."""
-        paths = self.listed_files(table)
+    def read_table(self, table: str, manifest: dict | None = None) -> pa.Table:
+        """The table's rows in a version (the current one unless given)."""
+        paths = self.listed_files(table, manifest)
         if not paths:
             return TABLES[table].empty_table()
         return pa.concat_tables([self.read_file(p) for p in paths])
 
-    # manifest --------------------------------------------------------------------------------
-    def commit_manifest(self, manifest: dict, keep_versions: int = 1) -> dict:
-        """Commit a new version: `_versions/manifest-<n>.json` by exclusive create (two runs finishing
-        into one folder cannot both take version n), then manifest.json replaced in one atomic step
-        (a rename on local disk, one PUT on object stores). Keeps the last `keep_versions` older
-        manifests for `dafactory inspect --version`. Returns the manifest with its version."""
-        previous = self.read_manifest()
-        manifest = manifest | {"version": (previous or {}).get("version", 0) + 1,
-                               "previous_version": (previous or {}).get("version")}
-        data = json.dumps(manifest, indent=2, default=str).encode()
-        versioned = self._path(VERSIONS, f"manifest-{manifest['version']:06d}.json")
-        self._retry("write the manifest version", lambda: self._create(versioned, data))
-        self._retry("write the manifest", lambda: self._replace(self._path(MANIFEST), data))
-        older = sorted(self._retry("list versions", lambda: self.fs.glob(self._path(VERSIONS, "manifest-*.json"))))
-        self.remove(older[: max(0, len(older) - keep_versions - 1)])
-        return manifest
+    # versions (the protocol is tasks/io/commit.py) --------------------------------------------
+    def read_manifest(self) -> dict | None:
+        """The current version: the highest readable one in `_versions/`."""
+        from dafactory.tasks.io.commit import current
+
+        return current(self)
 
     def versions(self) -> list[int]:
-        paths = self._retry("list versions", lambda: self.fs.glob(self._path(VERSIONS, "manifest-*.json")))
-        return sorted(int(posixpath.basename(p)[len("manifest-") : -len(".json")]) for p in paths)
+        from dafactory.tasks.io.commit import version_numbers
+
+        return version_numbers(self)
 
     def read_version(self, version: int) -> dict | None:
-        return self._read_json(posixpath.join(VERSIONS, f"manifest-{version:06d}.json"))
+        from dafactory.tasks.io.commit import read_version
 
-    def _replace(self, final: str, data: bytes) -> None:
-        if not self.local:
-            with self.fs.open(final, "wb") as f:  # one PUT: readers see the old object or the new one
-                f.write(data)
-            return
-        tmp = final + f".tmp-{uuid.uuid4().hex[:8]}"
-        with self.fs.open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, final)
-
-    def _create(self, final: str, data: bytes) -> None:
-        """Exclusive create. A retry that finds its own bytes already there (the first try's PUT landed
-        but its answer was lost) counts as done; anything else there is another run's."""
-        try:
-            self._create_once(final, data)
-        except FileExistsError:
-            with self.fs.open(final, "rb") as f:
-                if f.read() == data:
-                    return
-            raise UserError(f"{self.uri}: another run committed {posixpath.basename(final)} first") from None
-
-    def _create_once(self, final: str, data: bytes) -> None:
-        if not self.local:
-            with self.fs.open(final, "xb") as f:  # a conditional PUT (If-None-Match) on S3
-                f.write(data)
-            return
-        self.fs.makedirs(posixpath.dirname(final), exist_ok=True)
-        tmp = final + f".tmp-{uuid.uuid4().hex[:8]}"
-        with self.fs.open(tmp, "wb") as f:
-            f.write(data)
-        try:
-            os.link(tmp, final)  # atomic, and fails if the manifest exists
-        finally:
-            self.fs.rm(tmp)
-
-    def read_manifest(self) -> dict | None:
-        return self._read_json(MANIFEST)
+        return read_version(self, version)
 
     def read_rebuild(self) -> dict | None:
-        """What a failed or stopped rebuild got to, while the last version stands (None if none)."""
-        return self._read_json(posixpath.join(STAGING, REBUILD))
+        """What a failed or stopped rebuild got to, while the version it kept is current (None if none)."""
+        rebuild = self._read_json(REBUILD)
+        current = self.read_manifest()
+        if rebuild is None or current is None or rebuild.get("version_kept") != current.get("version"):
+            return None
+        return rebuild

@@ -8,11 +8,18 @@ What it proves, shard by shard, reading only the part files the manifest lists:
   both, never neither); a prompt of a failed or unbuilt shard has neither;
 - no key is duplicated: prompt ids across the plan, (prompt_id, sample_idx) across the sample tables,
   prompt_id within pairs/best;
+- every part the version lists exists and is readable, and every shard with a marker has every
+  table's part (or its marker's stats say that table had 0 rows), with the rows the stats say;
 - the manifest's row counts and accounting equal what the files say.
+
+It checks the current version (the highest readable one in `_versions/`, whatever `manifest.json`
+says) and notes, without failing, what a reader never sees: unreadable version files and files in a
+table's folder that are not parts.
 """
 
 from __future__ import annotations
 
+import json
 import posixpath
 from collections import Counter
 from dataclasses import dataclass, field
@@ -21,7 +28,8 @@ import numpy as np
 import pyarrow as pa
 
 from dafactory.tasks.io.prompts import SeenIds
-from dafactory.tasks.io.storage import DatasetDir, part_key
+from dafactory.tasks.io.commit import read_version, version_files
+from dafactory.tasks.io.storage import STATS_KEY, DatasetDir, part_key
 
 COMPLETE, MISMATCH, INCOMPLETE = 0, 1, 3  # exit codes
 
@@ -29,6 +37,7 @@ COMPLETE, MISMATCH, INCOMPLETE = 0, 1, 3  # exit codes
 @dataclass
 class Verdict:
     problems: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # what no reader sees, named for the curious
     counts: dict = field(default_factory=dict)
     status: str = "complete"
 
@@ -46,6 +55,36 @@ def _part_name(path: str) -> str:
 
 def _by_part(ds: DatasetDir, manifest: dict, table: str) -> dict[str, str]:
     return {_part_name(p): p for p in ds.listed_files(table, manifest)} if table in manifest["tables"] else {}
+
+
+def _by_full_name(ds: DatasetDir, manifest: dict, table: str) -> dict[str, str]:
+    return {posixpath.basename(p)[len("part-") : -len(".parquet")]: p for p in ds.listed_files(table, manifest)}
+
+
+def _footers(ds: DatasetDir, paths: list[str]) -> list:
+    """Each part's footer, or the exception reading it raised (a truncated part)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(path):
+        try:
+            return ds.footer(path)
+        except Exception as exc:  # named as a problem, not raised
+            return exc
+
+    with ThreadPoolExecutor(max(1, min(32, len(paths)))) as pool:
+        return list(pool.map(one, paths))
+
+
+def _notes(ds: DatasetDir, manifest: dict, notes: list[str]) -> None:
+    """Unreadable version files, and files in the version's table folders that are not parts."""
+    for e in version_files(ds):
+        if e["version"] > manifest["version"] or (e["version"] != manifest["version"]
+                                                  and read_version(ds, e["version"]) is None):
+            notes.append(f"_versions/{e['name']}: unreadable version file, skipped (never current)")
+    for table in manifest["tables"]:
+        for e in ds.listing(table):
+            if not (e["name"].startswith("part-") and e["name"].endswith(".parquet")):
+                notes.append(f"{table}/{e['name']}: not a part (no version lists it; vacuum removes it)")
 
 
 def _ids(table: pa.Table) -> list:
@@ -67,15 +106,40 @@ def verify(ds: DatasetDir) -> Verdict:
     v.status = manifest["status"]
     layout = manifest["layout"]
     p = v.problems
+    _notes(ds, manifest, v.notes)
 
-    # 1. Files and row counts.
+    # 1. Files and row counts (one listing per table, then the footers, read concurrently).
+    footers = {}
     for table, entry in manifest["tables"].items():
         paths = ds.listed_files(table, manifest)
-        missing = [x for x in paths if not ds.fs.exists(x)]
+        there = {e["path"] for e in ds.listing(table)} if paths else set()
+        missing = [x for x in paths if x not in there]
         _too_many(p, f"{table}: files the manifest lists but that do not exist", missing)
-        rows = sum(ds.footer(x).num_rows for x in paths if x not in missing)
+        present = [x for x in paths if x in there]
+        for x, meta in zip(present, _footers(ds, present)):
+            if isinstance(meta, Exception):
+                p.append(f"{table}: unreadable part {posixpath.basename(x)} ({str(meta).splitlines()[0][:120]})")
+            else:
+                footers[x] = meta
+        rows = sum(footers[x].num_rows for x in present if x in footers)
         if rows != entry["rows"]:
             p.append(f"{table}: the manifest says {entry['rows']} rows, the files hold {rows}")
+    if any(x not in footers for t in manifest["tables"] for x in ds.listed_files(t, manifest)):
+        v.counts = {}
+        return v  # a part is missing or unreadable: the shard-by-shard checks below would only repeat it
+
+    # Every shard with a marker has each table's part, with the rows its marker's stats say.
+    marker_name = layout["marker"]
+    for name, path in _by_full_name(ds, manifest, marker_name).items():
+        stats = json.loads((footers[path].metadata or {}).get(STATS_KEY, b"{}"))
+        for table in layout.get("tables", []):
+            listed = _by_full_name(ds, manifest, table)
+            want = stats.get("rows", {}).get(table)
+            have = footers[listed[name]].num_rows if name in listed else None
+            if have is None and want:
+                p.append(f"shard {part_key(name)}: its marker says {want} {table} rows, the version lists no part")
+            elif have is not None and want is not None and have != want:
+                p.append(f"shard {part_key(name)}: its marker says {want} {table} rows, the part holds {have}")
 
     # 2. Every source row exactly once: planned (below), or set aside at input.
     plan_parts = _by_part(ds, manifest, "prompts")

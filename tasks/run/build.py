@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import posixpath
 import signal
 import tempfile
 import threading
@@ -46,16 +47,17 @@ from dafactory.tasks.io.prompts import (
     source_path,
 )
 from dafactory.tasks.io.redact import redact
+from dafactory.tasks.io.commit import clear_rebuild, commit, record_rebuild, vacuum, write_pointer_file
 from dafactory.tasks.io.schemas import PROMPTS, QUARANTINE, TABLES, to_table
 from dafactory.tasks.io.storage import (
     REBUILD,
-    STAGING,
     DatasetDir,
     ShardReader,
     ShardRef,
     ShardWriter,
     failpoint,
     load_shard,
+    part_key,
     storage_options,
 )
 from dafactory.tasks.run.workers import StageSpec, gc_frozen, kill_stages, ray_session, start_stages, stream
@@ -115,6 +117,8 @@ class Planner:
         self.ds, self.shard_size, self.salt, self.quarantine_rows = ds, shard_size, salt, quarantine_rows
         self.previous_buckets = previous_buckets
         self.plan, self.quarantine, self.unique = Plan(), [], 0
+        # parts an earlier plan of the same content wrote (one listing each): not uploaded again
+        self.existing = {t: set(ds.parts(t)) for t in ("prompts", "quarantine")}
         self.spill = tempfile.TemporaryDirectory(prefix="dafactory-plan-")
         self.writers: dict[int, pa.ipc.RecordBatchFileWriter] = {}
         # Categories that repeats brought to prompts already spilled (iter_prompts' `late`): added when
@@ -150,7 +154,7 @@ class Planner:
         ids = rows.column("prompt_id").to_pylist()
         shard_id = shard_id_of(self.salt, ids)
         part = self.ds.write_keyed("prompts", shard_id, rows.drop_columns(["h"]).append_column(
-            "shard_id", pa.array([shard_id] * rows.num_rows, pa.string())))
+            "shard_id", pa.array([shard_id] * rows.num_rows, pa.string())), self.existing["prompts"])
         self.plan.shards.append(ShardRef(shard_id, len(self.plan.shards), rows.num_rows, part))
         failpoint("plan")
 
@@ -172,7 +176,8 @@ class Planner:
 
     def _quarantine(self) -> None:
         key = f"input-{len(self.plan.quarantine_parts):05d}"
-        self.plan.quarantine_parts.append(self.ds.write_keyed("quarantine", key, to_table(self.quarantine, QUARANTINE)))
+        self.plan.quarantine_parts.append(self.ds.write_keyed("quarantine", key, to_table(self.quarantine, QUARANTINE),
+                                                              self.existing["quarantine"]))
         self.quarantine = []
 
     def finish(self) -> Plan:
@@ -313,7 +318,7 @@ def build_shards(config: RunConfig, ds: DatasetDir, plan: Plan, recipe: Recipe) 
     """Run every shard not yet written through the recipe's Ray stages; stage each as it finishes.
     A stop (Ctrl-C, SIGTERM) keeps what is written and returns; shards that keep failing are listed."""
     logger = get_run_logger()
-    done_ids = ds.written(recipe.tables[-1])
+    done_ids = set(shard_parts(ds, plan, recipe, ds.read_manifest())[0])
     pending = [s for s in plan.shards if s.shard_id not in done_ids]
     report = {"resumed": len(plan.shards) - len(pending), "built": 0, "workers": [], "seconds": {},
               "failed": [], "stopped": None, "stats": {}, "held_s": 0.0,
@@ -431,75 +436,115 @@ def _run_stages(config: RunConfig, ds: DatasetDir, pending: list[ShardRef], reci
             report["held_s"] = time.perf_counter() - ready
 
 
-def version_parts(plan: Plan, recipe: Recipe, ds: DatasetDir) -> dict[str, set[str]]:
-    """The part names of every table that make up this version. Summaries get none here: a run writes
-    its own after the shards (recipe.post), and finalize adds those."""
-    # A shard's parts count only once its marker (written last) is there: a replica stopped mid-write
-    # leaves the others staged, and the shard is built again.
-    done = {s.shard_id for s in plan.shards} & ds.written(recipe.tables[-1])
-    keep = {t: set(done) for t in recipe.tables}
-    keep["prompts"] = {s.part for s in plan.shards}
-    keep["quarantine"] = done | set(plan.quarantine_parts)
-    keep |= {t: set() for t in recipe.summary_tables}
-    return keep
+def shard_parts(ds: DatasetDir, plan: Plan, recipe: Recipe, previous: dict | None,
+                built: dict[str, dict] | None = None) -> tuple[dict[str, str], dict[str, dict[str, str]]]:
+    """Which planned shards are done, and the part name (`<shard id>@<token>`) of each: a shard is done
+    when a marker part (its table written last) and every other table's part of that name are there.
+    When several writes of a shard are (a retry, a concurrent run), this run's is taken, else the one
+    the current version lists, else the first by name. One listing per table. Returns (shard id -> part
+    name, table -> its listing)."""
+    tables = list(dict.fromkeys(recipe.tables))
+    listed = {t: ds.parts(t) for t in tables}
+    required = [t for t in tables if t != "quarantine"]  # an empty quarantine has no part
+    whole: dict[str, list[str]] = {}
+    for name in listed[recipe.tables[-1]]:
+        if all(name in listed[t] for t in required):
+            whole.setdefault(part_key(name), []).append(name)
+    in_previous = {_part_name(f) for f in ((previous or {}).get("tables", {}).get(recipe.tables[-1], {})
+                                           .get("files", []))}
+    built = built or {}
+    chosen = {}
+    for ref in plan.shards:
+        names = sorted(whole.get(ref.shard_id, ()))
+        if not names:
+            continue
+        ours = built.get(ref.shard_id, {}).get("part")
+        chosen[ref.shard_id] = ours if ours in names else next((n for n in names if n in in_previous), names[0])
+    return chosen, listed
+
+
+def _part_name(path: str) -> str:
+    return posixpath.basename(path)[len("part-") : -len(".parquet")]
+
+
+def _counts(names: dict[str, list[str]], rows: dict[tuple[str, str], int]) -> dict[str, dict]:
+    """A version's tables: rows, parts and the part files, from rows counted by their writers."""
+    return {t: {"rows": sum(rows[(t, n)] for n in parts), "parts": len(parts),
+                "files": [f"{t}/part-{n}.parquet" for n in parts]} for t, parts in names.items()}
 
 
 @task(cache_policy=NONE)
 def finalize(
     config: RunConfig, ds: DatasetDir, plan: Plan, report: dict, timings: dict, recipe: Recipe, models: dict,
 ) -> dict:
-    """Publish the staged parts, count what was written, commit the manifest as the dataset's new
-    version, then remove the parts only older versions list, and publish the summary and dataset card.
+    """Commit this run's version of the dataset (tasks/io/commit.py): every planned shard that is done
+    (this run's parts or earlier ones'), the plan's prompts and input quarantine, and summaries; then
+    point the dataset card at it and vacuum what no retained version needs.
 
-    Until the commit the previous version stays whole: nothing it lists is overwritten or removed. A run
-    that failed or was stopped while a complete version stands leaves that version in place and its own
-    parts staged for the re-run (`_staging/rebuild.json` says how far it got); on a first build it
-    commits a manifest marked incomplete."""
-    tables = list(dict.fromkeys(["prompts"] + recipe.tables + ["quarantine"] + recipe.summary_tables))
+    A run that failed or was stopped while a complete version stands commits nothing: that version stays
+    the dataset, and `_rebuild.json` says how far this run got (its parts are there for the re-run). On a
+    first build it commits a version marked incomplete."""
+    logger = get_run_logger()
     complete = not report["failed"] and not report["stopped"]
     previous = ds.read_manifest()
-    keep = version_parts(plan, recipe, ds)
-    pruned = ds.prune_staged(keep)  # leftovers of earlier plans, and summaries an interrupted run staged
     if not complete and previous is not None and previous["status"] == "complete":
         return keep_previous(ds, plan, report, previous)
-    ds.publish(tables)
-    failpoint("publish")
+    chosen, listed = shard_parts(ds, plan, recipe, previous, report["stats"])
+    marker = recipe.tables[-1]
+    ours = [report["stats"][sid] for sid, name in chosen.items() if report["stats"].get(sid, {}).get("part") == name]
+    resumed = [name for sid, name in chosen.items() if report["stats"].get(sid, {}).get("part") != name]
+    # the stats of shards built before this run, from their markers' footers (read concurrently)
+    shard_stats = ours + [st | {"part": n} for st, n in zip(ds.marker_stats([listed[marker][n] for n in resumed]),
+                                                             resumed)]
+    names = {t: sorted(chosen.values()) for t in recipe.tables}
+    names["quarantine"] = sorted({n for n in chosen.values() if n in listed.get("quarantine", {})}
+                                 | set(plan.quarantine_parts))
+    names["prompts"] = sorted({s.part for s in plan.shards})
+    rows = {(t, s["part"]): n for s in shard_stats for t, n in s["rows"].items()}
+    rows |= {("prompts", s.part): s.prompts for s in plan.shards}
     extra = dict(recipe.manifest_extra) | {"flow": recipe.name, "layout": {
-        "marker": recipe.tables[-1], "sample_tables": recipe.sample_tables,
+        "marker": marker, "tables": recipe.tables, "sample_tables": recipe.sample_tables,
         "one_row_per_prompt": recipe.one_row_per_prompt,
     }}
     if recipe.post is not None and complete:
-        extra |= recipe.post(ds, keep)
-    keep |= {t: set(ds.parts(t, staged=True)) for t in recipe.summary_tables}
-    ds.publish(recipe.summary_tables)
-    # Published parts this version does not list: an older version's, removed once this one is committed.
-    stale = [path for t in TABLES for name, path in ds.parts(t).items() if name not in keep.get(t, ())]
-    pruned += len(stale)
-    shard_stats = ds.shard_stats(recipe.tables[-1], keep[recipe.tables[-1]], report["stats"])
-    # Rows their writers counted: the footers of this run's parts are not read again.
-    known = {(t, s["shard_id"]): n for s in shard_stats for t, n in s["rows"].items()}
-    known |= {("prompts", s.part): s.prompts for s in plan.shards}
+        extra |= recipe.post(ds, names)
+        names |= {t: [n] for t, n in extra.pop("summary_parts", {}).items()}
+    names = {t: names.get(t, []) for t in dict.fromkeys(["prompts"] + recipe.tables + ["quarantine"]
+                                                         + recipe.summary_tables)}
+    unknown = [(t, n) for t, ns in names.items() for n in ns if (t, n) not in rows]  # input quarantine, summaries
+    for (t, n), meta in zip(unknown, ds.footers([ds.part_path(t, n) for t, n in unknown])):
+        rows[(t, n)] = meta.num_rows
+    counts = _counts(names, rows)
+    before = {f for e in (previous or {}).get("tables", {}).values() for f in e.get("files", [])}
+    now = {f for e in counts.values() for f in e["files"]}
     manifest = redact(build_manifest(
         config=config.model_dump(mode="json"),
         fingerprint=config.fingerprint(),
         plan=plan,
         shard_stats=shard_stats,
-        counts=ds.row_counts(tables, keep, known),
+        counts=counts,
         outcomes_key=recipe.outcomes_key,
         timings=timings | {f"workers_{k}": round(v, 3) for k, v in report["seconds"].items()},
         models=models | {"workers": report["workers"]},
         report=report,
-        pruned_parts=pruned,
+        replaced_parts=len(before - now),
         extra=extra,
     ))
-    manifest = ds.commit_manifest(manifest, config.keep_versions)
-    failpoint("commit")
-    ds.remove(stale)
-    ds.drop_staging()
-    ds.write_bytes(CARD, dataset_card(manifest, recipe.main_table or recipe.tables[0]).encode())
-    if stale:
-        get_run_logger().info("version %d committed; removed %d parts only older versions listed",
-                              manifest["version"], len(stale))
+    failpoint("parts")
+
+    def decide(current: dict | None) -> dict | None:
+        # another run may have committed meanwhile: a failed rebuild still never replaces a complete version
+        return None if not complete and (current or {}).get("status") == "complete" else manifest
+
+    manifest, committed = commit(ds, decide)
+    if not committed:
+        return keep_previous(ds, plan, report, manifest)
+    clear_rebuild(ds)
+    write_pointer_file(ds, CARD, dataset_card(manifest, recipe.main_table or recipe.tables[0]).encode(),
+                       manifest["version"])
+    removed = vacuum(ds, list(TABLES), config.keep_versions, config.retention_hours)
+    logger.info("version %d committed; vacuum removed %d files and %d versions older than %gh that no kept "
+                "version lists", manifest["version"], removed["files"], removed["versions"], config.retention_hours)
     create_table_artifact(
         redact(summary_rows(manifest)), key=artifact_key(config.dataset, f"{recipe.name}-summary"),
         description=f"{recipe.name} dataset {ds.uri}"
@@ -509,13 +554,13 @@ def finalize(
 
 def keep_previous(ds: DatasetDir, plan: Plan, report: dict, previous: dict) -> dict:
     """A rebuild that failed or was stopped: the last complete version stays the dataset; what this run
-    got to is recorded in `_staging/rebuild.json`, and its parts stay staged for the re-run."""
+    got to is recorded in `_rebuild.json`, and its parts stay for the re-run."""
     rebuild = {
         "status": "incomplete", "stopped": report["stopped"], "version_kept": previous["version"],
         "shards": {"total": len(plan.shards), "resumed": report["resumed"], "built": report["built"],
                    "failed": report["failed"]},
     }
-    ds.write_bytes(f"{STAGING}/{REBUILD}", json.dumps(redact(rebuild), indent=2).encode())
+    record_rebuild(ds, redact(rebuild))
     get_run_logger().warning(
         "the rebuild is incomplete: version %d of %s stays the dataset; re-run to finish the new one",
         previous["version"], ds.uri)
@@ -544,7 +589,7 @@ def build_dataset(
     with gc_frozen():
         planned = plan_input.with_options(**result_options(config))
         plan = planned(config, ds, recipe.salt, screen, load)
-        if not {s.part for s in plan.shards} <= ds.written("prompts"):
+        if not {s.part for s in plan.shards} <= set(ds.parts("prompts")):
             logger.warning("the cached plan's shards are not in %s any more: planning again", ds.uri)
             plan = planned.with_options(refresh_cache=True)(config, ds, recipe.salt, screen, load)
         t1 = time.perf_counter()
@@ -574,7 +619,7 @@ def conclude(manifest: dict, report: dict, uri: str) -> dict:
         r = manifest["rebuild"]
         raise ShardsFailed(
             f"{len(r['shards']['failed'])} of {r['shards']['total']} shards failed after retries; version "
-            f"{r['version_kept']} stays the dataset, {uri}/{STAGING}/{REBUILD} lists them; re-run to retry them"
+            f"{r['version_kept']} stays the dataset, {uri}/{REBUILD} lists them; re-run to retry them"
         )
     if report["failed"]:
         raise ShardsFailed(

@@ -114,12 +114,13 @@ def evaluation_summary(config: EvaluateConfig, ds: DatasetDir, parts: dict[str, 
                         "answers without a refusal phrase.")
     for r in rows + layer_rows + utility_rows:
         r.setdefault("note", None)
+    summary_parts = {}
     if rows:
-        ds.write_keyed("asr", "summary", to_table(rows, ASR))
+        summary_parts["asr"] = ds.write_keyed("asr", "summary", to_table(rows, ASR))
     if utility_rows:
-        ds.write_keyed("utility", "summary", to_table(utility_rows, UTILITY))
+        summary_parts["utility"] = ds.write_keyed("utility", "summary", to_table(utility_rows, UTILITY))
     if layer_rows:
-        ds.write_keyed("asr_by_layer", "summary", to_table(layer_rows, ASR))
+        summary_parts["asr_by_layer"] = ds.write_keyed("asr_by_layer", "summary", to_table(layer_rows, ASR))
     drops = mean_drop(rows)
     facts = {
         "student (FT)": config.student.model,
@@ -143,7 +144,8 @@ def evaluation_summary(config: EvaluateConfig, ds: DatasetDir, parts: dict[str, 
     create_markdown_artifact(report, key=artifact_key(config.dataset, "evaluate-report"),
                              description=f"Evaluation report, {ds.uri}")
     return {"degenerate_latent": degenerate, "mean_drop_vs_first": drops, "report": "report.md",
-            "utility_cost_vs_first": mean_drop(utility_rows), "warnings": warnings}
+            "utility_cost_vs_first": mean_drop(utility_rows), "warnings": warnings,
+            "summary_parts": summary_parts}
 
 
 def evaluate_recipe(config: EvaluateConfig, refs: dict | None = None) -> Recipe:
