@@ -295,10 +295,10 @@ def test_a_reordered_input_resumes_every_shard_and_an_insert_rebuilds_one(tmp_pa
     reordered = build(questions[::-1])
     assert (reordered["shards"]["resumed"], reordered["shards"]["built"]) == (first["shards"]["total"], 0)
     ds = DatasetDir(str(tmp_path / "out"), "r")
-    before = set(ds.parts("candidates"))
+    before = set(reordered["tables"]["candidates"]["files"])
     inserted = build(["a brand new question"] + questions[::-1])
     assert (inserted["shards"]["built"], inserted["shards"]["resumed"]) == (1, first["shards"]["total"] - 1)
-    after = set(ds.parts("candidates"))
+    after = set(inserted["tables"]["candidates"]["files"])
     assert (len(before - after), len(after - before)) == (1, 1)  # one shard's output replaced, the rest kept
     assert inserted["tables"]["candidates"]["rows"] == 25 * 2
     assert verify(ds).problems == []

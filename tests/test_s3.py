@@ -186,6 +186,40 @@ def test_prefect_results_on_s3_let_another_machine_skip_planning(tmp_path, s3, r
     assert again["status"] == "complete" and again["shards"]["built"] == 3
 
 
+# The oldest s3fs pyproject.toml allows, with the fsspec of its release and the aiobotocore/botocore pip
+# resolves for it. Before 2026.9, s3fs answered listings from its cache, which lost resumed builds' parts.
+FLOOR = {"s3fs": "2025.7.0", "fsspec": "2025.7.0", "aiobotocore": "2.26.0", "botocore": "1.41.5"}
+
+
+@pytest.fixture(scope="session")
+def s3fs_floor(tmp_path_factory) -> dict:
+    """PYTHONPATH for CLI processes that run with the oldest s3fs the package allows (installed here when
+    the venv has a newer one, as its users may have)."""
+    import re
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    declared = re.search(r'"s3fs>=([0-9.]+)"', (ROOT / "pyproject.toml").read_text()).group(1)
+    assert declared == FLOOR["s3fs"], "the floor in pyproject.toml moved: test at the new one"
+    target = tmp_path_factory.mktemp("s3fs-floor")
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target),
+                    *(f"{k}=={v}" for k, v in FLOOR.items())], check=True, capture_output=True)
+    env = {"PYTHONPATH": str(target)}
+    seen = subprocess.run([sys.executable, "-c", "import s3fs, fsspec; print(s3fs.__version__, fsspec.__version__)"],
+                          env=dict(os.environ, **env), capture_output=True, text=True, check=True).stdout.split()
+    assert seen == [FLOOR["s3fs"], FLOOR["fsspec"]]
+    return env
+
+
+@pytest.mark.slow
+def test_a_killed_rebuild_keeps_the_last_version_on_s3_with_the_oldest_s3fs(tmp_path, s3, s3fs_floor):
+    from tests.test_versions import KILL_POINTS, killed_rebuilds
+
+    killed_rebuilds(tmp_path, "s3://datasets/floor", KILL_POINTS, env=s3fs_floor)
+
+
 @pytest.mark.slow
 def test_a_killed_rebuild_keeps_the_last_version_on_s3(tmp_path, s3):
     from tests.test_versions import KILL_POINTS, killed_rebuilds

@@ -22,13 +22,14 @@ from dafactory.tasks.io.verify import verify
 from tests.conftest import ROOT, write_jsonl
 
 
-def run_cli(tmp_path, cfg, failpoint: str | None = None) -> int:
+def run_cli(tmp_path, cfg, failpoint: str | None = None, env_extra: dict | None = None) -> int:
     path = tmp_path / "config.yaml"
     path.write_text(json.dumps(cfg.model_dump(mode="json")))
     (tmp_path / "home").mkdir(exist_ok=True)
     env = dict(os.environ, HOME=str(tmp_path / "home"))
     env.pop("PREFECT_API_URL", None)
     env.pop(FAILPOINT, None)
+    env |= env_extra or {}
     if failpoint:
         env[FAILPOINT] = failpoint
     with open(tmp_path / "cli.log", "a") as log:
@@ -57,7 +58,8 @@ def row_keys(ds: DatasetDir, manifest: dict | None = None) -> dict[str, set]:
     return out
 
 
-def killed_rebuilds(tmp_path, output: str, points: list[str]) -> None:
+def killed_rebuilds(tmp_path, output: str, points: list[str], env: dict | None = None) -> None:
+    """`env`: more environment for the CLI's processes (an older s3fs on PYTHONPATH)."""
     def config(prompts: list[str], dataset="v") -> PreferenceConfig:
         path = write_jsonl(tmp_path / f"{dataset}.jsonl", [{"prompt": p} for p in prompts])
         return build_config(PreferenceConfig, None, [
@@ -66,7 +68,7 @@ def killed_rebuilds(tmp_path, output: str, points: list[str]) -> None:
         ])
 
     first = [f"question number {i}" for i in range(8)]
-    assert run_cli(tmp_path, config(first)) == 0, (tmp_path / "cli.log").read_text()[-3000:]
+    assert run_cli(tmp_path, config(first), env_extra=env) == 0, (tmp_path / "cli.log").read_text()[-3000:]
     ds = DatasetDir(output, "v")
     v1 = ds.read_manifest()
     assert (v1["version"], v1["accounting"]["source_rows"], verify(ds).problems) == (1, 8, [])
@@ -75,7 +77,7 @@ def killed_rebuilds(tmp_path, output: str, points: list[str]) -> None:
     changed = config(prompts)
     expected = 1
     for point in points:
-        assert run_cli(tmp_path, changed, failpoint=point) == -signal.SIGKILL, point
+        assert run_cli(tmp_path, changed, failpoint=point, env_extra=env) == -signal.SIGKILL, point
         current = ds.read_manifest()
         # a kill after the version file leaves the new version committed, whatever manifest.json says
         expected += point in ("version", "pointer")
@@ -83,7 +85,7 @@ def killed_rebuilds(tmp_path, output: str, points: list[str]) -> None:
         assert (point, verify(ds).problems) == (point, [])
         assert ds.read_table("candidates").num_rows == current["tables"]["candidates"]["rows"]
 
-    assert run_cli(tmp_path, changed) == 0, (tmp_path / "cli.log").read_text()[-3000:]
+    assert run_cli(tmp_path, changed, env_extra=env) == 0, (tmp_path / "cli.log").read_text()[-3000:]
     last = ds.read_manifest()
     assert (last["accounting"]["source_rows"], last["status"], verify(ds).problems) == (10, "complete", [])
     if "shard" in points:
@@ -91,8 +93,8 @@ def killed_rebuilds(tmp_path, output: str, points: list[str]) -> None:
     assert json.loads(ds.fs.cat(ds._path("manifest.json")))["version"] == last["version"]  # the pointer
     # the rows equal a clean build's of the same inputs (the first, then the changed one: a folder keeps its
     # id ranges, and so its shards, while the input fits them), in another folder, never killed
-    assert run_cli(tmp_path, config(first, dataset="clean")) == 0
-    assert run_cli(tmp_path, config(prompts, dataset="clean")) == 0
+    assert run_cli(tmp_path, config(first, dataset="clean"), env_extra=env) == 0
+    assert run_cli(tmp_path, config(prompts, dataset="clean"), env_extra=env) == 0
     clean = DatasetDir(output, "clean")
     assert row_keys(ds) == row_keys(clean) and ds.read_table("candidates").num_rows == 20
     # vacuum with no window and no earlier version kept leaves exactly the current version's parts
@@ -138,3 +140,170 @@ def test_a_failed_rebuild_keeps_the_last_version(tmp_path, run_flow):
                           capture_output=True, text=True, cwd=ROOT)
     assert "version 1" in diff.stdout and "-> version 2" in diff.stdout
     assert "candidates rows                12 -> 14       (+2)" in diff.stdout
+
+
+def test_completeness_goes_by_shard_id_not_by_the_index_a_resumed_shard_kept():
+    """Resumed shards keep the index of the plan that built them: after the id ranges with prompts change,
+    two done shards can carry one index. Every planned shard id is done: complete."""
+    from dafactory.tasks.io.manifest import build_manifest
+    from dafactory.tasks.io.storage import ShardRef
+    from dafactory.tasks.run.build import Plan
+
+    plan = Plan(shards=[ShardRef(f"s{i}", i, 1, f"s{i}@h") for i in range(4)], source_rows=4)
+    # cases: (shard ids with stats, their indices) -> status
+    cases = [
+        ((["s0", "s1", "s2", "s3"], [0, 0, 1, 2]), "complete"),  # indices collide (two resumed from old plans)
+        ((["s0", "s1", "s2", "old"], [0, 1, 2, 3]), "incomplete"),  # four indices, but s3 is not done
+        ((["s0", "s1", "s2"], [0, 1, 2]), "incomplete"),
+    ]
+    for (ids, indices), status in cases:
+        stats = [{"shard_id": sid, "shard_index": i, "prompts": 1, "prompts_out": 1} for sid, i in zip(ids, indices)]
+        manifest = build_manifest(config={}, fingerprint="f", plan=plan, shard_stats=stats, counts={},
+                                  outcomes_key="x", timings={}, models={}, replaced_parts=0,
+                                  report={"failed": [], "stopped": None, "resumed": 2, "built": 2})
+        assert (ids, manifest["status"]) == (ids, status)
+
+
+def _folder_copy(ds: DatasetDir, tmp_path, name: str) -> DatasetDir:
+    import shutil
+
+    shutil.copytree(ds.root, tmp_path / "copies" / name)
+    return DatasetDir(str(tmp_path / "copies"), name)
+
+
+@pytest.mark.slow
+def test_verify_names_missing_stray_and_truncated_parts_and_garbage_versions(tmp_path, run_flow):
+    path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": f"question number {i}"} for i in range(8)])
+    cfg = build_config(PreferenceConfig, None, [
+        f"output={tmp_path / 'out'}", "dataset=v", f"prompts.path={path}", "student.backend=fake", "n=2",
+        "shard_size=2", "student.num_cpus=0.5", "scoring.num_cpus=0.5"])
+    v1 = run_flow(cfg)
+    ds = DatasetDir(cfg.output, cfg.dataset)
+    rows_before = row_keys(ds)
+    pairs = sorted(f for f in v1["tables"]["pairs"]["files"])
+    marker = sorted(v1["tables"]["candidates"]["files"])[0]
+
+    # 1. a listed part deleted
+    gone = _folder_copy(ds, tmp_path, "gone")
+    (tmp_path / "copies" / "gone" / pairs[0]).unlink()
+    assert any(p.startswith("pairs: files the manifest lists but that do not exist: 1") for p in verify(gone).problems)
+    # 2. a shard whose marker is there, and whose pairs part is gone and no longer listed either (a version
+    # that lost a table's part): the marker's stats say how many rows it had
+    unlisted = _folder_copy(ds, tmp_path, "unlisted")
+    lost = next(f for f in pairs if ds.footer(ds._path(f)).num_rows)
+    edited = dict(v1, tables=dict(v1["tables"], pairs=dict(v1["tables"]["pairs"], files=[f for f in pairs if f != lost],
+                  rows=v1["tables"]["pairs"]["rows"] - ds.footer(ds._path(lost)).num_rows)))
+    (tmp_path / "copies" / "unlisted" / "_versions" / "manifest-000001.json").write_text(json.dumps(edited))
+    problems = verify(unlisted).problems
+    shard = lost.split("part-")[1].split("@")[0]
+    assert any(p.startswith(f"shard {shard}: its marker says") and "pairs rows, the version lists no part" in p
+               for p in problems), problems
+    # 3. a bad actor: a stray file, a truncated marker part, a version file of garbage
+    (tmp_path / "out" / "v" / "pairs" / "notes.txt").write_text("hello")
+    data = (tmp_path / "out" / "v" / marker).read_bytes()
+    (tmp_path / "out" / "v" / marker).write_bytes(data[: len(data) // 2])
+    (tmp_path / "out" / "v" / "_versions" / "manifest-000002.json").write_bytes(b"\x00garbage")
+    v = verify(ds)
+    assert [p for p in v.problems if "unreadable part" in p] == [
+        f"candidates: unreadable part {marker.split('/')[1]} (Parquet magic bytes not found in footer. Either the "
+        "file is corrupted or this is not a parquet file.)"]
+    assert v.notes == ["_versions/manifest-000002.json: unreadable version file, skipped (never current)",
+                       "pairs/notes.txt: not a part (no version lists it; vacuum removes it)"]
+    # the next build is not blocked: it takes version 3, builds the truncated marker's shard again
+    v3 = run_flow(cfg)
+    assert (v3["version"], v3["status"], v3["shards"]["built"], v3["shards"]["resumed"]) == (3, "complete", 1, 3)
+    again = verify(ds)
+    assert again.problems == [] and again.code == 0
+    assert row_keys(ds) == rows_before  # the same rows as the first build
+
+
+@pytest.mark.slow
+def test_two_runs_into_one_folder_at_once_end_as_one_clean_build(tmp_path):
+    """A second run starts while the first builds, after the prompt file was regenerated in place (a UI run
+    during a scheduled one). Both finish; the folder's current version is a clean build of one input."""
+    import time
+
+    from tests.conftest import cli
+
+    prompts = tmp_path / "p.jsonl"
+    first = [f"question number {i}" for i in range(16)]
+    second = first[:10] + [f"another question {i}" for i in range(6)]
+
+    def config(dataset: str) -> PreferenceConfig:
+        return build_config(PreferenceConfig, None, [
+            f"output={tmp_path / 'out'}", f"dataset={dataset}", f"prompts.path={prompts}", "student.backend=fake",
+            "n=2", "shard_size=2", "student.num_cpus=0.5", "scoring.num_cpus=0.5", "student.params.latency_s=0.3"])
+
+    write_jsonl(prompts, [{"prompt": p} for p in first])
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    a = cli(tmp_path / "a", config("v"))
+    ds = DatasetDir(str(tmp_path / "out"), "v")
+    deadline = time.time() + 240
+    while len(ds.parts("candidates")) < 2 and time.time() < deadline:  # the first is building
+        time.sleep(0.2)
+    write_jsonl(prompts, [{"prompt": p} for p in second])
+    b = cli(tmp_path / "b", config("v"))
+    assert a.wait(timeout=600) == 0, (tmp_path / "a" / "cli.log").read_text()[-3000:]
+    assert b.wait(timeout=600) == 0, (tmp_path / "b" / "cli.log").read_text()[-3000:]
+    final = ds.read_manifest()
+    assert final["version"] == 2 and final["status"] == "complete" and verify(ds).problems == []
+    # clean builds of each input, one at a time, each in a folder of its own
+    cleans = {}
+    for name, rows in (("clean-first", first), ("clean-second", second)):
+        write_jsonl(prompts, [{"prompt": p} for p in rows])
+        (tmp_path / name).mkdir()
+        assert cli(tmp_path / name, config(name)).wait(timeout=600) == 0
+        cleans[name] = row_keys(DatasetDir(str(tmp_path / "out"), name))
+    assert row_keys(ds) in cleans.values()
+    assert row_keys(ds, ds.read_version(1)) in cleans.values()  # the version it replaced is whole too
+    assert cleans["clean-first"] != cleans["clean-second"]
+
+
+@pytest.mark.slow
+def test_a_reader_in_a_loop_always_gets_one_whole_version_while_rebuilds_commit_and_vacuum(
+        tmp_path, run_flow, monkeypatch):
+    """`datasets.load_dataset` through the card, in a loop on another thread, while three rebuilds over
+    new inputs commit and vacuum with no earlier version kept and a window of 7 s: every read
+    succeeds and holds exactly one version's rows, while the vacuums remove what no reader can still need."""
+    import threading
+    import time
+
+    import datasets
+
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf-cache"))
+    path = tmp_path / "p.jsonl"
+    inputs = [[f"question number {i} of input {k}" for i in range(8)] for k in range(4)]
+
+    def build(rows):
+        write_jsonl(path, [{"prompt": p} for p in rows])
+        return run_flow(build_config(PreferenceConfig, None, [
+            f"output={tmp_path / 'out'}", "dataset=v", f"prompts.path={path}", "student.backend=fake", "n=2",
+            "shard_size=2", "student.num_cpus=0.5", "scoring.num_cpus=0.5", "keep_versions=0",
+            "retention_hours=0.002"]))
+
+    listed = set(build(inputs[0])["tables"]["candidates"]["files"])
+    ds = DatasetDir(str(tmp_path / "out"), "v")
+    wholes = [set(ds.read_table("candidates").column("prompt_id").to_pylist())]
+    stop, reads, errors = threading.Event(), [], []
+
+    def reader():
+        while not stop.is_set():
+            try:
+                table = datasets.load_dataset(ds.root, "candidates", split="train", download_mode="force_redownload")
+                reads.append(set(table["prompt_id"]))
+            except Exception as exc:  # noqa: BLE001 - any failed read fails the test below
+                errors.append(repr(exc))
+
+    t = threading.Thread(target=reader, daemon=True)
+    t.start()
+    for k in range(3):
+        time.sleep(4)
+        manifest = build(inputs[k + 1])
+        listed |= set(manifest["tables"]["candidates"]["files"])
+        wholes.append(set(ds.read_table("candidates", manifest).column("prompt_id").to_pylist()))
+    stop.set()
+    t.join(120)
+    assert errors == [] and len(reads) >= 3
+    assert all(r in wholes for r in reads)  # never a mix of two versions, never a part short
+    assert {f"candidates/part-{n}.parquet" for n in ds.parts("candidates")} < listed  # vacuum removed some

@@ -247,8 +247,8 @@ class DatasetDir:
         for attempt in range(self.retries + 1):
             try:
                 return op()
-            except (FileExistsError, FileNotFoundError, UserError):
-                raise  # answers, not faults
+            except (FileExistsError, FileNotFoundError, UserError, pa.ArrowInvalid):
+                raise  # answers, not faults (ArrowInvalid: a file that is not whole Parquet)
             except Exception as exc:  # endpoint down, connection reset, throttling...
                 if attempt == self.retries:
                     first = first_line(exc)
@@ -406,18 +406,32 @@ class DatasetDir:
 
         return self._retry("read a footer", read)
 
-    def footers(self, paths: list[str], threads: int = 32) -> list[pq.FileMetaData]:
+    def footers(self, paths: list[str]) -> list[pq.FileMetaData]:
         """Footers of many parts, read concurrently (each is a GET or two on an object store)."""
         if len(paths) < 2:
             return [self.footer(p) for p in paths]
         from concurrent.futures import ThreadPoolExecutor
 
-        with ThreadPoolExecutor(min(threads, len(paths))) as pool:
+        with ThreadPoolExecutor(min(32, len(paths))) as pool:
             return list(pool.map(self.footer, paths))
 
-    def marker_stats(self, paths: list[str]) -> list[dict]:
-        """The shard stats each marker part carries in its footer."""
-        return [json.loads((m.metadata or {}).get(STATS_KEY, b"{}")) for m in self.footers(paths)]
+    def marker_stats(self, paths: list[str], errors: bool = False) -> list:
+        """The shard stats each marker part carries in its footer; with `errors`, the ArrowInvalid of a
+        part that is not whole Parquet in its place instead of raising it."""
+        def one(path):
+            try:
+                return json.loads((self.footer(path).metadata or {}).get(STATS_KEY, b"{}"))
+            except pa.ArrowInvalid as exc:
+                if not errors:
+                    raise
+                return exc
+
+        if len(paths) < 2:
+            return [one(p) for p in paths]
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(min(32, len(paths))) as pool:  # a GET or two each on an object store
+            return list(pool.map(one, paths))
 
     def listed_files(self, table: str, manifest: dict | None = None) -> list[str]:
         """The part files of a table that a version lists (the current one unless given)."""

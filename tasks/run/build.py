@@ -318,10 +318,10 @@ def build_shards(config: RunConfig, ds: DatasetDir, plan: Plan, recipe: Recipe) 
     """Run every shard not yet written through the recipe's Ray stages; stage each as it finishes.
     A stop (Ctrl-C, SIGTERM) keeps what is written and returns; shards that keep failing are listed."""
     logger = get_run_logger()
-    done_ids = set(shard_parts(ds, plan, recipe, ds.read_manifest())[0])
-    pending = [s for s in plan.shards if s.shard_id not in done_ids]
+    done = resumable(ds, plan, recipe, ds.read_manifest())
+    pending = [s for s in plan.shards if s.shard_id not in done]
     report = {"resumed": len(plan.shards) - len(pending), "built": 0, "workers": [], "seconds": {},
-              "failed": [], "stopped": None, "stats": {}, "held_s": 0.0,
+              "failed": [], "stopped": None, "stats": {}, "resumed_stats": done, "held_s": 0.0,
               # what each stage's actors asked Ray for (the manifest's resource-seconds)
               "stages": [{"name": st.name, "replicas": st.num_replicas, "num_cpus": st.num_cpus,
                           "num_gpus": st.num_gpus} for st in recipe.stages]}
@@ -463,6 +463,22 @@ def shard_parts(ds: DatasetDir, plan: Plan, recipe: Recipe, previous: dict | Non
     return chosen, listed
 
 
+def resumable(ds: DatasetDir, plan: Plan, recipe: Recipe, previous: dict | None) -> dict[str, dict]:
+    """The stats (with their part name) of the planned shards that are done, read from their markers'
+    footers, concurrently. A marker that is not whole Parquet (a truncated upload, a bad actor) does
+    not count: its shard is built again."""
+    chosen, listed = shard_parts(ds, plan, recipe, previous)
+    names = list(chosen.values())
+    done = {}
+    for name, stats in zip(names, ds.marker_stats([listed[recipe.tables[-1]][n] for n in names], errors=True)):
+        if isinstance(stats, Exception):
+            get_run_logger().warning("%s: the marker part %s is unreadable (%s); its shard is built again", ds.uri, name,
+                        str(stats).splitlines()[0][:120])
+        else:
+            done[part_key(name)] = stats | {"part": name}
+    return done
+
+
 def _part_name(path: str) -> str:
     return posixpath.basename(path)[len("part-") : -len(".parquet")]
 
@@ -489,13 +505,14 @@ def finalize(
     previous = ds.read_manifest()
     if not complete and previous is not None and previous["status"] == "complete":
         return keep_previous(ds, plan, report, previous)
-    chosen, listed = shard_parts(ds, plan, recipe, previous, report["stats"])
+    built = report["stats"] | {sid: st for sid, st in report.get("resumed_stats", {}).items()
+                               if sid not in report["stats"]}
+    chosen, listed = shard_parts(ds, plan, recipe, previous, built)
     marker = recipe.tables[-1]
-    ours = [report["stats"][sid] for sid, name in chosen.items() if report["stats"].get(sid, {}).get("part") == name]
-    resumed = [name for sid, name in chosen.items() if report["stats"].get(sid, {}).get("part") != name]
-    # the stats of shards built before this run, from their markers' footers (read concurrently)
-    shard_stats = ours + [st | {"part": n} for st, n in zip(ds.marker_stats([listed[marker][n] for n in resumed]),
-                                                             resumed)]
+    shard_stats = [built[sid] for sid, name in chosen.items() if built.get(sid, {}).get("part") == name]
+    # shards another run finished meanwhile: their stats from their markers' footers
+    others = [name for sid, name in chosen.items() if built.get(sid, {}).get("part") != name]
+    shard_stats += [st | {"part": n} for st, n in zip(ds.marker_stats([listed[marker][n] for n in others]), others)]
     names = {t: sorted(chosen.values()) for t in recipe.tables}
     names["quarantine"] = sorted({n for n in chosen.values() if n in listed.get("quarantine", {})}
                                  | set(plan.quarantine_parts))
