@@ -52,7 +52,7 @@ def test_fake_flow_writes_consistent_tables(tmp_path, run_flow):
     folder = tmp_path / "out" / "t"
     assert not (folder / "_staging").exists() and not list(folder.glob("*/*.tmp-*"))
     assert {f"{p.parent.name}/{p.name}" for p in folder.glob("*/part-*.parquet")} == {
-        f for e in manifest["tables"].values() for f in e["files"]}
+        f for files in ds.files(manifest).values() for f in files}
     assert sorted(r["source_row"] for r in ds.read_table("prompts").to_pylist()) == [0, 1, 2, 3, 4, 5, 6, 7, 8, 9]
 
     cands = ds.read_table("candidates").to_pylist()
@@ -108,7 +108,7 @@ def test_resume_after_interrupt_writes_each_candidate_once(tmp_path, run_flow, m
     assert {k: ds.footer(p).num_rows for k, p in ds.parts("candidates").items() if k in first} == first
 
 
-def test_changed_input_prunes_stale_shards(tmp_path, run_flow):
+def test_changed_input_replaces_stale_shards_and_vacuum_removes_them(tmp_path, run_flow):
     cfg = config(tmp_path, "shard_size=100")
     run_flow(cfg)
     prompts_file(tmp_path, extra=[{"prompt": "one more question", "category": "benign"}])
@@ -121,9 +121,10 @@ def test_changed_input_prunes_stale_shards(tmp_path, run_flow):
     # version 1 is kept (keep_versions 1) with its parts, for readers still on it
     assert sum(len(ds.parts(t)) for t in tables) == 9
     assert ds.versions() == [1, 2] and verify(ds).problems == []
-    # with no earlier version kept and no window, vacuum removes version 1 and the 4 parts only it listed
+    # with no earlier version kept and no window, vacuum removes version 1, the 4 parts only it listed and
+    # its parts table
     removed = vacuum(ds, list(TABLES), keep_versions=0, retention_hours=0)
-    assert (removed["versions"], removed["files"]) == (1, 4)
+    assert (removed["versions"], removed["files"]) == (1, 5)
     assert sum(len(ds.parts(t)) for t in tables) == 5 and ds.versions() == [2] and verify(ds).problems == []
     assert manifest["tables"]["candidates"]["rows"] == 44
 
@@ -295,10 +296,10 @@ def test_a_reordered_input_resumes_every_shard_and_an_insert_rebuilds_one(tmp_pa
     reordered = build(questions[::-1])
     assert (reordered["shards"]["resumed"], reordered["shards"]["built"]) == (first["shards"]["total"], 0)
     ds = DatasetDir(str(tmp_path / "out"), "r")
-    before = set(reordered["tables"]["candidates"]["files"])
+    before = set(ds.files(reordered)["candidates"])
     inserted = build(["a brand new question"] + questions[::-1])
     assert (inserted["shards"]["built"], inserted["shards"]["resumed"]) == (1, first["shards"]["total"] - 1)
-    after = set(inserted["tables"]["candidates"]["files"])
+    after = set(ds.files(inserted)["candidates"])
     assert (len(before - after), len(after - before)) == (1, 1)  # one shard's output replaced, the rest kept
     assert inserted["tables"]["candidates"]["rows"] == 25 * 2
     assert verify(ds).problems == []

@@ -14,7 +14,7 @@ PROMPTS = [f"question number {i} about the sky" for i in range(12)]
 
 
 def rows_per_part(ds: DatasetDir, manifest: dict, table: str) -> list[int]:
-    return [pq.ParquetFile(ds.fs.open(ds._path(f))).metadata.num_rows for f in manifest["tables"][table]["files"]]
+    return [pq.ParquetFile(ds.fs.open(ds._path(f))).metadata.num_rows for f in ds.files(manifest)[table]]
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +55,7 @@ def test_every_table_loads_in_datasets_with_empty_shards(built, name, table):
     per_part = rows_per_part(ds, manifest, table)
     expected = manifest["tables"][table]["rows"]
     by_card = datasets.load_dataset(ds.root, table, split="train")  # the card's configs: no glob
-    by_files = datasets.load_dataset("parquet", data_files=[ds._path(f) for f in manifest["tables"][table]["files"]],
+    by_files = datasets.load_dataset("parquet", data_files=[ds._path(f) for f in ds.files(manifest)[table]],
                                      split="train")
     assert len(by_card) == len(by_files) == expected == sum(per_part)
     if table in ("pairs", "train", "filtered"):
@@ -70,9 +70,10 @@ def test_the_card_names_exactly_the_manifests_parts(built):
     front = yaml.safe_load(text.split("---\n")[1])
     configs = {c["config_name"]: c for c in front["configs"]}
     assert configs["pairs"]["default"] is True
-    for table, entry in manifest["tables"].items():
-        if entry["files"]:
-            assert configs[table]["data_files"] == [{"split": "train", "path": entry["files"]}]
+    files = ds.files(manifest)  # the version's parts table
+    assert set(configs) == {t for t in manifest["tables"] if files[t]}
+    for table in configs:
+        assert configs[table]["data_files"] == [{"split": "train", "path": files[table]}]
     assert f"config hash `{manifest['fingerprint']}`" in text
 
 

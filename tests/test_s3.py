@@ -49,7 +49,7 @@ def test_preference_flow_writes_to_s3_and_resumes(tmp_path, s3, run_flow):
     assert s3.exists("datasets/nightly/pref/manifest.json")
     assert manifest["shards"]["written_by_driver"] == 0  # the scoring replicas wrote every shard's parts
     assert sorted(s3.ls("datasets/nightly/pref/candidates")) == sorted(
-        f"datasets/nightly/pref/{f}" for f in manifest["tables"]["candidates"]["files"])
+        f"datasets/nightly/pref/{f}" for f in DatasetDir(cfg.output, cfg.dataset).files(manifest)["candidates"])
     ds = DatasetDir(cfg.output, cfg.dataset)
     assert ds.read_table("candidates").num_rows == 18
     assert not s3.glob("datasets/nightly/pref/**/*.tmp-*")  # one PUT per part, no temp objects

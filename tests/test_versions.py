@@ -101,7 +101,7 @@ def killed_rebuilds(tmp_path, output: str, points: list[str], env: dict | None =
     vacuum(ds, list(TABLES), keep_versions=0, retention_hours=0)
     assert ds.versions() == [last["version"]] and verify(ds).problems == []
     left = {f"{t}/part-{n}.parquet" for t in TABLES for n in ds.parts(t)}
-    assert left == {f for e in last["tables"].values() for f in e["files"]}
+    assert left == {f for files in ds.files(last).values() for f in files}
 
 
 @pytest.mark.slow
@@ -180,8 +180,8 @@ def test_verify_names_missing_stray_and_truncated_parts_and_garbage_versions(tmp
     v1 = run_flow(cfg)
     ds = DatasetDir(cfg.output, cfg.dataset)
     rows_before = row_keys(ds)
-    pairs = sorted(f for f in v1["tables"]["pairs"]["files"])
-    marker = sorted(v1["tables"]["candidates"]["files"])[0]
+    pairs = sorted(ds.files(v1)["pairs"])
+    marker = sorted(ds.files(v1)["candidates"])[0]
 
     # 1. a listed part deleted
     gone = _folder_copy(ds, tmp_path, "gone")
@@ -191,8 +191,10 @@ def test_verify_names_missing_stray_and_truncated_parts_and_garbage_versions(tmp
     # that lost a table's part): the marker's stats say how many rows it had
     unlisted = _folder_copy(ds, tmp_path, "unlisted")
     lost = next(f for f in pairs if ds.footer(ds._path(f)).num_rows)
-    edited = dict(v1, tables=dict(v1["tables"], pairs=dict(v1["tables"]["pairs"], files=[f for f in pairs if f != lost],
-                  rows=v1["tables"]["pairs"]["rows"] - ds.footer(ds._path(lost)).num_rows)))
+    files = dict(ds.files(v1), pairs=[f for f in pairs if f != lost])
+    rows = {t: [ds.footer(ds._path(f)).num_rows for f in fs] for t, fs in files.items()}
+    edited = dict(v1, parts_table=unlisted.write_parts_table(files, rows),
+                  tables=dict(v1["tables"], pairs=dict(v1["tables"]["pairs"], rows=sum(rows["pairs"]))))
     (tmp_path / "copies" / "unlisted" / "_versions" / "manifest-000001.json").write_text(json.dumps(edited))
     problems = verify(unlisted).problems
     shard = lost.split("part-")[1].split("@")[0]
@@ -282,8 +284,8 @@ def test_a_reader_in_a_loop_always_gets_one_whole_version_while_rebuilds_commit_
             "shard_size=2", "student.num_cpus=0.5", "scoring.num_cpus=0.5", "keep_versions=0",
             "retention_hours=0.002"]))
 
-    listed = set(build(inputs[0])["tables"]["candidates"]["files"])
     ds = DatasetDir(str(tmp_path / "out"), "v")
+    listed = set(ds.files(build(inputs[0]))["candidates"])
     wholes = [set(ds.read_table("candidates").column("prompt_id").to_pylist())]
     stop, reads, errors = threading.Event(), [], []
 
@@ -300,7 +302,7 @@ def test_a_reader_in_a_loop_always_gets_one_whole_version_while_rebuilds_commit_
     for k in range(3):
         time.sleep(4)
         manifest = build(inputs[k + 1])
-        listed |= set(manifest["tables"]["candidates"]["files"])
+        listed |= set(ds.files(manifest)["candidates"])
         wholes.append(set(ds.read_table("candidates", manifest).column("prompt_id").to_pylist()))
     stop.set()
     t.join(120)

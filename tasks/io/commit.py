@@ -191,8 +191,9 @@ def _create(ds: DatasetDir, rel: str, data: bytes) -> None:
 
 
 def referenced(ds: DatasetDir, manifests: list[dict]) -> set[str]:
-    """Paths of every file these versions list."""
-    return {ds._inside(f) for m in manifests for entry in m.get("tables", {}).values() for f in entry.get("files", [])}
+    """Paths of every file these versions list, and of their parts tables."""
+    paths = {ds._inside(m["parts_table"]) for m in manifests if m.get("parts_table")}
+    return paths | {ds._inside(f) for m in manifests for files in ds.files(m).values() for f in files}
 
 
 def vacuum(ds: DatasetDir, tables: list[str], keep_versions: int = 1, retention_hours: float = 168.0,
@@ -216,7 +217,9 @@ def vacuum(ds: DatasetDir, tables: list[str], keep_versions: int = 1, retention_
     manifests = [m for m in (read_version(ds, e["version"]) for e in retained) if m is not None]
     keep = referenced(ds, manifests)
     marker_tables = {m.get("layout", {}).get("marker") for m in manifests} - {None}
-    old = []
+    # parts tables no kept version names (and temporary files of interrupted writes there)
+    old = [e["path"] for e in ds.listing(VERSIONS) if _number(e["name"]) is None and e["path"] not in keep
+           and e["mtime"] is not None and e["mtime"] < horizon]
     for table in sorted(tables, key=lambda t: t not in marker_tables):  # markers first
         for e in ds.listing(table):
             if e["path"] not in keep and e["mtime"] is not None and e["mtime"] < horizon:

@@ -256,17 +256,17 @@ def artifact_key(dataset: str, what: str) -> str:
     return re.sub(r"[^a-z0-9-]+", "-", f"{dataset}-{what}".lower()).strip("-")
 
 
-def dataset_card(manifest: dict, main_table: str) -> str:
+def dataset_card(manifest: dict, main_table: str, files: dict[str, list[str]]) -> str:
     """A Hugging Face dataset card for the folder: `configs:` front matter with one config per table
-    (its data_files are exactly the manifest's parts, so no glob ever picks up a stale or staged part),
+    (its data_files are exactly the version's parts, `files`, so no glob ever picks up a stale or staged part),
     then counts, models and provenance. `datasets.load_dataset("<folder>", "<table>")` reads it, and the
     folder can be uploaded to the Hub as it is."""
     import yaml
 
-    tables = [t for t, entry in manifest["tables"].items() if entry["files"]]
+    tables = [t for t in manifest["tables"] if files.get(t)]
     tables.sort(key=lambda t: t != main_table)  # the main table is the default config
     configs = [
-        {"config_name": t, "data_files": [{"split": "train", "path": manifest["tables"][t]["files"]}]}
+        {"config_name": t, "data_files": [{"split": "train", "path": files[t]}]}
         | ({"default": True} if t == main_table else {})
         for t in tables
     ]

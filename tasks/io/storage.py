@@ -202,6 +202,10 @@ class ShardWriter:
             return dict(result, unwritten=first_line(exc))
 
 
+# A version's parts table (see DatasetDir.write_parts_table).
+PARTS_SCHEMA = pa.schema([("table", pa.string()), ("file", pa.string()), ("rows", pa.int64())])
+
+
 def write_parquet(data: pa.Table, f) -> None:
     """A Parquet part. A table without rows gets a file with no row group at all: a row group of 0
     rows makes `datasets` (pyarrow's batch reader) refuse the whole folder ("BatchSize must be greater
@@ -220,6 +224,7 @@ class DatasetDir:
         self.fs, self.root = fsspec.core.url_to_fs(self.uri, **storage_options(self.uri, timeout_s, credentials))
         self.local = "file" in (self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,))
         self.retries, self.backoff_s = retries, backoff_s
+        self._files_cache: dict[str, dict[str, list[str]]] = {}  # parts tables read, by path (immutable)
 
     def for_replicas(self) -> "DatasetDir":
         """This folder as Ray replicas on any node should open it. On an object store it carries the
@@ -433,12 +438,43 @@ class DatasetDir:
         with ThreadPoolExecutor(min(32, len(paths))) as pool:  # a GET or two each on an object store
             return list(pool.map(one, paths))
 
+    def write_parts_table(self, files: dict[str, list[str]], rows: dict[str, list[int]]) -> str:
+        """A version's list of part files (table, file, rows), as a Parquet side table in `_versions/`
+        named by a hash of its content: the manifest names it and stays small however many parts there
+        are. Returns its path in the dataset."""
+        table = pa.table({"table": [t for t, fs in files.items() for _ in fs],
+                          "file": [f for fs in files.values() for f in fs],
+                          "rows": [n for t in files for n in rows[t]]}, schema=PARTS_SCHEMA)
+        sink = pa.BufferOutputStream()
+        write_parquet(table, sink)
+        body = sink.getvalue().to_pybytes()
+        rel = f"{VERSIONS}/parts-{hashlib.sha256(body).hexdigest()[:16]}.parquet"
+        self._put(self._path(rel), lambda f: f.write(body))
+        self._files_cache[rel] = {t: list(fs) for t, fs in files.items()}
+        return rel
+
+    def files(self, manifest: dict) -> dict[str, list[str]]:
+        """table -> the part files (paths in the dataset) a version lists: from its parts table, or from
+        the manifest itself (versions written before parts tables)."""
+        rel = manifest.get("parts_table")
+        if rel is None:
+            return {t: list(e.get("files", [])) for t, e in manifest["tables"].items()}
+        if rel not in self._files_cache:
+            parts = self.read_file(self._inside(rel))
+            out: dict[str, list[str]] = {t: [] for t in manifest["tables"]}
+            for t, f in zip(parts.column("table").to_pylist(), parts.column("file").to_pylist()):
+                out.setdefault(t, []).append(f)
+            if len(self._files_cache) >= 4:
+                self._files_cache.pop(next(iter(self._files_cache)))
+            self._files_cache[rel] = out
+        return self._files_cache[rel]
+
     def listed_files(self, table: str, manifest: dict | None = None) -> list[str]:
         """The part files of a table that a version lists (the current one unless given)."""
         manifest = manifest if manifest is not None else self.read_manifest()
         if manifest is None:
             return []
-        return [self._inside(f) for f in manifest["tables"].get(table, {}).get("files", [])]
+        return [self._inside(f) for f in self.files(manifest).get(table, [])]
 
     def read_parts(self, table: str, names: set[str]) -> pa.Table:
         """The parts of a table with these names (one version's, before it is committed)."""

@@ -450,8 +450,7 @@ def shard_parts(ds: DatasetDir, plan: Plan, recipe: Recipe, previous: dict | Non
     for name in listed[recipe.tables[-1]]:
         if all(name in listed[t] for t in required):
             whole.setdefault(part_key(name), []).append(name)
-    in_previous = {_part_name(f) for f in ((previous or {}).get("tables", {}).get(recipe.tables[-1], {})
-                                           .get("files", []))}
+    in_previous = {_part_name(f) for f in (ds.files(previous).get(recipe.tables[-1], []) if previous else [])}
     built = built or {}
     chosen = {}
     for ref in plan.shards:
@@ -483,10 +482,6 @@ def _part_name(path: str) -> str:
     return posixpath.basename(path)[len("part-") : -len(".parquet")]
 
 
-def _counts(names: dict[str, list[str]], rows: dict[tuple[str, str], int]) -> dict[str, dict]:
-    """A version's tables: rows, parts and the part files, from rows counted by their writers."""
-    return {t: {"rows": sum(rows[(t, n)] for n in parts), "parts": len(parts),
-                "files": [f"{t}/part-{n}.parquet" for n in parts]} for t, parts in names.items()}
 
 
 @task(cache_policy=NONE)
@@ -531,9 +526,11 @@ def finalize(
     unknown = [(t, n) for t, ns in names.items() for n in ns if (t, n) not in rows]  # input quarantine, summaries
     for (t, n), meta in zip(unknown, ds.footers([ds.part_path(t, n) for t, n in unknown])):
         rows[(t, n)] = meta.num_rows
-    counts = _counts(names, rows)
-    before = {f for e in (previous or {}).get("tables", {}).values() for f in e.get("files", [])}
-    now = {f for e in counts.values() for f in e["files"]}
+    counts = {t: {"rows": sum(rows[(t, n)] for n in parts), "parts": len(parts)} for t, parts in names.items()}
+    files = {t: [f"{t}/part-{n}.parquet" for n in parts] for t, parts in names.items()}
+    before = {f for fs in (ds.files(previous) if previous else {}).values() for f in fs}
+    now = {f for fs in files.values() for f in fs}
+    extra["parts_table"] = ds.write_parts_table(files, {t: [rows[(t, n)] for n in ns] for t, ns in names.items()})
     manifest = redact(build_manifest(
         config=config.model_dump(mode="json"),
         fingerprint=config.fingerprint(),
@@ -557,7 +554,7 @@ def finalize(
     if not committed:
         return keep_previous(ds, plan, report, manifest)
     clear_rebuild(ds)
-    write_pointer_file(ds, CARD, dataset_card(manifest, recipe.main_table or recipe.tables[0]).encode(),
+    write_pointer_file(ds, CARD, dataset_card(manifest, recipe.main_table or recipe.tables[0], files).encode(),
                        manifest["version"])
     removed = vacuum(ds, list(TABLES), config.keep_versions, config.retention_hours)
     logger.info("version %d committed; vacuum removed %d files and %d versions older than %gh that no kept "
