@@ -146,3 +146,15 @@ def test_current_is_none_before_the_first_commit_and_ignores_other_files(tmp_pat
     (tmp_path / "d" / "_versions" / "manifest-000009.json.tmp-1234").write_text("{}")
     (tmp_path / "d" / "_versions" / "notes.txt").write_text("x")
     assert current(ds) is None and ds.versions() == []
+
+
+def test_a_retried_create_that_finds_its_own_bytes_is_done_and_other_bytes_conflict(tmp_path):
+    from dafactory.tasks.io.commit import CommitConflict, _create
+
+    ds = DatasetDir(str(tmp_path), "d")
+    _create(ds, "_versions/manifest-000001.json", b'{"v": 1}')
+    _create(ds, "_versions/manifest-000001.json", b'{"v": 1}')  # the first PUT landed, its answer was lost
+    with pytest.raises(CommitConflict, match="manifest-000001.json"):
+        _create(ds, "_versions/manifest-000001.json", b'{"v": 2}')
+    assert (tmp_path / "d" / "_versions" / "manifest-000001.json").read_bytes() == b'{"v": 1}'
+    assert [p.name for p in (tmp_path / "d" / "_versions").iterdir()] == ["manifest-000001.json"]  # no temp left

@@ -231,14 +231,14 @@ def test_a_killed_rebuild_keeps_the_last_version_on_s3(tmp_path, s3):
 def test_a_version_is_committed_once_on_s3(s3):
     # s3fs sends "xb" as a conditional PUT (If-None-Match: *): a second run cannot take the same version,
     # and a retry that finds its own bytes there is done
-    from dafactory.tasks.errors import UserError
+    from dafactory.tasks.io.commit import CommitConflict, _create
 
     ds = DatasetDir("s3://datasets/exclusive", "d")
-    path = ds._path("_versions", "manifest-000001.json")
-    ds._create(path, b'{"v": 1}')
-    ds._create(path, b'{"v": 1}')
-    with pytest.raises(UserError, match="another run committed manifest-000001.json first"):
-        ds._create(path, b'{"v": 2}')
+    path = "_versions/manifest-000001.json"
+    _create(ds, path, b'{"v": 1}')
+    _create(ds, path, b'{"v": 1}')
+    with pytest.raises(CommitConflict, match="manifest-000001.json"):
+        _create(ds, path, b'{"v": 2}')
     assert s3.cat("datasets/exclusive/d/_versions/manifest-000001.json") == b'{"v": 1}'
 
 
