@@ -8,7 +8,8 @@ The preference flow runs in this process (Prefect's temporary server, a local Ra
 are timed from inside: planning ends at the last planned shard, the build at the start of finalize.
 Store calls: on S3 every request the moto server answers, from every process (LIST, GET, HEAD, PUT,
 COPY, DELETE); on local disk this process's filesystem calls (finalize and verify run here; the build's
-parts are written by the replicas, one PUT each, and are counted from the parts written). Prints
+parts are written by the replicas, one PUT each, and are counted from the parts written; a local write's
+rename into place is counted as RENAME). Prints
 seconds, calls per phase and per shard, the manifest's and the parts table's bytes, finalize + verify as
 a share of the build, and each figure extrapolated linearly to 10M prompts (calls per shard do not grow
 with the number of shards: the second run with --prompts / 4 shows it).
@@ -79,21 +80,29 @@ def count_local_calls() -> None:
     """This process's local filesystem calls, by the kind they would be on an object store."""
     from fsspec.implementations.local import LocalFileSystem
 
+    depth = threading.local()  # only the outermost call counts (a local `ls` calls `info` per entry)
+
     def wrap(name, kind):
         original = getattr(LocalFileSystem, name)
 
         def counted(self, *a, **k):
-            if kind == "open":
-                mode = a[1] if len(a) > 1 else k.get("mode", "rb")
-                count("PUT" if "w" in mode or "x" in mode else "GET")
-            else:
-                count(kind)
-            return original(self, *a, **k)
+            if not getattr(depth, "n", 0):
+                if kind == "open":
+                    mode = a[1] if len(a) > 1 else k.get("mode", "rb")
+                    count("PUT" if "w" in mode or "x" in mode else "GET")
+                else:
+                    count(kind)
+            depth.n = getattr(depth, "n", 0) + 1
+            try:
+                return original(self, *a, **k)
+            finally:
+                depth.n -= 1
 
         setattr(LocalFileSystem, name, counted)
 
+    # a write is a temporary file renamed into place: the rename is counted apart (no bytes move)
     for name, kind in (("ls", "LIST"), ("glob", "LIST"), ("open", "open"), ("rm", "DELETE"), ("exists", "HEAD"),
-                       ("info", "HEAD"), ("mv", "COPY")):
+                       ("info", "HEAD"), ("mv", "RENAME")):
         wrap(name, kind)
 
 

@@ -22,13 +22,15 @@ from __future__ import annotations
 import json
 import posixpath
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 
-from dafactory.tasks.io.prompts import SeenIds
 from dafactory.tasks.io.commit import read_version, version_files
+from dafactory.tasks.io.prompts import SeenIds
 from dafactory.tasks.io.storage import STATS_KEY, DatasetDir, part_key
 
 COMPLETE, MISMATCH, INCOMPLETE = 0, 1, 3  # exit codes
@@ -49,30 +51,45 @@ class Verdict:
 
 
 def _part_name(path: str) -> str:
-    """The key a part stands for: its shard id (or input-..., summary), without a run token."""
+    """The key a part stands for: its shard id (or input-..., summary), without its token or hash."""
     return part_key(posixpath.basename(path)[len("part-") : -len(".parquet")])
 
 
-def _by_part(ds: DatasetDir, manifest: dict, table: str) -> dict[str, str]:
-    return {_part_name(p): p for p in ds.listed_files(table, manifest)} if table in manifest["tables"] else {}
+@dataclass
+class Part:
+    """One part, opened once: its rows, its footer's key-value metadata and the key columns asked for;
+    `error` when it is not whole Parquet."""
+
+    rows: int = 0
+    meta: dict = field(default_factory=dict)
+    table: pa.Table | None = None
+    error: str | None = None
 
 
-def _by_full_name(ds: DatasetDir, manifest: dict, table: str) -> dict[str, str]:
-    return {posixpath.basename(p)[len("part-") : -len(".parquet")]: p for p in ds.listed_files(table, manifest)}
+def _open(ds: DatasetDir, path: str, columns: list[str] | None) -> Part:
+    """A part's footer and only these columns (the rest of its bytes are not fetched from an object
+    store); a part that is not whole Parquet is a Part with the error, not an exception."""
+
+    def read():
+        with ds.fs.open(path, "rb") as f:
+            pf = pq.ParquetFile(f)
+            table = pf.read(columns=columns, use_threads=False) if columns is not None else None
+            return Part(pf.metadata.num_rows, pf.metadata.metadata or {}, table)
+
+    try:
+        return ds._retry(f"read {posixpath.relpath(path, ds.root)}", read)
+    except pa.ArrowInvalid as exc:
+        return Part(error=str(exc).splitlines()[0][:120])
 
 
-def _footers(ds: DatasetDir, paths: list[str]) -> list:
-    """Each part's footer, or the exception reading it raised (a truncated part)."""
-    from concurrent.futures import ThreadPoolExecutor
+def _ids(table: pa.Table) -> list:
+    return table.column("prompt_id").to_pylist()
 
-    def one(path):
-        try:
-            return ds.footer(path)
-        except Exception as exc:  # named as a problem, not raised
-            return exc
 
-    with ThreadPoolExecutor(max(1, min(32, len(paths)))) as pool:
-        return list(pool.map(one, paths))
+def _too_many(problems: list[str], what: str, items) -> None:
+    items = sorted(map(str, items))
+    if items:
+        problems.append(f"{what}: {len(items)} ({', '.join(items[:3])}{', ...' if len(items) > 3 else ''})")
 
 
 def _notes(ds: DatasetDir, manifest: dict, notes: list[str]) -> None:
@@ -87,14 +104,72 @@ def _notes(ds: DatasetDir, manifest: dict, notes: list[str]) -> None:
                 notes.append(f"{table}/{e['name']}: not a part (no version lists it; vacuum removes it)")
 
 
-def _ids(table: pa.Table) -> list:
-    return table.column("prompt_id").to_pylist()
+@dataclass
+class Shard:
+    """What one shard's check found."""
+
+    problems: list[str]
+    acc: Counter
+    rows: Counter  # rows per table of its parts
+    source_rows: np.ndarray
+    ids: list
 
 
-def _too_many(problems: list[str], what: str, items) -> None:
-    items = sorted(map(str, items))
-    if items:
-        problems.append(f"{what}: {len(items)} ({', '.join(items[:3])}{', ...' if len(items) > 3 else ''})")
+def _check_shard(ds: DatasetDir, shard_id: str, paths: dict[str, str], layout: dict, failed: set) -> Shard:
+    """One shard, each of its parts opened once: its key columns, its row counts, its marker's stats.
+    Every planned prompt has output or a quarantine row, no key is there twice, and the version has every
+    table's part that the marker's stats say had rows."""
+    p, acc, rows = [], Counter(), Counter()
+    columns = {"prompts": ["prompt_id", "source_row"], "quarantine": ["prompt_id"]}
+    columns |= {t: ["prompt_id", "sample_idx"] for t in layout["sample_tables"]}
+    columns |= {t: ["prompt_id"] for t in layout.get("one_row_per_prompt", [])}
+    parts = {}
+    for table, path in paths.items():
+        part = _open(ds, path, columns.get(table, []))
+        if part.error is not None:
+            p.append(f"{table}: unreadable part {posixpath.basename(path)} ({part.error})")
+            continue
+        parts[table], rows[table] = part, part.rows
+    if len(parts) < len(paths) or "prompts" not in parts:
+        return Shard(p, acc, rows, np.empty(0, dtype=np.int64), [])
+    t = parts["prompts"].table
+    ids = set(_ids(t))
+    acc["planned_prompts"] += t.num_rows
+    out, keys = set(), Counter()
+    for table in layout["sample_tables"]:
+        if table in parts:
+            part = parts[table].table
+            out.update(_ids(part))
+            keys.update(zip(_ids(part), part.column("sample_idx").to_pylist()))
+    quarantined = Counter(_ids(parts["quarantine"].table)) if "quarantine" in parts else Counter()
+    _too_many(p, f"shard {shard_id}: (prompt_id, sample_idx) written twice", [k for k, n in keys.items() if n > 1])
+    _too_many(p, f"shard {shard_id}: prompts quarantined twice", [k for k, n in quarantined.items() if n > 1])
+    _too_many(p, f"shard {shard_id}: prompts both in output and quarantine", out & set(quarantined))
+    _too_many(p, f"shard {shard_id}: rows for prompts not planned in it", (out | set(quarantined)) - ids)
+    for table in layout.get("one_row_per_prompt", []):
+        if table in parts:
+            c = Counter(_ids(parts[table].table))
+            _too_many(p, f"shard {shard_id}: {table} rows twice for a prompt", [k for k, n in c.items() if n > 1])
+            _too_many(p, f"shard {shard_id}: {table} rows for prompts without output", set(c) - out)
+    marker = parts.get(layout["marker"])
+    if marker is not None:
+        _too_many(p, f"shard {shard_id}: prompts missing (no output, no quarantine)", ids - out - set(quarantined))
+        acc["prompts_with_output"] += len(out)
+        acc["prompts_quarantined_in_shards"] += len(quarantined)
+        stats = json.loads(marker.meta.get(STATS_KEY, b"{}"))
+        for table in layout.get("tables", []):
+            want = stats.get("rows", {}).get(table)
+            if table not in parts and want:
+                p.append(f"shard {shard_id}: its marker says {want} {table} rows, the version lists no part")
+            elif table in parts and want is not None and parts[table].rows != want:
+                p.append(f"shard {shard_id}: its marker says {want} {table} rows, the part holds {parts[table].rows}")
+    elif shard_id in failed:
+        acc["prompts_in_failed_shards"] += len(ids)
+    else:
+        acc["prompts_in_unbuilt_shards"] += len(ids)
+    if marker is None and (out or quarantined):
+        p.append(f"shard {shard_id}: not marked done but has output or quarantine rows")
+    return Shard(p, acc, rows, t.column("source_row").to_numpy(zero_copy_only=False), _ids(t))
 
 
 def verify(ds: DatasetDir) -> Verdict:
@@ -108,92 +183,57 @@ def verify(ds: DatasetDir) -> Verdict:
     p = v.problems
     _notes(ds, manifest, v.notes)
 
-    # 1. Files and row counts (one listing per table, then the footers, read concurrently).
-    footers = {}
-    for table, entry in manifest["tables"].items():
-        paths = ds.listed_files(table, manifest)
+    # 1. Every listed part exists (one listing per table).
+    files = {t: ds.listed_files(t, manifest) for t in manifest["tables"]}
+    for table, paths in files.items():
         there = {e["path"] for e in ds.listing(table)} if paths else set()
-        missing = [x for x in paths if x not in there]
-        _too_many(p, f"{table}: files the manifest lists but that do not exist", missing)
-        present = [x for x in paths if x in there]
-        for x, meta in zip(present, _footers(ds, present)):
-            if isinstance(meta, Exception):
-                p.append(f"{table}: unreadable part {posixpath.basename(x)} ({str(meta).splitlines()[0][:120]})")
+        _too_many(p, f"{table}: files the manifest lists but that do not exist", [x for x in paths if x not in there])
+    if p:
+        return v  # the shard-by-shard checks below would only repeat it
+
+    # 2. The parts of each planned shard, by table; the rest (input quarantine, summaries) on their own.
+    plan = {_part_name(x): x for x in files.get("prompts", [])}
+    by_shard: dict[str, dict[str, str]] = {sid: {} for sid in plan}
+    others = []
+    for table, paths in files.items():
+        for x in paths:
+            sid = _part_name(x)
+            if sid in by_shard:
+                by_shard[sid][table] = x
+            elif table in layout.get("tables", []) and not sid.startswith("input"):
+                p.append(f"{table}: {posixpath.basename(x)} belongs to no planned shard")
             else:
-                footers[x] = meta
-        rows = sum(footers[x].num_rows for x in present if x in footers)
-        if rows != entry["rows"]:
-            p.append(f"{table}: the manifest says {entry['rows']} rows, the files hold {rows}")
-    if any(x not in footers for t in manifest["tables"] for x in ds.listed_files(t, manifest)):
-        v.counts = {}
-        return v  # a part is missing or unreadable: the shard-by-shard checks below would only repeat it
-
-    # Every shard with a marker has each table's part, with the rows its marker's stats say.
-    marker_name = layout["marker"]
-    for name, path in _by_full_name(ds, manifest, marker_name).items():
-        stats = json.loads((footers[path].metadata or {}).get(STATS_KEY, b"{}"))
-        for table in layout.get("tables", []):
-            listed = _by_full_name(ds, manifest, table)
-            want = stats.get("rows", {}).get(table)
-            have = footers[listed[name]].num_rows if name in listed else None
-            if have is None and want:
-                p.append(f"shard {part_key(name)}: its marker says {want} {table} rows, the version lists no part")
-            elif have is not None and want is not None and have != want:
-                p.append(f"shard {part_key(name)}: its marker says {want} {table} rows, the part holds {have}")
-
-    # 2. Every source row exactly once: planned (below), or set aside at input.
-    plan_parts = _by_part(ds, manifest, "prompts")
-    quarantine_parts = _by_part(ds, manifest, "quarantine")
+                others.append((table, x))
+    rows = Counter()
     source_rows = manifest["accounting"]["source_rows"]
     rows_seen, seen_ids, dup_ids = [], SeenIds(), []
     set_aside = 0
-    for name, path in quarantine_parts.items():
-        if name.startswith("input"):
-            q = ds.read_file(path)
-            set_aside += q.num_rows
-            rows_seen.append(q.column("source_row").to_numpy(zero_copy_only=False))
-    # 3. Shard by shard (one shard in memory at a time): every planned prompt has output or a quarantine
-    # row, and no key is there twice.
-    sample_parts = {t: _by_part(ds, manifest, t) for t in layout["sample_tables"]}
-    unique_parts = {t: _by_part(ds, manifest, t) for t in layout.get("one_row_per_prompt", [])}
-    marker = _by_part(ds, manifest, layout["marker"])
-    failed = {f["shard_id"] for f in manifest["shards"]["failed"]}
-    acc = Counter()
-    for shard_id, path in plan_parts.items():
-        t = ds.read_file(path)
-        rows_seen.append(t.column("source_row").to_numpy(zero_copy_only=False))
-        ids = set(_ids(t))
-        acc["planned_prompts"] += t.num_rows
-        dup_ids += [i for i in _ids(t) if not seen_ids.add(i)]
-        out, keys = set(), Counter()
-        for table, parts in sample_parts.items():
-            if shard_id in parts:
-                part = ds.read_file(parts[shard_id])
-                out.update(_ids(part))
-                keys.update(zip(_ids(part), part.column("sample_idx").to_pylist()))
-        quarantined = Counter()
-        if shard_id in quarantine_parts:
-            quarantined.update(_ids(ds.read_file(quarantine_parts[shard_id])))
-        _too_many(p, f"shard {shard_id}: (prompt_id, sample_idx) written twice",
-                  [k for k, n in keys.items() if n > 1])
-        _too_many(p, f"shard {shard_id}: prompts quarantined twice", [k for k, n in quarantined.items() if n > 1])
-        _too_many(p, f"shard {shard_id}: prompts both in output and quarantine", out & set(quarantined))
-        _too_many(p, f"shard {shard_id}: rows for prompts not planned in it", (out | set(quarantined)) - ids)
-        for table, parts in unique_parts.items():
-            if shard_id in parts:
-                c = Counter(_ids(ds.read_file(parts[shard_id])))
-                _too_many(p, f"shard {shard_id}: {table} rows twice for a prompt", [k for k, n in c.items() if n > 1])
-                _too_many(p, f"shard {shard_id}: {table} rows for prompts without output", set(c) - out)
-        if shard_id in marker:
-            _too_many(p, f"shard {shard_id}: prompts missing (no output, no quarantine)", ids - out - set(quarantined))
-            acc["prompts_with_output"] += len(out)
-            acc["prompts_quarantined_in_shards"] += len(quarantined)
-        elif shard_id in failed:
-            acc["prompts_in_failed_shards"] += len(ids)
-        else:
-            acc["prompts_in_unbuilt_shards"] += len(ids)
-        if shard_id not in marker and (out or quarantined):
-            p.append(f"shard {shard_id}: not marked done but has output or quarantine rows")
+    with ThreadPoolExecutor(16) as pool:
+        for (table, x), part in zip(others, pool.map(lambda tx: _open(ds, tx[1], ["source_row"] if tx[0] == "quarantine"
+                                                                       else None), others)):
+            if part.error is not None:
+                p.append(f"{table}: unreadable part {posixpath.basename(x)} ({part.error})")
+                continue
+            rows[table] += part.rows
+            if table == "quarantine":  # the input quarantine: rows set aside before planning
+                set_aside += part.rows
+                rows_seen.append(part.table.column("source_row").to_numpy(zero_copy_only=False))
+        # 3. Shard by shard, a few at a time, read concurrently and merged in plan order.
+        failed = {f["shard_id"] for f in manifest["shards"]["failed"]}
+        acc = Counter()
+        shards = list(by_shard.items())
+        for lo in range(0, len(shards), 256):
+            for shard in pool.map(lambda sp: _check_shard(ds, sp[0], sp[1], layout, failed), shards[lo : lo + 256]):
+                p.extend(shard.problems)
+                acc.update(shard.acc)
+                rows.update(shard.rows)
+                rows_seen.append(shard.source_rows)
+                dup_ids += [i for i, new in zip(shard.ids, seen_ids.add_many(shard.ids)) if not new]
+    if any("unreadable part" in x for x in p):
+        return v  # the counts below would only repeat it
+    for table, entry in manifest["tables"].items():
+        if rows[table] != entry["rows"]:
+            p.append(f"{table}: the manifest says {entry['rows']} rows, the files hold {rows[table]}")
 
     # The source rows, all together (8 bytes each): each exactly once.
     _too_many(p, "prompt ids planned more than once", dup_ids)
