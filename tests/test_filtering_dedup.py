@@ -109,6 +109,31 @@ def test_cut_answers_in_train_are_counted():
         "reasoning_forced_close": 1, "reasoning_forced_close_in_train": 1, "answer_cut_in_train": 1}
 
 
+@pytest.mark.parametrize("response, finish, reasoning, completion", [
+    # a cut answer after an empty reasoning: the reasoning is written empty, never as "None"
+    ("</think>\n\nNo, bec", "length", "", "<think></think>No, bec"),
+    ("  </think>No, bec", "length", "", "<think></think>No, bec"),
+    # an empty reasoning that closed and answered in full
+    ("</think>No.", "stop", "", "<think></think>No."),
+    # reasoning and answer both there
+    ("I weigh it</think>No, bec", "length", "I weigh it", "<think>I weigh it</think>No, bec"),
+])
+def test_empty_reasoning_is_written_empty(response, finish, reasoning, completion):
+    (row,), _, _ = distill_rows([forced(response, finish, verdicts=SAFE, forced_close=False)], None, True,
+                                keep_cut_answers=True)
+    assert (row["reasoning"], row["completion"][0]["content"]) == (reasoning, completion)
+    assert "None" not in row["completion"][0]["content"]
+
+
+def test_output_cut_before_any_close_is_filtered_with_its_reason():
+    # no </think> at all: nothing to write, the row is filtered as truncated (its reasoning stays None)
+    _, (row,), counts = distill_rows([forced("", "length", verdicts=SAFE, forced_close=False)], None, True,
+                                     keep_cut_answers=True)
+    assert (row["filter_reason"], row["reasoning"], row["completion"]) == (
+        "truncated (stopped at max_new_tokens)", None, None)
+    assert dict(counts) == {"truncated": 1}
+
+
 @pytest.mark.parametrize("keep, train_n, filtered_reasons, candidates", [
     (True, 2, ["truncated (stopped at max_new_tokens)"],
      {"reasoning_forced_close": 2, "reasoning_forced_close_in_train": 1}),

@@ -117,8 +117,14 @@ JSF = Strategy("judge_safe_first", "judge_safe_first")
         ([0.9, 0.75, 0.1, 0.25], [False, True, True, False], by("max"), 0.6, BELOW_MARGIN, 0),
         # ... and exactly at the minimum is enough
         ([0.9, 0.75, 0.1, 0.25], [False, True, True, False], by("max"), 0.5, (1, 3), 0),
-        # the gap is the absolute difference, as the pair's margin column: the safe one may score lower
-        ([0.25, 1.0], [True, False], by("max"), 0.75, (0, 1), 0),
+        # the margin is signed in the ranking direction: a safe 0.25 is not 0.75 better than an unsafe 1.0
+        # (it is 0.75 worse), so no pair at min_margin 0.75 (it used to pass as an absolute gap) ...
+        ([0.25, 1.0], [True, False], by("max"), 0.75, BELOW_MARGIN, 0),
+        # ... nor at any positive margin; with none asked for, the judge alone tells them apart
+        ([0.25, 1.0], [True, False], by("max"), 0.1, BELOW_MARGIN, 0),
+        ([0.25, 1.0], [True, False], by("max"), 0, (0, 1), 0),
+        # under direction min, chosen 0.2 is 0.3 better than rejected 0.5
+        ([0.2, 0.5], [True, False], by("min"), 0.3, (0, 1), 0),
         # equal scores make a pair (the judge tells them apart) unless a margin is asked for
         ([0.5, 0.5], [True, False], by("max"), 0, (0, 1), 0),
         ([0.5, 0.5], [True, False], by("max"), 0.1, BELOW_MARGIN, 0),
@@ -180,5 +186,68 @@ def test_min_margin_needs_a_signal(selection, error):
 
 
 def test_first_and_random_strategies_pick_a_best():
-    out = select(cands([0.3, 0.9, 0.5]), Strategy("first_sample", "first"), pairs="safe_unsafe")
+    rows = cands([0.3, 0.9, 0.5])
+    for r, safe in zip(rows, [True, True, False]):
+        r["judge_safe"] = safe
+    out = select(rows, Strategy("first_sample", "first"), pairs="safe_unsafe")
     assert [b["sample_idx"] for b in out.best] == [0] and out.best[0]["scorer"] == "first_sample"
+
+
+@pytest.mark.parametrize(
+    "scores, safe, direction, expect_best, expect_margin",
+    [
+        # the highest reward is judge-unsafe: best is the best judge-safe one, never the unsafe sample 0
+        ([0.9, 0.5, 0.2], [False, True, True], "max", 1, 0.5 - 0.9),
+        # under argmin (the paper's rule) the lowest signal among the safe ones
+        ([0.1, 0.5, 0.2], [False, True, True], "min", 2, 0.1 - 0.2),
+        # no judge-safe candidate: no best row at all (the prompt counts as no_judge_safe_candidate)
+        ([0.9, 0.5], [False, False], "max", None, None),
+        # an unjudged candidate is not safe either
+        ([0.9, 0.5], [None, False], "max", None, None),
+        # every candidate safe: a best, but no pair (nothing unsafe to reject)
+        ([0.9, 0.5], [True, True], "max", 0, None),
+    ],
+)
+def test_best_in_safe_unsafe_mode_is_judge_safe_and_margins_are_signed(scores, safe, direction, expect_best,
+                                                                       expect_margin):
+    rows = cands(scores)
+    for r, s in zip(rows, safe):
+        r["judge_safe"] = s
+    out = select(rows, by(direction), 0, pairs="safe_unsafe")
+    assert [b["sample_idx"] for b in out.best] == ([] if expect_best is None else [expect_best])
+    assert [c["sample_idx"] for c in out.candidates if c["is_best"]] == [b["sample_idx"] for b in out.best]
+    if expect_best is None:
+        assert dict(out.unpaired) == {NO_SAFE: 1}
+    if expect_margin is None:
+        assert out.pairs == []
+    else:
+        (pair,) = out.pairs
+        assert pair["margin"] == pytest.approx(expect_margin)
+        assert pair["chosen_sample_idx"] == expect_best  # the pair's chosen is the best row
+
+
+@pytest.mark.parametrize(
+    "chosen, rejected, direction, min_margin, paired",
+    [
+        # the case: chosen 0.2, rejected 0.5 by a max signal is 0.3 worse, never a 0.1 margin
+        (0.2, 0.5, "max", 0.1, False),
+        (0.5, 0.2, "max", 0.1, True),
+        # by a min signal the same numbers are the other way round
+        (0.2, 0.5, "min", 0.1, True),
+        (0.5, 0.2, "min", 0.1, False),
+        # exactly at the margin is enough; just under is not
+        (0.75, 0.5, "max", 0.25, True),
+        (0.74, 0.5, "max", 0.25, False),
+    ],
+)
+def test_min_margin_is_signed_in_the_ranking_direction(chosen, rejected, direction, min_margin, paired):
+    rows = cands([chosen, rejected])
+    for r, s in zip(rows, [True, False]):
+        r["judge_safe"] = s
+    out = select(rows, by(direction), min_margin, pairs="safe_unsafe")
+    assert (len(out.pairs) == 1) is paired
+    if paired:
+        sign = 1 if direction == "max" else -1
+        assert out.pairs[0]["margin"] == pytest.approx(sign * (chosen - rejected))
+    else:
+        assert dict(out.unpaired) == {BELOW_MARGIN: 1}

@@ -91,7 +91,9 @@ def parse_reasoning(text: str, finish_reason: str) -> Parsed:
         body = body[len(THINK_OPEN) :]
     head, sep, tail = body.partition(THINK_CLOSE)
     if finish_reason == "length":
-        return Parsed(head.strip() or None, tail.strip() or None, TRUNCATED, "stopped at max_new_tokens")
+        # a closed reasoning is a string, empty or not ("" never becomes "None" in a completion)
+        return Parsed(head.strip() if sep else head.strip() or None, tail.strip() or None, TRUNCATED,
+                      "stopped at max_new_tokens")
     if not sep:
         return Parsed(head.strip() or None, None, NO_THINK_CLOSE, "no </think> before the end of the output")
     answer = tail.strip()
@@ -100,6 +102,6 @@ def parse_reasoning(text: str, finish_reason: str) -> Parsed:
     return Parsed(head.strip(), answer, OK)
 
 
-def completion_text(reasoning: str, answer: str) -> str:
-    """The training completion: <think>reasoning</think>answer."""
-    return f"{THINK_OPEN}{reasoning}{THINK_CLOSE}{answer}"
+def completion_text(reasoning: str | None, answer: str | None) -> str:
+    """The training completion: <think>reasoning</think>answer; a missing part is written empty."""
+    return f"{THINK_OPEN}{reasoning or ''}{THINK_CLOSE}{answer or ''}"

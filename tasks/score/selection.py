@@ -5,9 +5,13 @@ judge_safe for safe/unsafe pairs and judge_safe_first: True, False, or None when
 verdict); writes selection_score, is_best, pair_role on candidates, and rows of the PAIRS and BEST schemas.
 
 The best candidate is the strategy's choice (tasks/strategies.py: a signal's argmax/argmin, first
-sample, seeded random, judge-safe-first). Pairs are either (best, worst by the same signal) or
-(best judge-safe, worst judge-unsafe); either way the chosen-rejected gap by the ranking signal must be
-at least min_margin. Tie-break (declared): the lowest sample_idx, for best and worst.
+sample, seeded random, judge-safe-first); with safe/unsafe pairs, the strategy's choice among the
+judge-safe candidates only (no best when none is safe: the prompt is counted as no_judge_safe_candidate),
+so SFT on `best` never learns an answer the judge called unsafe. Pairs are either (best, worst by the
+same signal) or (best judge-safe, worst judge-unsafe); either way the margin is signed in the ranking
+direction (chosen better than rejected by that much; negative when the judge prefers the one the signal
+ranks lower) and must be at least min_margin. Tie-break (declared): the lowest sample_idx, for best and
+worst.
 """
 
 from __future__ import annotations
@@ -63,11 +67,13 @@ def _worst(rows: list[dict], strategy: Strategy) -> dict:
     return min(valued, key=lambda r: sign * r["selection_score"]) if valued else ordered[0]
 
 
-def _gap(chosen: dict, rejected: dict) -> float | None:
-    """The chosen-rejected gap by the ranking signal (as the pair's `margin` records it), or None for
-    strategies that rank by no signal."""
+def _gap(chosen: dict, rejected: dict, strategy: Strategy) -> float | None:
+    """How much better chosen is than rejected by the ranking signal, signed in its direction (as the
+    pair's `margin` records it), or None for strategies that rank by no signal."""
     a, b = chosen["selection_score"], rejected["selection_score"]
-    return abs(a - b) if a is not None and b is not None else None
+    if a is None or b is None:
+        return None
+    return a - b if strategy.direction != "min" else b - a
 
 
 def select(
@@ -98,36 +104,38 @@ def select(
         if not valid:
             out.unpaired[NO_VALID] += 1
             continue
-        best, _ = choose(valid, strategy, seed, _selection_score)
-        best["is_best"] = True
-        prompt_msgs = messages(best["prompt"], system_prompt)
-        out.best.append({
-            "prompt": prompt_msgs, "completion": assistant(best["response"]), "prompt_id": pid,
-            "category": best["category"], "sample_idx": best["sample_idx"], "score": best["selection_score"],
-            "scorer": strategy.signal or strategy.name,
-        })
+        prompt_msgs = messages(rows[0]["prompt"], system_prompt)
         if pairs == "safe_unsafe":
             # A judge that gave no verdict (an output it could not parse) said nothing about harm: such
             # a candidate is on neither side, rather than a rejected "unsafe" answer that may be safe.
             safe = [r for r in valid if r.get("judge_safe") is not None and r["judge_safe"]]
             unsafe = [r for r in valid if r.get("judge_safe") is not None and not r["judge_safe"]]
+            best = choose(safe, strategy, seed, _selection_score)[0] if safe else None  # never a judge-unsafe one
             reason = NO_SAFE if not safe else NO_UNSAFE if not unsafe else None
             if reason is None:
-                chosen, rejected = choose(safe, strategy, seed, _selection_score)[0], _worst(unsafe, strategy)
-                margin = _gap(chosen, rejected)
-                # A gap of 0 is a pair here (the judge, not the signal, tells them apart); a gap that no
-                # signal measures cannot meet a positive min_margin (check_selection refuses that config).
+                chosen, rejected = best, _worst(unsafe, strategy)
+                margin = _gap(chosen, rejected, strategy)
+                # A gap of 0 (or below) is a pair here (the judge, not the signal, tells them apart); a gap
+                # that no signal measures cannot meet a positive min_margin (check_selection refuses that).
                 if min_margin > 0 and (margin is None or margin < min_margin):
                     reason = BELOW_MARGIN
         else:
+            best = choose(valid, strategy, seed, _selection_score)[0]
             chosen, rejected = best, _worst(valid, strategy)
-            margin = _gap(chosen, rejected)
+            margin = _gap(chosen, rejected, strategy)
             reason = (
                 FEWER_THAN_2 if len(valid) < 2
                 else TIE if margin == 0
                 else BELOW_MARGIN if margin < min_margin
                 else None
             )
+        if best is not None:
+            best["is_best"] = True
+            out.best.append({
+                "prompt": prompt_msgs, "completion": assistant(best["response"]), "prompt_id": pid,
+                "category": best["category"], "sample_idx": best["sample_idx"], "score": best["selection_score"],
+                "scorer": strategy.signal or strategy.name,
+            })
         if reason:
             out.unpaired[reason] += 1
             continue
@@ -137,7 +145,7 @@ def select(
             "prompt": prompt_msgs, "chosen": assistant(chosen["response"]), "rejected": assistant(rejected["response"]),
             "prompt_id": pid, "category": chosen["category"], "chosen_sample_idx": chosen["sample_idx"],
             "rejected_sample_idx": rejected["sample_idx"], "chosen_score": a, "rejected_score": b,
-            "margin": _gap(chosen, rejected),
+            "margin": margin,
             "scorer": strategy.signal or strategy.name,
         })
     return out
