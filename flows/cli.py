@@ -369,9 +369,10 @@ def cmd_inspect(args) -> int:
               f"{s['not_built']} not built{stopped}; re-run the same config to finish it")
     cfg = manifest["config"]
     role = "student" if "student" in cfg else "teacher"
-    judges = cfg.get("scorers") or cfg.get("judges")
+    # preference: scorers; distill: judges; evaluate: its judge (and any extra scorers)
+    judges = [*([cfg["judge"]] if cfg.get("judge") else []), *(cfg.get("scorers") or []), *(cfg.get("judges") or [])]
     print(f"  {role}: {cfg[role]['model']} ({cfg[role]['backend']}), "
-          f"judged by: {', '.join(s['name'] for s in judges)}")
+          f"judged by: {', '.join(dict.fromkeys(s['name'] for s in judges)) or 'none'}")
     if "spec" in manifest:
         print(f"  spec: {manifest['spec']['name']} v{manifest['spec']['version']} ({manifest['spec']['sha256'][:12]})")
     print(f"  code: {manifest['code']}")

@@ -67,10 +67,12 @@ def test_cost_from_stats_and_held_time(report, shard_stats, prices, expected):
 def test_priced_cost_is_resource_seconds_times_price_per_hour():
     report = {"stages": STAGES, "stats": {"b": B}, "held_s": 10.0, "seconds": {"build_wall": 9.5}}
     cost = build_cost(report, [B], {"per_gpu_hour": 2.5, "per_cpu_hour": 0.04})
-    # generate: 2 x 1.5 CPUs x 10 s = 30 CPU-s, 2 x 1 GPU x 10 s = 20 GPU-s; score: 5 CPU-s
-    assert cost["stages"]["generate"]["this_run"]["cost"] == 30 * 0.04 / 3600 + 20 * 2.5 / 3600
-    assert cost["stages"]["score"]["this_run"]["cost"] == 5 * 0.04 / 3600 + 0 * 2.5 / 3600
-    assert cost["total"]["cost"] == (30 * 0.04 / 3600 + 20 * 2.5 / 3600) + (5 * 0.04 / 3600 + 0 * 2.5 / 3600)
+    # by hand: generate holds 2 x 1.5 CPUs x 10 s = 30 CPU-s (0.008333 CPU-hours at 0.04: 0.000333) and
+    # 2 x 1 GPU x 10 s = 20 GPU-s (0.005556 GPU-hours at 2.5: 0.013889), 0.014222 in all; score 5 CPU-s
+    # (0.001389 CPU-hours: 0.0000556)
+    assert cost["stages"]["generate"]["this_run"]["cost"] == pytest.approx(0.0142222, abs=1e-7)
+    assert cost["stages"]["score"]["this_run"]["cost"] == pytest.approx(0.0000556, abs=1e-7)
+    assert cost["total"]["cost"] == pytest.approx(0.0142778, abs=1e-7)
 
 
 def test_prices_are_runtime_settings_and_checked():
@@ -123,10 +125,11 @@ def test_resource_seconds_match_the_busy_time_of_a_saturated_stage(tmp_path, run
     assert gen["this_run"]["tokens_per_s"] == round(work["generated_tokens"] / busy, 3)
     assert cost["samples_per_s"] == round(40 / cost["wall_s"], 3)
 
-    # cost: seconds x price per hour / 3600, exactly
+    # cost by hand, per second held: generate holds 1 GPU (2.5/h) and 0.5 CPU (0.04/h): 2.52/h = 0.0007/s;
+    # score 0.5 CPU: 0.02/h = 0.00000556/s
     g, s = gen["this_run"], score["this_run"]
-    assert g["cost"] == g["cpu_s"] * 0.04 / 3600 + g["gpu_s"] * 2.5 / 3600
-    assert s["cost"] == s["cpu_s"] * 0.04 / 3600 + s["gpu_s"] * 2.5 / 3600
+    assert g["cost"] == pytest.approx(0.0007 * held, rel=1e-3)
+    assert s["cost"] == pytest.approx(0.0000055556 * held, rel=1e-3)
     total = {"cpu_s": round(g["cpu_s"] + s["cpu_s"], 3), "gpu_s": g["gpu_s"], "cost": g["cost"] + s["cost"]}
     assert cost["total"] == total
 

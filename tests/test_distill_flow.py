@@ -150,3 +150,26 @@ def test_budget_forcing_rows_flow_into_train_or_filtered(tmp_path, run_flow, kee
     assert reasons["forced_close"] == (0 if keep else sum(r["parse_status"] == "ok" for r in forced))
     assert manifest["candidate_counts"] == {"reasoning_forced_close": len(forced)} | (
         {"reasoning_forced_close_in_train": in_train} if in_train else {})
+
+
+def test_a_relabelled_category_rebuilds_exactly_its_shard(tmp_path, run_flow):
+    """The teacher's policy comes from a row's categories: a relabel must not resume old generations made
+    under another policy. Exactly the relabelled prompt's shard is built again, with the new category."""
+    from dafactory.flows.distill import distill
+
+    rows = [{"prompt": f"question number {i} about the weather", "category": "benign"} for i in range(8)]
+    write_jsonl(tmp_path / "q.jsonl", rows)
+    common = [f"output={tmp_path / 'out'}", "dataset=r", f"prompts.path={tmp_path / 'q.jsonl'}",
+              "prompts.category_column=category", "teacher.backend=fake", "k=1", "shard_size=2",
+              "sampling.max_new_tokens=30", "teacher.num_cpus=0.5", "judging.num_cpus=0.5"]
+    first = distill(build_config(DistillConfig, None, common))
+    rows[5]["category"] = "violence"
+    write_jsonl(tmp_path / "q.jsonl", rows)
+    second = distill(build_config(DistillConfig, None, common))
+    total = first["shards"]["total"]
+    assert (second["shards"]["total"], second["shards"]["built"], second["shards"]["resumed"]) == (total, 1, total - 1)
+    ds = DatasetDir(str(tmp_path / "out"), "r")
+    out = ds.read_table("train").to_pylist() + ds.read_table("filtered").to_pylist()
+    relabelled = next(r["prompt_id"] for r in ds.read_table("prompts").to_pylist() if r["source_row"] == 5)
+    assert {r["category"] for r in out if r["prompt_id"] == relabelled} == {"violence"}
+    assert verify(ds).problems == []

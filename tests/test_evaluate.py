@@ -90,6 +90,11 @@ def test_fake_evaluate_flow(tmp_path, run_flow):
             assert (first["drop_ci_low"], first["drop_ci_high"]) == (0.0, 0.0)
         assert f"| {bench} | judge_safe_first |" in report
     assert "## Against first sample" in report and "paired bootstrap" in report
+    # every command works on an evaluate dataset (inspect crashed on its empty scorers list)
+    from dafactory.flows.cli import main
+
+    assert main(["verify", ds.uri]) == 0
+    assert main(["inspect", ds.uri]) == 0
 
 
 def test_tiny_real_evaluate_with_latent_signals(tmp_path, run_flow, tiny_models):

@@ -361,3 +361,29 @@ def test_budget_config_defaults():
     assert (cfg.sampling.reasoning_budget, cfg.sampling.answer_budget, cfg.keep_forced_close) == (64, None, True)
     assert cfg.sampling.max_response_tokens(3) == 64 + 3 + 300  # the answer gets max_new_tokens
     assert SamplingConfig(max_new_tokens=9).max_response_tokens(3) == 9
+
+
+def test_garbage_left_by_loading_is_collected_before_the_rest_is_frozen():
+    """A replica's loading runs in gc_loading; cycles it dropped (temporary graphs, parsed configs) must not
+    be frozen with what it keeps, or they live as long as the replica."""
+    import gc
+    import weakref
+
+    from dafactory.tasks.run.workers import gc_loading
+
+    class Node:
+        def __init__(self):
+            self.me = self
+            self.payload = bytearray(1 << 20)
+
+    kept = []
+    try:
+        with gc_loading():
+            dropped = Node()  # a cycle: only a collection frees it
+            gone = weakref.ref(dropped)
+            kept.append(Node())  # what loading keeps
+            del dropped
+        assert gone() is None  # collected, not frozen for the replica's life
+        assert kept[0].payload  # what was kept is still there
+    finally:
+        gc.unfreeze()  # this test process is not a replica

@@ -62,6 +62,30 @@ def test_every_table_loads_in_datasets_with_empty_shards(built, name, table):
         assert 0 in per_part and max(per_part) > 0  # the case that broke `datasets`: empty and full parts
 
 
+@pytest.mark.parametrize("name, judged_by", [("pref", "judged by: refusal_heuristic"),
+                                              ("dist", "judged by: refusal_heuristic")])
+def test_inspect_and_verify_work_on_preference_and_distill_sets(built, name, judged_by, capsys):
+    from dafactory.flows.cli import main
+
+    ds, _ = built[name]
+    assert main(["verify", ds.uri]) == 0 and main(["inspect", ds.uri]) == 0
+    assert judged_by in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("name", ["pref", "dist", "forced"])
+def test_every_config_the_card_lists_loads_and_empty_tables_are_not_listed(built, name):
+    import datasets
+    import yaml
+
+    ds, manifest = built[name]
+    front = yaml.safe_load(ds.fs.cat(ds._path("README.md")).decode().split("---\n")[1])
+    listed = [c["config_name"] for c in front["configs"]]
+    empty = [t for t, entry in manifest["tables"].items() if not entry["rows"]]
+    assert "quarantine" in empty and not set(empty) & set(listed)  # this build quarantined nothing
+    for config in listed:
+        assert len(datasets.load_dataset(ds.root, config, split="train")) == manifest["tables"][config]["rows"]
+
+
 def test_the_card_names_exactly_the_manifests_parts(built):
     import yaml
 
@@ -71,7 +95,7 @@ def test_the_card_names_exactly_the_manifests_parts(built):
     configs = {c["config_name"]: c for c in front["configs"]}
     assert configs["pairs"]["default"] is True
     files = ds.files(manifest)  # the version's parts table
-    assert set(configs) == {t for t in manifest["tables"] if files[t]}
+    assert set(configs) == {t for t, entry in manifest["tables"].items() if files[t] and entry["rows"]}
     for table in configs:
         assert configs[table]["data_files"] == [{"split": "train", "path": files[table]}]
     assert f"config hash `{manifest['fingerprint']}`" in text

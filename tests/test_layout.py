@@ -114,9 +114,9 @@ def test_the_wheel_holds_only_dafactory_and_every_file_the_code_opens(wheel):
     names = zipfile.ZipFile(wheel).namelist()
     info = [n for n in names if ".dist-info/" in n]
     assert sorted({n.split("/")[0] for n in names if n not in info}) == ["dafactory"]
-    top_level = [n for n in info if n.endswith("top_level.txt")]
-    if top_level:
-        assert zipfile.ZipFile(wheel).read(top_level[0]).decode().split() == ["dafactory"]
+    # setuptools writes top_level.txt: the wheel's only top-level package is dafactory
+    (top_level,) = [n for n in info if n.endswith("top_level.txt")]
+    assert zipfile.ZipFile(wheel).read(top_level).decode().split() == ["dafactory"]
     assert zipfile.ZipFile(wheel).read("dafactory/tasks/_commit.txt").decode() == BAKED + "\n"
     data = sorted(p.name for p in (ROOT / "tasks" / "data").iterdir())
     assert sorted(n.removeprefix("dafactory/tasks/data/") for n in names if n.startswith("dafactory/tasks/data/")) == data

@@ -6,7 +6,7 @@ import pytest
 
 from dafactory.tasks.config import PromptSource
 from dafactory.tasks.errors import UserError
-from dafactory.tasks.io.prompts import iter_prompts, load_prompts, make_shards, merge, prompt_id
+from dafactory.tasks.io.prompts import iter_prompts, load_prompts, merge, prompt_id
 from tests.conftest import write_jsonl
 
 BAD_BYTES = b"caf\xe9 au lait"  # Latin-1, not UTF-8
@@ -127,16 +127,6 @@ def test_bundled_sample():
     ps = load_prompts(PromptSource(path="sample", category_column="category"))
     assert len(ps.rows) == 16 and not ps.quarantine and ps.duplicates == 0
     assert sum(r.category == "benign" for r in ps.rows) == 8
-
-
-def test_shards_are_stable_and_keyed_by_content():
-    ps = [load_prompts(PromptSource(path="sample")).rows[i] for i in range(5)]
-    a = make_shards(ps, 2, salt="cfg")
-    assert [len(s.rows) for s in a] == [2, 2, 1]
-    assert [s.shard_id for s in a] == [s.shard_id for s in make_shards(ps, 2, salt="cfg")]
-    # another config (salt) or other prompts give other shard ids
-    assert a[0].shard_id != make_shards(ps, 2, salt="other")[0].shard_id
-    assert a[0].shard_id != make_shards(ps[1:], 2, salt="cfg")[0].shard_id
 
 
 def test_a_file_named_parquet_that_is_not_parquet_is_one_line(tmp_path):

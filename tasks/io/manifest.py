@@ -263,7 +263,9 @@ def dataset_card(manifest: dict, main_table: str, files: dict[str, list[str]]) -
     folder can be uploaded to the Hub as it is."""
     import yaml
 
-    tables = [t for t in manifest["tables"] if files.get(t)]
+    # only tables with rows: `datasets` refuses a config whose files hold none ("corresponds to no data");
+    # the counts table below still names the empty ones
+    tables = [t for t, entry in manifest["tables"].items() if files.get(t) and entry["rows"]]
     tables.sort(key=lambda t: t != main_table)  # the main table is the default config
     configs = [
         {"config_name": t, "data_files": [{"split": "train", "path": files[t]}]}

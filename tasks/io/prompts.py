@@ -402,18 +402,10 @@ def check_columns(src: PromptSource) -> None:
     read_raw(src.model_copy(update={"limit": 1}))
 
 
-def make_shards(rows: list[PromptRow], shard_size: int, salt: str) -> list[Shard]:
-    """Fixed-size shards in input order; the id hashes the salt (config) and the prompt ids inside."""
-    shards = []
-    for index, start in enumerate(range(0, len(rows), shard_size)):
-        chunk = tuple(rows[start : start + shard_size])
-        shards.append(Shard(shard_id=shard_id_of(salt, (r.prompt_id for r in chunk)), index=index, rows=chunk))
-    return shards
-
-
-def shard_id_of(salt: str, prompt_ids) -> str:
-    """A shard's id: the salt (what decides the generated text) and the ids of the prompts inside."""
-    return hashlib.sha256((salt + "".join(prompt_ids)).encode()).hexdigest()[:16]
+def shard_id_of(salt: str, row_keys) -> str:
+    """A shard's id: the salt (what decides the generated text for every prompt) and the key of each
+    prompt inside (its id and what else decides its rows: categories, reference)."""
+    return hashlib.sha256((salt + "".join(row_keys)).encode()).hexdigest()[:16]
 
 
 def choose_buckets(unique: int, shard_size: int, previous: int | None = None) -> int:

@@ -151,8 +151,12 @@ class Planner:
         self.unique += len(rows)
 
     def _shard(self, rows: pa.Table) -> None:
-        ids = rows.column("prompt_id").to_pylist()
-        shard_id = shard_id_of(self.salt, ids)
+        # what decides a shard's rows besides the salt (model, sampling, spec, template): each prompt's id,
+        # its categories (the teacher's policy, the rows' category) and its reference (utility scoring)
+        keys = [f"{pid}\x1f{chr(30).join(cats or ())}\x1f{ref or ''}" for pid, cats, ref in zip(
+            rows.column("prompt_id").to_pylist(), rows.column("categories").to_pylist(),
+            rows.column("reference").to_pylist())]
+        shard_id = shard_id_of(self.salt, keys)
         part = self.ds.write_keyed("prompts", shard_id, rows.drop_columns(["h"]).append_column(
             "shard_id", pa.array([shard_id] * rows.num_rows, pa.string())), self.existing["prompts"])
         self.plan.shards.append(ShardRef(shard_id, len(self.plan.shards), rows.num_rows, part))

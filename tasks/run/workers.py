@@ -195,6 +195,9 @@ def gc_loading():
     try:
         yield
     finally:
+        # collect first: garbage that loading left in cycles (temporary graphs, parsed configs) would
+        # otherwise be frozen with the rest and kept for the replica's life
+        gc.collect()
         gc.freeze()
         if enabled:
             gc.enable()
