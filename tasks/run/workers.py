@@ -12,6 +12,7 @@ import gc
 import logging
 import math
 import os
+import re
 import socket
 import sys
 import threading
@@ -215,28 +216,34 @@ def gc_frozen():
         gc.unfreeze()
 
 
+POISONED = 2  # shards a replica may fail in a row with the same error before it is restarted
+
+
+@dataclass(frozen=True)
+class Restarting:
+    """In stream's in-flight table: the probe of a replica killed for a restart, and its old process id."""
+
+    old_pid: int | None
 UNREAD = "unread"  # the ok flag of a first-stage replica that could not read its shard (see ShardReader)
 
 
 class Stage:
     """Base of the stage actors: `run` returns the payload and a tiny ok flag, so that the driver learns
     of a failure where it happens without fetching the payload (see stream). The first stage's replicas
-    are given the shard reader and the last stage's the shard writer (`attach`): a shard travels to the
-    first as a reference and they read its prompts themselves; the last write its parts themselves and
-    return only its stats.
+    are given the shard reader and the last stage's the shard writer, as constructor arguments (see
+    with_io: Ray replays the constructor when it restarts a replica, so a restarted one has them too): a
+    shard travels to the first as a reference and they read its prompts themselves; the last write its
+    parts themselves and return only its stats.
 
     `run` files what the work cost under the payload's `work[stage]`: the seconds spent in process()
     (`busy_s`) and what process() reports under `usage` (samples; tokens for the generate stage)."""
 
     writer = reader = None
 
-    def attach(self, writer=None, reader=None) -> None:
-        self.writer, self.reader = writer, reader
-
     @ray.method(num_returns=2)
     def run(self, work, stage: str = ""):
         if isinstance(work, ShardRef):
-            # a restarted replica has no reader (attach is not replayed): the driver reads the shard then
+            # a replica whose node cannot see the folder hands the shard back: the driver reads it then
             work = None if self.reader is None else self.reader.in_replica(work)
             if work is None:
                 return None, UNREAD
@@ -485,6 +492,19 @@ def generate_spec(model: ModelConfig, args: tuple, others: list, ray_cfg: RayCon
     return StageSpec("generate", GenerateStage, (model, *args), model.num_replicas, model.num_gpus, cpus)
 
 
+def with_io(cls: type) -> type:
+    """The stage class whose constructor also takes the shard writer and reader: part of a replica's
+    construction, so that a replica Ray restarts (it replays the constructor) keeps them."""
+
+    class WithIO(cls):
+        def __init__(self, writer, reader, *args):
+            super().__init__(*args)
+            self.writer, self.reader = writer, reader
+
+    WithIO.__name__, WithIO.__qualname__ = cls.__name__, cls.__qualname__  # the name Ray shows
+    return WithIO
+
+
 @dataclass
 class StageSpec:
     name: str
@@ -493,7 +513,7 @@ class StageSpec:
     num_replicas: int = 1
     num_gpus: float = 0
     num_cpus: float = 1
-    writer: Any = None  # the last stage's: each replica writes its shards' parts (Stage.attach)
+    writer: Any = None  # the last stage's: each replica writes its shards' parts (with_io)
     reader: Any = None  # the first stage's: each replica reads its shards' prompts
     actors: list = field(default_factory=list)
     retired: list = field(default_factory=list)
@@ -501,19 +521,14 @@ class StageSpec:
     def start(self, restarts: int = 2) -> None:
         # SPREAD puts replicas on different nodes; a replica lost with its node (or killed) restarts,
         # elsewhere if need be. Its lost work is retried by `stream`, not by Ray, so that it is counted.
-        self._remote = ray.remote(self.cls).options(
+        self._remote = ray.remote(with_io(self.cls)).options(
             num_gpus=self.num_gpus, num_cpus=self.num_cpus, max_restarts=restarts, max_task_retries=0,
             scheduling_strategy="SPREAD",
         )
         self.actors = [self._new() for _ in range(self.num_replicas)]
 
     def _new(self):
-        actor = self._remote.remote(*self.args)
-        if self.writer is not None or self.reader is not None:
-            # Ordered before any work sent to it. A restarted replica comes back without them: it hands
-            # its shards to the driver to write, and asks it to read them.
-            actor.attach.remote(self.writer, self.reader)
-        return actor
+        return self._remote.remote(self.writer, self.reader, *self.args)
 
     def replace(self, dead) -> Any:
         """A new replica in place of one that is dead after its restarts (its resources are free now)."""
@@ -565,9 +580,11 @@ def stream(
     the payload (handed on by reference) and a tiny ok flag that the driver reads, so a failure is seen
     at the stage where it happens: the item starts again from the first stage (after `retries` retries
     it is given up, and the rest go on), and the replica gets no new work until it answers again (Ray
-    restarts a killed one; one dead for good is replaced). Retries are counted per shard id; a try lost
-    with a replica that died for good is not counted (twice at most). The wait wakes every `poll_s` so
-    that Ctrl-C (KeyboardInterrupt) stops the loop promptly.
+    restarts a killed one; one dead for good is replaced). A replica that fails POISONED shards in a row
+    with the same error while alive (a CUDA device-side assert leaves the process up and every later
+    call failing) is restarted: killed for Ray to start again, its constructor and model load replayed.
+    Retries are counted per shard id; a try lost with a replica that died for good is not counted (twice
+    at most). The wait wakes every `poll_s` so that Ctrl-C (KeyboardInterrupt) stops the loop promptly.
     """
     last = len(stages) - 1
     source = iter(items)
@@ -579,7 +596,30 @@ def stream(
     attempts: dict = {}  # shard id -> tries counted
     free: dict = {}  # shard id -> tries not counted, because a replica it used died for good
     dead: set[int] = set()  # ids of actors found dead after their restarts (and replaced)
+    streak: dict[int, tuple[str, int]] = {}  # actor id -> (its last error, without numbers; failures in a row)
     failed: list[tuple[Any, str]] = []
+
+    def poisoned(actor, s: int, exc: Exception) -> bool:
+        """Count a failure of this replica's own work; restart it after POISONED in a row alike (True)."""
+        if _lost(exc):  # the process died: Ray restarts it anyway
+            streak.pop(id(actor), None)
+            return False
+        error = re.sub(r"\d+", "#", _worker_error(exc))
+        same, n = streak.get(id(actor), ("", 0))
+        streak[id(actor)] = (error, n + 1 if same == error else 1)
+        if streak[id(actor)][1] >= POISONED:
+            log.warning("a %s replica failed %d shards in a row with %s; restarting it", stages[s].name,
+                        POISONED, _worker_error(exc))
+            streak.pop(id(actor))
+            try:
+                old_pid = ray.get(actor.info.remote(), timeout=60)["pid"]  # idle: it answers at once
+            except (ray.exceptions.RayError, TimeoutError):
+                old_pid = None
+            ray.kill(actor, no_restart=False)  # Ray starts it again: its constructor (model, writer) replayed
+            # no work until its new process answers (a probe in flight; see below): no try is lost to it
+            in_flight[actor.info.remote()] = (s, actor, Restarting(old_pid))
+            return True
+        return False
 
     def room(s: int) -> bool:
         if s == last:
@@ -630,13 +670,28 @@ def stream(
         ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=poll_s)
         for ok in ready:
             s, actor, payload = in_flight.pop(ok)
+            if isinstance(payload, Restarting):  # the probe of a replica restarted by `poisoned`
+                try:
+                    back = ray.get(ok)["pid"] != payload.old_pid
+                except ray.exceptions.ActorUnavailableError:
+                    back = False
+                except ray.exceptions.RayError:
+                    back = True  # gone for good: its next work fails and replace_dead replaces it
+                if not back:  # the old process still answering, or the new one not up yet: ask again shortly
+                    time.sleep(0.2)
+                    in_flight[actor.info.remote()] = (s, actor, payload)
+                    continue
+                idle[s].append(actor)
+                continue
             try:
                 flag = ray.get(ok)
             except ray.exceptions.RayError as exc:  # the work's failure; a stop (Ctrl-C, SIGTERM) goes up
                 item, actors = origin.pop(payload)
-                idle[s].append(actor)  # replace_dead probes it: answered, restarted, or replaced
+                if not poisoned(actor, s, exc):
+                    idle[s].append(actor)  # replace_dead probes it: answered, restarted, or replaced
                 fail(item, actors, exc)
                 continue
+            streak.pop(id(actor), None)
             idle[s].append(actor)
             if flag == UNREAD:
                 item, _ = origin.pop(payload)

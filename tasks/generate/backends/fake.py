@@ -11,7 +11,10 @@ stand in for a real model in tests of interruption and throughput), fail_on (Non
 RuntimeError when the last message of any request in the call contains this text, to test
 generation faults), pid_file (None: load() appends the process id and a newline to this file, so that
 a test can find and kill the Ray worker that holds the backend), exit_on (None: the process exits at
-once, as a segfault or a fatal CUDA error would, when a prompt in the batch contains this text).
+once, as a segfault or a fatal CUDA error would, when a prompt in the batch contains this text), poison_file
+(None: the first process to load the backend while this file does not exist creates it, and from its
+second call on every call raises as a CUDA device-side assert does: the process lives on, poisoned; a new
+process, as Ray's restart of the actor makes, is healthy).
 
 Under budget forcing (a teacher's prefilled turn with sampling.reasoning_budget) a trace thinks up to 15 words
 longer, so that a budget both closes traces and finds traces closed; see `_forced`.
@@ -44,6 +47,7 @@ class FakeBackend:
         self.fail_on = cfg.params.get("fail_on")
         self.pid_file = cfg.params.get("pid_file")
         self.exit_on = cfg.params.get("exit_on")
+        self.poison_file, self.poisoned, self._sampled = cfg.params.get("poison_file"), False, 0
         self._words: dict[int, str] = {}  # the vocabulary seen by render(): id -> word
 
     def load(self) -> None:
@@ -88,6 +92,12 @@ class FakeBackend:
                forcing: BudgetForcing | None = None) -> list[list[Generation]]:
         if self.latency_s:
             time.sleep(self.latency_s)
+        self._sampled += 1
+        if self.poison_file and self._sampled == 2 and not os.path.exists(self.poison_file):
+            open(self.poison_file, "w").close()  # this process only: a restarted one finds the file
+            self.poisoned = True
+        if self.poisoned:
+            raise RuntimeError("CUDA error: device-side assert triggered")
         read = [self._read(r.prompt_ids) for r in requests]
         if self.exit_on is not None and any(self.exit_on in last for last, _ in read):
             os._exit(1)
