@@ -55,8 +55,12 @@ def s3_kind(environ) -> str:
 
 def start_counting_s3() -> str:
     """A moto S3 server on loopback whose every request is counted by kind."""
+    import logging
+
     from moto.server import DomainDispatcherApplication, create_backend_app
     from werkzeug.serving import make_server
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # a line per request otherwise
 
     app = DomainDispatcherApplication(create_backend_app)
 
