@@ -66,14 +66,12 @@ class Part:
     error: str | None = None
 
 
-def _open(ds: DatasetDir, path: str, columns: list[str] | None, size: int | None = None) -> Part:
+def _open(ds: DatasetDir, path: str, columns: list[str] | None) -> Part:
     """A part's footer and only these columns (the rest of its bytes are not fetched from an object
-    store; with its size from the listing, no HEAD either); a part that is not whole Parquet is a Part
-    with the error, not an exception."""
-    options = {"size": size} if size is not None and not ds.local else {}
+    store); a part that is not whole Parquet is a Part with the error, not an exception."""
 
     def read():
-        with ds.fs.open(path, "rb", **options) as f:
+        with ds.fs.open(path, "rb") as f:
             pf = pq.ParquetFile(f)
             table = pf.read(columns=columns, use_threads=False) if columns is not None else None
             return Part(pf.metadata.num_rows, pf.metadata.metadata or {}, table)
@@ -117,8 +115,7 @@ class Shard:
     ids: list
 
 
-def _check_shard(ds: DatasetDir, shard_id: str, paths: dict[str, str], layout: dict, failed: set,
-                 sizes: dict[str, int]) -> Shard:
+def _check_shard(ds: DatasetDir, shard_id: str, paths: dict[str, str], layout: dict, failed: set) -> Shard:
     """One shard, each of its parts opened once: its key columns, its row counts, its marker's stats.
     Every planned prompt has output or a quarantine row, no key is there twice, and the version has every
     table's part that the marker's stats say had rows."""
@@ -128,7 +125,7 @@ def _check_shard(ds: DatasetDir, shard_id: str, paths: dict[str, str], layout: d
     columns |= {t: ["prompt_id"] for t in layout.get("one_row_per_prompt", [])}
     parts = {}
     for table, path in paths.items():
-        part = _open(ds, path, columns.get(table, []), sizes.get(path))
+        part = _open(ds, path, columns.get(table, []))
         if part.error is not None:
             p.append(f"{table}: unreadable part {posixpath.basename(path)} ({part.error})")
             continue
@@ -188,10 +185,8 @@ def verify(ds: DatasetDir) -> Verdict:
 
     # 1. Every listed part exists (one listing per table).
     files = {t: ds.listed_files(t, manifest) for t in manifest["tables"]}
-    sizes: dict[str, int] = {}
     for table, paths in files.items():
-        there = {e["path"]: e["size"] for e in ds.listing(table)} if paths else {}
-        sizes |= there
+        there = {e["path"] for e in ds.listing(table)} if paths else set()
         _too_many(p, f"{table}: files the manifest lists but that do not exist", [x for x in paths if x not in there])
     if p:
         return v  # the shard-by-shard checks below would only repeat it
@@ -215,7 +210,7 @@ def verify(ds: DatasetDir) -> Verdict:
     set_aside = 0
     with ThreadPoolExecutor(16) as pool:
         for (table, x), part in zip(others, pool.map(lambda tx: _open(ds, tx[1], ["source_row"] if tx[0] == "quarantine"
-                                                                       else None, sizes.get(tx[1])), others)):
+                                                                       else None), others)):
             if part.error is not None:
                 p.append(f"{table}: unreadable part {posixpath.basename(x)} ({part.error})")
                 continue
@@ -228,8 +223,7 @@ def verify(ds: DatasetDir) -> Verdict:
         acc = Counter()
         shards = list(by_shard.items())
         for lo in range(0, len(shards), 256):
-            for shard in pool.map(lambda sp: _check_shard(ds, sp[0], sp[1], layout, failed, sizes),
-                                  shards[lo : lo + 256]):
+            for shard in pool.map(lambda sp: _check_shard(ds, sp[0], sp[1], layout, failed), shards[lo : lo + 256]):
                 p.extend(shard.problems)
                 acc.update(shard.acc)
                 rows.update(shard.rows)
