@@ -68,6 +68,11 @@ def part_key(name: str) -> str:
     return name.split("@", 1)[0]
 
 
+def part_name(path: str) -> str:
+    """The name of a part file (`<table>/part-<name>.parquet`): `<key>@<token or hash>`."""
+    return posixpath.basename(path)[len("part-") : -len(".parquet")]
+
+
 def new_token() -> str:
     """A token for one write of a shard's parts: two writes of one shard (a retry, a concurrent run)
     never share a name."""
@@ -385,7 +390,7 @@ class DatasetDir:
     def parts(self, table: str) -> dict[str, str]:
         """part name -> path of every finished part in the table's folder, listed or not by a version
         (temporary files of writes in flight are not parts)."""
-        return {e["name"][len("part-") : -len(".parquet")]: e["path"] for e in self.listing(table)
+        return {part_name(e["name"]): e["path"] for e in self.listing(table)
                 if e["name"].startswith("part-") and e["name"].endswith(".parquet")}
 
     def read_part(self, table: str, part: str) -> pa.Table:
@@ -411,14 +416,19 @@ class DatasetDir:
 
         return self._retry("read a footer", read)
 
-    def footers(self, paths: list[str]) -> list[pq.FileMetaData]:
-        """Footers of many parts, read concurrently (each is a GET or two on an object store)."""
+    @staticmethod
+    def _concurrently(fn, paths: list[str]) -> list:
+        """fn of each path, in order, 32 at a time (each is a GET or two on an object store)."""
         if len(paths) < 2:
-            return [self.footer(p) for p in paths]
+            return [fn(p) for p in paths]
         from concurrent.futures import ThreadPoolExecutor
 
         with ThreadPoolExecutor(min(32, len(paths))) as pool:
-            return list(pool.map(self.footer, paths))
+            return list(pool.map(fn, paths))
+
+    def footers(self, paths: list[str]) -> list[pq.FileMetaData]:
+        """Footers of many parts, read concurrently."""
+        return self._concurrently(self.footer, paths)
 
     def marker_stats(self, paths: list[str], errors: bool = False) -> list:
         """The shard stats each marker part carries in its footer; with `errors`, the ArrowInvalid of a
@@ -431,12 +441,7 @@ class DatasetDir:
                     raise
                 return exc
 
-        if len(paths) < 2:
-            return [one(p) for p in paths]
-        from concurrent.futures import ThreadPoolExecutor
-
-        with ThreadPoolExecutor(min(32, len(paths))) as pool:  # a GET or two each on an object store
-            return list(pool.map(one, paths))
+        return self._concurrently(one, paths)
 
     def write_parts_table(self, files: dict[str, list[str]], rows: dict[str, list[int]]) -> str:
         """A version's list of part files (table, file, rows), as a Parquet side table in `_versions/`

@@ -31,7 +31,7 @@ import pyarrow.parquet as pq
 
 from dafactory.tasks.io.commit import read_version, version_files
 from dafactory.tasks.io.prompts import SeenIds
-from dafactory.tasks.io.storage import STATS_KEY, DatasetDir, part_key
+from dafactory.tasks.io.storage import STATS_KEY, DatasetDir, part_key, part_name
 
 COMPLETE, MISMATCH, INCOMPLETE = 0, 1, 3  # exit codes
 
@@ -52,7 +52,7 @@ class Verdict:
 
 def _part_name(path: str) -> str:
     """The key a part stands for: its shard id (or input-..., summary), without its token or hash."""
-    return part_key(posixpath.basename(path)[len("part-") : -len(".parquet")])
+    return part_key(part_name(path))
 
 
 @dataclass

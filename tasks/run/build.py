@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import posixpath
 import signal
 import tempfile
 import threading
@@ -58,6 +57,7 @@ from dafactory.tasks.io.storage import (
     failpoint,
     load_shard,
     part_key,
+    part_name,
     storage_options,
 )
 from dafactory.tasks.run.workers import StageSpec, gc_frozen, kill_stages, ray_session, start_stages, stream
@@ -454,7 +454,7 @@ def shard_parts(ds: DatasetDir, plan: Plan, recipe: Recipe, previous: dict | Non
     for name in listed[recipe.tables[-1]]:
         if all(name in listed[t] for t in required):
             whole.setdefault(part_key(name), []).append(name)
-    in_previous = {_part_name(f) for f in (ds.files(previous).get(recipe.tables[-1], []) if previous else [])}
+    in_previous = {part_name(f) for f in (ds.files(previous).get(recipe.tables[-1], []) if previous else [])}
     built = built or {}
     chosen = {}
     for ref in plan.shards:
@@ -480,10 +480,6 @@ def resumable(ds: DatasetDir, plan: Plan, recipe: Recipe, previous: dict | None)
         else:
             done[part_key(name)] = stats | {"part": name}
     return done
-
-
-def _part_name(path: str) -> str:
-    return posixpath.basename(path)[len("part-") : -len(".parquet")]
 
 
 
