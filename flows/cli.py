@@ -37,6 +37,10 @@ DEMO = {
     # ranks; the refusal heuristic is recorded beside it.
     "scorers": [{"name": "yes_no_judge", "model": "smollm2-135m-instruct"}, {"name": "refusal_heuristic"}],
     "shard_size": 4,
+    # The sample's 8 harmful prompts are StrongREJECT's own (its `source` column says so), so the demo checks
+    # them against DAN only: do not report StrongREJECT ASR for a model trained on the demo's pairs. A build
+    # on your own prompts checks both sets (the default).
+    "decontamination": {"eval_sets": ["dan"]},
 }
 
 DEMO_DISTILL = {
@@ -367,6 +371,8 @@ def cmd_inspect(args) -> int:
         stopped = f" (stopped: {manifest['stopped']})" if manifest.get("stopped") else ""
         print(f"  INCOMPLETE: {s['done']} of {s['total']} shards done, {len(s['failed'])} failed, "
               f"{s['not_built']} not built{stopped}; re-run the same config to finish it")
+        if manifest.get("error_rate"):
+            print(f"  stopped by max_error_rate: {manifest['error_rate']}")
     cfg = manifest["config"]
     role = "student" if "student" in cfg else "teacher"
     # preference: scorers; distill: judges; evaluate: its judge (and any extra scorers)
@@ -482,9 +488,10 @@ def main(argv: list[str] | None = None) -> int:
     except BaseException as exc:
         from prefect.exceptions import TerminationSignal
 
+        from dafactory.tasks.generate.error_rate import TooManyErrors
         from dafactory.tasks.run.build import ShardsFailed
 
-        if isinstance(exc, ShardsFailed):
+        if isinstance(exc, (ShardsFailed, TooManyErrors)):
             return _fail(str(exc), 1)
         if isinstance(exc, TerminationSignal):
             return _fail("terminated; the shards written are kept (manifest status incomplete); "

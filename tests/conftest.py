@@ -11,6 +11,9 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# One cache (converted models, evaluation sets' embeddings) for the session, also for CLI tests run with a
+# HOME of their own: embedding DAN's prompts takes about a minute on 2 cores, once.
+os.environ.setdefault("DAFACTORY_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "dafactory"))
 
 import json  # noqa: E402
 import subprocess  # noqa: E402

@@ -86,7 +86,8 @@ def test_demo_end_to_end(tmp_path):
     assert "Concurrency limits" not in log and "View at" not in log
     manifest = json.loads((tmp_path / "demo-preference" / "manifest.json").read_text())
     assert manifest["status"] == "complete"
-    assert manifest["prompts"] == {"source_rows": 16, "unique": 16, "duplicates_removed": 0, "quarantined": {}}
+    assert manifest["prompts"] == {"source_rows": 16, "unique": 16, "duplicates_removed": 0, "quarantined": {},
+                                   "screened": {"contaminated": {}, "near_duplicate": {}}}
     assert manifest["tables"]["candidates"]["rows"] == 64 and manifest["tables"]["best"]["rows"] == 16
     assert manifest["tables"]["pairs"]["rows"] + sum(manifest["unpaired_prompts"].values()) == 16
     assert manifest["models"]["workers"][0]["model"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -102,7 +103,9 @@ def test_demo_end_to_end(tmp_path):
     distill = json.loads((tmp_path / "demo-distill" / "manifest.json").read_text())
     assert distill["status"] == "complete" and distill["spec"]["version"] == "1.0"
     assert distill["prompts"] == {"source_rows": 13, "unique": 11, "duplicates_removed": 0,
-                                  "quarantined": {"contaminated": 1, "near_duplicate": 1}}
+                                  "quarantined": {"contaminated": 1, "near_duplicate": 1},
+                                  "screened": {"contaminated": {"ngram8": {"strongreject": 1}},
+                                               "near_duplicate": {"normalised": 1}}}
     t = distill["tables"]
     assert t["train"]["rows"] + t["filtered"]["rows"] == 11
     assert sum(distill["filtered_samples"].values()) == t["filtered"]["rows"]

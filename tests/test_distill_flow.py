@@ -37,7 +37,9 @@ def test_fake_distill_flow(tmp_path, run_flow):
     manifest = distill(cfg)
     ds = DatasetDir(cfg.output, cfg.dataset)
     assert manifest["prompts"] == {"source_rows": 8, "unique": 5, "duplicates_removed": 1,
-                                   "quarantined": {"contaminated": 1, "duplicate": 1, "near_duplicate": 1}}
+                                   "quarantined": {"contaminated": 1, "duplicate": 1, "near_duplicate": 1},
+                                   "screened": {"contaminated": {"ngram8": {"strongreject": 1}},
+                                                "near_duplicate": {"normalised": 1}}}
     assert manifest["spec"]["version"] == "1.0" and len(manifest["spec"]["sha256"]) == 64
     assert "{prompt}" in manifest["template"]["text"]
     train, filtered = ds.read_table("train").to_pylist(), ds.read_table("filtered").to_pylist()

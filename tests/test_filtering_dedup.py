@@ -1,10 +1,10 @@
 """Pure cores: filter rules for distilled samples, near duplicates and decontamination."""
 
 import pytest
-
-from dafactory.tasks.distill.dedup import Decontaminator, collapse_near_duplicates, normalize
 from dafactory.tasks.distill.filtering import distill_rows, filter_reason, parse_rows
-from dafactory.tasks.io.prompts import PromptRow
+from dafactory.tasks.io.prompts import PromptRow, PromptSet
+from dafactory.tasks.screen.ngram import Decontaminator, normalize
+from dafactory.tasks.screen.rules import Screen
 
 
 def gen(response, finish="stop", verdicts=()):
@@ -160,10 +160,10 @@ def rows(*texts):
 
 
 def test_near_duplicates_collapse_on_case_punctuation_and_spacing():
-    kept, dropped = collapse_near_duplicates(rows("How do I bake bread?", "how do i  BAKE bread", "How do I bake a cake?"))
-    assert [r.prompt for r in kept] == ["How do I bake bread?", "How do I bake a cake?"]
-    assert [(d["source_row"], d["reason"], d["detail"]) for d in dropped] == [
-        (1, "near_duplicate", "same as source row 0 after normalising")
+    out = Screen()(PromptSet(rows("How do I bake bread?", "how do i  BAKE bread", "How do I bake a cake?")), {})
+    assert [r.prompt for r in out.rows] == ["How do I bake bread?", "How do I bake a cake?"]
+    assert [(d["source_row"], d["reason"], d["detail"]) for d in out.quarantine] == [
+        (1, "near_duplicate", "duplicates source row 0 (equal after normalising)")
     ]
     assert normalize("It's  a TEST!") == "it s a test"
 

@@ -28,7 +28,9 @@ def config(tmp_path, *overrides) -> PreferenceConfig:
         PreferenceConfig, None,
         [f"output={tmp_path / 'out'}", "dataset=t", f"prompts.path={prompts_file(tmp_path)}",
          "prompts.category_column=category", "student.backend=fake", "n=4", "shard_size=3",
-         "student.num_cpus=0.5", "scoring.num_cpus=0.5", "sampling.max_new_tokens=12", *overrides],
+         "student.num_cpus=0.5", "scoring.num_cpus=0.5", "sampling.max_new_tokens=12",
+         # short harmful prompts near StrongREJECT's: these tests are of the build; tests/test_screen.py screens
+         "decontamination.enabled=false", *overrides],
     )
 
 
@@ -39,7 +41,8 @@ def test_fake_flow_writes_consistent_tables(tmp_path, run_flow):
     ds = DatasetDir(cfg.output, cfg.dataset)
     assert ds.read_manifest() == manifest and manifest["status"] == "complete"
     assert manifest["prompts"] == {"source_rows": 12, "unique": 10, "duplicates_removed": 1,
-                                   "quarantined": {"duplicate": 1, "empty": 1}}
+                                   "quarantined": {"duplicate": 1, "empty": 1},
+                                   "screened": {"contaminated": {}, "near_duplicate": {}}}
     # shards are id ranges: 4 ranges for 10 prompts of about 3 each; here they hold 5, 2, 3 and none
     assert manifest["shards"] == {"total": 3, "buckets": 4, "done": 3, "resumed": 0, "built": 3, "failed": [],
                                   "written_by_driver": 0, "read_by_driver": 0, "not_built": 0, "replaced_parts": 0}

@@ -72,10 +72,10 @@ def test_every_bundled_deployment_builds_with_its_schedule_and_form():
 
 FORMS = {  # the Run form of each flow, top to bottom: what a user changes first, the run plumbing last
     "PreferenceConfig": ["dataset", "output", "prompts", "system_prompt", "student", "n", "sampling", "scorers",
-                         "selection", "scoring"],
+                         "selection", "scoring", "dedup", "decontamination"],
     "DistillConfig": ["dataset", "output", "prompts", "teacher", "k", "sampling", "judges", "keep_forced_close",
                       "keep_cut_answers", "spec", "template",
-                      "missing_category", "student_system_prompt", "near_duplicates", "decontamination", "judging"],
+                      "missing_category", "student_system_prompt", "dedup", "decontamination", "judging"],
     "EvaluateConfig": ["dataset", "output", "benchmarks", "system_prompt", "student", "base", "base_revision", "n", "sampling",
                        "judge", "scorers", "strategies", "layers", "bootstrap_resamples", "bootstrap_seed",
                        "confidence", "scoring"],

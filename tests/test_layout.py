@@ -19,8 +19,9 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 # Floors, lowest first: a module may import its own package and the floors below it, never above or
-# beside. distill and evaluate are siblings on one floor and must not import each other.
-FLOORS = {"ground": 0, "io": 1, "generate": 2, "score": 3, "distill": 4, "evaluate": 4, "run": 5, "flows": 6}
+# beside. distill and evaluate are siblings on one floor and must not import each other; so are
+# generate and screen.
+FLOORS = {"ground": 0, "io": 1, "generate": 2, "screen": 2, "score": 3, "distill": 4, "evaluate": 4, "run": 5, "flows": 6}
 # Modules that may import Prefect, Ray or torch at the top: the machinery that runs work, and flows.
 HEAVY_OK = {"run", "flows"}
 HEAVY = ("prefect", "ray", "torch", "transformers")
@@ -83,7 +84,8 @@ def test_pure_cores_load_without_prefect_ray_or_torch():
         "import sys\n"
         "import dafactory.tasks.io.prompts, dafactory.tasks.io.storage, dafactory.tasks.io.verify\n"
         "import dafactory.tasks.score.selection, dafactory.tasks.score.strategies\n"
-        "import dafactory.tasks.distill.filtering, dafactory.tasks.distill.dedup, dafactory.tasks.evaluate.benchmarks\n"
+        "import dafactory.tasks.distill.filtering, dafactory.tasks.screen.ngram, dafactory.tasks.evaluate.benchmarks\n"
+        "import dafactory.tasks.screen.rules, dafactory.tasks.screen.minhash, dafactory.tasks.screen.embed\n"
         "import dafactory.tasks.generate.generation, dafactory.tasks.generate.backends.fake\n"
         f"print(sorted(m for m in {HEAVY!r} if m in sys.modules))\n"
     )

@@ -436,6 +436,7 @@ def test_nasty_jsonl_through_the_preference_flow(tmp_path, run_flow):
         f"output={tmp_path / 'out'}", "dataset=nasty", f"prompts.path={tmp_path / 'nasty.jsonl'}",
         "prompts.category_column=category", "student.backend=fake", "n=2", "shard_size=4",
         "student.num_cpus=0.5", "scoring.num_cpus=0.5", "sampling.max_new_tokens=12",
+        "decontamination.enabled=false",  # a test of the reader (tests/test_screen.py screens)
     ])
     manifest = run_flow(cfg)
     ds = DatasetDir(cfg.output, cfg.dataset)

@@ -14,7 +14,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from dafactory.tasks.config import EMBEDDED_MODEL
+from dafactory.tasks.config import EMBEDDED_MODEL, cache_dir
 from dafactory.tasks.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -33,13 +33,6 @@ class ResolvedModel:
     model_id: str  # what the dataset records
     revision: str | None
     allow_pickle_weights: bool = False  # the model's config opted in to pickle weights
-
-
-def cache_dir() -> Path:
-    root = os.environ.get("DAFACTORY_CACHE")
-    if root:
-        return Path(root)
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "dafactory"
 
 
 def looks_like_path(ref: str) -> bool:

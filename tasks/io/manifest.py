@@ -160,10 +160,13 @@ def build_manifest(
     quarantined.update(sum_counters(s.get("quarantined", {}) for s in shard_stats))
     # by shard id: a resumed shard keeps the index of the plan that built it
     done = {s["shard_id"] for s in shard_stats} & {ref.shard_id for ref in plan.shards}
-    complete = not report["failed"] and not report["stopped"] and len(done) == len(plan.shards)
+    complete = (not report["failed"] and not report["stopped"] and not report.get("error_rate")
+                and len(done) == len(plan.shards))
     return {
         "status": "complete" if complete else "incomplete",
         "stopped": report["stopped"],
+        # the run-level max_error_rate rule fired (tasks/generate/error_rate.py): why, else None
+        "error_rate": report.get("error_rate"),
         "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "fingerprint": fingerprint,
         "config": config,
@@ -175,9 +178,11 @@ def build_manifest(
             "unique": plan.unique,
             "duplicates_removed": plan.duplicates,
             "quarantined": dict(sorted(quarantined.items())),
+            # set aside by the screen, by rule: contaminated by method and eval set, duplicates by method
+            "screened": getattr(plan, "screened", {}) or {},
         },
         "accounting": accounting(plan, shard_stats, report["failed"]),
-        # Errors by kind and exception type: quarantined below max_error_rate, in the shards that built.
+        # Errors by kind and exception type, in the shards that built (quarantined as generation_error).
         "errors": {kind: sum_counters(s.get("errors", {}).get(kind, {}) for s in shard_stats)
                    for kind in sorted({k for s in shard_stats for k in s.get("errors", {})})},
         "outcomes_key": outcomes_key,
@@ -215,6 +220,11 @@ def summary_rows(manifest: dict, cost: bool = True) -> list[dict]:
     p = manifest["prompts"]
     rows.append({"what": "prompts (unique)", "count": p["unique"]})
     rows += [{"what": f"quarantined: {k}", "count": v} for k, v in p["quarantined"].items()]
+    screened = p.get("screened") or {}
+    rows += [{"what": f"  contaminated: {method} vs {name}", "count": n}
+             for method, sets in screened.get("contaminated", {}).items() for name, n in sets.items()]
+    rows += [{"what": f"  near_duplicate: {method}", "count": n}
+             for method, n in screened.get("near_duplicate", {}).items()]
     key = manifest["outcomes_key"]
     label = {"unpaired_prompts": "no pair", "filtered_samples": "filtered"}.get(key, key)
     rows += [{"what": f"{label}: {k}", "count": v} for k, v in manifest[key].items()]
@@ -256,6 +266,25 @@ def artifact_key(dataset: str, what: str) -> str:
     return re.sub(r"[^a-z0-9-]+", "-", f"{dataset}-{what}".lower()).strip("-")
 
 
+def screening_lines(manifest: dict) -> list[str]:
+    """The card's account of the input's screen: contaminated prompts by method and evaluation set,
+    duplicates by method (none for a recipe without a screen)."""
+    p, cfg = manifest["prompts"], manifest["config"]
+    if "decontamination" not in cfg:
+        return []
+    screened = p.get("screened") or {}
+    decon = cfg["decontamination"]
+    sets = ", ".join(decon["eval_sets"]) if decon["enabled"] else "off"
+    lines = ["", f"Input screen: decontaminated against {sets}; "
+             f"{p['quarantined'].get('contaminated', 0)} prompts contaminated, "
+             f"{p['quarantined'].get('near_duplicate', 0)} near duplicates dropped (in `quarantine`).", "",
+             "| rule | dropped |", "| --- | ---: |"]
+    lines += [f"| contaminated: {m} vs {name} | {n} |" for m, per in screened.get("contaminated", {}).items()
+              for name, n in per.items()]
+    lines += [f"| near duplicate: {m} | {n} |" for m, n in screened.get("near_duplicate", {}).items()]
+    return lines
+
+
 def dataset_card(manifest: dict, main_table: str, files: dict[str, list[str]]) -> str:
     """A Hugging Face dataset card for the folder: `configs:` front matter with one config per table
     (its data_files are exactly the version's parts, `files`, so no glob ever picks up a stale or staged part),
@@ -284,6 +313,7 @@ def dataset_card(manifest: dict, main_table: str, files: dict[str, list[str]]) -
         f"status **{manifest['status']}**. `manifest.json` beside this card has the full config and accounting.",
         "", "| table | rows | parts |", "| --- | ---: | ---: |",
         *(f"| {t} | {manifest['tables'][t]['rows']} | {manifest['tables'][t]['parts']} |" for t in manifest["tables"]),
+        *screening_lines(manifest),
         "", "Models:", "",
         *(f"- {role}: `{json.dumps(m, sort_keys=True)}`" for role, m in manifest["models"].items() if role != "workers"),
         "", "Load a table:", "", "```python", "from datasets import load_dataset",

@@ -183,6 +183,7 @@ class ShardWriter:
             "outcomes": result["outcomes"],
             "candidates": result.get("candidates", {}),  # per-candidate counts, e.g. judge_no_verdict
             "errors": result.get("errors", {}),
+            "first_error": result.get("first_error"),  # the first generation_error's detail, if any
             "seconds": result["seconds"],
             # per stage: seconds in process() and samples (tokens for generate); a resumed build's totals
             "work": result.get("work", {}),

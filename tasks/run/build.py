@@ -33,6 +33,7 @@ from prefect.settings import PREFECT_API_URL
 
 from dafactory.tasks.config import RunConfig
 from dafactory.tasks.errors import UserError
+from dafactory.tasks.generate.error_rate import ErrorBudget, TooManyErrors
 from dafactory.tasks.io.manifest import CARD, artifact_key, build_manifest, code_version, dataset_card, summary_rows
 from dafactory.tasks.io.prompts import (
     PromptRow,
@@ -60,7 +61,9 @@ from dafactory.tasks.io.storage import (
     part_name,
     storage_options,
 )
-from dafactory.tasks.run.workers import StageSpec, gc_frozen, kill_stages, ray_session, start_stages, stream
+from dafactory.tasks.run.workers import (
+    StageSpec, gc_frozen, kill_stages, ray_session, start_stages, stream, worker_error,
+)
 
 GPU_LIMIT = "dafactory-gpu"
 # API URLs of the Prefect servers that a command started for itself (flows.cli): like Prefect's temporary
@@ -94,6 +97,7 @@ class Plan:
     quarantined: Counter = field(default_factory=Counter)  # input rows set aside, by reason
     quarantine_parts: list[str] = field(default_factory=list)
     buckets: int = 0  # id ranges the prompts were cut into (kept by the next build of the folder)
+    screened: dict = field(default_factory=dict)  # what the screen set aside, by rule (see tasks/screen/rules.py)
 
     @property
     def unique(self) -> int:
@@ -216,7 +220,7 @@ def plan_input(
     config: RunConfig,
     ds: DatasetDir,
     salt: str,
-    screen: Callable[[PromptSet], PromptSet] | None = None,
+    screen: Callable[[PromptSet, dict], PromptSet] | None = None,
     load: Callable[[], PromptSet] | None = None,
 ) -> Plan:
     """Stream the prompts (config.prompts unless `load` is given) through the flow's screen, and stage
@@ -228,8 +232,11 @@ def plan_input(
     # a screen must see each row's categories whole, so the input is read twice then.
     late = planner.late if screen is None else None
     for batch in [load()] if load is not None else iter_prompts(config.prompts, late=late):
-        planner.add(screen(batch) if screen is not None else batch)
+        # the screen hands categories of the duplicates it drops to their first rows through planner.late
+        planner.add(screen(batch, planner.late) if screen is not None else batch)
     plan = planner.finish()
+    if screen is not None and hasattr(screen, "summary"):
+        plan.screened = screen.summary()
     logger.info(
         "%d source rows: %d unique prompts in %d shards, %d set aside (%s) into %s",
         plan.source_rows, plan.unique, len(plan.shards), sum(plan.quarantined.values()),
@@ -331,13 +338,18 @@ def build_shards(config: RunConfig, ds: DatasetDir, plan: Plan, recipe: Recipe) 
                           "num_gpus": st.num_gpus} for st in recipe.stages]}
     if report["resumed"]:
         logger.info("resuming: %d of %d shards already written", report["resumed"], len(plan.shards))
-    if not pending:
+    budget = ErrorBudget(config.max_error_rate)
+    for stats in done.values():
+        budget.add_stats(stats)
+    if budget.exceeded():
+        report["error_rate"] = budget.message()
+    if not pending or budget.exceeded():
         return report
     progress = create_progress_artifact(0.0, key=artifact_key(config.dataset, f"{recipe.name}-progress"),
                                         description=f"shards of {ds.uri}")
     report["gpu_slot"] = {}
     with gpu_slot(config.gpu_slot_timeout_s, report["gpu_slot"]):
-        _run_stages(config, ds, pending, recipe, report, progress)
+        _run_stages(config, ds, pending, recipe, report, progress, budget)
     return report
 
 
@@ -375,8 +387,9 @@ def gpu_slot(timeout_s: float, record: dict):
 
 
 def _run_stages(config: RunConfig, ds: DatasetDir, pending: list[ShardRef], recipe: Recipe, report: dict,
-                progress) -> None:
-    """Start the recipe's actors, stream the pending shards through them, stop them."""
+                progress, budget: ErrorBudget) -> None:
+    """Start the recipe's actors, stream the pending shards through them, stop them. The run stops early
+    when its generation errors so far break `max_error_rate` (`budget`)."""
     logger = get_run_logger()
     t0 = ready = time.perf_counter()
     try:
@@ -409,6 +422,7 @@ def _run_stages(config: RunConfig, ds: DatasetDir, pending: list[ShardRef], reci
                 handed_back.append(result["shard_id"])
                 stats = writer(result)
             report["stats"][stats["shard_id"]] = stats
+            budget.add_stats(stats)
             failpoint("shard")
             report["built"] += 1
             rows += sum(stats["rows"][t] for t in recipe.sample_tables)
@@ -418,13 +432,27 @@ def _run_stages(config: RunConfig, ds: DatasetDir, pending: list[ShardRef], reci
                         ", ".join(f"{k} {v}" for k, v in stats["rows"].items() if k != "quarantine"),
                         rows / (time.perf_counter() - t1))
             update_progress_artifact(progress, 100.0 * report["built"] / len(pending))
+            if budget.exceeded():
+                raise budget.error()
+
+        def on_given_up(ref, exc: BaseException) -> None:
+            report["failed"].append({"shard_id": ref.shard_id, "index": ref.index, "error": worker_error(exc),
+                                     "prompts": ref.prompts if isinstance(ref, ShardRef) else len(ref.rows)})
+            # a shard that failed on its own error rate every try still counts in the run's
+            cause = getattr(exc, "cause", None) or exc
+            if isinstance(cause, TooManyErrors):
+                budget.add(cause.prompts, cause.errors, cause.first)
+                if budget.exceeded():
+                    raise budget.error()
 
         try:
             with sigterm_stops():
                 # shards go as references: the first stage's replicas read them (ShardReader)
-                failed = stream(recipe.stages, pending, on_result, retries=config.shard_retries, load=read_here)
-            report["failed"] = [{"shard_id": s.shard_id, "index": s.index, "error": e,
-                                 "prompts": s.prompts if isinstance(s, ShardRef) else len(s.rows)} for s, e in failed]
+                stream(recipe.stages, pending, on_result, retries=config.shard_retries, load=read_here,
+                       on_given_up=on_given_up)
+        except TooManyErrors as exc:  # not retried: the same seeds would meet the same fault
+            report["error_rate"] = str(exc)
+            logger.error("stopping the build after %d of %d shards: %s", report["built"], len(pending), exc)
         except BaseException as exc:
             stop = stop_in(exc)
             if stop is None:
@@ -469,16 +497,24 @@ def shard_parts(ds: DatasetDir, plan: Plan, recipe: Recipe, previous: dict | Non
 def resumable(ds: DatasetDir, plan: Plan, recipe: Recipe, previous: dict | None) -> dict[str, dict]:
     """The stats (with their part name) of the planned shards that are done, read from their markers'
     footers, concurrently. A marker that is not whole Parquet (a truncated upload, a bad actor) does
-    not count: its shard is built again."""
+    not count: its shard is built again. So does a shard with generation errors that no complete version
+    holds (a run that failed on its error rate): what failed is retried, what a complete version holds is kept."""
     chosen, listed = shard_parts(ds, plan, recipe, previous)
     names = list(chosen.values())
-    done = {}
+    kept = set()
+    if previous is not None and previous["status"] == "complete":
+        kept = {part_name(f) for f in ds.files(previous).get(recipe.tables[-1], [])}
+    done, retried = {}, 0
     for name, stats in zip(names, ds.marker_stats([listed[recipe.tables[-1]][n] for n in names], errors=True)):
         if isinstance(stats, Exception):
             get_run_logger().warning("%s: the marker part %s is unreadable (%s); its shard is built again", ds.uri, name,
                         str(stats).splitlines()[0][:120])
+        elif stats.get("errors", {}).get("generation_error") and name not in kept:
+            retried += 1
         else:
             done[part_key(name)] = stats | {"part": name}
+    if retried:
+        get_run_logger().info("%d shards written with generation errors are built again", retried)
     return done
 
 
@@ -496,10 +532,7 @@ def finalize(
     the dataset, and `_rebuild.json` says how far this run got (its parts are there for the re-run). On a
     first build it commits a version marked incomplete."""
     logger = get_run_logger()
-    complete = not report["failed"] and not report["stopped"]
     previous = ds.read_manifest()
-    if not complete and previous is not None and previous["status"] == "complete":
-        return keep_previous(ds, plan, report, previous)
     built = report["stats"] | {sid: st for sid, st in report.get("resumed_stats", {}).items()
                                if sid not in report["stats"]}
     chosen, listed = shard_parts(ds, plan, recipe, previous, built)
@@ -508,6 +541,15 @@ def finalize(
     # shards another run finished meanwhile: their stats from their markers' footers
     others = [name for sid, name in chosen.items() if built.get(sid, {}).get("part") != name]
     shard_stats += [st | {"part": n} for st, n in zip(ds.marker_stats([listed[marker][n] for n in others]), others)]
+    # the run-level error rule over every shard this version would hold, decided before anything commits
+    budget = ErrorBudget(config.max_error_rate)
+    for st in shard_stats:
+        budget.add_stats(st)
+    if budget.exceeded() and not report.get("error_rate"):
+        report["error_rate"] = budget.message()
+    complete = not report["failed"] and not report["stopped"] and not report.get("error_rate")
+    if not complete and previous is not None and previous["status"] == "complete":
+        return keep_previous(ds, plan, report, previous)
     names = {t: sorted(chosen.values()) for t in recipe.tables}
     names["quarantine"] = sorted({n for n in chosen.values() if n in listed.get("quarantine", {})}
                                  | set(plan.quarantine_parts))
@@ -571,6 +613,7 @@ def keep_previous(ds: DatasetDir, plan: Plan, report: dict, previous: dict) -> d
     got to is recorded in `_rebuild.json`, and its parts stay for the re-run."""
     rebuild = {
         "status": "incomplete", "stopped": report["stopped"], "version_kept": previous["version"],
+        "error_rate": report.get("error_rate"),
         "shards": {"total": len(plan.shards), "resumed": report["resumed"], "built": report["built"],
                    "failed": report["failed"]},
     }
@@ -586,7 +629,7 @@ def build_dataset(
     ds: DatasetDir,
     recipe: Recipe,
     models: dict,
-    screen: Callable[[PromptSet], PromptSet] | None = None,
+    screen: Callable[[PromptSet, dict], PromptSet] | None = None,
     load: Callable[[], PromptSet] | None = None,
 ) -> dict:
     """What every flow does once its recipe is set: claim the output folder, plan the input into shards
@@ -624,11 +667,11 @@ def conclude(manifest: dict, report: dict, uri: str) -> dict:
         raise TerminationSignal(signal.SIGTERM)
     if report["stopped"]:
         raise KeyboardInterrupt
-    errors = manifest["prompts"]["quarantined"].get("generation_error", 0)
-    limit = manifest["config"]["max_error_rate"]
-    if not report["failed"] and errors > limit * max(1, manifest["prompts"]["unique"]):
-        raise ShardsFailed(f"generation failed on {errors} of {manifest['prompts']['unique']} prompts, more than "
-                           f"max_error_rate {limit:g} of the run ({manifest['errors']}); {uri}")
+    if report.get("error_rate"):
+        kept = (f"version {manifest['rebuild']['version_kept']} stays the dataset" if "rebuild" in manifest
+                else "the manifest is marked incomplete")
+        raise TooManyErrors(f"{report['error_rate']}; {kept}, {uri}; fix the fault and re-run (the shards "
+                            "with errors are built again)")
     if report["failed"] and "rebuild" in manifest:
         r = manifest["rebuild"]
         raise ShardsFailed(

@@ -6,12 +6,12 @@ import hashlib
 from dataclasses import dataclass
 
 from dafactory.tasks.config import DistillConfig
-from dafactory.tasks.distill.dedup import Decontaminator, collapse_near_duplicates
 from dafactory.tasks.distill.reasoning import TeacherPrompt, load_template
 from dafactory.tasks.distill.spec import Spec, load_spec
 from dafactory.tasks.errors import UserError
-from dafactory.tasks.io.prompts import PromptSet, SeenIds, iter_prompts
+from dafactory.tasks.io.prompts import iter_prompts
 from dafactory.tasks.run.build import Recipe
+from dafactory.tasks.run.screening import LazyScreen
 from dafactory.tasks.run.workers import JudgeFilterStage, StageSpec, generate_spec
 
 
@@ -43,27 +43,10 @@ def check_categories(config: DistillConfig, ds: DistillSetup) -> None:
             ds.teacher_prompt.check(row)
 
 
-def screen(config: DistillConfig, ds: DistillSetup):
-    """Per batch of a prompt stream: check categories, collapse near duplicates (across batches) and
-    set aside prompts that overlap the evaluation sets."""
-    seen = SeenIds()
-    decontaminator = Decontaminator(config.decontamination.eval_sets, config.decontamination.ngram) \
-        if config.decontamination.enabled else None
-
-    def run(prompts: PromptSet) -> PromptSet:
-        for row in prompts.rows:
-            ds.teacher_prompt.check(row)
-        rows, quarantine = prompts.rows, list(prompts.quarantine)
-        if config.near_duplicates:
-            rows, dropped = collapse_near_duplicates(rows, seen)
-            quarantine += dropped
-        if decontaminator is not None:
-            rows, dropped = decontaminator.split(rows)
-            quarantine += dropped
-        return PromptSet(rows=rows, quarantine=quarantine, duplicates=prompts.duplicates,
-                         source_rows=prompts.source_rows)
-
-    return run
+def screen(config: DistillConfig, ds: DistillSetup) -> LazyScreen:
+    """Per batch of a prompt stream: check categories against the spec, then decontaminate and dedup over
+    the whole input (tasks/screen/rules.py)."""
+    return LazyScreen(config, check=ds.teacher_prompt.check)
 
 
 def distill_recipe(config: DistillConfig, ds: DistillSetup) -> Recipe:

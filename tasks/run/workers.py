@@ -28,6 +28,7 @@ from dafactory.tasks.distill.filtering import distill_rows, forced_close_counts,
 from dafactory.tasks.errors import UserError
 from dafactory.tasks.evaluate.utility import is_correct
 from dafactory.tasks.generate.backends import BACKENDS
+from dafactory.tasks.generate.error_rate import ErrorBudget
 from dafactory.tasks.generate.generation import ChatPrompt, generate_shard
 from dafactory.tasks.io.prompts import Shard
 from dafactory.tasks.io.schemas import (
@@ -253,24 +254,9 @@ class Stage:
         return (out if self.writer is None else self.writer.in_replica(out)), True
 
 
-class TooManyErrors(RuntimeError):
-    """Generation failed on more of a shard's prompts than `max_error_rate` allows: a systematic fault
-    (an API change, a CUDA device assert, a broken tokenizer), not bad rows. The shard fails."""
-
-
 def error_types(quarantine: list[dict]) -> Counter:
     """Exception type -> prompts, over the shard's generation_error quarantine rows ("Type: message")."""
     return Counter(q["detail"].split(":", 1)[0] for q in quarantine if q["reason"] == "generation_error")
-
-
-def check_error_rate(quarantine: list[dict], prompts: int, max_error_rate: float) -> Counter:
-    """The shard's generation errors by type; TooManyErrors, naming the first, above the rate."""
-    errors = error_types(quarantine)
-    if prompts and sum(errors.values()) > max_error_rate * prompts:
-        first = next(q["detail"] for q in quarantine if q["reason"] == "generation_error")
-        raise TooManyErrors(f"generation failed on {sum(errors.values())} of {prompts} prompts (max_error_rate "
-                            f"{max_error_rate:g}); first: {first}")
-    return errors
 
 
 def generation_usage(rows: list[dict]) -> dict:
@@ -284,7 +270,10 @@ def generation_usage(rows: list[dict]) -> dict:
 class GenerateStage(Stage):
     """Loads a model once; turns a shard into GENERATED rows and too-long quarantine rows.
     `conversation` builds each prompt's messages (a ChatPrompt, or a TeacherPrompt under a spec).
-    Generation errors on more than `max_error_rate` of a shard's prompts fail the shard."""
+    Prompts whose generation raised are quarantined and counted. The shard fails (TooManyErrors: retried,
+    on another replica if need be) only when its own errors are surely above `max_error_rate` (the confidence
+    rule of tasks/generate/error_rate.py: a replica whose every call fails, not a few bad rows); the driver
+    holds the run to the same rule over all its shards."""
 
     def __init__(self, model: ModelConfig, sampling: SamplingConfig, n: int, conversation,
                  max_error_rate: float = 0.05):
@@ -307,7 +296,12 @@ class GenerateStage(Stage):
         rows, quarantine = generate_shard(
             self.backend, shard, self.n, self.sampling, self.model.batch_size, self.conversation
         )
-        errors = check_error_rate(quarantine, len(shard.rows), self.max_error_rate)
+        errors = error_types(quarantine)
+        first = next((q["detail"] for q in quarantine if q["reason"] == "generation_error"), None)
+        budget = ErrorBudget(self.max_error_rate)
+        budget.add(len(shard.rows), errors, first)
+        if budget.exceeded():
+            raise budget.error("of the shard")
         return {
             "shard_id": shard.shard_id,
             "shard_index": shard.index,
@@ -315,6 +309,7 @@ class GenerateStage(Stage):
             "generated": to_table(rows, GENERATED),
             "quarantine": quarantine,
             "errors": {"generation_error": dict(errors)} if errors else {},
+            "first_error": first,
             "seconds": {"generate": time.perf_counter() - t0},
             "usage": generation_usage(rows),
         }
@@ -558,7 +553,7 @@ def _lost(exc: BaseException) -> bool:
     return isinstance(exc, infra)
 
 
-def _worker_error(exc: BaseException) -> str:
+def worker_error(exc: BaseException) -> str:
     """Type and message of the worker's own exception (a RayTaskError's text ends with it)."""
     cause = getattr(exc, "cause", None) or exc
     text = str(cause).strip().splitlines()
@@ -568,11 +563,13 @@ def _worker_error(exc: BaseException) -> str:
 def stream(
     stages: list[StageSpec], items: Iterable[Any], on_result: Callable[[dict], None], retries: int = 2,
     poll_s: float = 1.0, load: Callable[[Any], Any] | None = None,
+    on_given_up: Callable[[Any, BaseException], None] | None = None,
 ) -> list[tuple[Any, str]]:
     """Push items through the stages; call on_result (in the driver) with each last-stage output.
     Returns the items that failed `retries + 1` times, each with its last error. An item a first-stage
     replica could not read (a reference to input its node cannot see: UNREAD) is read by `load` here and
-    sent again, first.
+    sent again, first. `on_given_up` (in the driver) sees each item given up, with its last error: it may
+    raise to stop the loop.
 
     Items are drawn from `items` lazily, only when a first-stage actor is free, so a large input is
     never held in memory. Each actor works on one item at a time. A stage runs ahead of the next by at
@@ -604,12 +601,12 @@ def stream(
         if _lost(exc):  # the process died: Ray restarts it anyway
             streak.pop(id(actor), None)
             return False
-        error = re.sub(r"\d+", "#", _worker_error(exc))
+        error = re.sub(r"\d+", "#", worker_error(exc))
         same, n = streak.get(id(actor), ("", 0))
         streak[id(actor)] = (error, n + 1 if same == error else 1)
         if streak[id(actor)][1] >= POISONED:
             log.warning("a %s replica failed %d shards in a row with %s; restarting it", stages[s].name,
-                        POISONED, _worker_error(exc))
+                        POISONED, worker_error(exc))
             streak.pop(id(actor))
             try:
                 old_pid = ray.get(actor.info.remote(), timeout=60)["pid"]  # idle: it answers at once
@@ -635,16 +632,18 @@ def stream(
             # Sent to (or killing) a replica that is gone for good: not counted against the shard, twice
             # at most (a replica whose __init__ always fails must not loop forever).
             free[key] = free.get(key, 0) + 1
-            log.warning("work lost with a replica that died for good (%s); starting it again", _worker_error(exc))
+            log.warning("work lost with a replica that died for good (%s); starting it again", worker_error(exc))
             queues[0].append(item)
             return
         attempts[key] = attempts.get(key, 0) + 1
         kind = "lost with a node or actor" if _lost(exc) else "failed"
         if attempts[key] > retries:
-            log.error("work %s %d times, giving it up: %s", kind, attempts[key], _worker_error(exc))
-            failed.append((item, _worker_error(exc)))
+            log.error("work %s %d times, giving it up: %s", kind, attempts[key], worker_error(exc))
+            failed.append((item, worker_error(exc)))
+            if on_given_up is not None:
+                on_given_up(item, exc)
             return
-        log.warning("work %s (%s); starting it again (retry %d of %d)", kind, _worker_error(exc), attempts[key],
+        log.warning("work %s (%s); starting it again (retry %d of %d)", kind, worker_error(exc), attempts[key],
                     retries)
         queues[0].append(item)
 

@@ -14,7 +14,10 @@ a test can find and kill the Ray worker that holds the backend), exit_on (None: 
 once, as a segfault or a fatal CUDA error would, when a prompt in the batch contains this text), poison_file
 (None: the first process to load the backend while this file does not exist creates it, and from its
 second call on every call raises as a CUDA device-side assert does: the process lives on, poisoned; a new
-process, as Ray's restart of the actor makes, is healthy).
+process, as Ray's restart of the actor makes, is healthy), error_rate (0: sample() raises RuntimeError when
+any request in the call is for a prompt drawn to fail: a random fault on that share of prompts, the same
+prompts every time, since the draw is a hash of the prompt's text), fail_while (None: a path; fail_on and
+error_rate apply only while that file exists, so that a test fixes a fault without changing the config).
 
 Under budget forcing (a teacher's prefilled turn with sampling.reasoning_budget) a trace thinks up to 15 words
 longer, so that a budget both closes traces and finds traces closed; see `_forced`.
@@ -47,6 +50,8 @@ class FakeBackend:
         self.fail_on = cfg.params.get("fail_on")
         self.pid_file = cfg.params.get("pid_file")
         self.exit_on = cfg.params.get("exit_on")
+        self.error_rate = float(cfg.params.get("error_rate", 0.0))
+        self.fail_while = cfg.params.get("fail_while")
         self.poison_file, self.poisoned, self._sampled = cfg.params.get("poison_file"), False, 0
         self._words: dict[int, str] = {}  # the vocabulary seen by render(): id -> word
 
@@ -101,8 +106,11 @@ class FakeBackend:
         read = [self._read(r.prompt_ids) for r in requests]
         if self.exit_on is not None and any(self.exit_on in last for last, _ in read):
             os._exit(1)
-        if self.fail_on is not None and any(self.fail_on in last for last, _ in read):
+        faulty = self.fail_while is None or os.path.exists(self.fail_while)
+        if faulty and self.fail_on is not None and any(self.fail_on in last for last, _ in read):
             raise RuntimeError(f"injected failure on a prompt containing {self.fail_on}")
+        if faulty and self.error_rate and any(_draw(last) < self.error_rate for last, _ in read):
+            raise RuntimeError("injected random failure")
         out, i = [], 0  # i: the sequence's position in the call
         seed = requests[0].seed if requests else 0  # seeded once per call, as the batched torch engines are
         for r, (last, prefilled) in zip(requests, read):
@@ -155,3 +163,7 @@ def word_id(word: str) -> int:
     """A word's token id: stable across processes (unlike hash()), and within int32."""
     return zlib.crc32(word.encode()) & 0x7FFFFFFF
 
+
+def _draw(text: str) -> float:
+    """A number in [0, 1) fixed by the text: whether a prompt falls under the error_rate knob."""
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") / 2**64

@@ -1,6 +1,7 @@
-"""Near-duplicate collapsing and decontamination against evaluation prompts. Pure: no Prefect, Ray or torch.
+"""Word n-gram decontamination against evaluation prompts, and the normalisation dedup shares. Pure: no
+Prefect, Ray or torch.
 
-- Near duplicates: prompts equal after normalising case, punctuation and whitespace.
+- `normalize`: case, punctuation and whitespace folded (the screen's first dedup rule compares it).
 - Contamination (as STAR-1 checked it): a training prompt sharing one word n-gram (n = 8) with any
   evaluation prompt; a prompt shorter than n words is contaminated if it equals an evaluation prompt
   after normalising.
@@ -15,7 +16,12 @@ import sys
 from functools import lru_cache
 
 from dafactory.tasks.config import PromptSource
-from dafactory.tasks.io.prompts import BUNDLED_BENCHMARKS, PromptRow, SeenIds, bundled, load_prompts, prompt_id
+from dafactory.tasks.io.prompts import (
+    BUNDLED_BENCHMARKS,
+    PromptRow,
+    bundled,
+    load_prompts,
+)
 
 
 def words(text: str) -> list[str]:
@@ -24,23 +30,6 @@ def words(text: str) -> list[str]:
 
 def normalize(text: str) -> str:
     return " ".join(words(text))
-
-
-def collapse_near_duplicates(rows: list[PromptRow], seen: SeenIds | None = None) -> tuple[list[PromptRow], list[dict]]:
-    """(kept rows, quarantine rows for the collapsed ones), first occurrence kept. Pass the same `seen`
-    for every batch of a stream to collapse across batches."""
-    seen = seen if seen is not None else SeenIds()
-    first: dict[str, PromptRow] = {}
-    kept, dropped = [], []
-    for r in rows:
-        key = normalize(r.prompt)
-        if not seen.add(prompt_id(key)):
-            where = f"source row {first[key].source_row}" if key in first else "an earlier row"
-            dropped.append(_quarantine(r, "near_duplicate", f"same as {where} after normalising"))
-        else:
-            first[key] = r
-            kept.append(r)
-    return kept, dropped
 
 
 def _quarantine(r: PromptRow, reason: str, detail: str) -> dict:
@@ -76,15 +65,20 @@ class Decontaminator:
 
     def match(self, text: str) -> str | None:
         """Why `text` is contaminated, or None."""
+        hit = self.which(text)
+        return hit[1] if hit else None
+
+    def which(self, text: str) -> tuple[str, str] | None:
+        """(the evaluation set, why) when `text` is contaminated, else None."""
         w = words(text)
         if len(w) < self.n:
             name = self.short.get(" ".join(w))
-            return f"equals a prompt of {name}" if name else None
+            return (name, f"equals a prompt of {name}") if name else None
         for i in range(len(w) - self.n + 1):
             gram = tuple(w[i : i + self.n])
             name = self.grams.get(_h(gram))
             if name:
-                return f"shares the {self.n}-gram {' '.join(gram)!r} with {name}"
+                return name, f"shares the {self.n}-gram {' '.join(gram)!r} with {name}"
         return None
 
     def split(self, rows: list[PromptRow]) -> tuple[list[PromptRow], list[dict]]:
