@@ -165,7 +165,7 @@ def test_a_preference_build_screens_its_whole_input(tmp_path, run_flow, capsys):
     cands = ds.read_table("candidates").to_pylist()
     assert {c["category"] for c in cands if c["prompt"] == first} == {"home; diy"}
     assert reworded not in {c["prompt"] for c in cands}
-    card = (tmp_path / "out" / "s" / "README.md").read_text()
+    card = (tmp_path / "out" / "screened" / "README.md").read_text()
     assert "| contaminated: embedding vs strongreject | 1 |" in card and "| near duplicate: minhash | 1 |" in card
     assert main(["inspect", ds.uri]) == 0
     out = capsys.readouterr().out
