@@ -2,27 +2,24 @@
 built wheels (dafactory/tasks/_commit.txt), so that a dataset's manifest names the code that made it
 and never the git repository that happens to surround an installed environment."""
 
+import importlib.util
 import os
-import subprocess
 from pathlib import Path
 
 from setuptools import setup
 from setuptools.command.build_py import build_py
 
+HERE = Path(__file__).resolve().parent
+
 
 def commit() -> str:
     if os.environ.get("DAFACTORY_COMMIT"):  # set by CI systems that build from an exported tree
         return os.environ["DAFACTORY_COMMIT"]
-    here = Path(__file__).resolve().parent
-    if not (here / ".git").exists():
-        return ""
-    try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
-                               capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return ""
-    return sha.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "") if sha.returncode == 0 else ""
+    # the same function the manifest uses for an editable checkout, loaded by path: nothing is installed yet
+    spec = importlib.util.spec_from_file_location("gitcommit", HERE / "tasks" / "io" / "gitcommit.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.tree_commit(HERE)
 
 
 class BuildPy(build_py):

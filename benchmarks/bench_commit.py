@@ -115,7 +115,7 @@ def run(args, prompts: Path, output: str) -> dict:
     from dafactory.tasks.config import PreferenceConfig, build_config
     from dafactory.tasks.io.storage import DatasetDir
     from dafactory.tasks.io.verify import verify
-    from dafactory.tasks.run import build
+    from dafactory.tasks.run import build, planner
 
     marks: dict[str, tuple[float, Counter]] = {}
 
@@ -123,7 +123,7 @@ def run(args, prompts: Path, output: str) -> dict:
         with LOCK:
             marks[name] = (time.perf_counter(), Counter(CALLS))
 
-    original_failpoint, original_finalize = build.failpoint, build.finalize
+    original_failpoint, original_finalize = planner.failpoint, build.finalize
 
     def failpoint(name: str) -> None:
         if name == "plan":
@@ -137,7 +137,7 @@ def run(args, prompts: Path, output: str) -> dict:
         finally:
             snap("finalized")
 
-    build.failpoint, build.finalize = failpoint, finalize
+    planner.failpoint, build.finalize = failpoint, finalize  # the planner's hook after each shard it stages
     dataset = f"bench-{args.prompts}"
     cfg = build_config(PreferenceConfig, None, [
         f"output={output}", f"dataset={dataset}", f"prompts.path={prompts}", "prompts.category_column=category",
@@ -151,7 +151,7 @@ def run(args, prompts: Path, output: str) -> dict:
         verdict = verify(ds)
         snap("verified")
     finally:
-        build.failpoint, build.finalize = original_failpoint, original_finalize
+        planner.failpoint, build.finalize = original_failpoint, original_finalize
     assert verdict.problems == [] and manifest["status"] == "complete", verdict.problems
     shards = manifest["shards"]["total"]
     phases = {"plan": ("start", "planned"), "build": ("planned", "finalize"), "finalize": ("finalize", "finalized"),

@@ -117,7 +117,7 @@ class _TemporaryServer:
             get_current_settings,
         )
 
-        from dafactory.tasks.run.build import TEMPORARY_SERVERS
+        from dafactory.tasks.run.control import TEMPORARY_SERVERS
 
         if PREFECT_API_URL.value() or not PREFECT_SERVER_EPHEMERAL_ENABLED.value():
             self.stop()
@@ -196,7 +196,7 @@ def _run(config, last: bool = True) -> dict:
     global _server
     if _server is None or _server.process is None:
         _server = _TemporaryServer()
-    from dafactory.tasks.run.workers import ray_started_early
+    from dafactory.tasks.run.session import ray_started_early
 
     stopping = None
     try:

@@ -27,7 +27,7 @@ from dafactory.tasks.config import (
 )
 from dafactory.tasks.errors import UserError
 from dafactory.tasks.generate.backends import BACKENDS
-from dafactory.tasks.run.build import GPU_LIMIT
+from dafactory.tasks.run.control import GPU_LIMIT
 from dafactory.tasks.run.preflight import check_names
 from dafactory.tasks.score.scorers import SCORERS
 from dafactory.tasks.score.selection import NAMED

@@ -105,7 +105,7 @@ def test_registry_refuses_duplicates_and_suggests():
 def test_a_model_stage_left_at_its_default_uses_the_cores_the_others_leave(others, replicas, ray_cfg, env, cpus,
                                                                            monkeypatch):
     from dafactory.tasks.config import ModelConfig
-    from dafactory.tasks.run.workers import auto_cpus, generate_spec
+    from dafactory.tasks.run.stages import auto_cpus, generate_spec
 
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     for k, v in env.items():

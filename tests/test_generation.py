@@ -369,7 +369,7 @@ def test_garbage_left_by_loading_is_collected_before_the_rest_is_frozen():
     import gc
     import weakref
 
-    from dafactory.tasks.run.workers import gc_loading
+    from dafactory.tasks.run.stages import gc_loading
 
     class Node:
         def __init__(self):

@@ -56,13 +56,18 @@ def reference(tiny_models):
     return out
 
 
-def scorer(tiny_models, **params):
+def latent_scorer(ft, base, batch_size: int, **params):
+    """The latent_attribution scorer of `ft` against `base` on layers (2, 0, 1), loaded."""
     s = SCORERS.get("latent_attribution")(ScorerConfig(
-        name="latent_attribution", model=tiny_models["lm_ft"], batch_size=params.pop("batch_size", 4),
-        params={"base": tiny_models["lm"], "layers": [2, 0, 1], **params},
+        name="latent_attribution", model=ft, batch_size=batch_size,
+        params={"base": base, "layers": [2, 0, 1], **params},
     ))
     s.load()
     return s
+
+
+def scorer(tiny_models, **params):
+    return latent_scorer(tiny_models["lm_ft"], tiny_models["lm"], params.pop("batch_size", 4), **params)
 
 
 @pytest.mark.parametrize(
@@ -274,12 +279,7 @@ def student(request, tmp_path_factory):
 
 
 def student_scorer(student, **params):
-    s = SCORERS.get("latent_attribution")(ScorerConfig(
-        name="latent_attribution", model=student["ft"], batch_size=params.pop("batch_size", 8),
-        params={"base": student["base"], "layers": [2, 0, 1], **params},
-    ))
-    s.load()
-    return s
+    return latent_scorer(student["ft"], student["base"], params.pop("batch_size", 8), **params)
 
 
 @pytest.mark.parametrize(

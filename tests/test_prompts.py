@@ -151,7 +151,7 @@ def test_the_planner_reads_the_input_once_and_still_keeps_every_category(tmp_pat
     """Planning without a screen reads the file once: categories that repeats bring are added when the
     spill files are read back. The planned prompts equal the two-pass reading's rows."""
     from dafactory.tasks.io.storage import DatasetDir
-    from dafactory.tasks.run.build import Planner
+    from dafactory.tasks.run.planner import Planner
 
     path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": p, "category": c} for p, c in rows])
     src = PromptSource(path=str(path), category_column="category")

@@ -391,13 +391,13 @@ def test_the_embedded_default_is_cached_as_safetensors():
 
 # --- servers on loopback ---------------------------------------------------------------------------
 
-# The local Ray of tasks.workers.ray_session. Ray binds its servers to every interface, and turns 127.0.0.1
+# The local Ray of tasks.run.session.ray_session. Ray binds its servers to every interface, and turns 127.0.0.1
 # into the host's address, unless clusters are off (its macOS/Windows default); then the node address is
 # 127.0.0.1 and every server listens there. Workers redact their logs through the setup hook.
 RAY_PROBE = """
 import io, json, logging, os, psutil, ray
 from dafactory.tasks.config import RayConfig
-from dafactory.tasks.run.workers import ray_session
+from dafactory.tasks.run.session import ray_session
 session = ray_session(RayConfig(num_cpus=1, num_gpus=0))
 session.__enter__()
 

@@ -153,7 +153,7 @@ def test_completeness_goes_by_shard_id_not_by_the_index_a_resumed_shard_kept():
     two done shards can carry one index. Every planned shard id is done: complete."""
     from dafactory.tasks.io.manifest import build_manifest
     from dafactory.tasks.io.storage import ShardRef
-    from dafactory.tasks.run.build import Plan
+    from dafactory.tasks.run.planner import Plan
 
     plan = Plan(shards=[ShardRef(f"s{i}", i, 1, f"s{i}@h") for i in range(4)], source_rows=4)
     # cases: (shard ids with stats, their indices) -> status

@@ -17,7 +17,6 @@ import sys
 from collections import Counter
 from dataclasses import dataclass
 from functools import partial
-from typing import Protocol
 
 from dafactory.tasks.config import ModelConfig, SamplingConfig
 from dafactory.tasks.errors import UserError, first_line
@@ -168,24 +167,43 @@ class Request:
     seed: int = 0
 
 
-class Backend(Protocol):
+class Backend:
+    """What a generation backend is: `load`, `context_length`, `render` and `sample` are its own (a
+    subclass's); counting prompt tokens and plain generation are the same for every backend, in terms of
+    those."""
+
     model_id: str
     revision: str | None
 
-    def __init__(self, cfg: ModelConfig) -> None: ...
-    def load(self) -> None: ...
-    def context_length(self) -> int | None: ...
+    def __init__(self, cfg: ModelConfig) -> None:
+        raise NotImplementedError
+
+    def load(self) -> None:
+        raise NotImplementedError
+
+    def context_length(self) -> int | None:
+        raise NotImplementedError
+
     def render(self, conversations: list[list[dict]], prefill: str = "") -> list[list[int]]:
         """Each conversation's token ids, up to where the model starts writing."""
+        raise NotImplementedError
+
     def sample(self, requests: list[Request], sampling: SamplingConfig,
                forcing: BudgetForcing | None = None) -> list[list[Generation]]:
         """For each request, `request.n` Generations in sample order; with `forcing`, under budget forcing
         (the two budgets replace max_new_tokens)."""
-    def count_prompt_tokens(self, conversations: list[list[dict]], prefill: str = "") -> list[int]: ...
+        raise NotImplementedError
+
+    def count_prompt_tokens(self, conversations: list[list[dict]], prefill: str = "") -> list[int]:
+        return [len(ids) for ids in self.render(conversations, prefill)]
+
     def generate(
         self, conversations: list[list[dict]], sampling: SamplingConfig, seed: int, prefill: str = ""
     ) -> list[Generation]:
-        """One greedy-or-sampled Generation per conversation: render, then sample with n = 1 each."""
+        """One sample per conversation: each its own request of n = 1, seeded by request_seed, so equal
+        conversations in one call still get different samples."""
+        requests = requests_of([(tuple(ids), 1) for ids in self.render(conversations, prefill)], seed)
+        return [gens[0] for gens in self.sample(requests, sampling)] if requests else []
 
 
 def request_seed(seed: int, j: int) -> int:
@@ -200,13 +218,6 @@ def request_seed(seed: int, j: int) -> int:
 def requests_of(prompts: list[tuple[tuple[int, ...], int]], seed: int) -> list["Request"]:
     """Requests of (prompt ids, n) for one call seeded `seed`."""
     return [Request(ids, n, request_seed(seed, j)) for j, (ids, n) in enumerate(prompts)]
-
-
-def generate_with(backend, conversations: list[list[dict]], sampling: SamplingConfig, seed: int,
-                  prefill: str = "") -> list[Generation]:
-    """`Backend.generate` in terms of render and sample: one request of one sample per conversation."""
-    requests = requests_of([(tuple(ids), 1) for ids in backend.render(conversations, prefill)], seed)
-    return [gens[0] for gens in backend.sample(requests, sampling)] if requests else []
 
 
 @dataclass(frozen=True)

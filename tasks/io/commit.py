@@ -215,14 +215,14 @@ def vacuum(ds: DatasetDir, tables: list[str], keep_versions: int = 1, retention_
         else:
             dropped.append(e)
     manifests = [m for m in (read_version(ds, e["version"]) for e in retained) if m is not None]
-    keep = referenced(ds, manifests)
+    still_listed = referenced(ds, manifests)  # every file a retained version lists
     marker_tables = {m.get("layout", {}).get("marker") for m in manifests} - {None}
     # parts tables no kept version names (and temporary files of interrupted writes there)
-    old = [e["path"] for e in ds.listing(VERSIONS) if _number(e["name"]) is None and e["path"] not in keep
+    old = [e["path"] for e in ds.listing(VERSIONS) if _number(e["name"]) is None and e["path"] not in still_listed
            and e["mtime"] is not None and e["mtime"] < horizon]
     for table in sorted(tables, key=lambda t: t not in marker_tables):  # markers first
         for e in ds.listing(table):
-            if e["path"] not in keep and e["mtime"] is not None and e["mtime"] < horizon:
+            if e["path"] not in still_listed and e["mtime"] is not None and e["mtime"] < horizon:
                 old.append(e["path"])
     removed = {"versions": len(dropped), "files": len(old)}
     if not dry_run:

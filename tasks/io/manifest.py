@@ -5,11 +5,11 @@ from __future__ import annotations
 import datetime as dt
 import json
 import re
-import subprocess
 from collections import Counter
 from importlib import metadata, resources
 from pathlib import Path
 
+from dafactory.tasks.io.gitcommit import tree_commit
 from dafactory.tasks.io.schemas import TABLES
 
 
@@ -32,15 +32,9 @@ def _baked_commit() -> str:
 def _checkout_commit() -> str:
     root = Path(__file__).resolve().parents[2]  # tasks/io/manifest.py -> the source tree's root
     project = root / "pyproject.toml"
-    if not (root / ".git").exists() or not project.is_file() or 'name = "dafactory"' not in project.read_text():
+    if not project.is_file() or 'name = "dafactory"' not in project.read_text():
         return ""
-    try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               capture_output=True, text=True, timeout=5)
-    except (OSError, subprocess.SubprocessError):
-        return ""
-    return sha.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "") if sha.returncode == 0 else ""
+    return tree_commit(root, timeout_s=5)
 
 
 def sum_counters(dicts) -> dict:

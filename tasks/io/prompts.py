@@ -296,8 +296,8 @@ class SeenIds:
         else:
             old = [False] * len(keys)
         recent, fresh = self.recent, []
-        for key, known in zip(keys, old):
-            if known or key in recent:
+        for key, seen_before in zip(keys, old):
+            if seen_before or key in recent:
                 fresh.append(False)
             else:
                 recent.add(key)

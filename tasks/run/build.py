@@ -1,4 +1,5 @@
-"""Prefect task wrappers shared by the flows: prepare, build shards on Ray, finalize.
+"""The Prefect tasks shared by the flows: prepare (tasks/run/planner.py), build shards on Ray
+(tasks/run/stages.py, tasks/run/scheduler.py), finalize (tasks/run/versioning.py, tasks/io/commit.py).
 
 A Recipe is what differs between flows: the Ray stages, the tables each shard writes, and the name of
 the per-shard outcome counts in the manifest. Everything else (claiming the output, resume by shard,
@@ -8,47 +9,26 @@ progress, retries, the manifest written last) is the same code for every flow.
 from __future__ import annotations
 
 import hashlib
-import json
-import os
 import signal
-import tempfile
-import threading
 import time
-from collections import Counter
-from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import fsspec
-import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
 from prefect import get_run_logger, task
 from prefect.artifacts import create_progress_artifact, create_table_artifact, update_progress_artifact
 from prefect.cache_policies import NONE
-from prefect.concurrency.sync import concurrency
 from prefect.exceptions import TerminationSignal
-from prefect.settings import PREFECT_API_URL
 
 from dafactory.tasks.config import RunConfig
 from dafactory.tasks.errors import UserError
 from dafactory.tasks.generate.error_rate import ErrorBudget, TooManyErrors
+from dafactory.tasks.io.commit import clear_rebuild, commit, vacuum, write_pointer_file
 from dafactory.tasks.io.manifest import CARD, artifact_key, build_manifest, code_version, dataset_card, summary_rows
-from dafactory.tasks.io.prompts import (
-    PromptRow,
-    PromptSet,
-    add_late,
-    bucket_of,
-    choose_buckets,
-    id_hashes,
-    iter_prompts,
-    shard_id_of,
-    source_path,
-)
+from dafactory.tasks.io.prompts import PromptSet, iter_prompts, source_path
 from dafactory.tasks.io.redact import redact
-from dafactory.tasks.io.commit import clear_rebuild, commit, record_rebuild, vacuum, write_pointer_file
-from dafactory.tasks.io.schemas import PROMPTS, QUARANTINE, TABLES, to_table
+from dafactory.tasks.io.schemas import TABLES
 from dafactory.tasks.io.storage import (
     REBUILD,
     DatasetDir,
@@ -57,18 +37,14 @@ from dafactory.tasks.io.storage import (
     ShardWriter,
     failpoint,
     load_shard,
-    part_key,
-    part_name,
     storage_options,
 )
-from dafactory.tasks.run.workers import (
-    StageSpec, gc_frozen, kill_stages, ray_session, start_stages, stream, worker_error,
-)
-
-GPU_LIMIT = "dafactory-gpu"
-# API URLs of the Prefect servers that a command started for itself (flows.cli): like Prefect's temporary
-# server, no other build shares them, so they hold no GPU limit
-TEMPORARY_SERVERS: set[str] = set()
+from dafactory.tasks.run.control import gpu_slot, sigterm_stops, stop_in
+from dafactory.tasks.run.planner import Plan, Planner
+from dafactory.tasks.run.scheduler import stream, worker_error
+from dafactory.tasks.run.session import gc_frozen, ray_session
+from dafactory.tasks.run.stages import StageSpec, kill_stages, start_stages
+from dafactory.tasks.run.versioning import keep_previous, resumable, shard_parts
 
 
 @dataclass
@@ -87,132 +63,6 @@ class Recipe:
     post: Callable[[DatasetDir, dict[str, set[str]]], dict] | None = None
     summary_tables: list[str] = field(default_factory=list)
     main_table: str = ""  # the dataset card's default config (what a trainer reads)
-
-
-@dataclass
-class Plan:
-    shards: list[ShardRef] = field(default_factory=list)
-    source_rows: int = 0
-    duplicates: int = 0
-    quarantined: Counter = field(default_factory=Counter)  # input rows set aside, by reason
-    quarantine_parts: list[str] = field(default_factory=list)
-    buckets: int = 0  # id ranges the prompts were cut into (kept by the next build of the folder)
-    screened: dict = field(default_factory=dict)  # what the screen set aside, by rule (see tasks/screen/rules.py)
-
-    @property
-    def unique(self) -> int:
-        return sum(s.prompts for s in self.shards)
-
-
-class Planner:
-    """Plans the input into shards by content, streaming it: every unique prompt goes to the shard of
-    the id range its prompt id falls in (about `shard_size` prompts per range; see choose_buckets), so
-    a reordered input plans the same shards and an edit changes only the shards of the prompts it
-    touches. Within a shard, prompts are in id order.
-
-    The input is held whole neither in memory nor on the store: batches are split by id range into
-    2**GROUP_BITS spill files on local disk, then each file is read alone, cut into shards, and each shard's
-    prompts staged (with the input quarantine) in the dataset's `prompts` table."""
-
-    GROUP_BITS = 6  # 64 spill files, each an equal range of ids (their top bits)
-
-    def __init__(self, ds: DatasetDir, shard_size: int, salt: str, previous_buckets: int | None = None,
-                 quarantine_rows: int = 50_000):
-        self.ds, self.shard_size, self.salt, self.quarantine_rows = ds, shard_size, salt, quarantine_rows
-        self.previous_buckets = previous_buckets
-        self.plan, self.quarantine, self.unique = Plan(), [], 0
-        # parts an earlier plan of the same content wrote (one listing each): not uploaded again
-        self.existing = {t: set(ds.parts(t)) for t in ("prompts", "quarantine")}
-        self.spill = tempfile.TemporaryDirectory(prefix="dafactory-plan-")
-        self.writers: dict[int, pa.ipc.RecordBatchFileWriter] = {}
-        # Categories that repeats brought to prompts already spilled (iter_prompts' `late`): added when
-        # their spill file is read back, so that the input is read once.
-        self.late: dict[str, tuple[str, ...]] = {}
-
-    def add(self, batch: PromptSet) -> None:
-        self.plan.source_rows += batch.source_rows
-        self.plan.duplicates += batch.duplicates
-        self.plan.quarantined.update(q["reason"] for q in batch.quarantine)
-        self.quarantine += batch.quarantine
-        if batch.rows:
-            self._spill(batch.rows)
-        if len(self.quarantine) >= self.quarantine_rows:
-            self._quarantine()
-
-    def _spill(self, rows: list[PromptRow]) -> None:
-        h = id_hashes([r.prompt_id for r in rows])
-        table = pa.table({
-            "h": h, "prompt_id": [r.prompt_id for r in rows], "source_row": [r.source_row for r in rows],
-            "prompt": [r.prompt for r in rows], "category": [r.category for r in rows],
-            "categories": [list(r.categories) for r in rows],
-            "reference": [None if r.reference is None else json.dumps(r.reference) for r in rows],
-        }, schema=SPILL)
-        groups = h >> np.uint64(64 - self.GROUP_BITS)
-        for g in np.unique(groups).tolist():
-            if g not in self.writers:
-                self.writers[g] = pa.ipc.new_file(os.path.join(self.spill.name, f"{g:02d}.arrow"), SPILL)
-            self.writers[g].write_table(table.filter(pa.array(groups == g)))
-        self.unique += len(rows)
-
-    def _shard(self, rows: pa.Table) -> None:
-        # what decides a shard's rows besides the salt (model, sampling, spec, template): each prompt's id,
-        # its categories (the teacher's policy, the rows' category) and its reference (utility scoring)
-        keys = [f"{pid}\x1f{chr(30).join(cats or ())}\x1f{ref or ''}" for pid, cats, ref in zip(
-            rows.column("prompt_id").to_pylist(), rows.column("categories").to_pylist(),
-            rows.column("reference").to_pylist())]
-        shard_id = shard_id_of(self.salt, keys)
-        part = self.ds.write_keyed("prompts", shard_id, rows.drop_columns(["h"]).append_column(
-            "shard_id", pa.array([shard_id] * rows.num_rows, pa.string())), self.existing["prompts"])
-        self.plan.shards.append(ShardRef(shard_id, len(self.plan.shards), rows.num_rows, part))
-        failpoint("plan")
-
-    def _add_late(self, table: pa.Table) -> pa.Table:
-        if not self.late:
-            return table
-        ids = table.column("prompt_id").to_pylist()
-        hits = [j for j, pid in enumerate(ids) if pid in self.late]
-        if not hits:
-            return table
-        cats, joined = table.column("categories").to_pylist(), table.column("category").to_pylist()
-        for j in hits:
-            merged, joined[j] = add_late(tuple(cats[j] or ()), self.late[ids[j]])
-            cats[j] = list(merged)
-        table = table.set_column(table.schema.get_field_index("categories"), "categories",
-                                 pa.array(cats, table.schema.field("categories").type))
-        return table.set_column(table.schema.get_field_index("category"), "category",
-                                pa.array(joined, table.schema.field("category").type))
-
-    def _quarantine(self) -> None:
-        key = f"input-{len(self.plan.quarantine_parts):05d}"
-        self.plan.quarantine_parts.append(self.ds.write_keyed("quarantine", key, to_table(self.quarantine, QUARANTINE),
-                                                              self.existing["quarantine"]))
-        self.quarantine = []
-
-    def finish(self) -> Plan:
-        for writer in self.writers.values():
-            writer.close()
-        self.plan.buckets = choose_buckets(self.unique, self.shard_size, self.previous_buckets)
-        carry = None  # the last bucket of a group file may go on in the next one (same id range)
-        for g in sorted(self.writers):
-            with pa.memory_map(os.path.join(self.spill.name, f"{g:02d}.arrow")) as source:
-                table = pa.ipc.open_file(source).read_all()
-            table = self._add_late(table if carry is None else pa.concat_tables([carry, table]))
-            table = table.take(pc.sort_indices(table, [("h", "ascending")]))
-            buckets = bucket_of(table.column("h").to_numpy(), self.plan.buckets)
-            starts = [0, *(np.flatnonzero(np.diff(buckets)) + 1).tolist()]
-            for lo, hi in zip(starts[:-1], starts[1:]):
-                self._shard(table.slice(lo, hi - lo))
-            carry = table.slice(starts[-1])
-        if carry is not None:
-            self._shard(carry)
-        self.spill.cleanup()
-        if self.quarantine or not self.plan.quarantine_parts:
-            self._quarantine()
-        return self.plan
-
-
-# A planned prompt on its way through the spill files: PROMPTS without shard_id, with the id as uint64.
-SPILL = pa.schema([("h", pa.uint64()), *(f for f in PROMPTS if f.name != "shard_id")])
 
 
 @task(name="prepare", cache_policy=NONE)
@@ -288,48 +138,12 @@ def not_user_error(task, task_run, state) -> bool:
     return True
 
 
-STOPS = (KeyboardInterrupt, TerminationSignal)  # Ctrl-C, and SIGTERM (a cancel from the Prefect UI)
-
-
-def stop_in(exc: BaseException) -> BaseException | None:
-    """The stop (Ctrl-C, SIGTERM) behind an exception: a signal that lands inside Ray's C code surfaces
-    as a SystemError whose context is the stop."""
-    while exc is not None:
-        if isinstance(exc, STOPS):
-            return exc
-        exc = exc.__context__
-    return None
-
-
-@contextmanager
-def sigterm_stops():
-    """While shards stream, SIGTERM (how a Prefect runner cancels a run, and how Kubernetes stops a pod)
-    stops the build like Ctrl-C does, instead of Ray's driver handler (installed by ray.init) exiting the
-    process at once. The handler is Prefect's own SIGTERM bridge: it raises TerminationSignal, and a
-    runner that sees it installed can record the cancellation, so the run ends Cancelled, not Crashed."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    try:
-        from prefect.utilities.engine import _prefect_sigterm_handler as stop
-    except ImportError:  # another Prefect: the same behaviour, without the runner's acknowledgement
-
-        def stop(signum, frame):
-            raise TerminationSignal(signum)
-
-    previous = signal.signal(signal.SIGTERM, stop)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
 @task(cache_policy=NONE, retry_delay_seconds=5, retry_condition_fn=not_user_error)
 def build_shards(config: RunConfig, ds: DatasetDir, plan: Plan, recipe: Recipe) -> dict:
     """Run every shard not yet written through the recipe's Ray stages; stage each as it finishes.
     A stop (Ctrl-C, SIGTERM) keeps what is written and returns; shards that keep failing are listed."""
     logger = get_run_logger()
-    done = resumable(ds, plan, recipe, ds.read_manifest())
+    done = resumable(ds, plan, recipe.tables, ds.read_manifest())
     pending = [s for s in plan.shards if s.shard_id not in done]
     report = {"resumed": len(plan.shards) - len(pending), "built": 0, "workers": [], "seconds": {},
               "failed": [], "stopped": None, "stats": {}, "resumed_stats": done, "held_s": 0.0,
@@ -351,39 +165,6 @@ def build_shards(config: RunConfig, ds: DatasetDir, plan: Plan, recipe: Recipe) 
     with gpu_slot(config.gpu_slot_timeout_s, report["gpu_slot"]):
         _run_stages(config, ds, pending, recipe, report, progress, budget)
     return report
-
-
-class SlotTimeout(Exception):
-    """No slot of the global GPU limit came free within gpu_slot_timeout_s."""
-
-
-@contextmanager
-def gpu_slot(timeout_s: float, record: dict):
-    """One slot of the global GPU limit (`dafactory serve` creates it on the Prefect server), taken
-    before any stage actor is created or any model loads and held until they are gone: two scheduled
-    builds never hold the cluster's GPUs at once. Logs while it waits; ephemeral runs have no limit."""
-    if not PREFECT_API_URL.value() or PREFECT_API_URL.value() in TEMPORARY_SERVERS:
-        yield
-        return
-    logger = get_run_logger()
-    t0 = time.time()
-    with ExitStack() as stack:
-        try:
-            stack.enter_context(concurrency(GPU_LIMIT, occupy=1, timeout_seconds=1, strict=False))
-        except TimeoutError:
-            logger.info("waiting for a slot of %s (another build holds it), at most %gs", GPU_LIMIT, timeout_s)
-            try:
-                stack.enter_context(concurrency(GPU_LIMIT, occupy=1, timeout_seconds=timeout_s, strict=False))
-            except TimeoutError:
-                raise SlotTimeout(f"no slot of {GPU_LIMIT} came free within {timeout_s:g}s "
-                                  "(gpu_slot_timeout_s); another build holds it") from None
-        record.update(acquired_at=time.time(), waited_s=round(time.time() - t0, 3))
-        if record["waited_s"] >= 1:
-            logger.info("took a slot of %s after %.1fs", GPU_LIMIT, record["waited_s"])
-        try:
-            yield
-        finally:
-            record["released_at"] = time.time()
 
 
 def _run_stages(config: RunConfig, ds: DatasetDir, pending: list[ShardRef], recipe: Recipe, report: dict,
@@ -468,58 +249,6 @@ def _run_stages(config: RunConfig, ds: DatasetDir, pending: list[ShardRef], reci
             report["held_s"] = time.perf_counter() - ready
 
 
-def shard_parts(ds: DatasetDir, plan: Plan, recipe: Recipe, previous: dict | None,
-                built: dict[str, dict] | None = None) -> tuple[dict[str, str], dict[str, dict[str, str]]]:
-    """Which planned shards are done, and the part name (`<shard id>@<token>`) of each: a shard is done
-    when a marker part (its table written last) and every other table's part of that name are there.
-    When several writes of a shard are (a retry, a concurrent run), this run's is taken, else the one
-    the current version lists, else the first by name. One listing per table. Returns (shard id -> part
-    name, table -> its listing)."""
-    tables = list(dict.fromkeys(recipe.tables))
-    listed = {t: ds.parts(t) for t in tables}
-    required = [t for t in tables if t != "quarantine"]  # an empty quarantine has no part
-    whole: dict[str, list[str]] = {}
-    for name in listed[recipe.tables[-1]]:
-        if all(name in listed[t] for t in required):
-            whole.setdefault(part_key(name), []).append(name)
-    in_previous = {part_name(f) for f in (ds.files(previous).get(recipe.tables[-1], []) if previous else [])}
-    built = built or {}
-    chosen = {}
-    for ref in plan.shards:
-        names = sorted(whole.get(ref.shard_id, ()))
-        if not names:
-            continue
-        ours = built.get(ref.shard_id, {}).get("part")
-        chosen[ref.shard_id] = ours if ours in names else next((n for n in names if n in in_previous), names[0])
-    return chosen, listed
-
-
-def resumable(ds: DatasetDir, plan: Plan, recipe: Recipe, previous: dict | None) -> dict[str, dict]:
-    """The stats (with their part name) of the planned shards that are done, read from their markers'
-    footers, concurrently. A marker that is not whole Parquet (a truncated upload, a bad actor) does
-    not count: its shard is built again. So does a shard with generation errors that no complete version
-    holds (a run that failed on its error rate): what failed is retried, what a complete version holds is kept."""
-    chosen, listed = shard_parts(ds, plan, recipe, previous)
-    names = list(chosen.values())
-    kept = set()
-    if previous is not None and previous["status"] == "complete":
-        kept = {part_name(f) for f in ds.files(previous).get(recipe.tables[-1], [])}
-    done, retried = {}, 0
-    for name, stats in zip(names, ds.marker_stats([listed[recipe.tables[-1]][n] for n in names], errors=True)):
-        if isinstance(stats, Exception):
-            get_run_logger().warning("%s: the marker part %s is unreadable (%s); its shard is built again", ds.uri, name,
-                        str(stats).splitlines()[0][:120])
-        elif stats.get("errors", {}).get("generation_error") and name not in kept:
-            retried += 1
-        else:
-            done[part_key(name)] = stats | {"part": name}
-    if retried:
-        get_run_logger().info("%d shards written with generation errors are built again", retried)
-    return done
-
-
-
-
 @task(cache_policy=NONE)
 def finalize(
     config: RunConfig, ds: DatasetDir, plan: Plan, report: dict, timings: dict, recipe: Recipe, models: dict,
@@ -535,7 +264,7 @@ def finalize(
     previous = ds.read_manifest()
     built = report["stats"] | {sid: st for sid, st in report.get("resumed_stats", {}).items()
                                if sid not in report["stats"]}
-    chosen, listed = shard_parts(ds, plan, recipe, previous, built)
+    chosen, listed = shard_parts(ds, plan, recipe.tables, previous, built)
     marker = recipe.tables[-1]
     shard_stats = [built[sid] for sid, name in chosen.items() if built.get(sid, {}).get("part") == name]
     # shards another run finished meanwhile: their stats from their markers' footers
@@ -606,22 +335,6 @@ def finalize(
         description=f"{recipe.name} dataset {ds.uri}"
     )
     return manifest
-
-
-def keep_previous(ds: DatasetDir, plan: Plan, report: dict, previous: dict) -> dict:
-    """A rebuild that failed or was stopped: the last complete version stays the dataset; what this run
-    got to is recorded in `_rebuild.json`, and its parts stay for the re-run."""
-    rebuild = {
-        "status": "incomplete", "stopped": report["stopped"], "version_kept": previous["version"],
-        "error_rate": report.get("error_rate"),
-        "shards": {"total": len(plan.shards), "resumed": report["resumed"], "built": report["built"],
-                   "failed": report["failed"]},
-    }
-    record_rebuild(ds, redact(rebuild))
-    get_run_logger().warning(
-        "the rebuild is incomplete: version %d of %s stays the dataset; re-run to finish the new one",
-        previous["version"], ds.uri)
-    return previous | {"rebuild": rebuild}
 
 
 def build_dataset(

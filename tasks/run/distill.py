@@ -12,7 +12,7 @@ from dafactory.tasks.errors import UserError
 from dafactory.tasks.io.prompts import iter_prompts
 from dafactory.tasks.run.build import Recipe
 from dafactory.tasks.run.screening import LazyScreen
-from dafactory.tasks.run.workers import JudgeFilterStage, StageSpec, generate_spec
+from dafactory.tasks.run.stages import JudgeFilterStage, StageSpec, generate_spec
 
 
 @dataclass(frozen=True)

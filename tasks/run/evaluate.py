@@ -15,7 +15,7 @@ from dafactory.tasks.io.prompts import PromptSet
 from dafactory.tasks.io.schemas import ASR, UTILITY, to_table
 from dafactory.tasks.io.storage import DatasetDir
 from dafactory.tasks.run.build import Recipe
-from dafactory.tasks.run.workers import EvalScoreStage, StageSpec, generate_spec
+from dafactory.tasks.run.stages import EvalScoreStage, StageSpec, generate_spec
 from dafactory.tasks.score.latent import adapter_base
 from dafactory.tasks.score.strategies import (
     DEFAULT_STRATEGIES,

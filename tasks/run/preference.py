@@ -5,7 +5,7 @@ from __future__ import annotations
 from dafactory.tasks.config import PreferenceConfig
 from dafactory.tasks.generate.generation import ChatPrompt
 from dafactory.tasks.run.build import Recipe
-from dafactory.tasks.run.workers import ScoreSelectStage, StageSpec, generate_spec
+from dafactory.tasks.run.stages import ScoreSelectStage, StageSpec, generate_spec
 from dafactory.tasks.score.selection import ranking_signal
 
 

@@ -216,16 +216,16 @@ class LatentAttribution(Scorer):
         rows = torch.arange(last.shape[0], device=last.device)
         layers, handles = run["layers"], []
 
-        def keep(layer: int, hidden) -> None:
+        def record(layer: int, hidden) -> None:
             store[layer] = hidden[rows, last]
             if layer == stop_after:
                 raise _Stop
 
         def before_first(module, args, kwargs):
-            keep(0, args[0] if args else kwargs["hidden_states"])
+            record(0, args[0] if args else kwargs["hidden_states"])
 
         def after(layer: int):
-            return lambda module, args, output: keep(layer, output[0] if isinstance(output, tuple) else output)
+            return lambda module, args, output: record(layer, output[0] if isinstance(output, tuple) else output)
 
         try:
             for layer in sorted(set(self.layers)):

@@ -81,7 +81,7 @@ def generate_engine(backend, requests: list[Request], sampling: SamplingConfig,
     return _regroup(seqs[:, mask.shape[1] :].tolist(), requests, budgets)
 
 
-def _generate_run(backend, requests: list[Request], sampling: SamplingConfig, budget: int, more: int = 0):
+def _generate_run(backend, requests: list[Request], sampling: SamplingConfig, budget: int):
     """(sequences, the prompts' attention mask, the KV cache) of one batched `generate`, a row per sample. A prompt
     with several samples is prefilled once for all of them (_prefill_once into a dynamic cache), then `generate`
     goes on from there: on the embedded model (2 cores, 16 prompts x 4 samples) the prefill was 3.2 s of 20 s."""
@@ -329,8 +329,11 @@ def forced_sample(backend, requests: list[Request], sampling: SamplingConfig,
             for i, (ids,) in zip(going, out):
                 answers[i] = ids
     else:
-        run = _static_run if backend.engine == "static" else _generate_run
-        seqs, mask, cache = run(backend, requests, sampling, forcing.reasoning, len(forced_ids) + forcing.answer)
+        if backend.engine == "static":  # its cache is sized up front: room for the forced close and the answer
+            seqs, mask, cache = _static_run(backend, requests, sampling, forcing.reasoning,
+                                            more=len(forced_ids) + forcing.answer)
+        else:  # a dynamic cache grows as the answer phase goes on
+            seqs, mask, cache = _generate_run(backend, requests, sampling, forcing.reasoning)
         raw = [row[: forcing.reasoning] for row in seqs[:, mask.shape[1] :].tolist()]
         phases = [reasoning_phase(ids, eos, decode_all, forcing, forced_ids) for ids in raw]
         answers = _answer_phase(backend, seqs, mask, cache, phases, sampling, seed)

@@ -31,7 +31,7 @@ import time
 import zlib
 
 from dafactory.tasks.config import ModelConfig, SamplingConfig
-from dafactory.tasks.generate.generation import BudgetForcing, Generation, Request, generate_with
+from dafactory.tasks.generate.generation import Backend, BudgetForcing, Generation, Request
 
 VOCABULARY = 1 << 17  # words remembered from earlier render() calls, at most
 REFUSAL = "I'm sorry, but I can't help with that request."
@@ -39,7 +39,7 @@ MESSAGE = 1 << 31  # flags the first word of a message
 PREFILL = 1 << 32  # flags the first word of the prefill
 
 
-class FakeBackend:
+class FakeBackend(Backend):
     def __init__(self, cfg: ModelConfig):
         self.cfg = cfg
         self.model_id = f"fake:{cfg.model}"
@@ -78,13 +78,7 @@ class FakeBackend:
             out.append(ids)
         return out
 
-    def count_prompt_tokens(self, conversations: list[list[dict]], prefill: str = "") -> list[int]:
-        return [len(ids) for ids in self.render(conversations, prefill)]
 
-    def generate(
-        self, conversations: list[list[dict]], sampling: SamplingConfig, seed: int, prefill: str = ""
-    ) -> list[Generation]:
-        return generate_with(self, conversations, sampling, seed, prefill)
 
     def _read(self, ids: tuple[int, ...]) -> tuple[str, bool]:
         """(the last message's words, whether a prefill follows it) of rendered ids."""

@@ -14,7 +14,7 @@ import logging
 
 from dafactory.tasks.config import ModelConfig, SamplingConfig
 from dafactory.tasks.generate.backends.engines import AUTO, ENGINES, default_engine, forced_sample
-from dafactory.tasks.generate.generation import BudgetForcing, Generation, Request, generate_with
+from dafactory.tasks.generate.generation import Backend, BudgetForcing, Generation, Request
 from dafactory.tasks.generate.models import commit_of, load_model, load_tokenizer, resolve
 
 log = logging.getLogger(__name__)
@@ -55,7 +55,7 @@ def stop_ids(tok, generation_eos) -> set[int]:
     return set(eos) | ({tok.eos_token_id} if tok.eos_token_id is not None else set())
 
 
-class HFBackend:
+class HFBackend(Backend):
     def __init__(self, cfg: ModelConfig):
         self.cfg = cfg
         self.model_id = cfg.model
@@ -84,13 +84,7 @@ class HFBackend:
     def render(self, conversations: list[list[dict]], prefill: str = "") -> list[list[int]]:
         return render_ids(self.tok, conversations, prefill)
 
-    def count_prompt_tokens(self, conversations: list[list[dict]], prefill: str = "") -> list[int]:
-        return [len(ids) for ids in self.render(conversations, prefill)]
 
-    def generate(
-        self, conversations: list[list[dict]], sampling: SamplingConfig, seed: int, prefill: str = ""
-    ) -> list[Generation]:
-        return generate_with(self, conversations, sampling, seed, prefill)
 
     def sample(self, requests: list[Request], sampling: SamplingConfig, forcing: BudgetForcing | None = None,
                budgets: list[int] | None = None) -> list[list[Generation]]:

@@ -25,12 +25,12 @@ from dafactory.tasks.config import ModelConfig, SamplingConfig
 from dafactory.tasks.errors import UserError
 from dafactory.tasks.generate.backends.hf import render_ids, stop_ids
 from dafactory.tasks.generate.generation import (
+    Backend,
     BudgetForcing,
     Generation,
     Request,
     forced_generation,
     forcing_codec,
-    generate_with,
     reasoning_phase,
     request_seed,
 )
@@ -66,7 +66,7 @@ def tensor_parallel_size(num_gpus: float) -> int:
     return max(1, int(num_gpus))
 
 
-class VLLMBackend:
+class VLLMBackend(Backend):
     def __init__(self, cfg: ModelConfig):
         check_params(cfg.params)
         self.cfg = cfg
@@ -126,8 +126,6 @@ class VLLMBackend:
     def render(self, conversations: list[list[dict]], prefill: str = "") -> list[list[int]]:
         return render_ids(self.tok, conversations, prefill)
 
-    def count_prompt_tokens(self, conversations: list[list[dict]], prefill: str = "") -> list[int]:
-        return [len(ids) for ids in self.render(conversations, prefill)]
 
     @staticmethod
     def _params(sampling: SamplingConfig, n: int, seed: int, max_tokens: int):
@@ -194,9 +192,3 @@ class VLLMBackend:
             token_ids=tuple(ids),
         )
 
-    def generate(
-        self, conversations: list[list[dict]], sampling: SamplingConfig, seed: int, prefill: str = ""
-    ) -> list[Generation]:
-        """One sample per conversation: each its own request, seeded by request_seed, so equal
-        conversations in one call still get different samples."""
-        return generate_with(self, conversations, sampling, seed, prefill)

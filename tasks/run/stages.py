@@ -1,8 +1,9 @@
-"""Ray machinery: stage actors that load their model once, and a driver that streams shards through them.
+"""The stage actors and how they are started: each loads its model (or scorers) once in its constructor and
+turns one shard's payload into the next (Ray Data LLM style: a stage is plain data, its actor class, its
+constructor arguments and its resource request: StageSpec).
 
-A stage is plain data (Ray Data LLM style): the actor class, its constructor arguments and its resource
-request. Shards flow stage to stage as Ray object references, so payloads do not pass through the
-driver until the last stage; the driver only writes results.
+The first stage's replicas read their shard's prompts themselves and the last stage's write its parts
+themselves (with_io); the driver reads or writes only what a replica hands back (see tasks/run/scheduler.py).
 """
 
 from __future__ import annotations
@@ -12,19 +13,28 @@ import gc
 import logging
 import math
 import os
-import re
 import socket
 import sys
-import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import ray
 
-from dafactory.tasks.config import ModelConfig, RayConfig, SamplingConfig, ScorerConfig, SelectionConfig
-from dafactory.tasks.distill.filtering import distill_rows, forced_close_counts, judgeable, parse_rows
+from dafactory.tasks.config import (
+    ModelConfig,
+    RayConfig,
+    SamplingConfig,
+    ScorerConfig,
+    SelectionConfig,
+)
+from dafactory.tasks.distill.filtering import (
+    distill_rows,
+    forced_close_counts,
+    judgeable,
+    parse_rows,
+)
 from dafactory.tasks.errors import UserError
 from dafactory.tasks.evaluate.utility import is_correct
 from dafactory.tasks.generate.backends import BACKENDS
@@ -49,115 +59,13 @@ from dafactory.tasks.score.strategies import DEFAULT_STRATEGIES, Strategy
 log = logging.getLogger(__name__)
 
 
-_early: dict = {}  # the thread of ray_started_early, and what it raised
-
-
-@contextlib.contextmanager
-def ray_started_early(cfg: RayConfig):
-    """Start Ray in a thread while the caller goes on (the CLI: while Prefect's temporary server starts
-    and the input is planned, which would otherwise wait for each other); the flow's ray_session waits
-    for it and uses it. Stopped on exit. A failure to start is raised by ray_session, in the flow."""
-    if ray.is_initialized():
-        yield
-        return
-
-    done = threading.Event()
-
-    def start():
-        try:
-            _start_ray(cfg)
-        except BaseException as exc:  # handed to the flow's ray_session
-            _early["error"] = exc
-            _early["started"].set()
-            return
-        _early["started"].set()
-        # Ray's processes die with the thread that started them (PR_SET_PDEATHSIG): it waits here
-        # until Ray is shut down.
-        done.wait()
-
-    # ray.init from a thread sets no SIGTERM handler; none is needed: Ray's processes die with their parent
-    # (PR_SET_PDEATHSIG), and during the build sigterm_stops turns SIGTERM into a graceful stop.
-    _early.clear()
-    _early["started"] = threading.Event()
-    thread = threading.Thread(target=start, name="ray-start", daemon=True)
-    thread.start()
-    try:
-        yield
-    finally:
-        _early["started"].wait()
-        _early.clear()
-        if ray.is_initialized():
-            ray.shutdown()
-            _restore_cluster_flag()
-        done.set()
-        thread.join()
-
-
-class _NotMainThread(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "current thread is not the main thread" not in record.getMessage()
-
-
-_saved_cluster_flag: list = []
-
-
-def _start_ray(cfg: RayConfig) -> None:
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    # Workers mask secrets in their logs too (tasks.redact).
-    runtime_env = {"worker_process_setup_hook": "dafactory.tasks.io.redact.install_log_filter"}
-    address = cfg.cluster_address()
-    quiet = _NotMainThread()  # ray.init from a thread says it set no SIGTERM handler (see ray_started_early)
-    logging.getLogger("ray._private.worker").addFilter(quiet)
-    try:
-        if address:
-            ray.init(address=address, log_to_driver=True, runtime_env=runtime_env)
-            return
-        # Ray binds every server to all interfaces, and turns 127.0.0.1 into the host's address, unless
-        # clusters are off (its macOS/Windows default): then a local Ray listens on loopback only.
-        from ray._private import ray_constants
-
-        _saved_cluster_flag.append(ray_constants.ENABLE_RAY_CLUSTER)
-        ray_constants.ENABLE_RAY_CLUSTER = False
-        # "local": a new instance, never a cluster that `ray start` left on this machine
-        ray.init(address="local", num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus, include_dashboard=False,
-                 runtime_env=runtime_env)
-    finally:
-        logging.getLogger("ray._private.worker").removeFilter(quiet)
-
-
-def _restore_cluster_flag() -> None:
-    if _saved_cluster_flag:
-        from ray._private import ray_constants
-
-        ray_constants.ENABLE_RAY_CLUSTER = _saved_cluster_flag.pop()
-
-
-@contextlib.contextmanager
-def ray_session(cfg: RayConfig):
-    """Join the cluster at `address`, or start a local Ray; leave alone a Ray the caller started (or is
-    starting: see ray_started_early)."""
-    if "started" in _early:
-        _early["started"].wait()
-        if "error" in _early:
-            raise _early.pop("error")
-    if ray.is_initialized():
-        yield
-        return
-    _start_ray(cfg)
-    try:
-        yield
-    finally:
-        ray.shutdown()
-        _restore_cluster_flag()
-
-
 def use_cpus(num_cpus: float) -> None:
     """Give torch as many threads as the replica was granted CPUs (Ray's default is one)."""
     if "torch" in sys.modules:
         sys.modules["torch"].set_num_threads(max(1, math.ceil(num_cpus)))
 
 
-def check_resources(stages: list["StageSpec"], local: bool) -> None:
+def check_resources(stages: list[StageSpec], local: bool) -> None:
     """Fail fast (local Ray) or warn (a cluster may autoscale) when stages ask for more than exists,
     instead of waiting forever for actors that cannot be placed."""
     have = ray.cluster_resources()
@@ -205,27 +113,7 @@ def gc_loading():
             gc.enable()
 
 
-@contextlib.contextmanager
-def gc_frozen():
-    """In the driver, around a build: what is alive when it starts (Prefect, Ray, the config) goes out of
-    the garbage collector's sight, as in the replicas (gc_loading), and back after it. Planning 100k prompts
-    took 1.27 s with it in sight, 0.85 s without; the build's driver loop gains as much."""
-    gc.freeze()
-    try:
-        yield
-    finally:
-        gc.unfreeze()
-
-
-POISONED = 2  # shards a replica may fail in a row with the same error before it is restarted
-
-
-@dataclass(frozen=True)
-class Restarting:
-    """In stream's in-flight table: the probe of a replica killed for a restart, and its old process id."""
-
-    old_pid: int | None
-UNREAD = "unread"  # the ok flag of a first-stage replica that could not read its shard (see ShardReader)
+CANNOT_READ = "cannot read"  # the ok flag of a first-stage replica that could not read its shard (see ShardReader)
 
 
 class Stage:
@@ -247,7 +135,7 @@ class Stage:
             # a replica whose node cannot see the folder hands the shard back: the driver reads it then
             work = None if self.reader is None else self.reader.in_replica(work)
             if work is None:
-                return None, UNREAD
+                return None, CANNOT_READ
         t0 = time.perf_counter()
         out = self.process(work)
         out.setdefault("work", {})[stage] = {"busy_s": time.perf_counter() - t0, **out.pop("usage", {})}
@@ -480,7 +368,7 @@ def auto_cpus(others: list, replicas: int, ray_cfg: RayConfig) -> float:
     return max(1.0, left / replicas)
 
 
-def generate_spec(model: ModelConfig, args: tuple, others: list, ray_cfg: RayConfig) -> "StageSpec":
+def generate_spec(model: ModelConfig, args: tuple, others: list, ray_cfg: RayConfig) -> StageSpec:
     """The generate stage of a recipe: GenerateStage(model, *args) on `model`'s replicas and resources."""
     cpus = model.num_cpus if model.num_cpus is not None else auto_cpus(others, model.num_replicas, ray_cfg)
     model = model.model_copy(update={"num_cpus": cpus})
@@ -541,192 +429,6 @@ def start_stages(stages: list[StageSpec], local: bool, retries: int = 2) -> list
     infos = ray.get([a.info.remote() for st in stages for a in st.actors])
     names = [st.name for st in stages for _ in st.actors]
     return [dict(info, stage=name) for name, info in zip(names, infos)]
-
-
-def _lost(exc: BaseException) -> bool:
-    """A failure of the cluster (a node or actor died, an object was lost), not of the work itself."""
-    from ray import exceptions as rx
-
-    infra = (rx.RayActorError, rx.ObjectLostError, rx.WorkerCrashedError, rx.NodeDiedError, rx.OwnerDiedError)
-    if isinstance(exc, rx.RayTaskError):
-        return isinstance(getattr(exc, "cause", None), infra)
-    return isinstance(exc, infra)
-
-
-def worker_error(exc: BaseException) -> str:
-    """Type and message of the worker's own exception (a RayTaskError's text ends with it)."""
-    cause = getattr(exc, "cause", None) or exc
-    text = str(cause).strip().splitlines()
-    return f"{type(cause).__name__}: {text[-1] if text else ''}"[:300]
-
-
-def stream(
-    stages: list[StageSpec], items: Iterable[Any], on_result: Callable[[dict], None], retries: int = 2,
-    poll_s: float = 1.0, load: Callable[[Any], Any] | None = None,
-    on_given_up: Callable[[Any, BaseException], None] | None = None,
-) -> list[tuple[Any, str]]:
-    """Push items through the stages; call on_result (in the driver) with each last-stage output.
-    Returns the items that failed `retries + 1` times, each with its last error. An item a first-stage
-    replica could not read (a reference to input its node cannot see: UNREAD) is read by `load` here and
-    sent again, first. `on_given_up` (in the driver) sees each item given up, with its last error: it may
-    raise to stop the loop.
-
-    Items are drawn from `items` lazily, only when a first-stage actor is free, so a large input is
-    never held in memory. Each actor works on one item at a time. A stage runs ahead of the next by at
-    most twice the next stage's replicas, which bounds what waits in the object store. Each call returns
-    the payload (handed on by reference) and a tiny ok flag that the driver reads, so a failure is seen
-    at the stage where it happens: the item starts again from the first stage (after `retries` retries
-    it is given up, and the rest go on), and the replica gets no new work until it answers again (Ray
-    restarts a killed one; one dead for good is replaced). A replica that fails POISONED shards in a row
-    with the same error while alive (a CUDA device-side assert leaves the process up and every later
-    call failing) is restarted: killed for Ray to start again, its constructor and model load replayed.
-    Retries are counted per shard id; a try lost with a replica that died for good is not counted (twice
-    at most). The wait wakes every `poll_s` so that Ctrl-C (KeyboardInterrupt) stops the loop promptly.
-    """
-    last = len(stages) - 1
-    source = iter(items)
-    exhausted = False
-    queues: list[list] = [[] for _ in stages]  # queue 0: items (new or to retry); then payload refs
-    idle = [list(st.actors) for st in stages]
-    in_flight: dict = {}  # ok-flag ref -> (stage index, actor, payload ref)
-    origin: dict = {}  # payload ref -> (the item it came from, ids of the actors its try went through)
-    attempts: dict = {}  # shard id -> tries counted
-    free: dict = {}  # shard id -> tries not counted, because a replica it used died for good
-    dead: set[int] = set()  # ids of actors found dead after their restarts (and replaced)
-    streak: dict[int, tuple[str, int]] = {}  # actor id -> (its last error, without numbers; failures in a row)
-    failed: list[tuple[Any, str]] = []
-
-    def poisoned(actor, s: int, exc: Exception) -> bool:
-        """Count a failure of this replica's own work; restart it after POISONED in a row alike (True)."""
-        if _lost(exc):  # the process died: Ray restarts it anyway
-            streak.pop(id(actor), None)
-            return False
-        error = re.sub(r"\d+", "#", worker_error(exc))
-        same, n = streak.get(id(actor), ("", 0))
-        streak[id(actor)] = (error, n + 1 if same == error else 1)
-        if streak[id(actor)][1] >= POISONED:
-            log.warning("a %s replica failed %d shards in a row with %s; restarting it", stages[s].name,
-                        POISONED, worker_error(exc))
-            streak.pop(id(actor))
-            try:
-                old_pid = ray.get(actor.info.remote(), timeout=60)["pid"]  # idle: it answers at once
-            except (ray.exceptions.RayError, TimeoutError):
-                old_pid = None
-            ray.kill(actor, no_restart=False)  # Ray starts it again: its constructor (model, writer) replayed
-            # no work until its new process answers (a probe in flight; see below): no try is lost to it
-            in_flight[actor.info.remote()] = (s, actor, Restarting(old_pid))
-            return True
-        return False
-
-    def room(s: int) -> bool:
-        if s == last:
-            return True
-        running = sum(1 for stage, _, _ in in_flight.values() if stage == s)
-        return len(queues[s + 1]) + running < 2 * len(stages[s + 1].actors)
-
-    def fail(item, actors: set[int], exc: Exception) -> None:
-        nonlocal dead
-        dead |= replace_dead(stages, idle)
-        key = getattr(item, "shard_id", id(item))  # a shard's tries, whatever object carries it
-        if actors & dead and free.get(key, 0) < 2:
-            # Sent to (or killing) a replica that is gone for good: not counted against the shard, twice
-            # at most (a replica whose __init__ always fails must not loop forever).
-            free[key] = free.get(key, 0) + 1
-            log.warning("work lost with a replica that died for good (%s); starting it again", worker_error(exc))
-            queues[0].append(item)
-            return
-        attempts[key] = attempts.get(key, 0) + 1
-        kind = "lost with a node or actor" if _lost(exc) else "failed"
-        if attempts[key] > retries:
-            log.error("work %s %d times, giving it up: %s", kind, attempts[key], worker_error(exc))
-            failed.append((item, worker_error(exc)))
-            if on_given_up is not None:
-                on_given_up(item, exc)
-            return
-        log.warning("work %s (%s); starting it again (retry %d of %d)", kind, worker_error(exc), attempts[key],
-                    retries)
-        queues[0].append(item)
-
-    while True:
-        for s in range(len(stages)):
-            while idle[s] and room(s):
-                if s == 0 and not queues[0] and not exhausted:
-                    nxt = next(source, None)
-                    if nxt is None:
-                        exhausted = True
-                    else:
-                        queues[0].append(nxt)
-                if not queues[s]:
-                    break
-                actor = idle[s].pop()
-                work = queues[s].pop(0)
-                payload, ok = actor.run.remote(work, stages[s].name)
-                item, actors = (work, set()) if s == 0 else origin.pop(work)
-                origin[payload] = (item, actors | {id(actor)})
-                in_flight[ok] = (s, actor, payload)
-        if not in_flight and not any(queues) and exhausted:
-            return failed
-        ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=poll_s)
-        for ok in ready:
-            s, actor, payload = in_flight.pop(ok)
-            if isinstance(payload, Restarting):  # the probe of a replica restarted by `poisoned`
-                try:
-                    back = ray.get(ok)["pid"] != payload.old_pid
-                except ray.exceptions.ActorUnavailableError:
-                    back = False
-                except ray.exceptions.RayError:
-                    back = True  # gone for good: its next work fails and replace_dead replaces it
-                if not back:  # the old process still answering, or the new one not up yet: ask again shortly
-                    time.sleep(0.2)
-                    in_flight[actor.info.remote()] = (s, actor, payload)
-                    continue
-                idle[s].append(actor)
-                continue
-            try:
-                flag = ray.get(ok)
-            except ray.exceptions.RayError as exc:  # the work's failure; a stop (Ctrl-C, SIGTERM) goes up
-                item, actors = origin.pop(payload)
-                if not poisoned(actor, s, exc):
-                    idle[s].append(actor)  # replace_dead probes it: answered, restarted, or replaced
-                fail(item, actors, exc)
-                continue
-            streak.pop(id(actor), None)
-            idle[s].append(actor)
-            if flag == UNREAD:
-                item, _ = origin.pop(payload)
-                queues[0].insert(0, load(item))
-                continue
-            if s < last:
-                queues[s + 1].append(payload)  # handed on as a reference: the payload stays in the object store
-                continue
-            item, actors = origin.pop(payload)
-            try:
-                result = ray.get(payload)
-            except ray.exceptions.RayError as exc:  # the payload lost after it was made (its node died)
-                fail(item, actors, exc)
-                continue
-            on_result(result)
-
-
-def replace_dead(stages: list[StageSpec], idle: list[list], timeout_s: float = 60) -> set[int]:
-    """After a failure: an idle replica that is dead for good (its restarts used up, say by a prompt
-    that kills its process every time) leaves the pool, and a new one takes its place, so the shards
-    after it do not fail on it. A replica that is only restarting is left to come back."""
-    probes = {a.info.remote(): (s, a) for s, pool in enumerate(idle) for a in pool}
-    ready, _ = ray.wait(list(probes), num_returns=len(probes), timeout=timeout_s)
-    gone = set()
-    for ref in ready:
-        try:
-            ray.get(ref)
-        except ray.exceptions.ActorDiedError:
-            s, dead = probes[ref]
-            idle[s].remove(dead)
-            idle[s].append(stages[s].replace(dead))
-            gone.add(id(dead))
-            log.warning("a %s replica is dead after its restarts; a new one replaces it", stages[s].name)
-        except ray.exceptions.RayError:
-            pass  # restarting: it comes back by itself
-    return gone
 
 
 def kill_stages(stages: list[StageSpec]) -> None:
