@@ -27,7 +27,7 @@ from collections import Counter
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import write_prompts  # noqa: E402
+from common import NO_SCREEN, write_prompts  # noqa: E402
 
 os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -142,7 +142,7 @@ def run(args, prompts: Path, output: str) -> dict:
     cfg = build_config(PreferenceConfig, None, [
         f"output={output}", f"dataset={dataset}", f"prompts.path={prompts}", "prompts.category_column=category",
         "student.backend=fake", f"n={args.n}", f"shard_size={args.shard_size}", "sampling.max_new_tokens=32",
-        "student.num_cpus=0.5", "scoring.num_cpus=0.5"])
+        "student.num_cpus=0.5", "scoring.num_cpus=0.5", *NO_SCREEN])
     try:
         snap("start")
         manifest = preference(cfg)

@@ -17,7 +17,7 @@ import threading
 import time
 from pathlib import Path
 
-from common import arguments, write_prompts
+from common import NO_SCREEN, arguments, write_prompts
 
 os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -68,7 +68,7 @@ def main() -> None:
         PreferenceConfig, None,
         [f"output={work / 'out'}", "dataset=bench", f"prompts.path={src}", "prompts.category_column=category",
          "student.backend=fake", f"n={args.n}", f"shard_size={args.shard_size}", "sampling.max_new_tokens=32",
-         "student.num_cpus=1", "scoring.num_cpus=1"],
+         "student.num_cpus=1", "scoring.num_cpus=1", *NO_SCREEN],
     )
     sampler = RayRssSampler()
     sampler.start()

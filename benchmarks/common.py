@@ -15,6 +15,12 @@ def arguments(description: str) -> argparse.Namespace:
     return ap.parse_args()
 
 
+# The input screen (embedding decontamination, MinHash dedup) is measured by bench_dedup.py; the orchestration
+# and commit benchmarks leave it out, so that they time what they name (their prompts differ only in numbers,
+# which MinHash would rightly collapse).
+NO_SCREEN = ["decontamination.enabled=false", "dedup.minhash=null"]
+
+
 def write_prompts(path: Path, count: int) -> Path:
     """`count` distinct prompts, a third of them benign, as JSONL with prompt and category."""
     with path.open("w") as f:

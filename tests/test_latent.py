@@ -278,6 +278,17 @@ def student(request, tmp_path_factory):
             "rows": rows, "refs": refs}
 
 
+def assert_cosines(results, refs):
+    """Each row's cos@ values equal its one-row reference's; returns them (rows x layers)."""
+    import torch
+
+    got = torch.tensor([[d["value"] for d in r["details"] if d["name"].startswith("cos@")] for r in results],
+                       dtype=torch.float64)
+    want = torch.tensor([cos for cos, _ in refs], dtype=torch.float64)
+    assert torch.allclose(got, want, rtol=0, atol=ATOL), (got - want).abs().max()
+    return got
+
+
 def student_scorer(student, **params):
     return latent_scorer(student["ft"], student["base"], params.pop("batch_size", 8), **params)
 
@@ -295,10 +306,7 @@ def test_signals_are_read_on_the_students_own_context(student, params):
     import torch
 
     results = student_scorer(student, **params).score(student["rows"])
-    got = torch.tensor([[d["value"] for d in r["details"] if d["name"].startswith("cos@")] for r in results],
-                       dtype=torch.float64)
-    want = torch.tensor([cos for cos, _ in student["refs"]], dtype=torch.float64)
-    assert torch.allclose(got, want, rtol=0, atol=ATOL), (got - want).abs().max()
+    got = assert_cosines(results, student["refs"])
     # the perplexity covers exactly the generated tokens: a window shifted by one would be far off
     got_ppl = torch.tensor([next(d["value"] for d in r["details"] if d["name"] == "perplexity") for r in results],
                            dtype=torch.float64)
@@ -569,13 +577,8 @@ BUDGETS = [
 
 @pytest.mark.parametrize("params", BUDGETS)
 def test_any_token_budget_gives_the_one_row_references(student, params):
-    import torch
-
     results = student_scorer(student, **params).score(student["rows"])
-    got = torch.tensor([[d["value"] for d in r["details"] if d["name"].startswith("cos@")] for r in results],
-                       dtype=torch.float64)
-    want = torch.tensor([cos for cos, _ in student["refs"]], dtype=torch.float64)
-    assert torch.allclose(got, want, rtol=0, atol=ATOL), (got - want).abs().max()
+    assert_cosines(results, student["refs"])
     got_ppl = [next(d["value"] for d in r["details"] if d["name"] == "perplexity") for r in results]
     assert got_ppl == pytest.approx([ppl for _, ppl in student["refs"]], rel=1e-5)
 
