@@ -35,6 +35,7 @@ import posixpath
 import time
 import uuid
 from collections import Counter
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import fsspec
@@ -410,26 +411,42 @@ class DatasetDir:
         for path in paths:
             self._retry(f"remove {posixpath.relpath(path, self.root)}", lambda: self.fs.rm(path))
 
+    @contextmanager
+    def parquet(self, path: str):
+        """A part opened for reading. On local disk pyarrow opens it itself: reading the key columns of a
+        100k-prompt dataset's 6,252 parts took 3.6 s so, 7-10 s through fsspec's file objects (verify,
+        2 cores). On an object store, through s3fs, with its credentials and endpoint."""
+        if self.local:
+            yield pq.ParquetFile(path)
+            return
+        with self.fs.open(path, "rb") as f:
+            yield pq.ParquetFile(f)
+
+    @property
+    def io_threads(self) -> int:
+        """Threads for reading many parts: on an object store each read is mostly waiting (32); on local
+        disk it is decoding, which more threads than cores only slow down."""
+        return 32 if not self.local else max(2, os.cpu_count() or 1)
+
     def footer(self, path: str) -> pq.FileMetaData:
         def read():
-            with self.fs.open(path, "rb") as f:
-                return pq.ParquetFile(f).metadata
+            with self.parquet(path) as pf:
+                return pf.metadata
 
         return self._retry("read a footer", read)
 
-    @staticmethod
-    def _concurrently(fn, paths: list[str]) -> list:
-        """fn of each path, in order, 32 at a time (each is a GET or two on an object store)."""
-        if len(paths) < 2:
-            return [fn(p) for p in paths]
+    def concurrently(self, fn, items: list) -> list:
+        """fn of each item (a part to read), in order, io_threads at a time."""
+        if len(items) < 2:
+            return [fn(p) for p in items]
         from concurrent.futures import ThreadPoolExecutor
 
-        with ThreadPoolExecutor(min(32, len(paths))) as pool:
-            return list(pool.map(fn, paths))
+        with ThreadPoolExecutor(min(self.io_threads, len(items))) as pool:
+            return list(pool.map(fn, items))
 
     def footers(self, paths: list[str]) -> list[pq.FileMetaData]:
         """Footers of many parts, read concurrently."""
-        return self._concurrently(self.footer, paths)
+        return self.concurrently(self.footer, paths)
 
     def marker_stats(self, paths: list[str], errors: bool = False) -> list:
         """The shard stats each marker part carries in its footer; with `errors`, the ArrowInvalid of a
@@ -442,7 +459,7 @@ class DatasetDir:
                     raise
                 return exc
 
-        return self._concurrently(one, paths)
+        return self.concurrently(one, paths)
 
     def write_parts_table(self, files: dict[str, list[str]], rows: dict[str, list[int]]) -> str:
         """A version's list of part files (table, file, rows), as a Parquet side table in `_versions/`

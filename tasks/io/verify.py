@@ -27,7 +27,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from dafactory.tasks.io.commit import read_version, version_files
 from dafactory.tasks.io.prompts import SeenIds
@@ -71,8 +70,7 @@ def _open(ds: DatasetDir, path: str, columns: list[str] | None) -> Part:
     store); a part that is not whole Parquet is a Part with the error, not an exception."""
 
     def read():
-        with ds.fs.open(path, "rb") as f:
-            pf = pq.ParquetFile(f)
+        with ds.parquet(path) as pf:
             table = pf.read(columns=columns, use_threads=False) if columns is not None else None
             return Part(pf.metadata.num_rows, pf.metadata.metadata or {}, table)
 
@@ -208,7 +206,7 @@ def verify(ds: DatasetDir) -> Verdict:
     source_rows = manifest["accounting"]["source_rows"]
     rows_seen, seen_ids, dup_ids = [], SeenIds(), []
     set_aside = 0
-    with ThreadPoolExecutor(16) as pool:
+    with ThreadPoolExecutor(ds.io_threads) as pool:
         for (table, x), part in zip(others, pool.map(lambda tx: _open(ds, tx[1], ["source_row"] if tx[0] == "quarantine"
                                                                        else None), others)):
             if part.error is not None:
