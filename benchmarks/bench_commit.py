@@ -109,6 +109,18 @@ def count_local_calls() -> None:
                        ("info", "HEAD"), ("mv", "RENAME")):
         wrap(name, kind)
 
+    # parts that pyarrow opens itself on local disk (DatasetDir.parquet): a GET each, as through s3fs
+    from dafactory.tasks.io.storage import DatasetDir
+
+    opened = DatasetDir.parquet
+
+    def parquet(self, path):
+        if self.local:
+            count("GET")
+        return opened(self, path)
+
+    DatasetDir.parquet = parquet
+
 
 def run(args, prompts: Path, output: str) -> dict:
     from dafactory.flows.preference import preference

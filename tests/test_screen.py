@@ -1,5 +1,7 @@
 """Decontamination and dedup over the whole input (tasks/screen): embeddings, MinHash, categories merged."""
 
+import time
+
 import numpy as np
 import pytest
 from dafactory.tasks.io.prompts import PromptRow, PromptSet, prompt_id
@@ -62,6 +64,29 @@ def test_rewordings_are_caught_by_the_embedding_rule_and_not_by_ngrams(minilm):
         assert f"(all-MiniLM-L6-v2) to strongreject row {row}: {sr[row][:80]!r}" in detail
         assert 0.7 <= float(detail.split()[1]) < 1.0
     assert screen.summary() == {"contaminated": {"embedding": {"strongreject": 6}}, "near_duplicate": {}}
+
+
+def test_the_encoder_in_ray_replicas_embeds_as_the_local_one_and_frees_its_cpus(minilm, ray_local):
+    import ray
+
+    from dafactory.tasks.config import DecontaminationConfig, RayConfig
+    from dafactory.tasks.run.screening import ReplicaEncoder
+
+    texts = list(REWORDED) + UNRELATED  # 14 texts of mixed lengths: shares of 7 and 7, put back in order
+    remote = ReplicaEncoder(DecontaminationConfig(num_replicas=2, num_cpus=1), RayConfig(), slot_timeout_s=60)
+    try:
+        assert [w["stage"] for w in remote.workers] == ["encode", "encode"]
+        assert len({w["pid"] for w in remote.workers}) == 2 and ray.available_resources().get("CPU", 0) == 0
+        got = remote.encode(texts)
+        assert remote.encode([]).shape == (0, 384) and remote.encode(texts[:1]).shape == (1, 384)
+    finally:
+        remote.close()
+    np.testing.assert_allclose(got, minilm.encode(texts), rtol=0, atol=1e-5)
+    assert remote.key == (minilm.name, minilm.revision, str(minilm.max_length))  # one eval-set cache for both
+    deadline = time.time() + 30
+    while ray.available_resources().get("CPU", 0) < 2 and time.time() < deadline:  # killed: CPUs back
+        time.sleep(0.2)
+    assert ray.available_resources().get("CPU", 0) == 2
 
 
 def test_the_encoder_embeds_like_a_plain_forward(minilm):

