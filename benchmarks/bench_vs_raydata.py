@@ -71,7 +71,8 @@ def main() -> None:
                            "prompts.category_column=category", "--set", f"output={work / 'out'}", "--set",
                            "student.backend=fake", "--set", f"n={args.n}", "--set", f"shard_size={args.shard_size}",
                            "--set", "sampling.max_new_tokens=32", "--set", "student.num_cpus=1", "--set",
-                           "scoring.num_cpus=1", *(a for kv in NO_SCREEN for a in ("--set", kv))], env=env, capture_output=True, text=True)
+                           "scoring.num_cpus=1", *(a for kv in NO_SCREEN for a in ("--set", kv))],
+                          env=env, capture_output=True, text=True)
     ours_s = time.perf_counter() - t0
     assert ours.returncode == 0, ours.stderr[-3000:]
     rows = json.loads((work / "out" / "preference" / "manifest.json").read_text())["tables"]["candidates"]["rows"]

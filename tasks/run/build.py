@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import signal
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -361,14 +362,17 @@ def build_dataset(
     logger.info("config %s: %s", config.fingerprint(), config.model_dump_json(exclude_defaults=True))
     ds.claim(config.fingerprint(), redact(config.model_dump(mode="json")))
     with gc_frozen():
-        with ray_session(config.ray):  # from the plan on: the screen's encoder runs in Ray replicas
+        with ExitStack() as ray_first:
+            if getattr(screen, "uses_encoder", False):  # its encoder runs in Ray replicas: Ray from the plan on
+                ray_first.enter_context(ray_session(config.ray))
             planned = plan_input.with_options(**result_options(config))
             plan = planned(config, ds, recipe.salt, screen, load)
             if not {s.part for s in plan.shards} <= set(ds.parts("prompts")):
                 logger.warning("the cached plan's shards are not in %s any more: planning again", ds.uri)
                 plan = planned.with_options(refresh_cache=True)(config, ds, recipe.salt, screen, load)
             t1 = time.perf_counter()
-            report = build_shards.with_options(retries=config.retries)(config, ds, plan, recipe)
+            with ray_session(config.ray):  # else Ray starts here (the CLI's early start overlaps the plan)
+                report = build_shards.with_options(retries=config.retries)(config, ds, plan, recipe)
         timings = {"prepare": round(t1 - t0, 3), "build": round(time.perf_counter() - t1, 3)}
         return conclude(finalize(config, ds, plan, report, timings, recipe, models), report, ds.uri)
 

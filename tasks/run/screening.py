@@ -25,7 +25,15 @@ from dafactory.tasks.screen.minhash import NearDuplicateIndex
 from dafactory.tasks.screen.ngram import Decontaminator, eval_prompts
 from dafactory.tasks.screen.rules import EvalVectors, Screen
 from dafactory.tasks.run.control import gpu_slot
-from dafactory.tasks.run.stages import StageSpec, auto_cpus, gc_loading, kill_stages, start_stages, use_cpus, worker_info
+from dafactory.tasks.run.stages import (
+    StageSpec,
+    auto_cpus,
+    gc_loading,
+    kill_stages,
+    start_stages,
+    use_cpus,
+    worker_info,
+)
 
 
 class EncoderReplica:
