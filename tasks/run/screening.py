@@ -112,7 +112,7 @@ class LazyScreen:
                 encode, key = self.encoder.encode, self.encoder.key
             else:
                 local = embed.encoder(decon.encoder)
-                encode, key = local.encode, (local.name, local.revision, str(local.max_length))
+                encode, key = local.encode, local.key
             self.screen.encode = encode
             if self.embedding:
                 self.screen.eval_vectors = [
@@ -122,10 +122,10 @@ class LazyScreen:
         self.loaded = True
 
     def close(self) -> None:
-        """Free the encoder's replicas (the plan is done)."""
+        """Free the encoder's replicas (the plan is done); a later call (a plan made again) loads them anew."""
         if self.encoder is not None:
             self.encoder.close()
-            self.encoder = None
+            self.encoder, self.loaded = None, False
 
     def __call__(self, prompts: PromptSet, late: dict) -> PromptSet:
         if not self.loaded:

@@ -78,8 +78,13 @@ class Encoder:
                 i = j
         return out
 
+    @property
+    def key(self) -> tuple[str, str, str]:
+        """What decides its vectors besides the text: the cache key of what it embeds."""
+        return self.name, self.revision, str(self.max_length)
+
     def cached(self, texts: tuple[str, ...]) -> np.ndarray:
-        return cached(self.encode, (self.name, self.revision, str(self.max_length)), texts)
+        return cached(self.encode, self.key, texts)
 
 
 def cached(encode, key: tuple[str, ...], texts: tuple[str, ...]) -> np.ndarray:
