@@ -201,7 +201,7 @@ class RunConfig(_Strict):
     RUNTIME: ClassVar[dict] = {
         "output": True, "ray": True, "retries": True, "shard_retries": True, "storage_timeout_s": True,
         "storage_retries": True, "storage_block": True, "result_storage": True, "keep_versions": True,
-        "retention_hours": True,
+        "retention_hours": True, "compact_shards": True,
         "max_error_rate": True, "gpu_slot_timeout_s": True, "cost": True,
     }
     # Fields that decide the generated text for given prompts (they salt shard ids, and so seeds).
@@ -235,6 +235,11 @@ class RunConfig(_Strict):
         168.0, ge=0, description="Vacuum window (Delta Lake's VACUUM): a version that was current within this many "
         "hours is kept with its parts, and a part no kept version lists is removed only once it is this old (a run "
         "still building keeps its parts). Must exceed the longest build and read.",
+    )
+    compact_shards: int = Field(
+        256, ge=0, description="For readers (Delta Lake's OPTIMIZE): a table with more parts than this also gets "
+        "each group of this many consecutive shards' parts as one compact file, and the dataset card lists those, "
+        "so that `datasets` opens a few files, not one per shard. Unchanged groups are not rewritten. 0: off.",
     )
     storage_block: str | None = Field(
         None, description="Name of a Prefect Secret block holding S3 credentials as JSON (aws_access_key_id, "

@@ -13,8 +13,8 @@ from tests.conftest import write_jsonl
 PROMPTS = [f"question number {i} about the sky" for i in range(12)]
 
 
-def rows_per_part(ds: DatasetDir, manifest: dict, table: str) -> list[int]:
-    return [pq.ParquetFile(ds.fs.open(ds._path(f))).metadata.num_rows for f in ds.files(manifest)[table]]
+def rows_per_part(ds: DatasetDir, manifest: dict, table: str, files: list[str] | None = None) -> list[int]:
+    return [pq.ParquetFile(ds.fs.open(ds._path(f))).metadata.num_rows for f in files or ds.files(manifest)[table]]
 
 
 @pytest.fixture(scope="module")
@@ -27,8 +27,10 @@ def built(tmp_path_factory, prefect_harness, ray_local):
     tmp = tmp_path_factory.mktemp("interop")
     path = write_jsonl(tmp / "p.jsonl", [{"prompt": p, "category": "benign"} for p in PROMPTS])
     common = [f"output={tmp / 'out'}", f"prompts.path={path}", "prompts.category_column=category", "shard_size=1"]
+    # the preference set's card lists compact files (7 shards: 12 prompts fill 7 of 12 id ranges; groups of 5
+    # positions hold 5 and 2), the others' parts
     pref = build_config(PreferenceConfig, None, [*common, "dataset=pref", "student.backend=fake", "n=2",
-                                                 "student.num_cpus=0.5", "scoring.num_cpus=0.5"])
+                                                 "student.num_cpus=0.5", "scoring.num_cpus=0.5", "compact_shards=5"])
     dist = build_config(DistillConfig, None, [*common, "dataset=dist", "teacher.backend=fake", "k=1",
                                               "teacher.num_cpus=0.5", "judging.num_cpus=0.5"])
     # budget forcing: the fake teacher's traces think 10 to 25 words, so a budget of 16 forces some closes
@@ -86,18 +88,30 @@ def test_every_config_the_card_lists_loads_and_empty_tables_are_not_listed(built
         assert len(datasets.load_dataset(ds.root, config, split="train")) == manifest["tables"][config]["rows"]
 
 
-def test_the_card_names_exactly_the_manifests_parts(built):
+@pytest.mark.parametrize("name", ["pref", "dist"])
+def test_the_card_names_exactly_the_versions_files(built, name):
+    """Without compaction the card lists the version's parts; with it, each group's compact file instead
+    of the group's parts: one file per 5 plan positions, holding exactly those parts' rows."""
     import yaml
 
-    ds, manifest = built["pref"]
+    ds, manifest = built[name]
     text = (ds.fs.open(ds._path("README.md")).read()).decode()
     front = yaml.safe_load(text.split("---\n")[1])
     configs = {c["config_name"]: c for c in front["configs"]}
-    assert configs["pairs"]["default"] is True
+    assert configs[{"pref": "pairs", "dist": "train"}[name]]["default"] is True
     files = ds.files(manifest)  # the version's parts table
     assert set(configs) == {t for t, entry in manifest["tables"].items() if files[t] and entry["rows"]}
+    compacted = ds.compacted(manifest)
     for table in configs:
-        assert configs[table]["data_files"] == [{"split": "train", "path": files[table]}]
+        listed = configs[table]["data_files"][0]["path"]
+        if name == "dist" or table == "quarantine":
+            assert configs[table]["data_files"] == [{"split": "train", "path": files[table]}] and not compacted
+            continue
+        assert len(files[table]) == 7 and len(listed) == 2 and all(f.startswith(f"{table}/compact-") for f in listed)
+        members = [[p for p in files[table] if compacted[p] == c] for c in listed]
+        assert sorted(map(len, members)) == [2, 5]
+        for c, parts in zip(listed, members):
+            assert rows_per_part(ds, manifest, table, [c]) == [sum(rows_per_part(ds, manifest, table, parts))]
     assert f"config hash `{manifest['fingerprint']}`" in text
 
 

@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 
+import pyarrow.parquet as pq
 import pytest
 
 from dafactory.tasks.config import PreferenceConfig, build_config
@@ -65,6 +66,7 @@ def killed_rebuilds(tmp_path, output: str, points: list[str], env: dict | None =
         return build_config(PreferenceConfig, None, [
             f"output={output}", f"dataset={dataset}", f"prompts.path={path}", "student.backend=fake", "n=2",
             "shard_size=2", "student.num_cpus=0.5", "scoring.num_cpus=0.5",
+            "compact_shards=2",  # the kills also land amid compaction (groups of 2 shards, for readers)
             # no encoder in these processes: the oldest-s3fs run puts an old botocore on the path, and
             # transformers' import of accelerate pulls in boto3, which needs a newer one
             "decontamination.embedding=false",
@@ -105,6 +107,8 @@ def killed_rebuilds(tmp_path, output: str, points: list[str], env: dict | None =
     assert ds.versions() == [last["version"]] and verify(ds).problems == []
     left = {f"{t}/part-{n}.parquet" for t in TABLES for n in ds.parts(t)}
     assert left == {f for files in ds.files(last).values() for f in files}
+    compacts = {f"{t}/{e['name']}" for t in TABLES for e in ds.listing(t) if e["name"].startswith("compact-")}
+    assert compacts == set(ds.compacted(last).values()) and len(compacts) > 0
 
 
 @pytest.mark.slow
@@ -182,12 +186,27 @@ def test_verify_names_missing_stray_and_truncated_parts_and_garbage_versions(tmp
     path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": f"question number {i}"} for i in range(8)])
     cfg = build_config(PreferenceConfig, None, [
         f"output={tmp_path / 'out'}", "dataset=v", f"prompts.path={path}", "student.backend=fake", "n=2",
-        "shard_size=2", "student.num_cpus=0.5", "scoring.num_cpus=0.5"])
+        "shard_size=2", "student.num_cpus=0.5", "scoring.num_cpus=0.5", "compact_shards=2"])
     v1 = run_flow(cfg)
     ds = DatasetDir(cfg.output, cfg.dataset)
     rows_before = row_keys(ds)
     pairs = sorted(ds.files(v1)["pairs"])
     marker = sorted(ds.files(v1)["candidates"])[0]
+    compacts = sorted(c for c in set(ds.compacted(v1).values()) if c.startswith("candidates/"))
+    assert len(compacts) == 2 and verify(ds).problems == []  # 4 shards, groups of 2
+
+    # 0. compact files: one deleted, one truncated, one holding fewer rows than its parts
+    held = pq.read_metadata(tmp_path / "out" / "v" / compacts[0]).num_rows
+    for name, edit in (("c-gone", lambda f: f.unlink()),
+                       ("c-cut", lambda f: f.write_bytes(f.read_bytes()[:100])),
+                       ("c-short", lambda f: pq.write_table(pq.read_table(f).slice(1), f))):
+        copy = _folder_copy(ds, tmp_path, name)
+        edit(tmp_path / "copies" / name / compacts[0])
+        want = {"c-gone": f"candidates: files the manifest lists but that do not exist: 1 ({copy._path(compacts[0])})",
+                "c-cut": f"{compacts[0]}: unreadable compact file (Parquet magic bytes not found in footer. Either "
+                         "the file is corrupted or this is not a parquet file.)",
+                "c-short": f"{compacts[0]}: holds {held - 1} rows, its 2 parts hold {held}"}[name]
+        assert verify(copy).problems == [want]
 
     # 1. a listed part deleted
     gone = _folder_copy(ds, tmp_path, "gone")
@@ -215,7 +234,11 @@ def test_verify_names_missing_stray_and_truncated_parts_and_garbage_versions(tmp
     assert [p for p in v.problems if "unreadable part" in p] == [
         f"candidates: unreadable part {marker.split('/')[1]} (Parquet magic bytes not found in footer. Either the "
         "file is corrupted or this is not a parquet file.)"]
+    (tmp_path / "out" / "v" / "pairs" / "compact-0123456789abcdef.parquet").write_bytes(b"left by a crash")
+    v = verify(ds)
     assert v.notes == ["_versions/manifest-000002.json: unreadable version file, skipped (never current)",
+                       "pairs/compact-0123456789abcdef.parquet: a compact file this version does not list (no version "
+                       "lists it; vacuum removes it)",
                        "pairs/notes.txt: not a part (no version lists it; vacuum removes it)"]
     # the next build is not blocked: it takes version 3, builds the truncated marker's shard again
     v3 = run_flow(cfg)
@@ -288,7 +311,7 @@ def test_a_reader_in_a_loop_always_gets_one_whole_version_while_rebuilds_commit_
         return run_flow(build_config(PreferenceConfig, None, [
             f"output={tmp_path / 'out'}", "dataset=v", f"prompts.path={path}", "student.backend=fake", "n=2",
             "shard_size=2", "student.num_cpus=0.5", "scoring.num_cpus=0.5", "keep_versions=0",
-            "retention_hours=0.003"]))
+            "retention_hours=0.003", "compact_shards=2"]))  # the card lists compact files
 
     ds = DatasetDir(str(tmp_path / "out"), "v")
     listed = set(ds.files(build(inputs[0]))["candidates"])
@@ -315,3 +338,54 @@ def test_a_reader_in_a_loop_always_gets_one_whole_version_while_rebuilds_commit_
     assert errors == [] and len(reads) >= 3
     assert all(r in wholes for r in reads)  # never a mix of two versions, never a part short
     assert {f"candidates/part-{n}.parquet" for n in ds.parts("candidates")} < listed  # vacuum removed some
+
+
+@pytest.mark.slow
+def test_compaction_gives_readers_one_file_per_group_and_a_rebuild_rewrites_only_changed_groups(tmp_path, run_flow):
+    """Delta's OPTIMIZE for readers: 24 prompts in shards of 2, compacted 4 shards at a time. The card lists
+    the compact files, `datasets` reads every row once through it, and a rebuild after one prompt changed
+    writes new compact files only for the groups holding a changed shard."""
+    import datasets
+    import yaml
+
+    path = tmp_path / "p.jsonl"
+    prompts = [f"question number {i}" for i in range(24)]
+    cfg = build_config(PreferenceConfig, None, [
+        f"output={tmp_path / 'out'}", "dataset=v", f"prompts.path={path}", "student.backend=fake", "n=2",
+        "shard_size=2", "student.num_cpus=0.5", "scoring.num_cpus=0.5", "compact_shards=4"])
+    write_jsonl(path, [{"prompt": p} for p in prompts])
+    v1 = run_flow(cfg)
+    ds = DatasetDir(cfg.output, cfg.dataset)
+    shards = len(ds.files(v1)["candidates"])
+    groups1 = {}
+    for part, c in ds.compacted(v1).items():
+        groups1.setdefault(c, []).append(part)
+    per_table = {t: sum(c.startswith(t + "/") for c in groups1) for t in ("candidates", "pairs", "best", "prompts")}
+    # groups of 4 plan positions; a last group of one shard stays as its part
+    assert per_table == {t: shards // 4 + (shards % 4 > 1) for t in per_table}, (shards, per_table)
+    assert verify(ds).problems == []
+    card = yaml.safe_load(ds.fs.cat(ds._path("README.md")).decode().split("---\n")[1])
+    listed = {c["config_name"]: c["data_files"][0]["path"] for c in card["configs"]}
+    assert len(listed["candidates"]) == -(-shards // 4)  # one file per group
+    for table in ("candidates", "pairs", "prompts"):
+        loaded = datasets.load_dataset(ds.root, table, split="train", cache_dir=str(tmp_path / "hf"))
+        key = "sample_idx" if table == "candidates" else None
+        got = sorted(zip(loaded["prompt_id"], loaded[key] if key else [0] * len(loaded)))
+        parts = ds.read_table(table).to_pylist()
+        assert got == sorted((r["prompt_id"], r[key] if key else 0) for r in parts)  # every row once
+
+    mtimes = {e["name"]: e["mtime"] for e in ds.listing("candidates")}
+    write_jsonl(path, [{"prompt": p} for p in prompts[:-1] + ["question number 23, reworded"]])
+    v2 = run_flow(cfg)
+    groups2 = {}
+    for part, c in ds.compacted(v2).items():
+        groups2.setdefault(c, []).append(part)
+    changed = {c for c in groups2 if c.startswith("candidates/") and c not in groups1}
+    kept = {c for c in groups2 if c.startswith("candidates/") and c in groups1}
+    assert 1 <= len(changed) <= 2 and len(kept) >= per_table["candidates"] - 2  # one prompt moves: 1 or 2 shards
+    new_shards = set(ds.files(v2)["candidates"]) - set(ds.files(v1)["candidates"])
+    assert all(set(groups2[c]) & new_shards for c in changed)  # written because a member changed
+    assert all(not set(groups2[c]) & new_shards for c in kept)
+    after = {e["name"]: e["mtime"] for e in ds.listing("candidates")}
+    assert all(after[c.split("/")[1]] == mtimes[c.split("/")[1]] for c in kept)  # not written again
+    assert verify(ds).problems == [] and v2["shards"]["built"] == len(new_shards)

@@ -191,8 +191,9 @@ def _create(ds: DatasetDir, rel: str, data: bytes) -> None:
 
 
 def referenced(ds: DatasetDir, manifests: list[dict]) -> set[str]:
-    """Paths of every file these versions list, and of their parts tables."""
+    """Paths of every file these versions list (parts and compact files), and of their parts tables."""
     paths = {ds._inside(m["parts_table"]) for m in manifests if m.get("parts_table")}
+    paths |= {ds._inside(c) for m in manifests for c in ds.compacted(m).values()}
     return paths | {ds._inside(f) for m in manifests for files in ds.files(m).values() for f in files}
 
 

@@ -11,7 +11,8 @@ the files.
   quarantine/part-<...>.parquet     input rows that never reached a model, with reasons
   _versions/manifest-<n>.json  the commit log: version n is committed once this file exists
   manifest.json                a pointer to the current version, for readers (repaired when stale)
-  README.md                    dataset card: `configs:` front matter naming exactly the current version's parts
+  <table>/compact-<hash>.parquet   a group of consecutive shards' parts in one file, for readers (compact.py)
+  README.md                    dataset card: `configs:` front matter naming exactly the current version's files
 
 Every part is written once, straight to its final name, and never rewritten, moved or copied: on local
 disk under a temporary name renamed into place in the same folder, on object stores one PUT (already
@@ -210,7 +211,9 @@ class ShardWriter:
 
 
 # A version's parts table (see DatasetDir.write_parts_table).
-PARTS_SCHEMA = pa.schema([("table", pa.string()), ("file", pa.string()), ("rows", pa.int64())])
+# `compact`: the compact file that also holds the part's rows, for readers (tasks/io/compact.py), or null.
+PARTS_SCHEMA = pa.schema([("table", pa.string()), ("file", pa.string()), ("rows", pa.int64()),
+                          ("compact", pa.string())])
 
 
 def write_parquet(data: pa.Table, f) -> None:
@@ -231,7 +234,7 @@ class DatasetDir:
         self.fs, self.root = fsspec.core.url_to_fs(self.uri, **storage_options(self.uri, timeout_s, credentials))
         self.local = "file" in (self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,))
         self.retries, self.backoff_s = retries, backoff_s
-        self._files_cache: dict[str, dict[str, list[str]]] = {}  # parts tables read, by path (immutable)
+        self._files_cache: dict[str, tuple] = {}  # parts tables read (files, compacted), by path (immutable)
 
     def for_replicas(self) -> "DatasetDir":
         """This folder as Ray replicas on any node should open it. On an object store it carries the
@@ -461,36 +464,51 @@ class DatasetDir:
 
         return self.concurrently(one, paths)
 
-    def write_parts_table(self, files: dict[str, list[str]], rows: dict[str, list[int]]) -> str:
-        """A version's list of part files (table, file, rows), as a Parquet side table in `_versions/`
-        named by a hash of its content: the manifest names it and stays small however many parts there
-        are. Returns its path in the dataset."""
+    def write_parts_table(self, files: dict[str, list[str]], rows: dict[str, list[int]],
+                          compact: dict[str, str] | None = None) -> str:
+        """A version's list of part files (table, file, rows, the compact file holding its rows too), as
+        a Parquet side table in `_versions/` named by a hash of its content: the manifest names it and
+        stays small however many parts there are. Returns its path in the dataset."""
+        compact = compact or {}
         table = pa.table({"table": [t for t, fs in files.items() for _ in fs],
                           "file": [f for fs in files.values() for f in fs],
-                          "rows": [n for t in files for n in rows[t]]}, schema=PARTS_SCHEMA)
+                          "rows": [n for t in files for n in rows[t]],
+                          "compact": [compact.get(f) for fs in files.values() for f in fs]}, schema=PARTS_SCHEMA)
         sink = pa.BufferOutputStream()
         write_parquet(table, sink)
         body = sink.getvalue().to_pybytes()
         rel = f"{VERSIONS}/parts-{hashlib.sha256(body).hexdigest()[:16]}.parquet"
         self._put(self._path(rel), lambda f: f.write(body))
-        self._files_cache[rel] = {t: list(fs) for t, fs in files.items()}
+        self._files_cache[rel] = ({t: list(fs) for t, fs in files.items()}, dict(compact))
         return rel
+
+    def _parts_table(self, manifest: dict) -> tuple[dict[str, list[str]], dict[str, str]]:
+        rel = manifest.get("parts_table")
+        if rel is None:  # versions written before parts tables
+            return {t: list(e.get("files", [])) for t, e in manifest["tables"].items()}, {}
+        if rel not in self._files_cache:
+            parts = self.read_file(self._inside(rel))
+            out: dict[str, list[str]] = {t: [] for t in manifest["tables"]}
+            files = parts.column("file").to_pylist()
+            for t, f in zip(parts.column("table").to_pylist(), files):
+                out.setdefault(t, []).append(f)
+            compact = {}
+            if "compact" in parts.column_names:  # parts tables written before compaction have none
+                compact = {f: c for f, c in zip(files, parts.column("compact").to_pylist()) if c is not None}
+            if len(self._files_cache) >= 4:
+                self._files_cache.pop(next(iter(self._files_cache)))
+            self._files_cache[rel] = (out, compact)
+        return self._files_cache[rel]
 
     def files(self, manifest: dict) -> dict[str, list[str]]:
         """table -> the part files (paths in the dataset) a version lists: from its parts table, or from
         the manifest itself (versions written before parts tables)."""
-        rel = manifest.get("parts_table")
-        if rel is None:
-            return {t: list(e.get("files", [])) for t, e in manifest["tables"].items()}
-        if rel not in self._files_cache:
-            parts = self.read_file(self._inside(rel))
-            out: dict[str, list[str]] = {t: [] for t in manifest["tables"]}
-            for t, f in zip(parts.column("table").to_pylist(), parts.column("file").to_pylist()):
-                out.setdefault(t, []).append(f)
-            if len(self._files_cache) >= 4:
-                self._files_cache.pop(next(iter(self._files_cache)))
-            self._files_cache[rel] = out
-        return self._files_cache[rel]
+        return self._parts_table(manifest)[0]
+
+    def compacted(self, manifest: dict) -> dict[str, str]:
+        """part file -> the compact file that holds its rows too (paths in the dataset), for a version's
+        compacted parts (tasks/io/compact.py)."""
+        return self._parts_table(manifest)[1]
 
     def listed_files(self, table: str, manifest: dict | None = None) -> list[str]:
         """The part files of a table that a version lists (the current one unless given)."""

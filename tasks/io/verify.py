@@ -8,8 +8,8 @@ What it proves, shard by shard, reading only the part files the manifest lists:
   both, never neither); a prompt of a failed or unbuilt shard has neither;
 - no key is duplicated: prompt ids across the plan, (prompt_id, sample_idx) across the sample tables,
   prompt_id within pairs/best;
-- every part the version lists exists and is readable, and every shard with a marker has every
-  table's part (or its marker's stats say that table had 0 rows), with the rows the stats say;
+- every part and compact file the version lists exists and is readable, each compact file holds as
+  many rows as its parts, and every shard with a marker has every table's part (or its marker's stats say that table had 0 rows), with the rows the stats say;
 - the manifest's row counts and accounting equal what the files say.
 
 It checks the current version (the highest readable one in `_versions/`, whatever `manifest.json`
@@ -29,6 +29,7 @@ import numpy as np
 import pyarrow as pa
 
 from dafactory.tasks.io.commit import read_version, version_files
+from dafactory.tasks.io.compact import is_compact
 from dafactory.tasks.io.prompts import SeenIds
 from dafactory.tasks.io.storage import STATS_KEY, DatasetDir, part_key, part_name
 
@@ -91,21 +92,43 @@ def _too_many(problems: list[str], what: str, items) -> None:
 
 
 def _notes(ds: DatasetDir, manifest: dict, notes: list[str]) -> None:
-    """Unreadable version files, and files in the version's table folders that are not parts."""
+    """Unreadable version files, and files in the version's table folders that are neither parts nor
+    compact files it lists."""
     for e in version_files(ds):
         if e["version"] > manifest["version"] or (e["version"] != manifest["version"]
                                                   and read_version(ds, e["version"]) is None):
             notes.append(f"_versions/{e['name']}: unreadable version file, skipped (never current)")
+    listed = {ds._inside(c) for c in ds.compacted(manifest).values()}
     for table in manifest["tables"]:
         for e in ds.listing(table):
-            if not (e["name"].startswith("part-") and e["name"].endswith(".parquet")):
-                notes.append(f"{table}/{e['name']}: not a part (no version lists it; vacuum removes it)")
+            if e["path"] in listed or (e["name"].startswith("part-") and e["name"].endswith(".parquet")):
+                continue
+            what = "a compact file this version does not list" if is_compact(e["name"]) else "not a part"
+            notes.append(f"{table}/{e['name']}: {what} (no version lists it; vacuum removes it)")
+
+
+def _check_compacts(ds: DatasetDir, manifest: dict, part_rows: dict[str, int], p: list[str]) -> None:
+    """Each compact file the version lists is whole Parquet and holds its members' rows, all of them."""
+    members: dict[str, list[str]] = {}
+    for part, c in ds.compacted(manifest).items():
+        members.setdefault(c, []).append(ds._inside(part))
+    if not members:
+        return
+    names = sorted(members)
+    opened = ds.concurrently(lambda c: _open(ds, ds._inside(c), None), names)
+    for c, part in zip(names, opened):
+        want = sum(part_rows.get(m, 0) for m in members[c])
+        if part.error is not None:
+            p.append(f"{c}: unreadable compact file ({part.error})")
+        elif part.rows != want:
+            p.append(f"{c}: holds {part.rows} rows, its {len(members[c])} parts hold {want}")
 
 
 @dataclass
 class Shard:
     """What one shard's check found."""
 
+    shard_id: str
     problems: list[str]
     acc: Counter
     rows: Counter  # rows per table of its parts
@@ -129,7 +152,7 @@ def _check_shard(ds: DatasetDir, shard_id: str, paths: dict[str, str], layout: d
             continue
         parts[table], rows[table] = part, part.rows
     if len(parts) < len(paths) or "prompts" not in parts:
-        return Shard(p, acc, rows, np.empty(0, dtype=np.int64), [])
+        return Shard(shard_id, p, acc, rows, np.empty(0, dtype=np.int64), [])
     t = parts["prompts"].table
     ids = set(_ids(t))
     acc["planned_prompts"] += t.num_rows
@@ -167,7 +190,7 @@ def _check_shard(ds: DatasetDir, shard_id: str, paths: dict[str, str], layout: d
         acc["prompts_in_unbuilt_shards"] += len(ids)
     if marker is None and (out or quarantined):
         p.append(f"shard {shard_id}: not marked done but has output or quarantine rows")
-    return Shard(p, acc, rows, t.column("source_row").to_numpy(zero_copy_only=False), _ids(t))
+    return Shard(shard_id, p, acc, rows, t.column("source_row").to_numpy(zero_copy_only=False), _ids(t))
 
 
 def verify(ds: DatasetDir) -> Verdict:
@@ -181,11 +204,13 @@ def verify(ds: DatasetDir) -> Verdict:
     p = v.problems
     _notes(ds, manifest, v.notes)
 
-    # 1. Every listed part exists (one listing per table).
+    # 1. Every listed part and compact file exists (one listing per table).
     files = {t: ds.listed_files(t, manifest) for t in manifest["tables"]}
+    compacts = {ds._inside(c) for c in ds.compacted(manifest).values()}
     for table, paths in files.items():
         there = {e["path"] for e in ds.listing(table)} if paths else set()
-        _too_many(p, f"{table}: files the manifest lists but that do not exist", [x for x in paths if x not in there])
+        wanted = paths + sorted(c for c in compacts if posixpath.basename(posixpath.dirname(c)) == table)
+        _too_many(p, f"{table}: files the manifest lists but that do not exist", [x for x in wanted if x not in there])
     if p:
         return v  # the shard-by-shard checks below would only repeat it
 
@@ -202,7 +227,7 @@ def verify(ds: DatasetDir) -> Verdict:
                 p.append(f"{table}: {posixpath.basename(x)} belongs to no planned shard")
             else:
                 others.append((table, x))
-    rows = Counter()
+    rows, part_rows = Counter(), {}
     source_rows = manifest["accounting"]["source_rows"]
     rows_seen, seen_ids, dup_ids = [], SeenIds(), []
     set_aside = 0
@@ -213,6 +238,7 @@ def verify(ds: DatasetDir) -> Verdict:
                 p.append(f"{table}: unreadable part {posixpath.basename(x)} ({part.error})")
                 continue
             rows[table] += part.rows
+            part_rows[x] = part.rows
             if table == "quarantine":  # the input quarantine: rows set aside before planning
                 set_aside += part.rows
                 rows_seen.append(part.table.column("source_row").to_numpy(zero_copy_only=False))
@@ -225,10 +251,12 @@ def verify(ds: DatasetDir) -> Verdict:
                 p.extend(shard.problems)
                 acc.update(shard.acc)
                 rows.update(shard.rows)
+                part_rows |= {by_shard[shard.shard_id][t]: n for t, n in shard.rows.items()}
                 rows_seen.append(shard.source_rows)
                 dup_ids += [i for i, new in zip(shard.ids, seen_ids.add_many(shard.ids)) if not new]
     if any("unreadable part" in x for x in p):
         return v  # the counts below would only repeat it
+    _check_compacts(ds, manifest, part_rows, p)
     for table, entry in manifest["tables"].items():
         if rows[table] != entry["rows"]:
             p.append(f"{table}: the manifest says {entry['rows']} rows, the files hold {rows[table]}")

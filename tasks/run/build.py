@@ -25,6 +25,7 @@ from prefect.exceptions import TerminationSignal
 from dafactory.tasks.config import RunConfig
 from dafactory.tasks.errors import UserError
 from dafactory.tasks.generate.error_rate import ErrorBudget, TooManyErrors
+from dafactory.tasks.io.compact import groups, reader_files, write_compacts
 from dafactory.tasks.io.commit import clear_rebuild, commit, vacuum, write_pointer_file
 from dafactory.tasks.io.manifest import CARD, artifact_key, build_manifest, code_version, dataset_card, summary_rows
 from dafactory.tasks.io.prompts import PromptSet, iter_prompts, source_path
@@ -306,7 +307,11 @@ def finalize(
     files = {t: [f"{t}/part-{n}.parquet" for n in parts] for t, parts in names.items()}
     before = {f for fs in (ds.files(previous) if previous else {}).values() for f in fs}
     now = {f for fs in files.values() for f in fs}
-    extra["parts_table"] = ds.write_parts_table(files, {t: [rows[(t, n)] for n in ns] for t, ns in names.items()})
+    # Delta's OPTIMIZE for readers: groups of consecutive shards in one file each (unchanged ones kept)
+    order = {s.shard_id: i for i, s in enumerate(plan.shards)}
+    compact = write_compacts(ds, groups(files, order, config.compact_shards))
+    extra["parts_table"] = ds.write_parts_table(files, {t: [rows[(t, n)] for n in ns] for t, ns in names.items()},
+                                                compact)
     manifest = redact(build_manifest(
         config=config.model_dump(mode="json"),
         fingerprint=config.fingerprint(),
@@ -330,8 +335,8 @@ def finalize(
     if not committed:
         return keep_previous(ds, plan, report, manifest)
     clear_rebuild(ds)
-    write_pointer_file(ds, CARD, dataset_card(manifest, recipe.main_table or recipe.tables[0], files).encode(),
-                       manifest["version"])
+    card = dataset_card(manifest, recipe.main_table or recipe.tables[0], reader_files(files, compact))
+    write_pointer_file(ds, CARD, card.encode(), manifest["version"])
     removed = vacuum(ds, list(TABLES), config.keep_versions, config.retention_hours)
     logger.info("version %d committed; vacuum removed %d files and %d versions older than %gh that no kept "
                 "version lists", manifest["version"], removed["files"], removed["versions"], config.retention_hours)
