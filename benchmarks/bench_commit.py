@@ -135,7 +135,15 @@ def run(args, prompts: Path, output: str) -> dict:
         with LOCK:
             marks[name] = (time.perf_counter(), Counter(CALLS))
 
-    original_failpoint, original_finalize = planner.failpoint, build.finalize
+    original_failpoint, original_finalize, original_compacts = planner.failpoint, build.finalize, build.write_compacts
+    compacting = {"s": 0.0}
+
+    def write_compacts(*a, **k):  # the compaction inside finalize (Delta's OPTIMIZE, for readers)
+        t0 = time.perf_counter()
+        try:
+            return original_compacts(*a, **k)
+        finally:
+            compacting["s"] += time.perf_counter() - t0
 
     def failpoint(name: str) -> None:
         if name == "plan":
@@ -149,12 +157,13 @@ def run(args, prompts: Path, output: str) -> dict:
         finally:
             snap("finalized")
 
-    planner.failpoint, build.finalize = failpoint, finalize  # the planner's hook after each shard it stages
+    # the planner's hook after each shard it stages
+    planner.failpoint, build.finalize, build.write_compacts = failpoint, finalize, write_compacts
     dataset = f"bench-{args.prompts}"
     cfg = build_config(PreferenceConfig, None, [
         f"output={output}", f"dataset={dataset}", f"prompts.path={prompts}", "prompts.category_column=category",
         "student.backend=fake", f"n={args.n}", f"shard_size={args.shard_size}", "sampling.max_new_tokens=32",
-        "student.num_cpus=0.5", "scoring.num_cpus=0.5", *NO_SCREEN])
+        "student.num_cpus=0.5", "scoring.num_cpus=0.5", f"compact_shards={args.compact_shards}", *NO_SCREEN])
     try:
         snap("start")
         manifest = preference(cfg)
@@ -163,7 +172,7 @@ def run(args, prompts: Path, output: str) -> dict:
         verdict = verify(ds)
         snap("verified")
     finally:
-        planner.failpoint, build.finalize = original_failpoint, original_finalize
+        planner.failpoint, build.finalize, build.write_compacts = original_failpoint, original_finalize, original_compacts
     assert verdict.problems == [] and manifest["status"] == "complete", verdict.problems
     shards = manifest["shards"]["total"]
     phases = {"plan": ("start", "planned"), "build": ("planned", "finalize"), "finalize": ("finalize", "finalized"),
@@ -178,6 +187,20 @@ def run(args, prompts: Path, output: str) -> dict:
     out["manifest_bytes"] = len(ds.fs.cat(ds._path("_versions", f"manifest-{manifest['version']:06d}.json")))
     out["parts_table_bytes"] = ds.fs.size(ds._path(manifest["parts_table"]))
     out["card_bytes"] = ds.fs.size(ds._path("README.md"))
+    out["compact_s"] = compacting["s"]
+    out["pairs_parts"] = manifest["tables"]["pairs"]["parts"]
+    if ds.local:  # what a reader pays: `datasets` through the card (the compact files), then by every part
+        import datasets
+
+        cache = tempfile.mkdtemp(prefix="dafactory-bench-hf-")
+        t0 = time.perf_counter()
+        n = len(datasets.load_dataset(ds.root, "pairs", split="train", cache_dir=cache + "/card"))
+        out["load_card_s"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        m = len(datasets.load_dataset("parquet", split="train", cache_dir=cache + "/parts",
+                                      data_files=[ds._path(f) for f in ds.files(manifest)["pairs"]]))
+        out["load_parts_s"] = time.perf_counter() - t0
+        assert n == m == manifest["tables"]["pairs"]["rows"], (n, m)
     return out
 
 
@@ -194,6 +217,10 @@ def report(label: str, r: dict, scale: float) -> None:
     print(f"  manifest {r['manifest_bytes']} bytes; parts table {r['parts_table_bytes']} bytes "
           f"(10M est. {r['parts_table_bytes'] * scale / 2**20:.1f} MB); card {r['card_bytes']} bytes "
           f"(10M est. {r['card_bytes'] * scale / 2**20:.1f} MB)")
+    print(f"  compaction (in finalize): {r['compact_s']:.2f} s = {100 * r['compact_s'] / build:.1f}% of the build phase")
+    if "load_card_s" in r:
+        print(f"  datasets.load_dataset of pairs: through the card {r['load_card_s']:.1f} s, by its "
+              f"{r['pairs_parts']} parts {r['load_parts_s']:.1f} s ({r['load_parts_s'] / r['load_card_s']:.2f}x)")
 
 
 def main() -> None:
@@ -202,6 +229,7 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=8)
     ap.add_argument("--shard-size", type=int, default=64)
     ap.add_argument("--store", choices=["local", "s3"], default="local")
+    ap.add_argument("--compact-shards", type=int, default=256, help="the config's compact_shards (0: off)")
     args = ap.parse_args()
 
     tmp = Path(tempfile.mkdtemp(prefix="dafactory-bench-commit-"))

@@ -40,27 +40,35 @@ REWORDED = [  # ours, as in tests/test_screen.py: no 8-gram shared with StrongRE
 ]
 
 
-def synthetic(n: int, seed: int = 0) -> tuple[list[str], set[int], set[int]]:
-    """n prompts: distinct ones (random words), 1% planted near duplicates of an earlier prompt
-    (a filler word added), and the rewordings spread through; returns (texts, planted dup rows, reworded rows)."""
+def synthetic(n: int, batch: int, seed: int = 0):
+    """n prompts, `batch` at a time: distinct ones (random words), 1% planted near duplicates of one of the
+    50,000 prompts before it (a filler word added), and the rewordings spread through. Yields (row offset,
+    texts, planted dup rows, reworded rows); only the last 50,000 texts are held, so that the bench's own
+    memory stays flat and the RSS printed is the screen's."""
     rng = random.Random(seed)
-    texts, dups, reworded = [], set(), set()
+    window: list[str] = []  # a ring of the last 50,000 texts
     at = {rng.randrange(n) for _ in REWORDED}
     k = 0
-    while len(texts) < n:
-        i = len(texts)
-        if i in at and k < len(REWORDED):
-            texts.append(REWORDED[k])
-            reworded.add(i)
-            k += 1
-        elif texts and rng.random() < 0.01:
-            words = rng.choice(texts[max(0, i - 50_000):]).split()  # an earlier prompt, maybe in another shard
-            words.insert(rng.randrange(1, len(words)), rng.choice(FILLERS))
-            texts.append(" ".join(words))
-            dups.add(i)
-        else:  # distinct: 10-16 words of a 5,000-word vocabulary (pairs share about 1 word in 300)
-            texts.append(" ".join(rng.choice(VOCAB) for _ in range(rng.randint(10, 16))).capitalize() + "?")
-    return texts, dups, reworded
+    for lo in range(0, n, batch):
+        texts, dups, reworded = [], set(), set()
+        for i in range(lo, min(n, lo + batch)):
+            if i in at and k < len(REWORDED):
+                text = REWORDED[k]
+                reworded.add(i)
+                k += 1
+            elif window and rng.random() < 0.01:
+                words = rng.choice(window).split()  # an earlier prompt, maybe in another shard
+                words.insert(rng.randrange(1, len(words)), rng.choice(FILLERS))
+                text = " ".join(words)
+                dups.add(i)
+            else:  # distinct: 10-16 words of a 5,000-word vocabulary (pairs share about 1 word in 300)
+                text = " ".join(rng.choice(VOCAB) for _ in range(rng.randint(10, 16))).capitalize() + "?"
+            texts.append(text)
+            if len(window) < 50_000:
+                window.append(text)
+            else:
+                window[i % 50_000] = text
+        yield lo, texts, dups, reworded
 
 
 def rss_mb() -> float:
@@ -73,10 +81,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8192)
     ap.add_argument("--no-embedding", action="store_true")
     args = ap.parse_args()
-    texts, dups, reworded = synthetic(args.n)
-    rows = [PromptRow(prompt_id(t), t, None, i) for i, t in enumerate(texts)]
-    print(f"{args.n} prompts: {len(dups)} planted near duplicates, {len(reworded)} planted rewordings; "
-          f"RSS {rss_mb():.0f} MB")
+    print(f"{args.n} prompts, 1% planted near duplicates, {len(REWORDED)} planted rewordings; RSS {rss_mb():.0f} MB")
     screen = Screen(ngram=Decontaminator(["strongreject", "dan"]), minhash=NearDuplicateIndex())
     t0 = time.perf_counter()
     if not args.no_embedding:
@@ -88,24 +93,29 @@ def main() -> None:
         screen.encode, screen.encoder_name = enc.encode, enc.name
     t1 = time.perf_counter()
     print(f"encoder load + StrongREJECT embeddings: {t1 - t0:.1f} s; RSS {rss_mb():.0f} MB")
-    kept, quarantine, late = [], [], {}
-    for lo in range(0, len(rows), args.batch):
-        out = screen(PromptSet(rows=rows[lo : lo + args.batch]), late)
-        kept += out.rows
-        quarantine += out.quarantine
+    late, planted, dup_hits, rew_hits, extra, peak = {}, [0, 0], 0, 0, 0, 0.0
+    for lo, texts, dups, reworded in synthetic(args.n, args.batch):
+        rows = [PromptRow(prompt_id(t), t, None, lo + j) for j, t in enumerate(texts)]
+        out = screen(PromptSet(rows=rows), late)
+        dropped = {q["source_row"]: q["reason"] for q in out.quarantine}
+        planted[0] += len(dups)
+        planted[1] += len(reworded)
+        dup_hits += sum(dropped.get(i) == "near_duplicate" for i in dups)
+        rew_hits += sum(dropped.get(i) == "contaminated" for i in reworded)
+        extra += sum(1 for i in dropped if i not in dups and i not in reworded)
+        peak = max(peak, rss_mb())
+        if (lo // args.batch) % 25 == 0:
+            print(f"  {lo + len(texts)} prompts screened: {time.perf_counter() - t1:.1f} s, RSS {rss_mb():.0f} MB",
+                  flush=True)
     t2 = time.perf_counter()
-    dropped = {q["source_row"]: q["reason"] for q in quarantine}
-    dup_hits = sum(dropped.get(i) == "near_duplicate" for i in dups)
-    rew_hits = sum(dropped.get(i) == "contaminated" for i in reworded)
-    extra = sum(1 for i in dropped if i not in dups and i not in reworded)
-    print(f"screen: {t2 - t1:.1f} s ({args.n / (t2 - t1):.0f} prompts/s); RSS {rss_mb():.0f} MB; "
-          f"near-duplicate recall {dup_hits}/{len(dups)}, rewording recall {rew_hits}/{len(reworded)}, "
+    print(f"screen: {t2 - t1:.1f} s ({args.n / (t2 - t1):.0f} prompts/s); RSS {rss_mb():.0f} MB (peak {peak:.0f}); "
+          f"near-duplicate recall {dup_hits}/{planted[0]}, rewording recall {rew_hits}/{planted[1]}, "
           f"{extra} dropped that were not planted; {screen.summary()}")
     if args.no_embedding:
         return
     import torch
 
-    sample = texts[: min(len(texts), 4096)]
+    sample = next(synthetic(4096, 4096, seed=1))[1]
     t3 = time.perf_counter()
     ours = enc.encode(sample)
     t4 = time.perf_counter()

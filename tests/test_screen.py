@@ -195,3 +195,30 @@ def test_a_preference_build_screens_its_whole_input(tmp_path, run_flow, capsys):
     assert main(["inspect", ds.uri]) == 0
     out = capsys.readouterr().out
     assert "contaminated: embedding vs strongreject" in out and "near_duplicate: minhash" in out
+
+
+def test_the_screens_memory_is_on_disk_and_keeps_the_first_value_of_each_key():
+    """spill.FirstSeen: the first value added under a key stands (a later batch's does not replace it),
+    fetched in chunks past SQLite's variable limit; keys are unsigned 64-bit hashes stored signed."""
+    import pickle
+
+    from dafactory.tasks.screen.spill import Batched, FirstSeen, signed
+
+    assert [signed(k) for k in (0, 2**63 - 1, 2**63, 2**64 - 1)] == [0, 2**63 - 1, -(2**63), -1]
+    store = FirstSeen(2)
+    keys = [signed(k * 0x9E3779B97F4A7C15 % 2**64) for k in range(25_000)]
+    store.add((k, "first", i) for i, k in enumerate(keys))
+    store.add((k, "second", -1) for k in keys[::2])
+    got = store.fetch(keys + [12345])
+    assert len(got) == 25_000 and all(got[k] == ("first", i) for i, k in enumerate(keys))
+    assert pickle.loads(pickle.dumps(store)).fetch(keys[:3]) == {}  # another process starts empty
+    batched = Batched(1)
+    batched.store.add([(keys[0], 0)])
+    batched.prefetch([keys[0], 7])
+    batched.setdefault(keys[0], (99,))  # already on disk: kept as it was
+    batched.setdefault(7, (1,))
+    batched.setdefault(7, (2,))  # within the batch too, the first stands
+    assert (batched.get(keys[0]), batched.get(7)) == ((0,), (1,))
+    batched.flush()
+    assert batched.store.fetch([keys[0], 7]) == {keys[0]: (0,), 7: (1,)}
+    store.close()

@@ -21,6 +21,7 @@ import numpy as np
 from dafactory.tasks.io.prompts import PromptRow, PromptSet, prompt_id
 from dafactory.tasks.screen.minhash import NearDuplicateIndex
 from dafactory.tasks.screen.ngram import Decontaminator, normalize
+from dafactory.tasks.screen.spill import Batched, signed
 
 Encode = Callable[[list[str]], np.ndarray]
 
@@ -49,7 +50,8 @@ class Screen:
     encode: Encode | None = None
     encoder_name: str = ""
     counts: Counter = field(default_factory=Counter)
-    _normalised: dict = field(default_factory=dict)  # normalised text's hash -> (prompt id, source row)
+    # normalised text's hash -> (prompt id, source row) of its first row, on local disk (spill.py)
+    _normalised: Batched = field(default_factory=lambda: Batched(2))
     _kept_vectors: np.ndarray | None = None  # the kept prompts' vectors (semantic dedup), capacity doubling
     _kept: list = field(default_factory=list)  # (prompt id, source row) of each kept vector
 
@@ -103,16 +105,22 @@ class Screen:
 
     def _dedup(self, rows, vectors, quarantine, late) -> list[PromptRow]:
         kept = []
+        texts = [normalize(r.prompt) for r in rows]
+        keys = [signed(int(prompt_id(t), 16)) for t in texts]
+        if self.normalised:
+            self._normalised.prefetch(keys)
+        if self.minhash is not None:
+            self.minhash.prepare(texts)
         for i, r in enumerate(rows):
             found = None
             if self.normalised:
-                key = prompt_id(normalize(r.prompt))
-                if key in self._normalised:
-                    found = ("normalised", self._normalised[key], "equal after normalising")
+                first = self._normalised.get(keys[i])
+                if first is not None:
+                    found = ("normalised", first, "equal after normalising")
                 else:
-                    self._normalised[key] = (r.prompt_id, r.source_row)
+                    self._normalised.setdefault(keys[i], (r.prompt_id, r.source_row))
             if found is None and self.minhash is not None:
-                hit = self.minhash.find(normalize(r.prompt), (r.prompt_id, r.source_row))
+                hit = self.minhash.find_at(i, (r.prompt_id, r.source_row))
                 if hit is not None:
                     found = ("minhash", hit[0], f"MinHash Jaccard {hit[1]:.2f} >= {self.minhash.threshold:g}")
             if found is None and self.semantic is not None and vectors is not None:
@@ -126,6 +134,10 @@ class Screen:
             extra = tuple(c for c in r.categories if c not in late.get(first_id, ()))
             if extra:
                 late[first_id] = late.get(first_id, ()) + extra
+        if self.normalised:
+            self._normalised.flush()
+        if self.minhash is not None:
+            self.minhash.flush()
         return kept
 
     def _semantic(self, r: PromptRow, v: np.ndarray):
