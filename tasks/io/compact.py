@@ -14,12 +14,16 @@ compact files and the parts left outside any group, so `datasets` reads every ro
 from __future__ import annotations
 
 import hashlib
+import logging
 import posixpath
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from dafactory.tasks.io.schemas import TABLES
-from dafactory.tasks.io.storage import DatasetDir, part_key, part_name, write_parquet
+from dafactory.tasks.io.storage import DatasetDir, part_key, part_name
+
+log = logging.getLogger(__name__)
 
 PREFIX = "compact-"
 
@@ -57,7 +61,7 @@ def groups(files: dict[str, list[str]], order: dict[str, int], size: int) -> dic
 
 def write_compacts(ds: DatasetDir, grouped: dict[str, list[list[str]]]) -> dict[str, str]:
     """Write each group's compact file unless it is already there (one listing per table); groups are
-    read and written concurrently. Returns part path -> compact path, both paths in the dataset."""
+    written concurrently. Returns part path -> compact path, both paths in the dataset."""
     todo, member_of = [], {}
     for table, found in grouped.items():
         there = {e["name"] for e in ds.listing(table)} if found else set()
@@ -66,14 +70,77 @@ def write_compacts(ds: DatasetDir, grouped: dict[str, list[list[str]]]) -> dict[
             member_of |= {m: path for m in members}
             if posixpath.basename(path) not in there:
                 todo.append((table, path, members))
-
-    def one(job):
-        table, path, members = job
-        data = pa.concat_tables([_read(ds, m) for m in members]).cast(TABLES[table])
-        ds._put(ds._inside(path), lambda f: write_parquet(data, f))
-
-    ds.concurrently(one, todo)
+    ds.concurrently(lambda job: write_group(ds, *job), todo)
     return member_of
+
+
+def write_group(ds: DatasetDir, table: str, path: str, members: list[str]) -> None:
+    """One compact file: its members' rows in order, a row group per member with rows, read one member at
+    a time (memory: one part, whatever the group's size)."""
+    schema = TABLES[table]
+
+    def write(f):
+        with pq.ParquetWriter(f, schema, compression="zstd") as writer:
+            for member in members:
+                data = _read(ds, member)
+                if data.num_rows:
+                    writer.write_table(data.cast(schema))
+
+    ds._put(ds._inside(path), write)
+
+
+class Compactor:
+    """Compaction during the build: a group's compact files are written on one background thread as soon
+    as every shard of the group is written (or resumed), so that finalize finds them there and only the
+    last groups wait. Only an optimisation: finalize compacts whatever it lists that is not there yet
+    (a failed shard's group, another run's parts), and a compact file's name is its members'."""
+
+    def __init__(self, ds: DatasetDir, shards: list, tables: list[str], size: int):
+        from concurrent.futures import ThreadPoolExecutor
+
+        # every shard writes a part of each table but the quarantine (none when empty): finalize does that one
+        self.ds, self.size, self.tables = ds, size, [*(t for t in tables if t != "quarantine"), "prompts"]
+        self.shards = shards  # ShardRef in plan order
+        self.active = size >= 1 and len(shards) > size
+        self.pos = {s.shard_id: i for i, s in enumerate(shards)}
+        self.parts: dict[int, str] = {}
+        self.left = {g: min(size, len(shards) - g * size) for g in range(0, -(-len(shards) // max(size, 1)))}
+        self.there = {t: {e["name"] for e in ds.listing(t)} for t in self.tables} if self.active else {}
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="compact") if self.active else None
+        self.futures: list = []
+
+    def done(self, shard_id: str, part: str) -> None:
+        """A shard's parts are written under this name (this run's, or the resumed ones)."""
+        i = self.pos.get(shard_id)
+        if not self.active or i is None or i in self.parts:
+            return
+        self.parts[i] = part
+        g = i // self.size
+        self.left[g] -= 1
+        if self.left[g] or min(self.size, len(self.shards) - g * self.size) < 2:
+            return
+        span = range(g * self.size, min((g + 1) * self.size, len(self.shards)))
+        for table in self.tables:
+            names = [self.shards[p].part if table == "prompts" else self.parts[p] for p in span]
+            members = [f"{table}/part-{n}.parquet" for n in names]
+            path = compact_path(table, members)
+            if posixpath.basename(path) not in self.there[table]:
+                self.futures.append(self.pool.submit(write_group, self.ds, table, path, members))
+
+    def wait(self) -> int:
+        """Wait for the compactions in flight; returns how many were written. One that failed is left to
+        finalize (logged here)."""
+        if self.pool is None:
+            return 0
+        written = 0
+        for f in self.futures:
+            try:
+                f.result()
+                written += 1
+            except Exception as exc:  # finalize writes it again
+                log.warning("compaction during the build failed (finalize retries it): %s", exc)
+        self.pool.shutdown()
+        return written
 
 
 def _read(ds: DatasetDir, rel: str) -> pa.Table:

@@ -296,8 +296,13 @@ class DatasetDir:
             return
         self.fs.makedirs(posixpath.dirname(final), exist_ok=True)
         tmp = final + f".tmp-{uuid.uuid4().hex[:8]}"
-        with self.fs.open(tmp, "wb") as f:
-            write(f)
+        try:
+            with self.fs.open(tmp, "wb") as f:
+                write(f)
+        except BaseException:
+            if self.fs.exists(tmp):  # a write that failed leaves nothing (a kill leaves it to vacuum)
+                self.fs.rm(tmp)
+            raise
         self.fs.mv(tmp, final)
 
     def write_bytes(self, rel: str, data: bytes) -> None:

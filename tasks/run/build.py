@@ -25,7 +25,7 @@ from prefect.exceptions import TerminationSignal
 from dafactory.tasks.config import RunConfig
 from dafactory.tasks.errors import UserError
 from dafactory.tasks.generate.error_rate import ErrorBudget, TooManyErrors
-from dafactory.tasks.io.compact import groups, reader_files, write_compacts
+from dafactory.tasks.io.compact import Compactor, groups, reader_files, write_compacts
 from dafactory.tasks.io.commit import clear_rebuild, commit, vacuum, write_pointer_file
 from dafactory.tasks.io.manifest import CARD, artifact_key, build_manifest, code_version, dataset_card, summary_rows
 from dafactory.tasks.io.prompts import PromptSet, iter_prompts, source_path
@@ -167,14 +167,23 @@ def build_shards(config: RunConfig, ds: DatasetDir, plan: Plan, recipe: Recipe) 
         return report
     progress = create_progress_artifact(0.0, key=artifact_key(config.dataset, f"{recipe.name}-progress"),
                                         description=f"shards of {ds.uri}")
+    # groups of shards compacted for readers while the build goes on (finalize does the rest)
+    compactor = Compactor(ds, plan.shards, recipe.tables, config.compact_shards)
+    for sid, stats in done.items():
+        compactor.done(sid, stats["part"])
     report["gpu_slot"] = {}
-    with gpu_slot(config.gpu_slot_timeout_s, report["gpu_slot"]):
-        _run_stages(config, ds, pending, recipe, report, progress, budget)
+    try:
+        with gpu_slot(config.gpu_slot_timeout_s, report["gpu_slot"]):
+            _run_stages(config, ds, pending, recipe, report, progress, budget, compactor)
+    finally:
+        t0 = time.perf_counter()
+        report["compacted_in_build"] = compactor.wait()
+        report["seconds"]["compact_wait"] = time.perf_counter() - t0
     return report
 
 
 def _run_stages(config: RunConfig, ds: DatasetDir, pending: list[ShardRef], recipe: Recipe, report: dict,
-                progress, budget: ErrorBudget) -> None:
+                progress, budget: ErrorBudget, compactor: Compactor) -> None:
     """Start the recipe's actors, stream the pending shards through them, stop them. The run stops early
     when its generation errors so far break `max_error_rate` (`budget`)."""
     logger = get_run_logger()
@@ -209,6 +218,7 @@ def _run_stages(config: RunConfig, ds: DatasetDir, pending: list[ShardRef], reci
                 handed_back.append(result["shard_id"])
                 stats = writer(result)
             report["stats"][stats["shard_id"]] = stats
+            compactor.done(stats["shard_id"], stats["part"])
             budget.add_stats(stats)
             failpoint("shard")
             report["built"] += 1
