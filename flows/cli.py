@@ -431,6 +431,19 @@ def cmd_vacuum(args) -> int:
     return 0
 
 
+def cmd_push(args) -> int:
+    """Publish the current version to the Hugging Face Hub as one commit (see tasks/io/push.py)."""
+    from dafactory.tasks.io.push import push
+
+    ds = _dataset(args.path)
+    lines = push(ds, args.repo_id, private=args.private, revision=args.revision, dry_run=args.dry_run)
+    for line in lines:
+        print(("would " if args.dry_run else "") + line)
+    if not args.dry_run:
+        print(f"pushed {ds.uri} to https://huggingface.co/datasets/{args.repo_id}")
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dafactory", description="Data factory for LLM safety alignment.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -464,6 +477,14 @@ def parser() -> argparse.ArgumentParser:
     i.add_argument("--version", type=int, default=None,
                    help="compare this earlier version (kept in _versions/) with the current one")
     i.set_defaults(func=cmd_inspect)
+    pu = sub.add_parser("push", help="publish the current version (card, manifest, the files the card lists) "
+                        "to the Hugging Face Hub as one commit; refuses a folder that does not verify")
+    pu.add_argument("path", help="dataset folder (local path or s3://...)")
+    pu.add_argument("repo_id", help="Hub dataset repository, e.g. my-org/nightly-pairs")
+    pu.add_argument("--private", action="store_true", help="create the repository private")
+    pu.add_argument("--revision", default=None, help="branch to commit to (created if missing; default main)")
+    pu.add_argument("--dry-run", action="store_true", help="print the exact operations; upload nothing")
+    pu.set_defaults(func=cmd_push)
     v = sub.add_parser("verify", help="check that every input row is accounted for, from the files alone "
                        "(exit 0 ok, 1 mismatch, 3 ok but incomplete)")
     v.add_argument("path")

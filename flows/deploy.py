@@ -115,9 +115,53 @@ def add_registry_choices(definitions: dict[str, Any]) -> None:
             raise AssertionError(f"{model.__name__}.{field} is not a string or a list of strings in the schema")
 
 
+# Fields of classes the flows share that only distill uses: not on the other flows' forms. The schemas
+# forbid extra fields, so the server refuses a run that sends one of them too.
+DISTILL_ONLY = {"SamplingConfig": ["reasoning_budget", "answer_budget"], "ScorerConfig": ["reads"]}
+NOT_ON_FORM = {"preference": DISTILL_ONLY, "evaluate": DISTILL_ONLY, "distill": {}}
+
+
+def drop_fields(definitions: dict[str, Any], fields: dict[str, list[str]]) -> None:
+    """Take fields off a flow's form: out of their class's schema, its required list and its positions."""
+    for name, names in fields.items():
+        definition = definitions.get(name)
+        if definition is None:
+            continue
+        for field in names:
+            definition["properties"].pop(field, None)
+        if "required" in definition:
+            definition["required"] = [f for f in definition["required"] if f not in names]
+        ordered = sorted(definition["properties"].values(), key=lambda p: p.get("position", 0))
+        for i, prop in enumerate(ordered):
+            if "position" in prop:
+                prop["position"] = i
+
+
+def form_values(config: BaseModel, fields: dict[str, list[str]]) -> dict:
+    """The config as the deployment's parameters: without the fields its form does not have (the server
+    validates the parameters against the form's schema)."""
+
+    def exclude(model: BaseModel) -> dict:
+        out: dict = {}
+        for name in type(model).model_fields:
+            value = getattr(model, name)
+            if name in fields.get(type(model).__name__, []):
+                out[name] = True
+            elif isinstance(value, BaseModel) and (sub := exclude(value)):
+                out[name] = sub
+            elif isinstance(value, list):
+                items = {i: sub for i, v in enumerate(value) if isinstance(v, BaseModel) and (sub := exclude(v))}
+                if items:
+                    out[name] = items
+        return out
+
+    return config.model_dump(mode="json", exclude=exclude(config))
+
+
 def deployment(spec: DeploymentSpec, base_dir: Path) -> Any:
     """A served deployment whose default parameters are the validated config."""
     from prefect.schedules import Cron
+    from prefect.types.entrypoint import EntrypointType
 
     config_path = None if spec.config is None else str((base_dir / spec.config).resolve())
     config = build_config(CONFIGS[spec.flow], config_path, spec.overrides)
@@ -125,14 +169,17 @@ def deployment(spec: DeploymentSpec, base_dir: Path) -> Any:
     served = flow_of(spec.flow).to_deployment(
         name=spec.name,
         schedules=[Cron(spec.cron, timezone=spec.timezone)] if spec.cron else None,
-        parameters={"config": config.model_dump(mode="json")},
+        parameters={"config": form_values(config, NOT_ON_FORM[spec.flow])},
         description=spec.description or f"{spec.flow} build of {config.dataset}",
         tags=["dafactory", spec.flow],
         enforce_parameter_schema=True,
+        # the installed module (dafactory.flows.preference.preference), wherever `serve` was started
+        entrypoint_type=EntrypointType.MODULE_PATH,
     )
     # Prefect built the schema from the flow's signature (this deployment's own copy); it is what the
     # server validates runs against and the UI renders.
     add_registry_choices(served._parameter_openapi_schema.definitions)
+    drop_fields(served._parameter_openapi_schema.definitions, NOT_ON_FORM[spec.flow])
     return served
 
 

@@ -105,11 +105,14 @@ def check_run_form(schema: dict) -> None:
         positions = sorted(p["position"] for p in definition["properties"].values())
         assert positions == list(range(len(definition["properties"])))
     assert form_fields(defs["ModelConfig"])[:3] == ["model", "revision", "backend"]
-    assert form_fields(defs["SamplingConfig"]) == ["temperature", "top_p", "top_k", "max_new_tokens", "seed",
-                                                 "reasoning_budget", "answer_budget"]
+    # one form per flow: the reasoning budget and what a judge reads are distill's alone
+    budget = ["reasoning_budget", "answer_budget"] if name == "DistillConfig" else []
+    assert form_fields(defs["SamplingConfig"]) == ["temperature", "top_p", "top_k", "max_new_tokens", "seed", *budget]
     assert defs["ModelConfig"]["properties"]["backend"]["enum"] == ["fake", "hf", "vllm"]
     assert defs["ScorerConfig"]["properties"]["name"]["enum"] == SCORER_NAMES
-    assert defs["ScorerConfig"]["properties"]["reads"]["items"]["enum"] == ["full", "answer", "reasoning"]
+    assert ("reads" in form_fields(defs["ScorerConfig"])) == (name == "DistillConfig")
+    if name == "DistillConfig":
+        assert defs["ScorerConfig"]["properties"]["reads"]["items"]["enum"] == ["full", "answer", "reasoning"]
     if name == "PreferenceConfig":
         sel = defs["SelectionConfig"]["properties"]
         assert form_fields(defs["SelectionConfig"]) == ["strategy", "scorer", "direction", "pairs", "judge",

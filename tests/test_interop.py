@@ -156,3 +156,36 @@ def test_sft_trains_one_step_on_forced_close_rows(built, tiny_models, tmp_path):
     sft = SFTTrainer(model=AutoModelForCausalLM.from_pretrained(tiny_models["lm"]), processing_class=tok, args=args,
                      train_dataset=forced)
     assert sft.train().global_step == 1
+
+
+def test_push_dry_run_names_exactly_the_cards_files_and_refuses_a_folder_that_does_not_verify(built, tmp_path,
+                                                                                               capsys):
+    """`dafactory push --dry-run` (no network): the card, the manifest and every file the card lists, with
+    their sizes, in one commit; those files alone load every row of the version. A folder with a listed
+    file gone is refused. (The live upload needs the Hub and a token: not run here.)"""
+    import os
+    import shutil
+
+    import datasets
+    import yaml
+
+    from dafactory.flows.cli import main
+
+    ds, manifest = built["pref"]
+    assert main(["push", ds.root, "me/pairs", "--dry-run"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    front = yaml.safe_load((ds.fs.open(ds._path("README.md")).read()).decode().split("---\n")[1])
+    listed = [p for c in front["configs"] for p in c["data_files"][0]["path"]]
+    assert out[0] == "would create_repo me/pairs (repo_type=dataset, private=False, exist_ok=True)"
+    assert out[1:-2] == [f"would add {f} ({os.path.getsize(ds._path(f))} bytes)"
+                         for f in ["README.md", "manifest.json", *listed]]
+    assert out[-1].startswith(f"would create_commit me/pairs@main: 'dafactory: pref version {manifest['version']} "
+                              f"(config {manifest['fingerprint']})' ({len(listed) + 2} files, ")
+    pairs = [ds._path(f) for f in listed if f.startswith("pairs/")]
+    assert len(datasets.load_dataset("parquet", data_files=pairs, split="train")) == manifest["tables"]["pairs"]["rows"]
+
+    broken = tmp_path / "broken"
+    shutil.copytree(ds.root, broken)
+    (broken / listed[0]).unlink()
+    assert main(["push", str(broken), "me/pairs", "--dry-run"]) == 2
+    assert "refusing to push" in capsys.readouterr().err

@@ -109,9 +109,57 @@ def test_a_run_triggered_like_the_ui_completes_with_its_artifacts(served):
     assert final.state.is_completed(), final.state
     manifest = json.loads((served["work"] / "out" / "from-ui" / "manifest.json").read_text())
     assert manifest["tables"]["candidates"]["rows"] == 4 * 3
-    keys = {a.key for a in client.read_artifacts(artifact_filter=ArtifactFilter(
+    artifacts = {a.key: a for a in client.read_artifacts(artifact_filter=ArtifactFilter(
         flow_run_id=ArtifactFilterFlowRunId(any_=[run.id])))}
-    assert {"from-ui-preference-summary", "from-ui-preference-progress"} <= keys  # the dataset names them
+    ours = {"from-ui-preference-summary", "from-ui-preference-progress", "from-ui-preference-sample-rows"}
+    assert ours <= set(artifacts)  # the dataset names them
+    assert all(artifacts[k].task_run_id is None for k in ours)  # the flow run's: the UI's Artifacts tab shows it
+    assert final.name == "preference-from-ui"  # no name given: the flow and the dataset
+    assert client.read_deployment(dep.id).entrypoint == "dafactory.flows.preference.preference"  # the module
+
+
+def test_a_partial_run_gets_the_deployments_other_fields_keeps_its_name_and_shows_sample_rows(served):
+    import re
+
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    from dafactory.tasks.io.samples import sample_rows
+    from dafactory.tasks.io.storage import DatasetDir
+
+    client, dep = served["client"], served["deployment"]
+    sent = {"config": {"dataset": "partial", "n": 3}}  # what an automation or `--param` sends
+    run = client.create_flow_run_from_deployment(dep.id, parameters=sent, name="rerun after the fix")
+    final = wait_for(lambda: (r := client.read_flow_run(run.id)).state.is_final() and r, 240, "the flow run")
+    assert final.state.is_completed(), final.state
+    assert final.parameters == sent and final.name == "rerun after the fix"  # stored as sent, named as typed
+    manifest = json.loads((served["work"] / "out" / "partial" / "manifest.json").read_text())
+    given, deployed = manifest["config"], dep.parameters["config"]
+    assert (given["n"], given["dataset"]) == (3, "partial")
+    for field in ("output", "prompts", "student", "scoring", "shard_size"):  # the rest: the deployment's
+        assert given[field] == deployed[field], field
+    assert manifest["tables"]["candidates"]["rows"] == 4 * 3
+    artifact = next(a for a in client.read_artifacts(artifact_filter=ArtifactFilter(
+        flow_run_id=ArtifactFilterFlowRunId(any_=[run.id]))) if a.key == "partial-preference-sample-rows")
+    ds = DatasetDir(str(served["work"] / "out"), "partial")
+    pairs = {m[-1]["content"] for m in ds.read_table("pairs").column("prompt").to_pylist()}
+    shown = re.findall(r"^- \*\*Prompt:\*\* (.*)$", artifact.data, flags=re.M)
+    assert len(shown) == min(3, len(pairs)) and set(shown) <= pairs  # rows of the table, as written
+    assert artifact.data == sample_rows(ds, ds.read_manifest())  # seeded: the same build, the same rows
+
+
+def test_a_user_error_is_one_line_in_the_runs_logs(served):
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+    client, dep = served["client"], served["deployment"]
+    missing = str(served["work"] / "no-such-file.jsonl")
+    run = client.create_flow_run_from_deployment(dep.id, parameters={"config": {"dataset": "bad",
+                                                                                "prompts": {"path": missing}}})
+    final = wait_for(lambda: (r := client.read_flow_run(run.id)).state.is_final() and r, 240, "the flow run")
+    assert final.state.is_failed() and "UserError" in final.state.message, final.state
+    logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run.id])))
+    errors = [log.message for log in logs if log.level >= 40]
+    assert len(errors) == 1 and missing in errors[0], errors
+    assert not any("Traceback" in log.message for log in logs)
 
 
 def test_invalid_parameters_are_rejected_by_the_server(served):

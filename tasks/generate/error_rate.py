@@ -39,6 +39,8 @@ class TooManyErrors(RuntimeError):
     shards stay written, and those with errors are built again by the next run). Carries the counts, so
     that a shard given up after its retries still counts in the run's rate (it pickles through Ray)."""
 
+    one_line = True  # an outcome with its counts in the message; the traceback says nothing more
+
     def __init__(self, message: str, prompts: int = 0, errors: dict | None = None, first: str | None = None):
         super().__init__(message, prompts, errors or {}, first)
         self.message, self.prompts, self.errors, self.first = message, prompts, errors or {}, first

@@ -98,7 +98,11 @@ def redact(obj: Any) -> Any:
 
 
 def redact_record(record: logging.LogRecord) -> None:
-    """Mask a record in place: its message formatted once and redacted, and its traceback text."""
+    """Mask a record in place: its message formatted once and redacted, and its traceback text. A record
+    of an error that is the user's (UserError, StorageError, too many generation errors: their class
+    says `one_line`) loses its traceback: its message says it all, and a bug keeps its traceback."""
+    if record.exc_info and getattr(type(record.exc_info[1]), "one_line", False):
+        _one_line(record)
     if record.args is None and record.msg is getattr(record, "_redacted_msg", None):
         return  # already masked, and not rebuilt since (makeLogRecord updates a made record)
     try:
@@ -115,6 +119,24 @@ def redact_record(record: logging.LogRecord) -> None:
     if record.stack_info:
         record.stack_info = redact_text(record.stack_info)
     record._redacted_msg = record.msg
+
+
+_LOGGED: dict[int, BaseException] = {}  # user errors already logged as errors (the last few, held alive)
+
+
+def _one_line(record: logging.LogRecord) -> None:
+    """A user's error: no traceback, and an error line only the first time it is logged (a task, its flow
+    and Prefect's engine each log the same exception as it goes up: one error line, the others info)."""
+    exc = record.exc_info[1]
+    record.exc_info = record.exc_text = None
+    if record.levelno < logging.ERROR:
+        return
+    if id(exc) in _LOGGED and _LOGGED[id(exc)] is exc:
+        record.levelno, record.levelname = logging.INFO, logging.getLevelName(logging.INFO)
+        return
+    if len(_LOGGED) >= 64:
+        _LOGGED.pop(next(iter(_LOGGED)))
+    _LOGGED[id(exc)] = exc
 
 
 class RedactingFilter(logging.Filter):

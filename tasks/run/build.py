@@ -18,18 +18,24 @@ from typing import Callable
 
 import fsspec
 from prefect import get_run_logger, task
-from prefect.artifacts import create_progress_artifact, create_table_artifact, update_progress_artifact
+from prefect.artifacts import (
+    create_markdown_artifact,
+    create_progress_artifact,
+    create_table_artifact,
+    update_progress_artifact,
+)
 from prefect.cache_policies import NONE
 from prefect.exceptions import TerminationSignal
 
 from dafactory.tasks.config import RunConfig
-from dafactory.tasks.errors import UserError
+from dafactory.tasks.errors import UserError, first_line
 from dafactory.tasks.generate.error_rate import ErrorBudget, TooManyErrors
 from dafactory.tasks.io.compact import Compactor, groups, reader_files, write_compacts
 from dafactory.tasks.io.commit import clear_rebuild, commit, vacuum, write_pointer_file
 from dafactory.tasks.io.manifest import CARD, artifact_key, build_manifest, code_version, dataset_card, summary_rows
 from dafactory.tasks.io.prompts import PromptSet, iter_prompts, source_path
 from dafactory.tasks.io.redact import redact
+from dafactory.tasks.io.samples import sample_rows
 from dafactory.tasks.io.schemas import TABLES
 from dafactory.tasks.io.storage import (
     REBUILD,
@@ -145,7 +151,7 @@ def not_user_error(task, task_run, state) -> bool:
 
 
 @task(cache_policy=NONE, retry_delay_seconds=5, retry_condition_fn=not_user_error)
-def build_shards(config: RunConfig, ds: DatasetDir, plan: Plan, recipe: Recipe) -> dict:
+def build_shards(config: RunConfig, ds: DatasetDir, plan: Plan, recipe: Recipe, progress=None) -> dict:
     """Run every shard not yet written through the recipe's Ray stages; stage each as it finishes.
     A stop (Ctrl-C, SIGTERM) keeps what is written and returns; shards that keep failing are listed."""
     logger = get_run_logger()
@@ -165,8 +171,6 @@ def build_shards(config: RunConfig, ds: DatasetDir, plan: Plan, recipe: Recipe) 
         report["error_rate"] = budget.message()
     if not pending or budget.exceeded():
         return report
-    progress = create_progress_artifact(0.0, key=artifact_key(config.dataset, f"{recipe.name}-progress"),
-                                        description=f"shards of {ds.uri}")
     # groups of shards compacted for readers while the build goes on (finalize does the rest)
     compactor = Compactor(ds, plan.shards, recipe.tables, config.compact_shards)
     for sid, stats in done.items():
@@ -228,7 +232,8 @@ def _run_stages(config: RunConfig, ds: DatasetDir, pending: list[ShardRef], reci
             logger.info("shard %d/%d written: %s (%.1f samples/s)", report["built"], len(pending),
                         ", ".join(f"{k} {v}" for k, v in stats["rows"].items() if k != "quarantine"),
                         rows / (time.perf_counter() - t1))
-            update_progress_artifact(progress, 100.0 * report["built"] / len(pending))
+            if progress is not None:  # the flow run's artifact (build_dataset made it)
+                update_progress_artifact(progress, 100.0 * report["built"] / len(pending))
             if budget.exceeded():
                 raise budget.error()
 
@@ -350,10 +355,6 @@ def finalize(
     removed = vacuum(ds, list(TABLES), config.keep_versions, config.retention_hours)
     logger.info("version %d committed; vacuum removed %d files and %d versions older than %gh that no kept "
                 "version lists", manifest["version"], removed["files"], removed["versions"], config.retention_hours)
-    create_table_artifact(
-        redact(summary_rows(manifest)), key=artifact_key(config.dataset, f"{recipe.name}-summary"),
-        description=f"{recipe.name} dataset {ds.uri}"
-    )
     return manifest
 
 
@@ -386,14 +387,37 @@ def build_dataset(
                 logger.warning("the cached plan's shards are not in %s any more: planning again", ds.uri)
                 plan = planned.with_options(refresh_cache=True)(config, ds, recipe.salt, screen, load)
             t1 = time.perf_counter()
+            # the run's artifacts belong to the flow run (the UI's Artifacts tab), not to a task run
+            progress = create_progress_artifact(0.0, key=artifact_key(config.dataset, f"{recipe.name}-progress"),
+                                                description=f"shards of {ds.uri}")
             with ray_session(config.ray):  # else Ray starts here (the CLI's early start overlaps the plan)
-                report = build_shards.with_options(retries=config.retries)(config, ds, plan, recipe)
+                report = build_shards.with_options(retries=config.retries)(config, ds, plan, recipe, progress)
+        if not (report["failed"] or report["stopped"] or report.get("error_rate")):
+            update_progress_artifact(progress, 100.0)  # every shard is done, resumed ones too
         timings = {"prepare": round(t1 - t0, 3), "build": round(time.perf_counter() - t1, 3)}
-        return conclude(finalize(config, ds, plan, report, timings, recipe, models), report, ds.uri)
+        manifest = finalize(config, ds, plan, report, timings, recipe, models)
+        if "rebuild" not in manifest:  # this run committed it
+            publish_artifacts(config.dataset, recipe.name, ds, manifest)
+        return conclude(manifest, report, ds.uri)
+
+
+def publish_artifacts(dataset: str, flow: str, ds: DatasetDir, manifest: dict) -> None:
+    """The committed version's summary table and sample rows, as the flow run's artifacts."""
+    create_table_artifact(redact(summary_rows(manifest)), key=artifact_key(dataset, f"{flow}-summary"),
+                          description=f"{flow} dataset {ds.uri}")
+    try:
+        rows = sample_rows(ds, manifest)
+    except Exception as exc:  # noqa: BLE001 - a view of the data never fails a build that committed
+        get_run_logger().warning("no sample-rows artifact: %s", first_line(exc))
+        return
+    create_markdown_artifact(rows, key=artifact_key(dataset, f"{flow}-sample-rows"),
+                             description=f"sample rows of {ds.uri}, version {manifest['version']}")
 
 
 class ShardsFailed(Exception):
     """Some shards failed after their retries; the manifest (marked incomplete) lists them."""
+
+    one_line = True
 
 
 def conclude(manifest: dict, report: dict, uri: str) -> dict:
