@@ -123,7 +123,7 @@ def test_a_partial_run_gets_the_deployments_other_fields_keeps_its_name_and_show
 
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
 
-    from dafactory.tasks.io.samples import sample_rows
+    from dafactory.tasks.run.samples import sample_rows
     from dafactory.tasks.io.storage import DatasetDir
 
     client, dep = served["client"], served["deployment"]

@@ -35,7 +35,6 @@ from dafactory.tasks.io.commit import clear_rebuild, commit, vacuum, write_point
 from dafactory.tasks.io.manifest import CARD, artifact_key, build_manifest, code_version, dataset_card, summary_rows
 from dafactory.tasks.io.prompts import PromptSet, iter_prompts, source_path
 from dafactory.tasks.io.redact import redact
-from dafactory.tasks.io.samples import sample_rows
 from dafactory.tasks.io.schemas import TABLES
 from dafactory.tasks.io.storage import (
     REBUILD,
@@ -49,6 +48,7 @@ from dafactory.tasks.io.storage import (
 )
 from dafactory.tasks.run.control import gpu_slot, sigterm_stops, stop_in
 from dafactory.tasks.run.planner import Plan, Planner
+from dafactory.tasks.run.samples import sample_rows
 from dafactory.tasks.run.scheduler import stream, worker_error
 from dafactory.tasks.run.session import gc_frozen, ray_session
 from dafactory.tasks.run.stages import StageSpec, kill_stages, start_stages
