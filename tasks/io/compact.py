@@ -17,7 +17,6 @@ import hashlib
 import logging
 import posixpath
 
-import pyarrow as pa
 import pyarrow.parquet as pq
 
 from dafactory.tasks.io.schemas import TABLES
@@ -82,7 +81,7 @@ def write_group(ds: DatasetDir, table: str, path: str, members: list[str]) -> No
     def write(f):
         with pq.ParquetWriter(f, schema, compression="zstd") as writer:
             for member in members:
-                data = _read(ds, member)
+                data = ds.read_file(ds._inside(member))
                 if data.num_rows:
                     writer.write_table(data.cast(schema))
 
@@ -141,14 +140,6 @@ class Compactor:
                 log.warning("compaction during the build failed (finalize retries it): %s", exc)
         self.pool.shutdown()
         return written
-
-
-def _read(ds: DatasetDir, rel: str) -> pa.Table:
-    def read():
-        with ds.parquet(ds._inside(rel)) as pf:
-            return pf.read(use_threads=False).replace_schema_metadata(None)
-
-    return ds._retry(f"read {rel}", read)
 
 
 def reader_files(files: dict[str, list[str]], compact: dict[str, str]) -> dict[str, list[str]]:

@@ -28,9 +28,8 @@ class Upload:
     size: int
 
 
-def card_files(ds: DatasetDir) -> list[str]:
-    """Every data file the folder's dataset card lists (paths in the dataset), in the card's order."""
-    text = ds.fs.cat(ds._path(CARD)).decode()
+def card_files(text: str) -> list[str]:
+    """Every data file a dataset card lists (paths in the dataset), in the card's order."""
     front = yaml.safe_load(text.split("---\n")[1]) if text.startswith("---\n") else {}
     out: list[str] = []
     for config in (front or {}).get("configs", []):
@@ -49,11 +48,11 @@ def plan_push(ds: DatasetDir) -> tuple[dict, list[Upload]]:
         why = "; ".join(verdict.problems[:2]) or f"its current version is {verdict.status}"
         raise UserError(f"refusing to push {ds.uri}: `dafactory verify` does not pass ({why})")
     manifest = ds.read_manifest()
-    card_version = f"version {manifest['version']},"
-    if card_version not in ds.fs.cat(ds._path(CARD)).decode():
+    card = ds.fs.cat(ds._path(CARD)).decode()
+    if f"version {manifest['version']}," not in card:
         raise UserError(f"refusing to push {ds.uri}: its dataset card is not version {manifest['version']}'s; "
                         "re-run the build to rewrite it")
-    rels = [CARD, MANIFEST, *card_files(ds)]
+    rels = [CARD, MANIFEST, *card_files(card)]
     sizes = ds.concurrently(lambda rel: ds.fs.size(ds._inside(rel)), rels)
     return manifest, [Upload(rel, ds._inside(rel), size) for rel, size in zip(rels, sizes)]
 

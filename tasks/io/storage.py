@@ -408,10 +408,10 @@ class DatasetDir:
 
     def read_file(self, path: str) -> pa.Table:
         def read():
-            with self.fs.open(path, "rb") as f:
+            with self.parquet(path) as pf:
                 # use_threads=False: pyarrow 26 reading from Python file objects with threads can abort the
                 # process at exit ("terminate called without an active exception"); parts are small.
-                return pq.read_table(f, use_threads=False).replace_schema_metadata(None)
+                return pf.read(use_threads=False).replace_schema_metadata(None)
 
         return self._retry(f"read {posixpath.relpath(path, self.root)}", read)
 

@@ -40,16 +40,17 @@ def _parts(ds: DatasetDir, manifest: dict, table: str, rng: random.Random) -> li
     return files
 
 
-def _rows(ds: DatasetDir, manifest: dict, table: str, seed: int, want: int, columns=None) -> list[dict]:
-    """About `want` rows of a table, from parts in a seeded order, then a seeded sample of them."""
+def _rows(ds: DatasetDir, manifest: dict, table: str, seed: int, want: int | None, columns=None) -> list[dict]:
+    """`want` rows of a table (None: every row of the parts read), from up to 16 parts in a seeded order,
+    then a seeded sample of them."""
     rng = random.Random(f"{seed}-{table}")
     found: list[dict] = []
     for i, rel in enumerate(_parts(ds, manifest, table, rng)):
-        if len(found) >= 4 * want or i >= 16:
+        if (want is not None and len(found) >= 4 * want) or i >= 16:
             break
         with ds.parquet(ds._inside(rel)) as pf:
             found += pf.read(columns=columns, use_threads=False).to_pylist()
-    return rng.sample(found, min(want, len(found)))
+    return rng.sample(found, len(found) if want is None else min(want, len(found)))
 
 
 def _one_per(ds: DatasetDir, manifest: dict, table: str, key: str, seed: int) -> Iterator[dict]:
@@ -131,7 +132,7 @@ def evaluate(ds: DatasetDir, manifest: dict, seed: int) -> list[str]:
     from dafactory.tasks.score.selection import NAMED
     from dafactory.tasks.score.strategies import choose
 
-    cands = [c for c in _rows(ds, manifest, "eval_candidates", seed, 10**9) if c["correct"] is None]
+    cands = [c for c in _rows(ds, manifest, "eval_candidates", seed, None) if c["correct"] is None]
     groups: dict[str, list[dict]] = {}
     for c in cands:
         groups.setdefault(c["prompt_id"], []).append(c)

@@ -49,8 +49,8 @@ class MinHasher:
 
 
 class NearDuplicateIndex:
-    """First occurrence kept, over a whole stream: `find(text)` returns (the key of the earlier kept prompt
-    it duplicates, the estimated Jaccard similarity), or registers it under `key` and returns None. The
+    """First occurrence kept, over a whole stream: `find_at(i, key)` returns (the key of the earlier kept
+    prompt text i duplicates, the estimated Jaccard similarity), or registers it under `key` and returns None. The
     kept prompts' band keys and signatures are on local disk (spill.py), so memory stays flat over any
     input; a batch is looked up at once: `prepare(texts)`, then `find_at(i, key)` in order, then `flush()`."""
 
@@ -99,13 +99,6 @@ class NearDuplicateIndex:
         self.buckets.flush()
         self.kept.add(self._new)
         self._batch, self._candidates, self._new = [], {}, []
-
-    def find(self, text: str, key) -> tuple[object, float] | None:
-        self.prepare([text])
-        try:
-            return self.find_at(0, key)
-        finally:
-            self.flush()
 
 
 def _key(text: str):

@@ -106,7 +106,7 @@ class Screen:
     def _dedup(self, rows, vectors, quarantine, late) -> list[PromptRow]:
         kept = []
         texts = [normalize(r.prompt) for r in rows]
-        keys = [signed(int(prompt_id(t), 16)) for t in texts]
+        keys = [signed(int(prompt_id(t), 16)) for t in texts] if self.normalised else []
         if self.normalised:
             self._normalised.prefetch(keys)
         if self.minhash is not None:
