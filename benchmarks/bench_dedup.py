@@ -93,7 +93,7 @@ def main() -> None:
         screen.encode, screen.encoder_name = enc.encode, enc.name
     t1 = time.perf_counter()
     print(f"encoder load + StrongREJECT embeddings: {t1 - t0:.1f} s; RSS {rss_mb():.0f} MB")
-    late, planted, dup_hits, rew_hits, extra, peak = {}, [0, 0], 0, 0, 0, 0.0
+    late, planted, dup_hits, rew_hits, extra, peak, at_100k = {}, [0, 0], 0, 0, 0, 0.0, None
     for lo, texts, dups, reworded in synthetic(args.n, args.batch):
         rows = [PromptRow(prompt_id(t), t, None, lo + j) for j, t in enumerate(texts)]
         out = screen(PromptSet(rows=rows), late)
@@ -104,6 +104,8 @@ def main() -> None:
         rew_hits += sum(dropped.get(i) == "contaminated" for i in reworded)
         extra += sum(1 for i in dropped if i not in dups and i not in reworded)
         peak = max(peak, rss_mb())
+        if at_100k is None and lo + len(texts) >= 100_000:
+            at_100k = (lo + len(texts), peak)
         if (lo // args.batch) % 25 == 0:
             print(f"  {lo + len(texts)} prompts screened: {time.perf_counter() - t1:.1f} s, RSS {rss_mb():.0f} MB",
                   flush=True)
@@ -111,6 +113,10 @@ def main() -> None:
     print(f"screen: {t2 - t1:.1f} s ({args.n / (t2 - t1):.0f} prompts/s); RSS {rss_mb():.0f} MB (peak {peak:.0f}); "
           f"near-duplicate recall {dup_hits}/{planted[0]}, rewording recall {rew_hits}/{planted[1]}, "
           f"{extra} dropped that were not planted; {screen.summary()}")
+    if at_100k is not None and args.n > at_100k[0]:
+        grown = peak - at_100k[1]
+        print(f"peak RSS {at_100k[1]:.0f} MB at the first {at_100k[0]} prompts, {peak:.0f} MB at {args.n}: "
+              f"{grown:+.0f} MB ({grown * 2**20 / (args.n - at_100k[0]):.0f} bytes per later prompt)")
     if args.no_embedding:
         return
     import torch

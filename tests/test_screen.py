@@ -1,5 +1,6 @@
 """Decontamination and dedup over the whole input (tasks/screen): embeddings, MinHash, categories merged."""
 
+import os
 import time
 
 import numpy as np
@@ -178,7 +179,13 @@ def test_a_preference_build_screens_its_whole_input(tmp_path, run_flow, capsys):
         "prompts.category_column=category", "student.backend=fake", "n=2", "shard_size=2",
         "student.num_cpus=0.5", "scoring.num_cpus=0.5", "decontamination.eval_sets=[strongreject]",
     ])
+    import glob
+    import tempfile
+
+    spilled = os.path.join(tempfile.gettempdir(), "dafactory-screen-*")
+    before = set(glob.glob(spilled))
     manifest = run_flow(cfg)
+    assert set(glob.glob(spilled)) - before == set()  # the screen's files are gone once the input is planned
     p = manifest["prompts"]
     assert (p["source_rows"], p["unique"]) == (24, 22)
     assert p["quarantined"] == {"contaminated": 1, "near_duplicate": 1}
@@ -222,3 +229,46 @@ def test_the_screens_memory_is_on_disk_and_keeps_the_first_value_of_each_key():
     batched.flush()
     assert batched.store.fetch([keys[0], 7]) == {keys[0]: (0,), 7: (1,)}
     store.close()
+
+
+def test_semantic_dedup_keeps_its_vectors_on_disk_and_compares_every_earlier_batch(monkeypatch):
+    """spill.Vectors read back a block at a time (3 rows here) finds each query's nearest stored vector as a
+    brute-force loop does; through the Screen, a prompt collapses onto its nearest kept prompt of an
+    earlier batch or of its own, in input order."""
+    import math
+    import random
+
+    from dafactory.tasks.screen.spill import Vectors
+
+    monkeypatch.setattr(Vectors, "ROWS", 3)
+    rng = random.Random(5)
+
+    def unit(v):
+        n = math.sqrt(sum(x * x for x in v))
+        return [x / n for x in v]
+
+    stored = [unit([rng.gauss(0, 1) for _ in range(6)]) for _ in range(11)]
+    queries = [unit([rng.gauss(0, 1) for _ in range(6)]) for _ in range(5)]
+    store = Vectors()
+    assert store.best(np.array(queries))[0].tolist() == [-1] * 5
+    for lo, hi in ((0, 4), (4, 5), (5, 11)):  # three appends, blocks of 3 across them
+        store.add(np.array(stored[lo:hi]), [("p", i) for i in range(lo, hi)])
+    index, cos = store.best(np.array(queries))
+    for q, j, c in zip(queries, index.tolist(), cos.tolist()):
+        sims = [sum(a * b for a, b in zip(q, s)) for s in stored]
+        assert j == sims.index(max(sims)) and abs(c - max(sims)) < 1e-6
+    assert store.value([3, 10]) == {3: ["p", 3], 10: ["p", 10]}
+    store.close()
+
+    axes = {"alpha": [1, 0, 0], "alpha again": [0.99, 0.141, 0], "beta": [0, 1, 0], "beta too": [0, 0.95, 0.312],
+            "gamma": [0, 0, 1]}
+    screen = Screen(normalised=False, semantic=0.9, encode=lambda texts: np.array([unit(axes[t]) for t in texts]))
+    late = {}
+    first = screen(PromptSet(rows=[PromptRow(prompt_id(t), t, c, i, (c,)) for i, (t, c) in
+                                   enumerate([("alpha", "a"), ("beta", "b")])]), late)
+    second = screen(PromptSet(rows=[PromptRow(prompt_id(t), t, c, i, (c,)) for i, (t, c) in
+                                    enumerate([("gamma", "g"), ("alpha again", "x"), ("beta too", "y")], 2)]), late)
+    assert [r.prompt for r in first.rows + second.rows] == ["alpha", "beta", "gamma"]
+    assert [q["detail"] for q in second.quarantine] == [
+        "duplicates source row 0 (cosine 0.990 >= 0.9)", "duplicates source row 1 (cosine 0.950 >= 0.9)"]
+    assert late == {prompt_id("alpha"): ("x",), prompt_id("beta"): ("y",)} and screen.summary()["near_duplicate"] == {"semantic": 2}

@@ -122,7 +122,9 @@ class LazyScreen:
         self.loaded = True
 
     def close(self) -> None:
-        """Free the encoder's replicas (the plan is done); a later call (a plan made again) loads them anew."""
+        """Free the encoder's replicas and the screen's files (the plan is done); a later call (a plan made
+        again) loads them anew and screens from scratch."""
+        self.screen.close()
         if self.encoder is not None:
             self.encoder.close()
             self.encoder, self.loaded = None, False

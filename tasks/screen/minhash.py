@@ -100,6 +100,12 @@ class NearDuplicateIndex:
         self.kept.add(self._new)
         self._batch, self._candidates, self._new = [], {}, []
 
+    def close(self) -> None:
+        """Remove the index's files (the input is screened); a later batch would start an empty index."""
+        self.buckets.store.close()
+        self.kept.close()
+        self.count = 0
+
 
 def _key(text: str):
     key = json.loads(text)

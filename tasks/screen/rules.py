@@ -21,7 +21,7 @@ import numpy as np
 from dafactory.tasks.io.prompts import PromptRow, PromptSet, prompt_id
 from dafactory.tasks.screen.minhash import NearDuplicateIndex
 from dafactory.tasks.screen.ngram import Decontaminator, normalize
-from dafactory.tasks.screen.spill import Batched, signed
+from dafactory.tasks.screen.spill import Batched, Vectors, signed
 
 Encode = Callable[[list[str]], np.ndarray]
 
@@ -52,8 +52,8 @@ class Screen:
     counts: Counter = field(default_factory=Counter)
     # normalised text's hash -> (prompt id, source row) of its first row, on local disk (spill.py)
     _normalised: Batched = field(default_factory=lambda: Batched(2))
-    _kept_vectors: np.ndarray | None = None  # the kept prompts' vectors (semantic dedup), capacity doubling
-    _kept: list = field(default_factory=list)  # (prompt id, source row) of each kept vector
+    # the kept prompts' vectors (semantic dedup), each with its (prompt id, source row), on local disk
+    _vectors: Vectors = field(default_factory=Vectors)
 
     def __call__(self, prompts: PromptSet, late: dict[str, tuple[str, ...]]) -> PromptSet:
         rows, quarantine = list(prompts.rows), list(prompts.quarantine)
@@ -111,6 +111,9 @@ class Screen:
             self._normalised.prefetch(keys)
         if self.minhash is not None:
             self.minhash.prepare(texts)
+        semantic = None
+        if self.semantic is not None and vectors is not None:
+            semantic = _SemanticBatch(self._vectors, vectors, self.semantic)
         for i, r in enumerate(rows):
             found = None
             if self.normalised:
@@ -123,8 +126,8 @@ class Screen:
                 hit = self.minhash.find_at(i, (r.prompt_id, r.source_row))
                 if hit is not None:
                     found = ("minhash", hit[0], f"MinHash Jaccard {hit[1]:.2f} >= {self.minhash.threshold:g}")
-            if found is None and self.semantic is not None and vectors is not None:
-                found = self._semantic(r, vectors[i])
+            if found is None and semantic is not None:
+                found = semantic.find(i, (r.prompt_id, r.source_row))
             if found is None:
                 kept.append(r)
                 continue
@@ -138,23 +141,16 @@ class Screen:
             self._normalised.flush()
         if self.minhash is not None:
             self.minhash.flush()
+        if semantic is not None:
+            semantic.flush()
         return kept
 
-    def _semantic(self, r: PromptRow, v: np.ndarray):
-        n = len(self._kept)
-        if n:
-            sims = self._kept_vectors[:n] @ v
-            j = int(sims.argmax())
-            if sims[j] >= self.semantic - 1e-6:
-                return "semantic", self._kept[j], f"cosine {sims[j]:.3f} >= {self.semantic:g}"
-        if self._kept_vectors is None or n == len(self._kept_vectors):
-            grown = np.zeros((max(1024, 2 * n), v.shape[0]), dtype=np.float32)
-            if n:
-                grown[:n] = self._kept_vectors
-            self._kept_vectors = grown
-        self._kept_vectors[n] = v
-        self._kept.append((r.prompt_id, r.source_row))
-        return None
+    def close(self) -> None:
+        """Remove what the screen keeps on disk (the input is screened); the counts stay for summary()."""
+        self._normalised.store.close()
+        self._vectors.close()
+        if self.minhash is not None:
+            self.minhash.close()
 
     def summary(self) -> dict:
         """The counts as the manifest holds them: contaminated by method and set, duplicates by method."""
@@ -165,3 +161,33 @@ class Screen:
             else:
                 out["near_duplicate"][key[1]] = n
         return out
+
+
+class _SemanticBatch:
+    """Semantic dedup of one batch: each vector against every kept one, those of earlier batches (on disk,
+    compared in one pass for the whole batch) and this batch's kept so far, in input order."""
+
+    def __init__(self, store: Vectors, vectors: np.ndarray, threshold: float):
+        self.store, self.vectors, self.threshold = store, vectors, threshold
+        self.disk_index, self.disk_cos = store.best(vectors)
+        self.disk_values = store.value(self.disk_index[self.disk_cos >= threshold - 1e-6])
+        self.kept: list[int] = []  # this batch's kept rows
+        self.values: list = []
+
+    def find(self, i: int, value):
+        v = self.vectors[i]
+        j, c = int(self.disk_index[i]), float(self.disk_cos[i])
+        source = self.disk_values.get(j)
+        if self.kept:
+            sims = self.vectors[self.kept] @ v
+            k = int(sims.argmax())
+            if sims[k] > c:
+                c, source = float(sims[k]), self.values[k]
+        if c >= self.threshold - 1e-6:
+            return "semantic", tuple(source), f"cosine {c:.3f} >= {self.threshold:g}"
+        self.kept.append(i)
+        self.values.append(value)
+        return None
+
+    def flush(self) -> None:
+        self.store.add(self.vectors[self.kept], self.values)

@@ -11,12 +11,15 @@ order.
 
 from __future__ import annotations
 
+import json
 import os
 import sqlite3
 import tempfile
 from collections.abc import Iterable
 
-CACHE_MB = 32
+import numpy as np
+
+CACHE_MB = 8
 CHUNK = 10_000  # keys per IN (...) query (SQLite allows 32,766 variables)
 
 
@@ -50,6 +53,9 @@ class FirstSeen:
         out: dict[int, tuple] = {}
         for lo in range(0, len(keys), CHUNK):
             chunk = keys[lo : lo + CHUNK]
+            # padded (with its first key) to a power of two: a handful of distinct statements, not one per
+            # batch size (the sqlite3 module caches 128 prepared statements, each as big as its list)
+            chunk += chunk[:1] * (min(CHUNK, 1 << (len(chunk) - 1).bit_length()) - len(chunk))
             marks = ",".join("?" * len(chunk))
             for k, *values in self.db.execute(f"SELECT * FROM first WHERE k IN ({marks})", chunk):
                 out[k] = tuple(values)
@@ -93,3 +99,63 @@ class Batched:
     def flush(self) -> None:
         self.store.add((k, *v) for k, v in self.new.items())
         self.hits, self.new = {}, {}
+
+
+class Vectors:
+    """Unit vectors appended to a file on local disk, each with a value; `best(queries)` finds, for each query,
+    the stored vector of highest cosine, reading the file ROWS at a time (memory: one block, whatever the
+    count). Exact: every stored vector is compared (semantic dedup is O(n^2), as STAR-1's greedy pass is)."""
+
+    ROWS = 16_384
+
+    def __init__(self):
+        self._dir: tempfile.TemporaryDirectory | None = None
+        self.dim, self.count = 0, 0
+        self.values = FirstSeen(1)  # index -> its value as JSON
+
+    @property
+    def path(self) -> str:
+        if self._dir is None:
+            self._dir = tempfile.TemporaryDirectory(prefix="dafactory-screen-")
+        return os.path.join(self._dir.name, "vectors.f32")
+
+    def add(self, vectors: np.ndarray, values: list) -> None:
+        if not len(values):
+            return
+        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        self.dim = vectors.shape[1]
+        with open(self.path, "ab") as f:
+            f.write(vectors.tobytes())
+        self.values.add((self.count + i, json.dumps(v)) for i, v in enumerate(values))
+        self.count += len(values)
+
+    def best(self, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(index, cosine) of each query's nearest stored vector; index -1 and cosine -inf when none is stored."""
+        index = np.full(len(queries), -1, dtype=np.int64)
+        cos = np.full(len(queries), -np.inf, dtype=np.float32)
+        if not self.count or not len(queries):
+            return index, cos
+        q = np.asarray(queries, dtype=np.float32)
+        with open(self.path, "rb") as f:
+            for lo in range(0, self.count, self.ROWS):
+                n = min(self.ROWS, self.count - lo)
+                block = np.fromfile(f, dtype=np.float32, count=n * self.dim).reshape(n, self.dim)
+                sims = q @ block.T
+                j = sims.argmax(axis=1)
+                c = sims[np.arange(len(q)), j]
+                better = c > cos
+                index[better], cos[better] = j[better] + lo, c[better]
+        return index, cos
+
+    def value(self, indices) -> dict[int, object]:
+        return {k: json.loads(v[0]) for k, v in self.values.fetch(int(i) for i in indices).items()}
+
+    def close(self) -> None:
+        self.values.close()
+        if self._dir is not None:
+            self._dir.cleanup()
+            self._dir = None
+        self.dim = self.count = 0
+
+    def __getstate__(self):  # as FirstSeen: a copy in another process starts empty
+        return {"_dir": None, "dim": 0, "count": 0, "values": FirstSeen(1)}
