@@ -16,6 +16,10 @@ default from the device name: H100 3350, H200 4800).
 
 `--check` first compares each engine's greedy output with plain generate's (first 32 tokens of each row; the random
 lm_head is scaled up so that the argmax is not a near tie that bf16 rounding flips).
+Each static engine's occupancy is printed too (generation.occupancy: the share of the time it ran below 90% of its
+batch, and of its sequence slots that held a sequence within its budget); `paged` keeps its schedule to itself.
+None of these engines streams across calls (tasks/generate/feed.py): the static ones hold a batch until its longest
+row ends, and `paged` seeds once per call, so requests of other calls in its loop would change a call's samples.
 `--small` shrinks the model and the loads to run on a CPU in under a minute. `--json PATH` writes the results.
 """
 
@@ -26,6 +30,7 @@ import json
 import random
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 QWEN2_05B = dict(hidden_size=896, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
@@ -113,8 +118,11 @@ def calls(load: list, batch: int) -> list[list]:
     return out + ([cur] if cur else [])
 
 
-def run(backend, engine: str, load: list, batch: int, sampling, sync) -> tuple[float, list]:
-    from dafactory.tasks.generate.generation import Request
+def run(backend, engine: str, load: list, batch: int, sampling, sync, occupancy=None) -> tuple[float, list]:
+    """Seconds and samples of the load through `engine`. `occupancy` (a Counter), if given, gets each call's
+    occupancy as generate_shard counts it for a static batch (generation.occupancy: a sequence runs until its own
+    budget, the call until its longest); not for `paged`, whose schedule transformers keeps to itself."""
+    from dafactory.tasks.generate.generation import Request, occupancy as count
 
     backend.engine = engine
     out = []
@@ -122,7 +130,11 @@ def run(backend, engine: str, load: list, batch: int, sampling, sync) -> tuple[f
     t0 = time.perf_counter()
     for seed, chunk in enumerate(calls(load, batch)):
         requests = [Request(p, n, seed) for p, n, _ in chunk]
+        t1 = time.perf_counter()
         out += backend.sample(requests, sampling, budgets=[b for _, _, b in chunk])
+        if occupancy is not None and engine != "paged":
+            sync()
+            count(occupancy, time.perf_counter() - t1, [b for _, n, b in chunk for _ in range(n)], batch)
     sync()
     return time.perf_counter() - t0, out
 
@@ -233,11 +245,15 @@ def main() -> None:
             try:
                 run(backend, engine, load[: max(1, min(len(load), args.batch // max(1, load[0][1]) // 4))],
                     args.batch, sampling, sync)
-                seconds, _ = run(backend, engine, load, args.batch, sampling, sync)
+                occ = Counter()
+                seconds, _ = run(backend, engine, load, args.batch, sampling, sync, occ)
                 tps = useful / seconds
                 rows[engine] = {"seconds": round(seconds, 3), "tokens_per_s": round(tps, 1),
                                 "bandwidth_fraction": bandwidth_fraction(backend.model, load, args.batch, tps,
                                                                          bandwidth)}
+                if occ:
+                    rows[engine]["occupancy"] = {"below_90pct_share": round(occ["below_s"] / occ["engine_s"], 3),
+                                                 "slot_use": round(occ["slot_steps"] / occ["slot_capacity"], 3)}
             except Exception as exc:  # report and go on with the other engines
                 rows[engine] = {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
                 if device == "cuda":
@@ -246,9 +262,13 @@ def main() -> None:
             r = rows[engine]
             if "tokens_per_s" in r and base:
                 r["vs_plain"] = round(r["tokens_per_s"] / base, 2)
-            frac = r.get("bandwidth_fraction")
+            frac, occ = r.get("bandwidth_fraction"), r.get("occupancy")
             print(f"  {engine:9s} " + (f"{r['tokens_per_s']:>10.1f} tokens/s  {r.get('vs_plain', 0):5.2f}x plain"
                                        + (f"  {frac:.2%} of the bandwidth limit" if frac is not None else "")
+                                       + (f"  below 90% of its batch {occ['below_90pct_share']:.0%} of the time, "
+                                          f"slot use {occ['slot_use']:.0%}" if occ else
+                                          "  occupancy not counted (transformers keeps the schedule)"
+                                          if engine == "paged" else "")
                                        if "tokens_per_s" in r else r["error"]), flush=True)
             results["loads"][key] = rows
             save(args.json, results)  # after each engine: a step killed by its timeout keeps what it measured

@@ -2,6 +2,8 @@
 
     python benchmarks/bench_orchestration.py --prompts 100000 --n 4
     python benchmarks/bench_orchestration.py --prompts 1000000 --n 4   # RSS stays flat: the input streams
+    python benchmarks/bench_orchestration.py --prompts 200000 --n 4 --shard-sizes 2000 64 --in-flight 1 2
+    python benchmarks/bench_orchestration.py --prompts 20000 --n 4 --shard-sizes 64 --in-flight 1 2 4 --step-s 0.002
 
 Runs the whole flow (Prefect ephemeral, local Ray, fake generation, refusal heuristic, selection,
 Parquet writes) and then, in the same command, the baseline: pyarrow writing the same candidate rows
@@ -52,8 +54,48 @@ class RayRssSampler(threading.Thread):
             time.sleep(0.5)
 
 
+def shard_sizes(args, work: Path, src: Path) -> None:
+    """The same build at each of --shard-sizes (and --in-flight), one after another in this command: build
+    phase, stages' busy seconds, whole command, and each build phase's ratio to the first's. With --step-s the
+    fake backend runs its simulated continuous-batching engine (a decode step of --step-s seconds for up to
+    --slots sequences): then each line also gives the engine's occupancy from the manifest."""
+    from dafactory.flows.preference import preference
+    from dafactory.tasks.config import PreferenceConfig, build_config
+
+    first = None
+    for size in args.shard_sizes:
+        for k in args.in_flight:
+            cfg = build_config(
+                PreferenceConfig, None,
+                [f"output={work / 'out'}", f"dataset=s{size}k{k}", f"prompts.path={src}",
+                 "prompts.category_column=category", "student.backend=fake", f"n={args.n}", f"shard_size={size}",
+                 "sampling.max_new_tokens=32", "student.num_cpus=1", "scoring.num_cpus=1", f"shards_in_flight={k}",
+                 *NO_SCREEN, *([f"student.params.step_s={args.step_s}", f"student.params.engine_slots={args.slots}",
+                                f"student.batch_size={args.slots}"] if args.step_s else [])],
+            )
+            t0 = time.perf_counter()
+            manifest = preference(cfg)
+            wall = time.perf_counter() - t0
+            build = manifest["timings_s"]["workers_build_wall"]
+            busy = {n: manifest["timings_s"].get(f"workers_{n}", 0.0) for n in ("generate", "score", "select")}
+            first = first or build
+            gen = manifest["cost"]["stages"]["generate"]["this_run"]
+            occ = gen.get("occupancy", {})
+            engine = (f"; engine: {gen['generated_tokens'] / occ['engine_s']:,.0f} tokens/s stepping, below 90% of "
+                      f"its slots {occ['below_90pct_share']:.0%} of the time, slot use {occ['slot_use']:.0%}"
+                      if args.step_s and occ.get("engine_s") else "")
+            print(f"shard_size {size:6d} ({manifest['shards']['total']:6d} shards), shards_in_flight {k}: build phase "
+                  f"{build:7.1f} s ({build / first:.2f}x the first), stages busy {sum(busy.values()):.1f} s "
+                  f"({', '.join(f'{n} {v:.1f}' for n, v in busy.items())}), whole command {wall:.1f} s{engine}",
+                  flush=True)
+
+
 def main() -> None:
     args = arguments(__doc__.splitlines()[0])
+    if args.shard_sizes:
+        work = Path(tempfile.mkdtemp(prefix="dafactory-bench-"))
+        shard_sizes(args, work, write_prompts(work / "prompts.jsonl", args.prompts))
+        return
 
     import pyarrow.parquet as pq
 
@@ -103,7 +145,7 @@ def main() -> None:
           f"(USS, without shared object-store pages: {sampler.peak_uss / 2**20:.0f} MB)")
     print(f"verify: {verify_s:.1f} s, {len(verdict.problems)} problems, accounting {verdict.counts}; "
           f"driver peak RSS after verify {verify_peak_mb:.0f} MB")
-    print(f"stage seconds (summed over shards): "
+    print("stage seconds (summed over shards): "
           + ", ".join(f"{k}={v}" for k, v in manifest["timings_s"].items()))
 
 

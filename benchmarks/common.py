@@ -12,6 +12,12 @@ def arguments(description: str) -> argparse.Namespace:
     ap.add_argument("--prompts", type=int, default=100_000)
     ap.add_argument("--n", type=int, default=4)
     ap.add_argument("--shard-size", type=int, default=2000)
+    ap.add_argument("--shard-sizes", type=int, nargs="*", help="bench_orchestration: build at each, compared")
+    ap.add_argument("--in-flight", type=int, nargs="*", default=[2], help="with --shard-sizes: shards_in_flight")
+    ap.add_argument("--step-s", type=float, default=0.0,
+                    help="with --shard-sizes: the fake engine's seconds per decode step (a streaming engine, "
+                         "tasks/generate/feed.py, that takes the replica's shards in flight together); 0: off")
+    ap.add_argument("--slots", type=int, default=256, help="with --step-s: that engine's sequences at once")
     return ap.parse_args()
 
 

@@ -201,7 +201,7 @@ class RunConfig(_Strict):
     RUNTIME: ClassVar[dict] = {
         "output": True, "ray": True, "retries": True, "shard_retries": True, "storage_timeout_s": True,
         "storage_retries": True, "storage_block": True, "result_storage": True, "keep_versions": True,
-        "retention_hours": True, "compact_shards": True,
+        "retention_hours": True, "compact_shards": True, "shards_in_flight": True,
         "max_error_rate": True, "gpu_slot_timeout_s": True, "cost": True,
     }
     # Fields that decide the generated text for given prompts (they salt shard ids, and so seeds).
@@ -235,6 +235,12 @@ class RunConfig(_Strict):
         168.0, ge=0, description="Vacuum window (Delta Lake's VACUUM): a version that was current within this many "
         "hours is kept with its parts, and a part no kept version lists is removed only once it is this old (a run "
         "still building keeps its parts). Must exceed the longest build and read.",
+    )
+    shards_in_flight: int = Field(
+        2, ge=1, le=64, description="Shards each stage replica holds at once: its model works on one while the "
+        "next one's prompts arrive and the last one's parts are written, so that round trips to the driver and a "
+        "shard's own I/O do not leave the model idle between shards. A streaming backend (vllm) runs the shards' "
+        "requests in its engine together, so that it does not drain at a shard's end. 1: one shard at a time.",
     )
     compact_shards: int = Field(
         256, ge=0, description="For readers (Delta Lake's OPTIMIZE): a table with more parts than this also gets "

@@ -25,6 +25,21 @@ B = stats("b", 5.0, 12, 60, 150, 0.25)  # built by this run
 OLD = {"shard_id": "o"}  # built before shards recorded their work: counted in no total
 
 
+def test_occupancy_counts_a_calls_running_sequences_step_by_step():
+    """generation.occupancy against a step-by-step count: limit 4, sequences of 1, 2, 4 and 4 tokens over 8 s:
+    4, 3, 2, 2 running at steps 0-3, so 3 of 4 steps (6 s) below 3.6; 11 of 16 sequence-steps used."""
+    from collections import Counter
+
+    from dafactory.tasks.generate.generation import occupancy
+
+    c = Counter()
+    occupancy(c, 8.0, [4, 1, 4, 2], 4)
+    assert c == {"engine_s": 8.0, "below_s": 6.0, "slot_steps": 11, "slot_capacity": 16}
+    occupancy(c, 2.0, [], 4)  # every sequence failed: below all along, no steps
+    occupancy(c, 1.0, [3, 3, 3, 3], 4)  # full all along
+    assert c == {"engine_s": 11.0, "below_s": 8.0, "slot_steps": 23, "slot_capacity": 28}
+
+
 @pytest.mark.parametrize("report, shard_stats, prices, expected", [
     # this run built B with the replicas held 10 s (its stream took 9.5 s); A was resumed; no prices
     ({"stages": STAGES, "stats": {"b": B}, "held_s": 10.0, "seconds": {"build_wall": 9.5}}, [A, B], None, {
@@ -125,6 +140,18 @@ def test_resource_seconds_match_the_busy_time_of_a_saturated_stage(tmp_path, run
     assert gen["this_run"]["tokens_per_s"] == round(work["generated_tokens"] / busy, 3)
     assert cost["samples_per_s"] == round(40 / cost["wall_s"], 3)
 
+    # occupancy, from the written rows: each generate call is one batch seed; its 4 sequences run until the
+    # longest ends, fewer than 90% of 4 of them from the shortest's end on
+    calls = {}
+    for r in DatasetDir(cfg.output, cfg.dataset).read_table("candidates").to_pylist():
+        calls.setdefault((r["shard_id"], r["seed"]), []).append(r["response_tokens"])
+    assert sorted(map(len, calls.values())) == [4] * 10
+    occ = gen["this_run"]["occupancy"]
+    assert occ["slot_use"] == round(sum(map(sum, calls.values())) / sum(4 * max(c) for c in calls.values()), 3)
+    below = sum((max(c) - min(c)) / max(c) for c in calls.values()) * 0.5  # 0.5 s a call
+    assert occ["below_90pct_share"] == pytest.approx((below + occ["idle_s"]) / held, rel=0.1)
+    assert occ["engine_s"] == pytest.approx(10 * 0.5, rel=0.1) and occ["idle_s"] == round(held - occ["engine_s"], 3)
+
     # cost by hand, per second held: generate holds 1 GPU (2.5/h) and 0.5 CPU (0.04/h): 2.52/h = 0.0007/s;
     # score 0.5 CPU: 0.02/h = 0.00000556/s
     g, s = gen["this_run"], score["this_run"]
@@ -150,7 +177,7 @@ def test_resource_seconds_match_the_busy_time_of_a_saturated_stage(tmp_path, run
 
 
 def test_a_resumed_build_reports_the_whole_dataset_and_this_runs_resources(tmp_path, run_flow, monkeypatch):
-    cfg = config(tmp_path)
+    cfg = config(tmp_path, "shards_in_flight=1")  # with more, a third shard may be written as the stop lands
     interrupt_at_shard(monkeypatch, 2)
     with pytest.raises(KeyboardInterrupt):
         run_flow(cfg)

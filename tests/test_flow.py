@@ -90,7 +90,8 @@ def test_fake_flow_writes_consistent_tables(tmp_path, run_flow):
 
 
 def test_resume_after_interrupt_writes_each_candidate_once(tmp_path, run_flow, monkeypatch):
-    cfg = config(tmp_path)
+    # one shard at a time: with two in flight the third may be written in its replica before the driver stops
+    cfg = config(tmp_path, "shards_in_flight=1")
     interrupt_at_shard(monkeypatch, 2)
     with pytest.raises(KeyboardInterrupt):
         run_flow(cfg)
@@ -217,7 +218,8 @@ def test_a_transient_failure_is_retried_and_the_retry_resumes(tmp_path, run_flow
             raise OSError("simulated hiccup")
 
     monkeypatch.setattr(build, "failpoint", fail_once_at_the_second)
-    manifest = run_flow(config(tmp_path, "retries=1"))
+    # one shard in flight per replica: with more, the third may be written before the driver's fault
+    manifest = run_flow(config(tmp_path, "retries=1", "shards_in_flight=1"))
     # the task's retry skipped the two shards written before the fault and built the last one
     assert (manifest["shards"]["resumed"], manifest["shards"]["built"]) == (2, 1)
     assert manifest["tables"]["candidates"]["rows"] == 40 and manifest["status"] == "complete"

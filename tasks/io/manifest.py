@@ -79,6 +79,16 @@ def _stage_work(stats: list[dict], stage: str) -> dict:
     return total | {"busy_s": round(total["busy_s"], 3)}
 
 
+def occupancy(run: dict, replica_s: float) -> dict:
+    """The generate engines' occupancy over this run (tasks/generate/generation.py's occupancy() counts each
+    call of an engine that takes one at a time; tasks/generate/feed.py each step of a streaming one): the share of the replicas' held seconds when the engine ran below 90% of its batch limit, idle
+    time between calls included, and the share of its sequence slots that held a running sequence."""
+    idle = max(0.0, replica_s - run["engine_s"])
+    return {"engine_s": round(run["engine_s"], 3), "idle_s": round(idle, 3),
+            "below_90pct_share": _rate(run["below_s"] + idle, replica_s),
+            "slot_use": _rate(run.get("slot_steps", 0), run.get("slot_capacity", 0))}
+
+
 def price(cpu_s: float, gpu_s: float, prices: dict) -> float | None:
     """Cost units of these resource-seconds at the prices per hour (an unset price counts as 0); None
     when neither price is set."""
@@ -116,6 +126,8 @@ def build_cost(report: dict, shard_stats: list[dict], prices: dict | None) -> di
             "gpu_s": gpu_s,
             "cost": price(cpu_s, gpu_s, prices),
         }
+        if "engine_s" in run:
+            this_run["occupancy"] = occupancy(run, st["replicas"] * held)
         stages[st["name"]] = {"replicas": st["replicas"], "num_cpus": st["num_cpus"], "num_gpus": st["num_gpus"],
                               **total, "this_run": this_run}
     first = next(iter(stages.values()), {}).get("this_run", {})
@@ -241,6 +253,9 @@ def cost_rows(cost: dict | None) -> list[dict]:
         rows += [{"what": f"{stage}: samples/s (this run, per busy replica)", "count": run["samples_per_s"]},
                  {"what": f"{stage}: busy share (this run)", "count": run["busy_share"]},
                  {"what": f"{stage}: CPU-seconds (this run)", "count": run["cpu_s"]}]
+        if "occupancy" in run:
+            rows.append({"what": f"{stage}: share of time below 90% of its batch limit (this run)",
+                         "count": run["occupancy"]["below_90pct_share"]})
         if e["num_gpus"]:
             rows.append({"what": f"{stage}: GPU-seconds (this run)", "count": run["gpu_s"]})
         if run["cost"] is not None:

@@ -189,6 +189,7 @@ class ShardWriter:
             "seconds": result["seconds"],
             # per stage: seconds in process() and samples (tokens for generate); a resumed build's totals
             "work": result.get("work", {}),
+            "spans": result.get("spans", {}),  # per stage: [replica's pid, item arrived, processed] (Stage.run)
             "part": f"{result['shard_id']}@{new_token()}",  # the name of each of its parts
         }
         for name in self.tables:

@@ -186,6 +186,31 @@ def build_shards(config: RunConfig, ds: DatasetDir, plan: Plan, recipe: Recipe, 
     return report
 
 
+LOG_EVERY_S, PROGRESS_EVERY_S = 5.0, 1.0  # the build's shard log line and progress artifact, at most this often
+
+
+def occupancy_so_far(engine: dict, replica_s: float) -> str | None:
+    """The progress artifact's line on the generate engines so far (the manifest's cost has the run's)."""
+    if not engine["engine_s"] or replica_s <= 0:
+        return None
+    below = min(1.0, (engine["below_s"] + max(0.0, replica_s - engine["engine_s"])) / replica_s)
+    return f"generate engines below 90% of their batch limit {below:.0%} of the time so far"
+
+
+class Pace:
+    """True at the first call and then at most once every `seconds`."""
+
+    def __init__(self, seconds: float):
+        self.seconds, self.next = seconds, 0.0
+
+    def due(self) -> bool:
+        now = time.monotonic()
+        if now < self.next:
+            return False
+        self.next = now + self.seconds
+        return True
+
+
 def _run_stages(config: RunConfig, ds: DatasetDir, pending: list[ShardRef], recipe: Recipe, report: dict,
                 progress, budget: ErrorBudget, compactor: Compactor) -> None:
     """Start the recipe's actors, stream the pending shards through them, stop them. The run stops early
@@ -197,6 +222,8 @@ def _run_stages(config: RunConfig, ds: DatasetDir, pending: list[ShardRef], reci
         # The last stage's replicas write their shards' parts; the driver writes those they hand back.
         writer = ShardWriter(ds, tuple(recipe.tables), tuple(recipe.sample_tables))
         replicas_ds = ds.for_replicas()
+        for st in recipe.stages:
+            st.in_flight = config.shards_in_flight
         recipe.stages[-1].writer = ShardWriter(replicas_ds, writer.tables, writer.sample_tables)
         recipe.stages[0].reader = ShardReader(replicas_ds)
         report["workers"] = start_stages(recipe.stages, local=not on_cluster, retries=config.shard_retries)
@@ -207,6 +234,11 @@ def _run_stages(config: RunConfig, ds: DatasetDir, pending: list[ShardRef], reci
         rows, t1 = 0, time.perf_counter()
 
         handed_back, read_back = [], []
+        log_pace, progress_pace = Pace(LOG_EVERY_S), Pace(PROGRESS_EVERY_S)
+        engine_so_far = {"engine_s": 0.0, "below_s": 0.0}  # the generate engines' occupancy (manifest.occupancy)
+
+        def replica_s() -> float:  # generate replicas x seconds held so far
+            return recipe.stages[0].num_replicas * (time.perf_counter() - ready)
 
         def read_here(ref: ShardRef):
             read_back.append(ref.shard_id)
@@ -229,11 +261,18 @@ def _run_stages(config: RunConfig, ds: DatasetDir, pending: list[ShardRef], reci
             rows += sum(stats["rows"][t] for t in recipe.sample_tables)
             for k, v in stats["seconds"].items():
                 report["seconds"][k] = report["seconds"].get(k, 0.0) + v
-            logger.info("shard %d/%d written: %s (%.1f samples/s)", report["built"], len(pending),
-                        ", ".join(f"{k} {v}" for k, v in stats["rows"].items() if k != "quarantine"),
-                        rows / (time.perf_counter() - t1))
-            if progress is not None:  # the flow run's artifact (build_dataset made it)
-                update_progress_artifact(progress, 100.0 * report["built"] / len(pending))
+            last = report["built"] == len(pending)
+            # a log line and an artifact update are calls to the Prefect server: paced, not one per shard
+            if last or log_pace.due():
+                logger.info("shard %d/%d written: %s (%.1f samples/s)", report["built"], len(pending),
+                            ", ".join(f"{k} {v}" for k, v in stats["rows"].items() if k != "quarantine"),
+                            rows / (time.perf_counter() - t1))
+            engine = stats.get("work", {}).get("generate", {})
+            for k in ("engine_s", "below_s"):
+                engine_so_far[k] += engine.get(k, 0.0)
+            if progress is not None and (last or progress_pace.due()):  # the flow run's artifact
+                update_progress_artifact(progress, 100.0 * report["built"] / len(pending),
+                                         description=occupancy_so_far(engine_so_far, replica_s()))
             if budget.exceeded():
                 raise budget.error()
 

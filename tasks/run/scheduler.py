@@ -1,9 +1,13 @@
 """How shards go through the stage actors: the driver's scheduling loop (stream).
 
 Invariants:
-- Items are drawn from the input lazily, only when a first-stage replica is free, so a large input is never
-  held in memory. Each replica works on one item at a time.
-- A stage runs ahead of the next by at most twice the next stage's replicas, which bounds what waits in the
+- Items are drawn from the input lazily, only when a first-stage replica has a free slot, so a large input
+  is never held in memory. Each replica holds up to its stage's `in_flight` items at once (a threaded actor):
+  while one is in its model, the next is already there and the last one's parts are being written, so the
+  round trips to the driver and each shard's own I/O leave the critical path (see Stage.run). An item whose
+  replica died while it held others is started again alone (that try not counted): a prompt that kills
+  its process is then found by itself and given up, and its neighbours are built once.
+- A stage runs ahead of the next by at most twice the next stage's slots, which bounds what waits in the
   object store. Payloads go stage to stage as references; the driver fetches only the last stage's output
   (the written shard's stats, when the last stage's replicas write their own parts).
 - Each call returns the payload and a tiny ok flag that the driver reads, so a failure is seen at the stage
@@ -11,9 +15,10 @@ Invariants:
   and the rest go on. Retries are counted per shard id; a try lost with a replica that died for good is not
   counted (twice at most, so that a replica whose constructor always fails cannot loop forever).
 - A replica whose work failed gets none until it answers again: Ray restarts a killed one, one dead for good
-  is replaced (replace_dead). One that fails POISONED shards in a row with the same error while alive (a CUDA
+  is replaced (replace_dead), and its slots still in flight come back as the replacement's. One that fails POISONED shards in a row with the same error while alive (a CUDA
   device-side assert leaves the process up and every later call failing) is killed for Ray to restart, its
-  constructor and model load replayed, and gets work again only once its new process answers.
+  constructor and model load replayed, and gets work again only once its new process answers; the items it held beside the failing one are
+  started again without counting a try.
 """
 
 from __future__ import annotations
@@ -82,7 +87,13 @@ class Scheduler:
         self.last = len(stages) - 1
         self.source, self.exhausted = iter(items), False
         self.queues: list[list] = [[] for _ in stages]  # queue 0: items (new or to retry); then payload refs
-        self.idle = [list(st.actors) for st in stages]
+        self.idle = [[a for a in st.actors for _ in range(st.in_flight)] for st in stages]  # free slots
+        self.parked: dict[int, int] = {}  # id of a replica restarting -> its slots come back so far
+        self.spared: set = set()  # payload refs of items in flight on a replica we restarted: tries not counted
+        self.replaced: dict[int, Any] = {}  # id of a replica dead for good -> the one that took its place
+        self.together: set = set()  # payload refs that shared their replica with another item in flight
+        self.alone: set = set()  # keys of items to run with no other item on their replica
+        self.exclusive: dict = {}  # payload ref of an item running alone -> the replica's other slots it holds
         self.in_flight: dict = {}  # ok-flag ref -> (stage index, actor, payload ref or Restarting)
         self.origin: dict = {}  # payload ref -> (the item it came from, ids of the actors its try went through)
         self.attempts: dict = {}  # shard id -> tries counted
@@ -112,18 +123,46 @@ class Scheduler:
                         self.queues[0].append(nxt)
                 if not self.queues[s]:
                     break
-                actor = self.idle[s].pop()
-                work = self.queues[s].pop(0)
+                work = self.queues[s][0]
+                alone = self.key(work if s == 0 else self.origin[work][0]) in self.alone
+                if alone:  # a replica with every slot free, all of them taken; none yet: let one drain
+                    actor = next((a for a in self.idle[s] if self.idle[s].count(a) >= self.stages[s].in_flight),
+                                 None)
+                    if actor is None:
+                        break
+                    self.idle[s] = [a for a in self.idle[s] if a is not actor]
+                else:
+                    actor = self.idle[s].pop()
+                self.queues[s].pop(0)
                 payload, ok = actor.run.remote(work, self.stages[s].name)
                 item, actors = (work, set()) if s == 0 else self.origin.pop(work)
                 self.origin[payload] = (item, actors | {id(actor)})
+                neighbours = {p for _, a, p in self.in_flight.values() if a is actor and not isinstance(p, Restarting)}
+                if neighbours:
+                    self.together |= neighbours | {payload}
+                if alone:
+                    self.exclusive[payload] = self.stages[s].in_flight - 1
                 self.in_flight[ok] = (s, actor, payload)
+
+    @staticmethod
+    def key(item):
+        return getattr(item, "shard_id", id(item))  # a shard's tries, whatever object carries it
 
     def room(self, s: int) -> bool:
         if s == self.last:
             return True
         running = sum(1 for stage, _, _ in self.in_flight.values() if stage == s)
-        return len(self.queues[s + 1]) + running < 2 * len(self.stages[s + 1].actors)
+        nxt = self.stages[s + 1]
+        return len(self.queues[s + 1]) + running < 2 * len(nxt.actors) * nxt.in_flight
+
+    def free(self, s: int, actor) -> None:
+        """A slot of this replica is free again (held back while it restarts; its replacement's if it died)."""
+        while id(actor) in self.replaced:
+            actor = self.replaced[id(actor)]
+        if id(actor) in self.parked:
+            self.parked[id(actor)] += 1
+        else:
+            self.idle[s].append(actor)
 
     def settle(self, ok) -> None:
         """One call answered: hand its payload on, or deliver it, or count its failure."""
@@ -131,16 +170,26 @@ class Scheduler:
         if isinstance(payload, Restarting):
             self.restarted(ok, s, actor, payload)
             return
+        for _ in range(self.exclusive.pop(payload, 0)):  # the slots an item running alone held
+            self.free(s, actor)
+        together = payload in self.together
+        self.together.discard(payload)
         try:
             flag = ray.get(ok)
         except ray.exceptions.RayError as exc:  # the work's failure; a stop (Ctrl-C, SIGTERM) goes up
             item, actors = self.origin.pop(payload)
+            if payload in self.spared:  # lost to a restart we made for a neighbour's fault: not its try
+                self.spared.discard(payload)
+                self.free(s, actor)
+                self.queues[0].append(item)
+                return
             if not self.poisoned(actor, s, exc):
-                self.idle[s].append(actor)  # replace_dead probes it: answered, restarted, or replaced
-            self.fail(item, actors, exc)
+                self.free(s, actor)  # replace_dead probes it: answered, restarted, or replaced
+            self.fail(item, actors, exc, together)
             return
+        self.spared.discard(payload)
         self.streak.pop(id(actor), None)
-        self.idle[s].append(actor)
+        self.free(s, actor)
         if flag == CANNOT_READ:
             item, _ = self.origin.pop(payload)
             self.queues[0].insert(0, self.load(item))
@@ -154,6 +203,7 @@ class Scheduler:
         except ray.exceptions.RayError as exc:  # the payload lost after it was made (its node died)
             self.fail(item, actors, exc)
             return
+        self.alone.discard(self.key(item))
         self.on_result(result)
 
     def restarted(self, ok, s: int, actor, probe: Restarting) -> None:
@@ -168,7 +218,9 @@ class Scheduler:
             time.sleep(0.2)
             self.in_flight[actor.info.remote()] = (s, actor, probe)
             return
-        self.idle[s].append(actor)
+        slots = 1 + self.parked.pop(id(actor), 0)  # its own and those its neighbours' calls gave back
+        self.free(s, actor)
+        self.idle[s].extend([self.idle[s][-1]] * (slots - 1))
 
     def poisoned(self, actor, s: int, exc: Exception) -> bool:
         """Count a failure of this replica's own work; restart it after POISONED in a row alike (True)."""
@@ -187,18 +239,29 @@ class Scheduler:
             old_pid = ray.get(actor.info.remote(), timeout=60)["pid"]  # idle: it answers at once
         except (ray.exceptions.RayError, TimeoutError):
             old_pid = None
+        # the other items it holds die with its process: started again, their tries not counted
+        self.spared |= {p for st, a, p in self.in_flight.values() if a is actor and not isinstance(p, Restarting)}
+        self.parked[id(actor)] = 0
         ray.kill(actor, no_restart=False)  # Ray starts it again: its constructor (model, writer) replayed
         # no work until its new process answers (a probe in flight, see restarted): no try is lost to it
         self.in_flight[actor.info.remote()] = (s, actor, Restarting(old_pid))
         return True
 
-    def fail(self, item, actors: set[int], exc: Exception) -> None:
-        """A try of `item` failed: retry it from the first stage, or give it up after `retries` retries."""
-        self.dead |= replace_dead(self.stages, self.idle)
-        key = getattr(item, "shard_id", id(item))  # a shard's tries, whatever object carries it
-        if actors & self.dead and self.uncounted.get(key, 0) < 2:
+    def fail(self, item, actors: set[int], exc: Exception, together: bool = False) -> None:
+        """A try of `item` failed: retry it from the first stage, or give it up after `retries` retries. A try
+        lost with a replica that died for good, or with one that held other items (any of them may have
+        killed it), is not counted (twice at most); the latter goes again alone."""
+        self.dead |= replace_dead(self.stages, self.idle, self.replaced)
+        key = self.key(item)
+        shared = together and _lost(exc) and key not in self.alone
+        if (actors & self.dead or shared) and self.uncounted.get(key, 0) < 2:
             self.uncounted[key] = self.uncounted.get(key, 0) + 1
-            log.warning("work lost with a replica that died for good (%s); starting it again", worker_error(exc))
+            if shared:
+                self.alone.add(key)
+                log.warning("work lost with its replica, which held other work too (%s); starting it again alone",
+                            worker_error(exc))
+            else:
+                log.warning("work lost with a replica that died for good (%s); starting it again", worker_error(exc))
             self.queues[0].append(item)
             return
         self.attempts[key] = self.attempts.get(key, 0) + 1
@@ -206,6 +269,7 @@ class Scheduler:
         if self.attempts[key] > self.retries:
             log.error("work %s %d times, giving it up: %s", kind, self.attempts[key], worker_error(exc))
             self.failed.append((item, worker_error(exc)))
+            self.alone.discard(key)
             if self.on_given_up is not None:
                 self.on_given_up(item, exc)
             return
@@ -214,11 +278,13 @@ class Scheduler:
         self.queues[0].append(item)
 
 
-def replace_dead(stages: list[StageSpec], idle: list[list], timeout_s: float = 60) -> set[int]:
+def replace_dead(stages: list[StageSpec], idle: list[list], replaced: dict, timeout_s: float = 60) -> set[int]:
     """After a failure: an idle replica that is dead for good (its restarts used up, say by a prompt
-    that kills its process every time) leaves the pool, and a new one takes its place, so the shards
-    after it do not fail on it. A replica that is only restarting is left to come back."""
-    probes = {a.info.remote(): (s, a) for s, pool in enumerate(idle) for a in pool}
+    that kills its process every time) leaves the pool, and a new one takes its place (its free slots, and
+    `replaced` maps the dead one to it for the slots still in flight), so the shards after it do not fail on
+    it. A replica that is only restarting is left to come back."""
+    unique = {id(a): (s, a) for s, pool in enumerate(idle) for a in pool}
+    probes = {a.info.remote(): (s, a) for s, a in unique.values()}
     ready, _ = ray.wait(list(probes), num_returns=len(probes), timeout=timeout_s)
     gone = set()
     for ref in ready:
@@ -226,8 +292,9 @@ def replace_dead(stages: list[StageSpec], idle: list[list], timeout_s: float = 6
             ray.get(ref)
         except ray.exceptions.ActorDiedError:
             s, dead = probes[ref]
-            idle[s].remove(dead)
-            idle[s].append(stages[s].replace(dead))
+            new = stages[s].replace(dead)
+            replaced[id(dead)] = new
+            idle[s][:] = [new if a is dead else a for a in idle[s]]
             gone.add(id(dead))
             log.warning("a %s replica is dead after its restarts; a new one replaces it", stages[s].name)
         except ray.exceptions.RayError:

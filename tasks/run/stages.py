@@ -15,6 +15,7 @@ import math
 import os
 import socket
 import sys
+import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -128,17 +129,28 @@ class Stage:
     (`busy_s`) and what process() reports under `usage` (samples; tokens for the generate stage)."""
 
     writer = reader = None
+    streams = False  # process() may run for several items at once (see run)
+    _engine = threading.Lock()  # replaced per replica (a class attribute so that subclasses need not call us)
 
     @ray.method(num_returns=2)
     def run(self, work, stage: str = ""):
+        """One item, read, processed and written. A replica holds up to `in_flight` of them at once (threads):
+        process() (the model) takes them one at a time, unless the stage `streams` (a generate stage whose
+        backend feeds one engine from every call: tasks/generate/feed.py); reading the next shard's prompts,
+        handing payloads over and writing the last one's parts overlap it."""
+        entered = time.time()
         if isinstance(work, ShardRef):
             # a replica whose node cannot see the folder hands the shard back: the driver reads it then
             work = None if self.reader is None else self.reader.in_replica(work)
             if work is None:
                 return None, CANNOT_READ
-        t0 = time.perf_counter()
-        out = self.process(work)
-        out.setdefault("work", {})[stage] = {"busy_s": time.perf_counter() - t0, **out.pop("usage", {})}
+        with contextlib.nullcontext() if self.streams else self._engine:
+            t0 = time.perf_counter()
+            out = self.process(work)
+            busy = time.perf_counter() - t0
+        out.setdefault("work", {})[stage] = {"busy_s": busy, **out.pop("usage", {})}
+        # when this replica's process held the item: from its arrival to the end of process()
+        out.setdefault("spans", {})[stage] = [os.getpid(), entered, time.time()]
         return (out if self.writer is None else self.writer.in_replica(out)), True
 
 
@@ -172,6 +184,7 @@ class GenerateStage(Stage):
         with gc_loading():
             self.backend.load()
         use_cpus(model.num_cpus)
+        self.streams = self.backend.feed is not None
         self.load_seconds = time.perf_counter() - t0
 
     def info(self) -> dict:
@@ -181,9 +194,12 @@ class GenerateStage(Stage):
 
     def process(self, shard: Shard) -> dict:
         t0 = time.perf_counter()
+        engine = Counter()
         rows, quarantine = generate_shard(
-            self.backend, shard, self.n, self.sampling, self.model.batch_size, self.conversation
+            self.backend, shard, self.n, self.sampling, self.model.batch_size, self.conversation, engine=engine
         )
+        if self.streams:  # the shared engine's steps since the last shard's report: shards' sums are the replica's
+            engine = self.backend.feed.take_stats()
         errors = error_types(quarantine)
         first = next((q["detail"] for q in quarantine if q["reason"] == "generation_error"), None)
         budget = ErrorBudget(self.max_error_rate)
@@ -199,7 +215,7 @@ class GenerateStage(Stage):
             "errors": {"generation_error": dict(errors)} if errors else {},
             "first_error": first,
             "seconds": {"generate": time.perf_counter() - t0},
-            "usage": generation_usage(rows),
+            "usage": generation_usage(rows) | {k: round(v, 6) for k, v in engine.items()},
         }
 
 
@@ -382,7 +398,7 @@ def with_io(cls: type) -> type:
     class WithIO(cls):
         def __init__(self, writer, reader, *args):
             super().__init__(*args)
-            self.writer, self.reader = writer, reader
+            self.writer, self.reader, self._engine = writer, reader, threading.Lock()
 
     WithIO.__name__, WithIO.__qualname__ = cls.__name__, cls.__qualname__  # the name Ray shows
     return WithIO
@@ -396,6 +412,7 @@ class StageSpec:
     num_replicas: int = 1
     num_gpus: float = 0
     num_cpus: float = 1
+    in_flight: int = 1  # items a replica holds at once (see Stage.run)
     writer: Any = None  # the last stage's: each replica writes its shards' parts (with_io)
     reader: Any = None  # the first stage's: each replica reads its shards' prompts
     actors: list = field(default_factory=list)
@@ -406,7 +423,7 @@ class StageSpec:
         # elsewhere if need be. Its lost work is retried by `stream`, not by Ray, so that it is counted.
         self._remote = ray.remote(with_io(self.cls)).options(
             num_gpus=self.num_gpus, num_cpus=self.num_cpus, max_restarts=restarts, max_task_retries=0,
-            scheduling_strategy="SPREAD",
+            scheduling_strategy="SPREAD", max_concurrency=max(1, self.in_flight),
         )
         self.actors = [self._new() for _ in range(self.num_replicas)]
 

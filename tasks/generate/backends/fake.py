@@ -14,7 +14,8 @@ a test can find and kill the Ray worker that holds the backend), exit_on (None: 
 once, as a segfault or a fatal CUDA error would, when a prompt in the batch contains this text), poison_file
 (None: the first process to load the backend while this file does not exist creates it, and from its
 second call on every call raises as a CUDA device-side assert does: the process lives on, poisoned; a new
-process, as Ray's restart of the actor makes, is healthy), error_rate (0: sample() raises RuntimeError when
+process, as Ray's restart of the actor makes, is healthy), step_s (0: off; else sample() runs through a simulated continuous-batching engine, see SimulatedEngine, fed by
+every thread of the replica: tasks/generate/feed.py), engine_slots (256: that engine's sequences at once), error_rate (0: sample() raises RuntimeError when
 any request in the call is for a prompt drawn to fail: a random fault on that share of prompts, the same
 prompts every time, since the draw is a hash of the prompt's text), fail_while (None: a path; fail_on and
 error_rate apply only while that file exists, so that a test fixes a fault without changing the config).
@@ -27,10 +28,13 @@ from __future__ import annotations
 
 import hashlib
 import os
+import threading
 import time
 import zlib
+from collections import deque
 
 from dafactory.tasks.config import ModelConfig, SamplingConfig
+from dafactory.tasks.generate.feed import EngineFeed
 from dafactory.tasks.generate.generation import Backend, BudgetForcing, Generation, Request
 
 VOCABULARY = 1 << 17  # words remembered from earlier render() calls, at most
@@ -53,30 +57,41 @@ class FakeBackend(Backend):
         self.error_rate = float(cfg.params.get("error_rate", 0.0))
         self.fail_while = cfg.params.get("fail_while")
         self.poison_file, self.poisoned, self._sampled = cfg.params.get("poison_file"), False, 0
-        self._words: dict[int, str] = {}  # the vocabulary seen by render(): id -> word
+        self.step_s, self.engine_slots = float(cfg.params.get("step_s", 0.0)), int(cfg.params.get("engine_slots", 256))
+        # The vocabulary seen by render(), id -> word: the words of recent renders and of those before them.
+        self._words: dict[int, str] = {}
+        self._older: dict[int, str] = {}
+        self._vocabulary = threading.Lock()  # threads of a streaming replica render and read at once
 
     def load(self) -> None:
         if self.pid_file:
             with open(self.pid_file, "a") as f:
                 f.write(f"{os.getpid()}\n")
+        if self.step_s > 0:
+            self.feed = EngineFeed(SimulatedEngine(self.engine_slots, self.step_s))
 
     def context_length(self) -> int | None:
         return self._context
 
     def render(self, conversations: list[list[dict]], prefill: str = "") -> list[list[int]]:
-        if len(self._words) > VOCABULARY:
-            # A real tokenizer's vocabulary is fixed; this one grows with the words seen, so it forgets them
-            # between renders (sample() reads ids rendered since), keeping a replica's memory flat.
-            self._words.clear()
-        out = []
-        for conv in conversations:
-            ids = []
-            for part, flag in [(m["content"], MESSAGE) for m in conv] + [(prefill, PREFILL)]:
-                words = part.split()
-                self._words.update((word_id(w), w) for w in words)
-                ids += [word_id(w) | (flag if j == 0 else 0) for j, w in enumerate(words)]
-            out.append(ids)
-        return out
+        with self._vocabulary:
+            if len(self._words) > VOCABULARY // 2:
+                # A real tokenizer's vocabulary is fixed; this one grows with the words seen, so it forgets the
+                # words of all but the latest renders (sample() reads ids rendered since), keeping memory flat.
+                self._older, self._words = self._words, {}
+            out = []
+            for conv in conversations:
+                ids = []
+                for part, flag in [(m["content"], MESSAGE) for m in conv] + [(prefill, PREFILL)]:
+                    words = part.split()
+                    self._words.update((word_id(w), w) for w in words)
+                    ids += [word_id(w) | (flag if j == 0 else 0) for j, w in enumerate(words)]
+                out.append(ids)
+            return out
+
+    def _word(self, t: int) -> str:
+        t &= MESSAGE - 1
+        return self._words[t] if t in self._words else self._older[t]
 
 
 
@@ -85,7 +100,8 @@ class FakeBackend(Backend):
         starts = [j for j, t in enumerate(ids) if t & MESSAGE]
         cut = next((j for j, t in enumerate(ids) if t & PREFILL), len(ids))
         first = starts[-1] if starts else 0
-        return " ".join(self._words[t & (MESSAGE - 1)] for t in ids[first:cut]), cut < len(ids)
+        with self._vocabulary:
+            return " ".join(self._word(t) for t in ids[first:cut]), cut < len(ids)
 
     def sample(self, requests: list[Request], sampling: SamplingConfig,
                forcing: BudgetForcing | None = None) -> list[list[Generation]]:
@@ -113,7 +129,7 @@ class FakeBackend(Backend):
                 gens.append(self._one(seed, i, last, prefilled, len(r.prompt_ids), sampling.max_new_tokens, forcing))
                 i += 1
             out.append(gens)
-        return out
+        return out if self.feed is None else self.feed.run(out)
 
     def _one(self, seed: int, i: int, last: str, prefilled: bool, plen: int, max_new_tokens: int,
              forcing: BudgetForcing | None = None) -> Generation:
@@ -151,6 +167,47 @@ class FakeBackend(Backend):
         return Generation(" ".join(words), finish, plen, len(words), tuple(map(word_id, words)),
                           reasoning_forced_close=forced, reasoning_tokens=len(reasoning),
                           answer_tokens=min(len(answer), f.answer))
+
+
+class SimulatedEngine:
+    """The fake backend's engine under `step_s` (an EngineFeed's engine): continuous batching as vLLM's, in time
+    only. Up to `limit` sequences decode together, one token per step of `step_s` seconds whatever their number
+    (decoding is bound by reading the weights); a sequence takes one step per token of its Generation (at least
+    one); one that ends frees its slot for the first waiting one. A request (an item: its Generations, computed
+    already) is finished when all its sequences are."""
+
+    def __init__(self, limit: int, step_s: float):
+        self.limit, self.step_s = limit, step_s
+        self._waiting: deque = deque()  # [key, steps left]
+        self._running: list = []
+        self._items: dict = {}  # key -> [item, sequences not finished]
+
+    def add(self, key, item: list[Generation]) -> None:
+        self._items[key] = [item, len(item)]
+        if not item:
+            self._items[key][1] = 1
+            self._waiting.append([key, 1])
+        self._waiting.extend([key, max(1, g.response_tokens)] for g in item)
+
+    def step(self) -> tuple[list, int]:
+        while self._waiting and len(self._running) < self.limit:
+            self._running.append(self._waiting.popleft())
+        time.sleep(self.step_s)
+        running, finished = len(self._running), []
+        for seq in self._running:
+            seq[1] -= 1
+            if seq[1] == 0:
+                entry = self._items[seq[0]]
+                entry[1] -= 1
+                if entry[1] == 0:
+                    finished.append((seq[0], self._items.pop(seq[0])[0]))
+        self._running = [seq for seq in self._running if seq[1] > 0]
+        return finished, running
+
+    def reset(self) -> None:
+        self._waiting.clear()
+        self._running.clear()
+        self._items.clear()
 
 
 def word_id(word: str) -> int:

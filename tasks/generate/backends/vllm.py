@@ -5,6 +5,10 @@ before that, and the backend pickles until it is loaded. Prompts are rendered by
 tokenizer with the same chat template logic as the `hf` backend and handed to vLLM as token ids, so both
 backends sample from the same prompt tokens.
 
+A replica's threads (its shards in flight, each shard's batches) share the one engine through an EngineFeed
+(tasks/generate/feed.py): requests go in between the engine's steps, so the next shards' requests run while the
+current shard's longest samples finish.
+
 Each request is one `SamplingParams(n, seed)`: its samples share the prompt's KV blocks, and the seed is per
 request, so a request's samples do not depend on what else is in the batch. Greedy requests (temperature 0)
 are sampled once and repeated n times (vLLM refuses n > 1 under greedy decoding; the samples would be equal).
@@ -24,6 +28,7 @@ import logging
 from dafactory.tasks.config import ModelConfig, SamplingConfig
 from dafactory.tasks.errors import UserError
 from dafactory.tasks.generate.backends.hf import render_ids, stop_ids
+from dafactory.tasks.generate.feed import EngineFeed
 from dafactory.tasks.generate.generation import (
     Backend,
     BudgetForcing,
@@ -66,6 +71,42 @@ def tensor_parallel_size(num_gpus: float) -> int:
     return max(1, int(num_gpus))
 
 
+class Steps:
+    """vLLM's LLMEngine as an EngineFeed's engine: requests are added between steps, as LLM.generate adds all of
+    its own before it steps (the same calls: add_request with FINAL_ONLY outputs, step, finished outputs).
+    `running` is our count: the samples of our unfinished requests, at most the scheduler's max_num_seqs (an
+    upper bound: a request's samples that ended before its last are counted until it ends)."""
+
+    def __init__(self, engine):
+        self.engine = engine
+        self.limit = engine.vllm_config.scheduler_config.max_num_seqs
+        self._n: dict[str, int] = {}  # request id -> samples, until it finishes
+
+    def add(self, key, item) -> None:
+        from vllm.inputs import TokensPrompt
+        from vllm.sampling_params import RequestOutputKind
+
+        prompt_ids, params = item
+        params.output_kind = RequestOutputKind.FINAL_ONLY
+        self.engine.add_request(str(key), TokensPrompt(prompt_token_ids=list(prompt_ids)), params)
+        self._n[str(key)] = params.n
+
+    def step(self) -> tuple[list, int]:
+        running, finished = min(self.limit, sum(self._n.values())), []
+        for out in self.engine.step():
+            if out.finished:
+                self._n.pop(out.request_id, None)
+                finished.append((int(out.request_id), sorted(out.outputs, key=lambda c: c.index)))
+        return finished, running
+
+    def reset(self) -> None:
+        ids, self._n = list(self._n), {}
+        try:
+            self.engine.abort_request(ids)
+        except Exception as exc:  # a dead engine: its requests are gone with it
+            log.warning("vLLM could not abort %d requests after a failed step: %s", len(ids), exc)
+
+
 class VLLMBackend(Backend):
     def __init__(self, cfg: ModelConfig):
         check_params(cfg.params)
@@ -99,9 +140,14 @@ class VLLMBackend(Backend):
             tensor_parallel_size=self.tp,
             seed=0,  # every request carries its own seed; this one only seeds the engine
         )
+        if not torch.cuda.is_available():
+            # vLLM's CPU build crashes ("CPU Generator does not use offset") when a seeded request's prompt is
+            # prefilled in chunks, as it is once a step's prompts pass max_num_batched_tokens: whole prompts.
+            kwargs["enable_chunked_prefill"] = False
         kwargs.update({k: params[k] for k in ("max_model_len", "gpu_memory_utilization") if k in params})
         kwargs.update(params.get("engine_kwargs", {}))
         self.llm = vllm.LLM(**kwargs)
+        self.feed = EngineFeed(Steps(self.llm.llm_engine))
         self.model_id = resolved.model_id
         self.revision = self._commit(resolved)
         generation = self.llm.llm_engine.model_config.try_get_generation_config()
@@ -137,11 +183,9 @@ class VLLMBackend(Backend):
         return SamplingParams(n=n, seed=seed, max_tokens=max_tokens, detokenize=False, **knobs)
 
     def _run(self, prompts: list[tuple[int, ...]], params: list) -> list[list]:
-        """Each prompt's completions, in sample order."""
-        from vllm.inputs import TokensPrompt
-
-        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompts], params, use_tqdm=False)
-        return [sorted(o.outputs, key=lambda c: c.index) for o in outputs]
+        """Each prompt's completions, in sample order: through the replica's one engine, beside whatever else its
+        threads have in it (the shards in flight)."""
+        return self.feed.run(list(zip(prompts, params)))
 
     def sample(self, requests: list[Request], sampling: SamplingConfig,
                forcing: BudgetForcing | None = None) -> list[list[Generation]]:
