@@ -204,11 +204,10 @@ def main() -> None:
     ap.add_argument("--check-requests", type=int, default=64)
     ap.add_argument("--lm-head-scale", type=float, default=64.0)
     ap.add_argument("--json", type=Path)
+    if "--small" in sys.argv:  # smaller defaults; options given on the line still win
+        ap.set_defaults(requests=16, new_tokens=16, requests_b=12, n_b=2, max_budget=48, prompt_min=4, prompt_max=16,
+                        batch=16, check_requests=8)
     args = ap.parse_args()
-    if args.small:
-        args.requests, args.new_tokens, args.requests_b, args.n_b = 16, 16, 12, 2
-        args.max_budget, args.prompt_min, args.prompt_max, args.batch = 48, 4, 16, 16
-        args.check_requests = 8
 
     import torch
 

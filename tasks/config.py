@@ -237,10 +237,11 @@ class RunConfig(_Strict):
         "still building keeps its parts). Must exceed the longest build and read.",
     )
     shards_in_flight: int = Field(
-        2, ge=1, le=64, description="Shards each stage replica holds at once: its model works on one while the "
+        4, ge=1, le=64, description="Shards each stage replica holds at once: its model works on one while the "
         "next one's prompts arrive and the last one's parts are written, so that round trips to the driver and a "
         "shard's own I/O do not leave the model idle between shards. A streaming backend (vllm) runs the shards' "
-        "requests in its engine together, so that it does not drain at a shard's end. 1: one shard at a time.",
+        "requests in its engine together, so that it does not drain at a shard's end (4 x 64 prompts x N=4: 1,024 "
+        "sequences, vLLM's max_num_seqs on an H100). 1: one shard at a time.",
     )
     compact_shards: int = Field(
         256, ge=0, description="For readers (Delta Lake's OPTIMIZE): a table with more parts than this also gets "
