@@ -24,6 +24,7 @@ share of GPU memory vLLM may take; on a vLLM CPU build, the share of the NUMA no
 from __future__ import annotations
 
 import logging
+import threading
 
 from dafactory.tasks.config import ModelConfig, SamplingConfig
 from dafactory.tasks.errors import UserError
@@ -148,6 +149,7 @@ class VLLMBackend(Backend):
         kwargs.update(params.get("engine_kwargs", {}))
         self.llm = vllm.LLM(**kwargs)
         self.feed = EngineFeed(Steps(self.llm.llm_engine))
+        self._rendering = threading.Lock()  # made here: the backend pickles until it is loaded
         self.model_id = resolved.model_id
         self.revision = self._commit(resolved)
         generation = self.llm.llm_engine.model_config.try_get_generation_config()
@@ -170,7 +172,8 @@ class VLLMBackend(Backend):
         return self.llm.llm_engine.model_config.max_model_len
 
     def render(self, conversations: list[list[dict]], prefill: str = "") -> list[list[int]]:
-        return render_ids(self.tok, conversations, prefill)
+        with self._rendering:  # a replica's threads share the tokenizer, whose batch call sets its padding state
+            return render_ids(self.tok, conversations, prefill)
 
 
     @staticmethod
