@@ -81,7 +81,7 @@ FORMS = {  # the Run form of each flow, top to bottom: what a user changes first
                        "confidence", "scoring"],
 }
 PLUMBING = ["shard_size", "ray", "retries", "shard_retries", "max_error_rate", "gpu_slot_timeout_s", "keep_versions",
-            "retention_hours", "compact_shards", "storage_block",
+            "retention_hours", "shards_in_flight", "compact_shards", "storage_block",
             "storage_timeout_s", "storage_retries", "result_storage", "cost"]
 SCORER_NAMES = ["latent_attribution", "llama_guard", "refusal_heuristic", "reward_model", "rubric_judge",
                 "yes_no_judge"]
