@@ -147,7 +147,7 @@ def test_a_replica_writes_its_shard_where_it_sees_the_folder_and_hands_it_back_o
     assert back == {"written": {"shard_id": "s1", "shard_index": 0, "prompts": 2, "prompts_out": 0,
                                 "rows": {"quarantine": 1, "best": 0}, "quarantined": {"empty": 1}, "outcomes": {},
                                 "candidates": {}, "errors": {}, "first_error": None, "seconds": {"score": 0.1},
-                                "work": {"score": {"busy_s": 0.2, "samples": 0}}, "part": part}}
+                                "work": {"score": {"busy_s": 0.2, "samples": 0}}, "spans": {}, "part": part}}
     assert set(ds.parts("best")) == set(ds.parts("quarantine")) == {part}
     assert ds.marker_stats([ds.part_path("best", part)]) == [back["written"]]  # the marker carries the stats
     # the same shard written again (a retry) gets its own name: nothing is overwritten
