@@ -183,11 +183,9 @@ class SimulatedEngine:
         self._items: dict = {}  # key -> [item, sequences not finished]
 
     def add(self, key, item: list[Generation]) -> None:
-        self._items[key] = [item, len(item)]
-        if not item:
-            self._items[key][1] = 1
-            self._waiting.append([key, 1])
-        self._waiting.extend([key, max(1, g.response_tokens)] for g in item)
+        steps = [max(1, g.response_tokens) for g in item] or [1]  # a request of no samples still takes a step
+        self._items[key] = [item, len(steps)]
+        self._waiting.extend([key, n] for n in steps)
 
     def step(self) -> tuple[list, int]:
         while self._waiting and len(self._running) < self.limit:
