@@ -260,9 +260,9 @@ def test_two_runs_into_one_folder_at_once_end_as_one_clean_build(tmp_path):
     first = [f"question number {i}" for i in range(16)]
     second = first[:10] + [f"another question {i}" for i in range(6)]
 
-    def config(dataset: str) -> PreferenceConfig:
+    def config(dataset: str, path=prompts) -> PreferenceConfig:
         return build_config(PreferenceConfig, None, [
-            f"output={tmp_path / 'out'}", f"dataset={dataset}", f"prompts.path={prompts}", "student.backend=fake",
+            f"output={tmp_path / 'out'}", f"dataset={dataset}", f"prompts.path={path}", "student.backend=fake",
             "n=2", "shard_size=2", "student.num_cpus=0.5", "scoring.num_cpus=0.5", "student.params.latency_s=0.3"])
 
     write_jsonl(prompts, [{"prompt": p} for p in first])
@@ -279,13 +279,14 @@ def test_two_runs_into_one_folder_at_once_end_as_one_clean_build(tmp_path):
     assert b.wait(timeout=600) == 0, (tmp_path / "b" / "cli.log").read_text()[-3000:]
     final = ds.read_manifest()
     assert final["version"] == 2 and final["status"] == "complete" and verify(ds).problems == []
-    # clean builds of each input, one at a time, each in a folder of its own
-    cleans = {}
+    # clean builds of each input, both at once, each from a file and into a folder of its own
+    runs = {}
     for name, rows in (("clean-first", first), ("clean-second", second)):
-        write_jsonl(prompts, [{"prompt": p} for p in rows])
         (tmp_path / name).mkdir()
-        assert cli(tmp_path / name, config(name)).wait(timeout=600) == 0
-        cleans[name] = row_keys(DatasetDir(str(tmp_path / "out"), name))
+        path = write_jsonl(tmp_path / name / "p.jsonl", [{"prompt": p} for p in rows])
+        runs[name] = cli(tmp_path / name, config(name, path))
+    assert all(run.wait(timeout=600) == 0 for run in runs.values())
+    cleans = {name: row_keys(DatasetDir(str(tmp_path / "out"), name)) for name in runs}
     assert row_keys(ds) in cleans.values()
     assert row_keys(ds, ds.read_version(1)) in cleans.values()  # the version it replaced is whole too
     assert cleans["clean-first"] != cleans["clean-second"]
