@@ -20,14 +20,13 @@ from dafactory.tasks.io.commit import vacuum
 from dafactory.tasks.io.schemas import TABLES
 from dafactory.tasks.io.storage import FAILPOINT, DatasetDir
 from dafactory.tasks.io.verify import verify
-from tests.conftest import ROOT, write_jsonl
+from tests.conftest import ROOT, own_home, write_jsonl
 
 
 def run_cli(tmp_path, cfg, failpoint: str | None = None, env_extra: dict | None = None) -> int:
     path = tmp_path / "config.yaml"
     path.write_text(json.dumps(cfg.model_dump(mode="json")))
-    (tmp_path / "home").mkdir(exist_ok=True)
-    env = dict(os.environ, HOME=str(tmp_path / "home"))
+    env = own_home(tmp_path / "home")
     env.pop("PREFECT_API_URL", None)
     env.pop(FAILPOINT, None)
     env |= env_extra or {}
