@@ -156,7 +156,12 @@ def test_a_user_error_is_one_line_in_the_runs_logs(served):
                                                                                 "prompts": {"path": missing}}})
     final = wait_for(lambda: (r := client.read_flow_run(run.id)).state.is_final() and r, 240, "the flow run")
     assert final.state.is_failed() and "UserError" in final.state.message, final.state
-    logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run.id])))
+
+    def shipped():  # a run's logs reach the server in batches, after its state: wait for its last line
+        logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run.id])))
+        return logs if any(log.message.startswith("Finished in state") for log in logs) else None
+
+    logs = wait_for(shipped, 60, "the run's logs")
     errors = [log.message for log in logs if log.level >= 40]
     assert len(errors) == 1 and missing in errors[0], errors
     assert not any("Traceback" in log.message for log in logs)
