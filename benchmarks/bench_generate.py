@@ -129,9 +129,9 @@ def run(backend, engine: str, load: list, batch: int, sampling, sync, occupancy=
     sync()
     t0 = time.perf_counter()
     for seed, chunk in enumerate(calls(load, batch)):
-        requests = [Request(p, n, seed) for p, n, _ in chunk]
+        requests = [Request(p, n, seed, b) for p, n, b in chunk]
         t1 = time.perf_counter()
-        out += backend.sample(requests, sampling, budgets=[b for _, _, b in chunk])
+        out += backend.sample(requests, sampling)
         if occupancy is not None and engine != "paged":
             sync()
             count(occupancy, time.perf_counter() - t1, [b for _, n, b in chunk for _ in range(n)], batch)

@@ -71,7 +71,7 @@ def shard_sizes(args, work: Path, src: Path) -> None:
                  "prompts.category_column=category", "student.backend=fake", f"n={args.n}", f"shard_size={size}",
                  "sampling.max_new_tokens=32", "student.num_cpus=1", "scoring.num_cpus=1", f"shards_in_flight={k}",
                  *NO_SCREEN, *([f"student.params.step_s={args.step_s}", f"student.params.engine_slots={args.slots}",
-                                f"student.batch_size={args.slots}"] if args.step_s else [])],
+                                f"student.batch_size={args.slots}"] if args.step_s else []), *args.sets],
             )
             t0 = time.perf_counter()
             manifest = preference(cfg)

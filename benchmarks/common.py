@@ -18,6 +18,8 @@ def arguments(description: str) -> argparse.Namespace:
                     help="with --shard-sizes: the fake engine's seconds per decode step (a streaming engine, "
                          "tasks/generate/feed.py, that takes the replica's shards in flight together); 0: off")
     ap.add_argument("--slots", type=int, default=256, help="with --step-s: that engine's sequences at once")
+    ap.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                    help="bench_orchestration --shard-sizes: a config override for every build (repeatable)")
     return ap.parse_args()
 
 

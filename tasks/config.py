@@ -59,6 +59,11 @@ class PromptSource(_Strict):
     category_column: str | None = Field(
         None, description="Optional column holding a policy category for each prompt."
     )
+    max_new_tokens_column: str | None = Field(
+        None, description="Optional column holding each prompt's own most new tokens per response (a whole number "
+        "of at least 1; an empty cell: sampling's max_new_tokens), as a per-request max_tokens in vLLM or Ray Data "
+        "LLM. Not with budget forcing (reasoning_budget).",
+    )
     limit: int | None = Field(None, ge=1, description="Use only the first N rows of the source.")
 
 
@@ -443,6 +448,13 @@ class DistillConfig(RunConfig):
         default_factory=DecontaminationConfig, description="Overlap checks against evaluation prompts."
     )
     judging: StageResources = Field(default_factory=StageResources, description="Ray resources of judging.")
+
+    @model_validator(mode="after")
+    def _one_bound(self) -> "DistillConfig":
+        if self.sampling.reasoning_budget is not None and self.prompts.max_new_tokens_column:
+            raise ValueError("prompts.max_new_tokens_column does not go with sampling.reasoning_budget, whose "
+                             "budgets replace max_new_tokens: set one of them")
+        return self
 
     @property
     def generator(self) -> ModelConfig:

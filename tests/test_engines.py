@@ -97,6 +97,30 @@ def test_sampling_is_reproducible_and_seeded(tiny_models, reference, engine):
     assert ids(4) != first
 
 
+@pytest.mark.parametrize("engine", ENGINE_NAMES)
+def test_each_request_stops_at_its_own_max_new_tokens(tiny_models, reference, engine):
+    # one call, three requests: budgets of 3 and 5 tokens and the sampling's (NEW); greedy gives each the
+    # reference's first tokens up to its own budget
+    prompts, expected = reference
+    b = backend(tiny_models["lm"], engine)
+    b.eos_ids = set()
+    budgets = [3, None, 5]
+    requests = [Request(tuple(p), n, 5, m) for p, n, m in zip(prompts, SAMPLES, budgets)]
+    out = b.sample(requests, SamplingConfig(temperature=0, max_new_tokens=NEW))
+    assert [[g.token_ids for g in gens] for gens in out] == [
+        [tuple(e[: m or NEW])] * n for e, n, m in zip(expected, SAMPLES, budgets)]
+    assert {g.finish_reason for gens in out for g in gens} == {"length"}
+    if engine == "paged":  # its schedule (and so its draws) depends on the lengths: greedy only
+        return
+    # sampled: a request's tokens are those it gets when the whole call runs to the largest budget, cut
+    s = SamplingConfig(temperature=1.0, max_new_tokens=NEW)
+    full = b.sample([Request(r.prompt_ids, r.n, r.seed) for r in requests], s)
+    own = b.sample(requests, s)
+    assert [[g.token_ids for g in gens] for gens in own] == [
+        [g.token_ids[: m or NEW] for g in gens] for gens, m in zip(full, budgets)]
+    assert [len(g.token_ids) for gens in own for g in gens] == [3, 3, NEW, 5, 5, 5]
+
+
 def test_generate_is_render_then_sample(tiny_models, reference):
     # the judges' call: one greedy sample per conversation, the same ids as the reference
     prompts, expected = reference

@@ -311,3 +311,25 @@ def test_a_reordered_input_resumes_every_shard_and_an_insert_rebuilds_one(tmp_pa
     assert (len(before - after), len(after - before)) == (1, 1)  # one shard's output replaced, the rest kept
     assert inserted["tables"]["candidates"]["rows"] == 25 * 2
     assert verify(ds).problems == []
+
+
+def test_a_prompts_own_max_new_tokens_bounds_its_samples_and_a_change_rebuilds_its_shard(tmp_path, run_flow):
+    budgets = {p: 2 if i % 2 == 0 else None for i, p in enumerate(HARMFUL)}
+    path = write_jsonl(tmp_path / "budgets.jsonl", [{"prompt": p, "category": "harm", "budget": m} for p, m in budgets.items()])
+    cfg = config(tmp_path, f"prompts.path={path}", "prompts.max_new_tokens_column=budget", "shard_size=100",
+                 "student.params.refusal_rate=0.0")  # every answer is at least 8 words: a bound of 2 cuts each
+    manifest = run_flow(cfg)
+    ds = DatasetDir(cfg.output, cfg.dataset)
+    assert {r["prompt"]: r["max_new_tokens"] for r in ds.read_table("prompts").to_pylist()} == budgets
+    lengths = defaultdict(set)
+    for r in ds.read_table("candidates").to_pylist():
+        lengths[r["prompt"]].add((r["response_tokens"], r["finish_reason"]) if budgets[r["prompt"]] else "default")
+    assert lengths == {p: {(2, "length")} if m else {"default"} for p, m in budgets.items()}
+    assert min(r["response_tokens"] for r in ds.read_table("candidates").to_pylist() if not budgets[r["prompt"]]) > 2
+    assert (manifest["shards"]["total"], manifest["shards"]["built"]) == (1, 1)
+    assert run_flow(cfg)["shards"]["resumed"] == 1  # the same input resumes
+    budgets[HARMFUL[1]] = 3  # one prompt's bound changes: its shard is another shard, built again
+    write_jsonl(path, [{"prompt": p, "category": "harm", "budget": m} for p, m in budgets.items()])
+    manifest = run_flow(cfg)
+    assert (manifest["shards"]["resumed"], manifest["shards"]["built"]) == (0, 1)
+    assert {r["response_tokens"] for r in ds.read_table("candidates").to_pylist() if r["prompt"] == HARMFUL[1]} == {3}

@@ -387,3 +387,23 @@ def test_garbage_left_by_loading_is_collected_before_the_rest_is_frozen():
         assert kept[0].payload  # what was kept is still there
     finally:
         gc.unfreeze()  # this test process is not a replica
+
+
+def test_a_rows_own_max_new_tokens_bounds_its_samples_and_its_context_check():
+    # each prompt's rows equal those of the same shard generated with its budget as the sampling's max_new_tokens
+    # (the fake backend's seeds depend on the call, not on the budget); the context check uses each row's own
+    texts = ["how do I bake bread", "tell me about the moon", "write a poem on rain", "x " * 10]
+    budgets = [2, None, 7, 3]
+    s = Shard("s1", 0, tuple(PromptRow(prompt_id(t), t, None, i, max_new_tokens=m)
+                             for i, (t, m) in enumerate(zip(texts, budgets))))
+    b = FakeBackend(ModelConfig(backend="fake", params={"refusal_rate": 0.0, "context_length": 12}))
+    rows, quarantine = generate_shard(b, s, n=2, sampling=SamplingConfig(max_new_tokens=1), batch_size=8,
+                                      conversation=ChatPrompt())
+    assert [q["detail"] for q in quarantine] == ["10 prompt tokens + the row's max_new_tokens 3 > context 12"]
+    plain = Shard("s1", 0, tuple(PromptRow(r.prompt_id, r.prompt, None, r.source_row) for r in s.rows[:3]))
+    for m, text in [(2, texts[0]), (1, texts[1]), (7, texts[2])]:
+        alone, _ = generate_shard(b, plain, n=2, sampling=SamplingConfig(max_new_tokens=m), batch_size=8,
+                                  conversation=ChatPrompt())
+        assert [r for r in rows if r["prompt"] == text] == [r for r in alone if r["prompt"] == text]
+    assert [(r["response_tokens"], r["finish_reason"]) for r in rows] == [
+        (2, "length"), (2, "length"), (1, "length"), (1, "length"), (7, "length"), (7, "length")]

@@ -164,3 +164,37 @@ def test_the_planner_reads_the_input_once_and_still_keeps_every_category(tmp_pat
     planned = {r["prompt_id"]: r for ref in plan.shards for r in ds.read_part("prompts", ref.part).to_pylist()}
     assert {pid: (r["category"], tuple(r["categories"])) for pid, r in planned.items()} == {
         r.prompt_id: (r.category, r.categories) for r in two_pass.rows}
+
+
+def test_each_row_may_bound_its_own_new_tokens_in_every_format(tmp_path):
+    # max_new_tokens_column: a whole number >= 1 per row (an empty cell: the config's); a bad cell quarantines
+    # its row with the reason, and that row takes no part in dedup (a later good row of the same text is kept)
+    jsonl = tmp_path / "p.jsonl"
+    write_jsonl(jsonl, [{"prompt": "a", "budget": 16}, {"prompt": "b", "budget": None}, {"prompt": "c", "budget": 0},
+                        {"prompt": "d", "budget": "many"}, {"prompt": "e", "budget": 2.5}, {"prompt": "f"},
+                        {"prompt": "c", "budget": 7}, {"prompt": "g", "budget": True}, {"prompt": "h", "budget": 3.0}])
+    csv = tmp_path / "p.csv"
+    csv.write_bytes(b"prompt,budget\na,16\nb,\nc,0\nd,many\ne,2.5\nf, 5 \nc,7\n")
+    parquet = tmp_path / "p.parquet"
+    pq.write_table(pa.table({"prompt": ["a", "b", "c", "d"], "budget": pa.array([16, None, -1, 256], pa.int32())}),
+                   parquet)
+    got = {}
+    for path in (jsonl, csv, parquet):
+        ps = load_prompts(PromptSource(path=str(path), max_new_tokens_column="budget"))
+        got[path.suffix] = ([(r.prompt, r.source_row, r.max_new_tokens) for r in ps.rows],
+                            [(q["source_row"], q["prompt"], q["reason"], q["detail"]) for q in ps.quarantine])
+    bad = "bad_max_new_tokens"
+    assert got[".jsonl"] == (
+        [("a", 0, 16), ("b", 1, None), ("f", 5, None), ("c", 6, 7), ("h", 8, 3)],
+        [(2, "c", bad, "max_new_tokens: 0 is below 1"), (3, "d", bad, "max_new_tokens: 'many' is not a whole number"),
+         (4, "e", bad, "max_new_tokens: '2.5' is not a whole number"),
+         (7, "g", bad, "max_new_tokens: 'True' is not a whole number")])
+    assert got[".csv"] == (
+        [("a", 0, 16), ("b", 1, None), ("f", 5, 5), ("c", 6, 7)],
+        [(2, "c", bad, "max_new_tokens: 0 is below 1"), (3, "d", bad, "max_new_tokens: 'many' is not a whole number"),
+         (4, "e", bad, "max_new_tokens: '2.5' is not a whole number")])
+    assert got[".parquet"] == ([("a", 0, 16), ("b", 1, None), ("d", 3, 256)],
+                               [(2, "c", bad, "max_new_tokens: -1 is below 1")])
+    # a column named and missing is the usual one-line error
+    with pytest.raises(UserError, match="missing column\\(s\\) 'tokens'"):
+        load_prompts(PromptSource(path=str(jsonl), max_new_tokens_column="tokens"))

@@ -159,3 +159,29 @@ def test_a_replica_writes_its_shard_where_it_sees_the_folder_and_hands_it_back_o
     broken = ShardWriter(DatasetDir(str(tmp_path), "d", retries=0), ("quarantine", "best"), ("best",))
     back = broken.in_replica(shard_result("s2"))
     assert "unwritten" in back and back["shard_id"] == "s2" and back["tables"]
+
+
+def test_parts_written_before_a_column_was_added_read_and_compact_beside_new_ones(tmp_path):
+    # a prompts part of a folder planned before max_new_tokens existed, and one planned after: read one at a time,
+    # together and compacted, the old part's rows have the new column as nulls
+    import pyarrow as pa
+
+    from dafactory.tasks.io.compact import write_group
+    from dafactory.tasks.io.schemas import PROMPTS
+    from dafactory.tasks.io.storage import ShardRef, load_shard, write_parquet
+
+    def rows(pid, budget):
+        return {"prompt_id": pid, "source_row": 0, "prompt": f"text {pid}", "category": None, "categories": [],
+                "reference": None, "max_new_tokens": budget, "shard_id": f"s{pid}"}
+
+    ds = DatasetDir(str(tmp_path), "d")
+    old_schema = pa.schema([f for f in PROMPTS if f.name != "max_new_tokens"])
+    old = pa.Table.from_pylist([{k: v for k, v in rows("a", None).items() if k != "max_new_tokens"}], old_schema)
+    ds._put(ds.part_path("prompts", "sa@old"), lambda f: write_parquet(old, f))
+    new = ds.write_keyed("prompts", "sb", to_table([rows("b", 16)], PROMPTS))
+    assert ds.read_part("prompts", "sa@old").to_pylist() == [rows("a", None)]
+    assert ds.read_parts("prompts", {"sa@old", new}).to_pylist() == [rows("a", None), rows("b", 16)]
+    assert load_shard(ds, ShardRef("sa", 0, 1, "sa@old")).rows[0].max_new_tokens is None
+    assert load_shard(ds, ShardRef("sb", 1, 1, new)).rows[0].max_new_tokens == 16
+    write_group(ds, "prompts", "prompts/compact-x.parquet", ["prompts/part-sa@old.parquet", f"prompts/part-{new}.parquet"])
+    assert ds.read_file(ds._inside("prompts/compact-x.parquet")).to_pylist() == [rows("a", None), rows("b", 16)]

@@ -195,6 +195,21 @@ def test_sampled_shape_finish_reasons_ids_and_seeds(engine, reference):
     assert reseeded != out
 
 
+@engine_test
+def test_each_request_keeps_its_own_max_new_tokens(engine):
+    # one call whose requests bound their samples at 4, 12 and the sampling's 32 tokens: each request's samples
+    # are those it gets alone with its bound as the sampling's max_new_tokens (vLLM seeds each request)
+    prompts = engine.render(CONVERSATIONS)
+    budgets = [4, 12, None]
+    requests = [Request(tuple(p), 2, 100 + i, m) for i, (p, m) in enumerate(zip(prompts, budgets))]
+    out = engine.sample(requests, SAMPLED)
+    alone = [engine.sample([Request(r.prompt_ids, 2, r.seed)], SAMPLED.model_copy(update={"max_new_tokens": m}))[0]
+             for r, m in zip(requests, [4, 12, MAX_NEW])]
+    assert out == alone
+    assert all(g.response_tokens <= (m or MAX_NEW) for gens, m in zip(out, budgets) for g in gens)
+    assert {g.finish_reason for g in out[0]} == {"length"}  # 4 tokens: no answer of this model ends so soon
+
+
 def _greedy_reference(model, tok, prompt_ids: list[int]) -> tuple[list[int], str]:
     """transformers' plain greedy generate on one unpadded prompt: the ids up to the first EOS, and why it
     ended."""

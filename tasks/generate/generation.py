@@ -164,11 +164,17 @@ def forced_generation(phase: ReasoningPhase, answer_raw: list[int], eos_ids, dec
 @dataclass(frozen=True)
 class Request:
     """One prompt to sample from: the token ids of its rendered conversation (chat template with the
-    generation prompt, then the prefill), how many samples, and the seed of its samples."""
+    generation prompt, then the prefill), how many samples, the seed of its samples, and its own bound on
+    new tokens (None: the sampling's max_new_tokens; a prompt file's `max_new_tokens_column` sets it)."""
 
     prompt_ids: tuple[int, ...]
     n: int = 1
     seed: int = 0
+    max_new_tokens: int | None = None
+
+    def budget(self, sampling: SamplingConfig) -> int:
+        """Most new tokens of each of this request's samples (without budget forcing)."""
+        return self.max_new_tokens or sampling.max_new_tokens
 
 
 class Backend:
@@ -222,9 +228,9 @@ def request_seed(seed: int, j: int) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}:request:{j}".encode()).digest()[:4], "little")
 
 
-def requests_of(prompts: list[tuple[tuple[int, ...], int]], seed: int) -> list["Request"]:
-    """Requests of (prompt ids, n) for one call seeded `seed`."""
-    return [Request(ids, n, request_seed(seed, j)) for j, (ids, n) in enumerate(prompts)]
+def requests_of(prompts: list[tuple], seed: int) -> list["Request"]:
+    """Requests of (prompt ids, n) or (prompt ids, n, max_new_tokens) for one call seeded `seed`."""
+    return [Request(ids, n, request_seed(seed, j), *rest) for j, (ids, n, *rest) in enumerate(prompts)]
 
 
 @dataclass(frozen=True)
@@ -308,14 +314,15 @@ def generate_shard(
     longest = sampling.max_response_tokens(len(forcing.forced) if forcing else 0)
     ids = backend.render([conversation(r) for r in shard.rows], conversation.prefill)
     limit = backend.context_length()
-    fits, quarantine = [], []  # fits: (row, prompt ids)
+    fits, quarantine = [], []  # fits: (row, prompt ids, the row's own max_new_tokens or None)
     for row, prompt in zip(shard.rows, ids):
-        if limit and len(prompt) + longest > limit:
-            what = "the response's budgets" if forcing else "max_new_tokens"
-            detail = f"{len(prompt)} prompt tokens + {what} {longest} > context {limit}"
+        own = None if forcing else row.max_new_tokens  # preflight refuses a budget column under budget forcing
+        if limit and len(prompt) + (own or longest) > limit:
+            what = "the response's budgets" if forcing else "the row's max_new_tokens" if own else "max_new_tokens"
+            detail = f"{len(prompt)} prompt tokens + {what} {own or longest} > context {limit}"
             quarantine.append(_quarantined(row, "too_long", detail))
         else:
-            fits.append((row, tuple(prompt)))
+            fits.append((row, tuple(prompt), own))
 
     counting = threading.Lock()
 
@@ -324,7 +331,7 @@ def generate_shard(
         batch b as (prompt index, sample indices, offset of its first sequence in the batch). A call that
         raises is split in halves of its requests, each retried with its own seed, until one fails alone."""
         part = groups[lo:hi]
-        requests = requests_of([(fits[i][1], len(ks)) for i, ks, _ in part], seed)
+        requests = requests_of([(fits[i][1], len(ks), fits[i][2]) for i, ks, _ in part], seed)
         try:
             out = backend.sample(requests, sampling, forcing)
             if [len(g) for g in out] != [r.n for r in requests]:

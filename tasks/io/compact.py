@@ -19,7 +19,7 @@ import posixpath
 
 import pyarrow.parquet as pq
 
-from dafactory.tasks.io.schemas import TABLES
+from dafactory.tasks.io.schemas import TABLES, conform
 from dafactory.tasks.io.storage import DatasetDir, part_key, part_name
 
 log = logging.getLogger(__name__)
@@ -81,7 +81,7 @@ def write_group(ds: DatasetDir, table: str, path: str, members: list[str]) -> No
     def write(f):
         with pq.ParquetWriter(f, schema, compression="zstd") as writer:
             for member in members:
-                data = ds.read_file(ds._inside(member))
+                data = conform(ds.read_file(ds._inside(member)), table)
                 if data.num_rows:
                     writer.write_table(data.cast(schema))
 

@@ -1,6 +1,7 @@
 """Load, validate, deduplicate and shard prompts. Pure: no Prefect, Ray or torch.
 
-Row contract: reads `prompt_column` (and `category_column` if set) from Parquet, JSONL or CSV;
+Row contract: reads `prompt_column` (and `category_column`, `max_new_tokens_column` if set) from Parquet, JSONL
+or CSV;
 writes PromptRow records keyed by `prompt_id`, a content hash of the prompt text.
 Bad rows are quarantined with a reason, never dropped silently.
 """
@@ -44,6 +45,7 @@ class PromptRow:
     source_row: int
     categories: tuple[str, ...] = ()
     reference: tuple | None = None  # utility benchmarks: (kind, reference answer, number of choices)
+    max_new_tokens: int | None = None  # the row's own bound on new tokens (max_new_tokens_column); None: the config's
 
 
 @dataclass
@@ -92,12 +94,13 @@ def _check(columns: list[str], wanted: list[str], path: str) -> None:
     require_columns(columns, wanted, f"prompt file {path}")
 
 
-def iter_raw(src: PromptSource, batch_rows: int = 8192) -> Iterator[tuple[list, list]]:
-    """Raw prompt and category values (bytes/str/None, or a decode error), `batch_rows` source rows at
-    a time: the file is streamed, never read whole. Stops after `src.limit` rows."""
+def iter_raw(src: PromptSource, batch_rows: int = 8192) -> Iterator[tuple[list, list, list]]:
+    """Raw prompt, category and max_new_tokens values (bytes/str/None, or a decode error; None where the column
+    is not set), `batch_rows` source rows at a time: the file is streamed, never read whole. Stops after
+    `src.limit` rows."""
     path = source_path(src)
     fmt = _format(path)
-    wanted = [src.prompt_column] + ([src.category_column] if src.category_column else [])
+    wanted = [src.prompt_column] + [c for c in (src.category_column, src.max_new_tokens_column) if c]
     left = src.limit if src.limit is not None else float("inf")
     with _open(path) as f:
         if fmt == "jsonl":
@@ -112,13 +115,13 @@ def iter_raw(src: PromptSource, batch_rows: int = 8192) -> Iterator[tuple[list, 
             _check(pf.schema_arrow.names, wanted, path)
             # use_threads=False: see DatasetDir.read_table
             chunks = _arrow_chunks(pf.iter_batches(batch_rows, columns=wanted, use_threads=False), src, wanted, path)
-        for prompts, cats in chunks:
+        for prompts, cats, budgets in chunks:
             if left <= 0:
                 return
             if len(prompts) > left:
-                prompts, cats = prompts[: int(left)], cats[: int(left)]
+                prompts, cats, budgets = prompts[: int(left)], cats[: int(left)], budgets[: int(left)]
             left -= len(prompts)
-            yield prompts, cats
+            yield prompts, cats, budgets
 
 
 def _csv_batches(f, fmt: str, wanted: list[str], batch_rows: int):
@@ -173,15 +176,17 @@ def _arrow_chunks(batches, src: PromptSource, wanted: list[str], path: str):
             _check(batch.schema.names, wanted, path)
             checked = True
         prompts = cells(batch.column(src.prompt_column))
-        cats = cells(batch.column(src.category_column)) if src.category_column else [None] * len(prompts)
-        yield prompts, cats
+        none = [None] * len(prompts)
+        cats = cells(batch.column(src.category_column)) if src.category_column else none
+        budgets = batch.column(src.max_new_tokens_column).to_pylist() if src.max_new_tokens_column else none
+        yield prompts, cats, budgets
 
 
 def read_raw(src: PromptSource) -> tuple[list[object], list[object]]:
     """Raw prompt values and raw category values of the whole file (small files: benchmarks; large
     inputs go through iter_raw)."""
     prompts, cats = [], []
-    for p, c in iter_raw(src):
+    for p, c, _ in iter_raw(src):
         prompts += p
         cats += c
     return prompts, cats
@@ -196,7 +201,7 @@ def _jsonl_chunks(f, src: PromptSource, wanted: list[str], path: str, batch_rows
     # The columns are checked once, over the keys of the first `window` rows (the whole file if shorter),
     # and batches are held back until then: whether a file fails must not depend on batch_rows.
     window = 8192
-    prompts, cats, seen_cols, held, rows = [], [], {}, [], 0
+    prompts, cats, budgets, seen_cols, held, rows = [], [], [], {}, [], 0
     for raw in f:
         if not raw.strip():
             continue
@@ -211,13 +216,15 @@ def _jsonl_chunks(f, src: PromptSource, wanted: list[str], path: str, batch_rows
                 seen_cols.update(dict.fromkeys(obj))
             prompts.append(obj.get(src.prompt_column))
             cats.append(obj.get(src.category_column) if src.category_column else None)
+            budgets.append(obj.get(src.max_new_tokens_column) if src.max_new_tokens_column else None)
         else:
             prompts.append(obj if isinstance(obj, _BadLine) else _BadLine("malformed_json", "not an object"))
             cats.append(None)
+            budgets.append(None)
         rows += 1
         if len(prompts) == batch_rows:
-            held.append((prompts, cats))
-            prompts, cats = [], []
+            held.append((prompts, cats, budgets))
+            prompts, cats, budgets = [], [], []
         if rows == window:
             _check(list(seen_cols), wanted, path)
         if rows >= window:
@@ -227,7 +234,7 @@ def _jsonl_chunks(f, src: PromptSource, wanted: list[str], path: str, batch_rows
         _check(list(seen_cols), wanted, path)
     yield from held
     if prompts:
-        yield prompts, cats
+        yield prompts, cats, budgets
 
 
 def _decode(value: object) -> tuple[str | None, str | None, str | None]:
@@ -251,6 +258,32 @@ def _decode(value: object) -> tuple[str | None, str | None, str | None]:
     if not value.strip():
         return None, "empty", "empty or whitespace-only"
     return value, None, None
+
+
+def _budget(raw: object) -> tuple[int | None, str | None]:
+    """(a row's own max_new_tokens, or None for none; the problem with the cell, or None). A CSV cell comes as
+    bytes; an empty one means none."""
+    if isinstance(raw, bytes):
+        try:
+            raw = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            return None, "not UTF-8"
+    if isinstance(raw, str):
+        if not raw.strip():
+            return None, None
+        try:
+            raw = int(raw.strip())
+        except ValueError:
+            return None, f"{raw[:40]!r} is not a whole number"
+    if isinstance(raw, float) and raw.is_integer():
+        raw = int(raw)
+    if raw is None:
+        return None, None
+    if isinstance(raw, bool) or not isinstance(raw, int):
+        return None, f"{str(raw)[:40]!r} is not a whole number"
+    if raw < 1:
+        return None, f"{raw} is below 1"
+    return raw, None
 
 
 def _categories(raw: object) -> tuple[str, ...]:
@@ -317,7 +350,7 @@ def repeat_categories(src: PromptSource, batch_rows: int = 8192) -> dict[str, tu
     the repeats that carry a category. A first occurrence is yielded (and may be planned into a shard)
     before its repeats are read, so they must be known beforehand for it to carry their categories."""
     seen, out = SeenIds(), {}
-    for raw_prompts, raw_cats in iter_raw(src, batch_rows):
+    for raw_prompts, raw_cats, _ in iter_raw(src, batch_rows):
         for raw, raw_cat in zip(raw_prompts, raw_cats):
             text, reason, _ = _decode(raw)
             if reason is not None:
@@ -336,8 +369,9 @@ def iter_prompts(src: PromptSource, batch_rows: int = 8192, late: dict | None = 
     (prompt_id -> categories, in file order) for the caller to add to the first rows (see add_late)."""
     repeats = repeat_categories(src, batch_rows) if src.category_column and late is None else {}
     seen, offset = SeenIds(), 0
-    for raw_prompts, raw_cats in iter_raw(src, batch_rows):
-        yield decode_rows(raw_prompts, raw_cats, seen=seen, offset=offset, repeats=repeats, late=late)
+    for raw_prompts, raw_cats, raw_budgets in iter_raw(src, batch_rows):
+        yield decode_rows(raw_prompts, raw_cats, seen=seen, offset=offset, repeats=repeats, late=late,
+                          raw_budgets=raw_budgets)
         offset += len(raw_prompts)
 
 
@@ -364,22 +398,30 @@ def load_prompts(src: PromptSource) -> PromptSet:
 
 def decode_rows(raw_prompts: list, raw_cats: list, key=None, dedup: bool = True, seen: SeenIds | None = None,
                 offset: int = 0, repeats: dict[str, tuple[str, ...]] | None = None,
-                late: dict[str, tuple[str, ...]] | None = None) -> PromptSet:
+                late: dict[str, tuple[str, ...]] | None = None, raw_budgets: list | None = None) -> PromptSet:
     """Decode raw cells into PromptRows, quarantining bad ones (and repeated prompts, as `duplicate`).
     `key(i, text)` gives the prompt_id (default: the content hash); with dedup off, rows with equal text
     are all kept (their keys differ). Source rows are numbered from `offset`. `repeats` (prompt_id ->
-    categories of its repeats) adds to a first occurrence the categories its duplicates bring."""
+    categories of its repeats) adds to a first occurrence the categories its duplicates bring. `raw_budgets`
+    (a max_new_tokens cell per row) gives each row its own bound; a bad cell quarantines its row."""
     out = PromptSet(rows=[], source_rows=len(raw_prompts))
     seen = seen if seen is not None else SeenIds()
     decoded = [_decode(raw) for raw in raw_prompts]
-    pids = [None if reason is not None else key(i, text) if key else prompt_id(text)
-            for i, (text, reason, _) in enumerate(decoded, start=offset)]
+    budgets = [_budget(b) for b in raw_budgets] if raw_budgets is not None else [(None, None)] * len(decoded)
+    # a row with a bad max_new_tokens cell takes no part in dedup: a later row of the same text may be kept
+    pids = [None if reason is not None or bad is not None else key(i, text) if key else prompt_id(text)
+            for i, ((text, reason, _), (_, bad)) in enumerate(zip(decoded, budgets), start=offset)]
     fresh = iter(seen.add_many([pid for pid in pids if pid is not None]) if dedup else [])
-    for i, ((text, reason, detail), pid, raw_cat) in enumerate(zip(decoded, pids, raw_cats), start=offset):
+    for i, ((text, reason, detail), pid, raw_cat, (budget, bad)) in enumerate(
+            zip(decoded, pids, raw_cats, budgets), start=offset):
         if reason is not None:
             out.quarantine.append(
                 {"prompt_id": None, "source_row": i, "prompt": None, "reason": reason, "detail": detail}
             )
+            continue
+        if bad is not None:
+            out.quarantine.append({"prompt_id": None, "source_row": i, "prompt": text[:200],
+                                   "reason": "bad_max_new_tokens", "detail": f"max_new_tokens: {bad}"})
             continue
         if dedup and not next(fresh):
             out.duplicates += 1
@@ -393,7 +435,7 @@ def decode_rows(raw_prompts: list, raw_cats: list, key=None, dedup: bool = True,
         cats = _categories(raw_cat)
         if dedup and repeats and pid in repeats:
             cats = tuple(dict.fromkeys(cats + repeats[pid]))
-        out.rows.append(PromptRow(pid, text, "; ".join(cats) or None, i, cats))
+        out.rows.append(PromptRow(pid, text, "; ".join(cats) or None, i, cats, max_new_tokens=budget))
     return out
 
 

@@ -101,6 +101,7 @@ PROMPTS = pa.schema(
         ("category", pa.string()),
         ("categories", pa.list_(pa.string())),
         ("reference", pa.string()),  # utility benchmarks: JSON [kind, answer, number of choices]
+        ("max_new_tokens", pa.int64()),  # the row's own bound on new tokens (max_new_tokens_column); null: the config's
         ("shard_id", pa.string()),
     ]
 )
@@ -209,6 +210,19 @@ TABLES: dict[str, pa.Schema] = {
     "asr_by_layer": ASR,
     "utility": UTILITY,
 }
+
+
+def conform(table: pa.Table, name: str) -> pa.Table:
+    """A part of table `name` with the columns its schema gained after the part was written (all nullable) added
+    as nulls, in the schema's order: a dataset folder outlives a release, and its old parts are read, resumed and
+    compacted beside new ones."""
+    schema = TABLES.get(name)
+    if schema is None or set(schema.names) <= set(table.schema.names):
+        return table
+    for field in schema:
+        if field.name not in table.schema.names:
+            table = table.append_column(field, pa.nulls(table.num_rows, field.type))
+    return table.select(schema.names + [n for n in table.schema.names if n not in schema.names])
 
 
 def require_columns(available: list[str], needed: list[str], what: str) -> None:

@@ -44,7 +44,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from dafactory.tasks.errors import StorageError, UserError, first_line
-from dafactory.tasks.io.schemas import TABLES
+from dafactory.tasks.io.schemas import TABLES, conform
 
 log = logging.getLogger(__name__)
 
@@ -140,7 +140,8 @@ def load_shard(ds: "DatasetDir", ref: ShardRef):
     rows = ds.read_part("prompts", ref.part).to_pylist()
     return Shard(ref.shard_id, ref.index, tuple(
         PromptRow(r["prompt_id"], r["prompt"], r["category"], r["source_row"], tuple(r["categories"] or ()),
-                  None if r["reference"] is None else tuple(json.loads(r["reference"])))
+                  None if r["reference"] is None else tuple(json.loads(r["reference"])),
+                  r["max_new_tokens"])
         for r in rows
     ))
 
@@ -405,7 +406,7 @@ class DatasetDir:
                 if e["name"].startswith("part-") and e["name"].endswith(".parquet")}
 
     def read_part(self, table: str, part: str) -> pa.Table:
-        return self.read_file(self.part_path(table, part))
+        return conform(self.read_file(self.part_path(table, part)), table)
 
     def read_file(self, path: str) -> pa.Table:
         def read():
@@ -526,14 +527,15 @@ class DatasetDir:
     def read_parts(self, table: str, names: set[str]) -> pa.Table:
         """The parts of a table with these names (one version's, before it is committed)."""
         paths = [self.part_path(table, name) for name in sorted(names)]
-        return pa.concat_tables([self.read_file(p) for p in paths]) if paths else TABLES[table].empty_table()
+        return pa.concat_tables([conform(self.read_file(p), table) for p in paths]) if paths else \
+            TABLES[table].empty_table()
 
     def read_table(self, table: str, manifest: dict | None = None) -> pa.Table:
         """The table's rows in a version (the current one unless given)."""
         paths = self.listed_files(table, manifest)
         if not paths:
             return TABLES[table].empty_table()
-        return pa.concat_tables([self.read_file(p) for p in paths])
+        return pa.concat_tables([conform(self.read_file(p), table) for p in paths])
 
     # versions (the protocol is tasks/io/commit.py) --------------------------------------------
     def read_manifest(self) -> dict | None:

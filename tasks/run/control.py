@@ -69,16 +69,20 @@ def gpu_slot(timeout_s: float, record: dict):
         return
     logger = get_run_logger()
     t0 = time.time()
+    # One acquire with the whole timeout: a short first try that times out makes Prefect's slot service log an
+    # ERROR (a TimeoutError) for what is a normal wait. The "waiting" line comes from a timer instead.
+    waiting = threading.Timer(1.0, logger.info, ("waiting for a slot of %s (another build holds it), at most %gs",
+                                                 GPU_LIMIT, timeout_s))
+    waiting.daemon = True
     with ExitStack() as stack:
+        waiting.start()
         try:
-            stack.enter_context(concurrency(GPU_LIMIT, occupy=1, timeout_seconds=1, strict=False))
+            stack.enter_context(concurrency(GPU_LIMIT, occupy=1, timeout_seconds=timeout_s, strict=False))
         except TimeoutError:
-            logger.info("waiting for a slot of %s (another build holds it), at most %gs", GPU_LIMIT, timeout_s)
-            try:
-                stack.enter_context(concurrency(GPU_LIMIT, occupy=1, timeout_seconds=timeout_s, strict=False))
-            except TimeoutError:
-                raise SlotTimeout(f"no slot of {GPU_LIMIT} came free within {timeout_s:g}s "
-                                  "(gpu_slot_timeout_s); another build holds it") from None
+            raise SlotTimeout(f"no slot of {GPU_LIMIT} came free within {timeout_s:g}s "
+                              "(gpu_slot_timeout_s); another build holds it") from None
+        finally:
+            waiting.cancel()
         record.update(acquired_at=time.time(), waited_s=round(time.time() - t0, 3))
         if record["waited_s"] >= 1:
             logger.info("took a slot of %s after %.1fs", GPU_LIMIT, record["waited_s"])

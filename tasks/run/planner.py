@@ -81,6 +81,7 @@ class Planner:
             "prompt": [r.prompt for r in rows], "category": [r.category for r in rows],
             "categories": [list(r.categories) for r in rows],
             "reference": [None if r.reference is None else json.dumps(r.reference) for r in rows],
+            "max_new_tokens": [r.max_new_tokens for r in rows],
         }, schema=SPILL)
         groups = h >> np.uint64(64 - self.GROUP_BITS)
         for g in np.unique(groups).tolist():
@@ -91,10 +92,12 @@ class Planner:
 
     def _shard(self, rows: pa.Table) -> None:
         # what decides a shard's rows besides the salt (model, sampling, spec, template): each prompt's id,
-        # its categories (the teacher's policy, the rows' category) and its reference (utility scoring)
-        keys = [f"{pid}\x1f{chr(30).join(cats or ())}\x1f{ref or ''}" for pid, cats, ref in zip(
-            rows.column("prompt_id").to_pylist(), rows.column("categories").to_pylist(),
-            rows.column("reference").to_pylist())]
+        # its categories (the teacher's policy, the rows' category), its reference (utility scoring) and its own
+        # max_new_tokens (in the key only when it has one: the shards of folders planned before keep their ids)
+        keys = [f"{pid}\x1f{chr(30).join(cats or ())}\x1f{ref or ''}" + (f"\x1f{budget}" if budget else "")
+                for pid, cats, ref, budget in zip(
+                    rows.column("prompt_id").to_pylist(), rows.column("categories").to_pylist(),
+                    rows.column("reference").to_pylist(), rows.column("max_new_tokens").to_pylist())]
         shard_id = shard_id_of(self.salt, keys)
         part = self.ds.write_keyed("prompts", shard_id, rows.drop_columns(["h"]).append_column(
             "shard_id", pa.array([shard_id] * rows.num_rows, pa.string())), self.existing["prompts"])

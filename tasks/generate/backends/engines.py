@@ -7,8 +7,9 @@
   prompt's samples share its prefilled KV blocks (`num_return_sequences` children, transformers >= 5.18).
 
 An engine takes the backend, the requests and the sampling, and returns for each request its samples' raw new
-ids (EOS and anything after it included); the backend cuts them at EOS and decodes. `budgets` (tokens per
-request, default max_new_tokens for all) lets a benchmark give requests different lengths. Imports torch only
+ids (EOS and anything after it included); the backend cuts them at EOS and decodes. `budgets` holds each
+request's most new tokens (its own max_new_tokens, or the sampling's): `generate` and `static` decode the call to
+the largest and cut each request's samples at its own, `paged` gives each request its own. Imports torch only
 inside the engines.
 """
 

@@ -126,7 +126,7 @@ class FakeBackend(Backend):
         for r, (last, prefilled) in zip(requests, read):
             gens = []
             for _ in range(r.n):
-                gens.append(self._one(seed, i, last, prefilled, len(r.prompt_ids), sampling.max_new_tokens, forcing))
+                gens.append(self._one(seed, i, last, prefilled, len(r.prompt_ids), r.budget(sampling), forcing))
                 i += 1
             out.append(gens)
         return out if self.feed is None else self.feed.run(out)

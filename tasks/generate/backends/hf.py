@@ -86,16 +86,16 @@ class HFBackend(Backend):
 
 
 
-    def sample(self, requests: list[Request], sampling: SamplingConfig, forcing: BudgetForcing | None = None,
-               budgets: list[int] | None = None) -> list[list[Generation]]:
-        """`budgets` (new tokens per request; default max_new_tokens) is for benchmarks of uneven lengths;
-        `forcing` is budget forcing (engines.forced_sample)."""
+    def sample(self, requests: list[Request], sampling: SamplingConfig,
+               forcing: BudgetForcing | None = None) -> list[list[Generation]]:
+        """Each request's samples, each bounded by the request's own max_new_tokens (the `generate` and `static`
+        engines decode a call to its largest and cut each sample at its own: the same tokens, since a row's draws do
+        not depend on how long the call runs); `forcing` is budget forcing (engines.forced_sample)."""
         if not requests:
             return []
         if forcing is not None:
             return forced_sample(self, requests, sampling, forcing)
-        budgets = budgets or [sampling.max_new_tokens] * len(requests)
-        raw = ENGINES.get(self.engine)(self, requests, sampling, budgets)
+        raw = ENGINES.get(self.engine)(self, requests, sampling, [r.budget(sampling) for r in requests])
         return [[self._generation(ids, len(r.prompt_ids)) for ids in samples] for r, samples in zip(requests, raw)]
 
     def _generation(self, ids: list[int], prompt_tokens: int) -> Generation:

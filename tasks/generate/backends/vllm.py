@@ -199,8 +199,8 @@ class VLLMBackend(Backend):
         if not requests:
             return []
         greedy = sampling.temperature == 0
-        budget = sampling.max_new_tokens if forcing is None else forcing.reasoning
-        params = [self._params(sampling, 1 if greedy else r.n, r.seed, budget) for r in requests]
+        params = [self._params(sampling, 1 if greedy else r.n, r.seed,
+                               r.budget(sampling) if forcing is None else forcing.reasoning) for r in requests]
         done = self._run([r.prompt_ids for r in requests], params)
         if forcing is not None:
             out = self._forced(requests, done, sampling, forcing)
