@@ -125,9 +125,14 @@ def ours(args, rows: list[dict], work: Path) -> dict:
             f"shard_size={args.shard_size}", f"shards_in_flight={args.in_flight}",
             "decontamination.enabled=false", "dedup.minhash=null", f"output={work / 'out'}", "dataset=bench",
             f"student.num_cpus={args.student_cpus}", f"ray.num_cpus={args.student_cpus + 2}"]
+    # A Prefect home of this venv's own (its Prefect may be older than the one that migrated ~/.prefect's database),
+    # migrated before the clock starts, as a user's is after their first run.
+    env = dict(os.environ, PREFECT_HOME=str(Path.home() / ".cache" / "dafactory-bench-prefect"))
+    subprocess.run([sys.executable, "-m", "prefect", "server", "database", "upgrade", "-y"], env=env,
+                   capture_output=True, check=True)
     t0 = time.perf_counter()
     done = subprocess.run([sys.executable, "-m", "dafactory.flows.cli", "run", "preference",
-                           *[a for s in sets for a in ("--set", s)]], capture_output=True, text=True)
+                           *[a for s in sets for a in ("--set", s)]], capture_output=True, text=True, env=env)
     whole = time.perf_counter() - t0
     if done.returncode:
         raise SystemExit(f"dafactory run failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")

@@ -314,6 +314,8 @@ def test_a_reordered_input_resumes_every_shard_and_an_insert_rebuilds_one(tmp_pa
 
 
 def test_a_prompts_own_max_new_tokens_bounds_its_samples_and_a_change_rebuilds_its_shard(tmp_path, run_flow):
+    from dafactory.tasks.errors import UserError
+
     budgets = {p: 2 if i % 2 == 0 else None for i, p in enumerate(HARMFUL)}
     path = write_jsonl(tmp_path / "budgets.jsonl", [{"prompt": p, "category": "harm", "budget": m} for p, m in budgets.items()])
     cfg = config(tmp_path, f"prompts.path={path}", "prompts.max_new_tokens_column=budget", "shard_size=100",
@@ -333,3 +335,7 @@ def test_a_prompts_own_max_new_tokens_bounds_its_samples_and_a_change_rebuilds_i
     manifest = run_flow(cfg)
     assert (manifest["shards"]["resumed"], manifest["shards"]["built"]) == (0, 1)
     assert {r["response_tokens"] for r in ds.read_table("candidates").to_pylist() if r["prompt"] == HARMFUL[1]} == {3}
+    # a column whose cells are mostly not whole numbers is the wrong column: one line, before any model loads
+    write_jsonl(path, [{"prompt": p, "category": "harm", "budget": "short" if i else 9} for i, p in enumerate(HARMFUL)])
+    with pytest.raises(UserError, match=r"prompts.max_new_tokens_column 'budget': 6 of 7 rows hold no whole number"):
+        run_flow(cfg)

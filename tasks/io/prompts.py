@@ -439,6 +439,16 @@ def decode_rows(raw_prompts: list, raw_cats: list, key=None, dedup: bool = True,
     return out
 
 
+def check_budget_column(src: PromptSource, quarantined: dict, source_rows: int) -> None:
+    """A max_new_tokens column whose cells are mostly bad is the wrong column, not bad rows: a one-line error
+    (before any model loads) instead of a build of the few rows left."""
+    bad = quarantined.get("bad_max_new_tokens", 0)
+    if src.max_new_tokens_column and bad * 2 > source_rows:
+        raise UserError(f"prompts.max_new_tokens_column {src.max_new_tokens_column!r}: {bad} of {source_rows} rows "
+                        "hold no whole number >= 1 (see the quarantine's bad_max_new_tokens rows); is it the right "
+                        "column?")
+
+
 def check_columns(src: PromptSource) -> None:
     """Cheap preflight: the file exists, has a known format and the named columns."""
     read_raw(src.model_copy(update={"limit": 1}))

@@ -33,7 +33,7 @@ from dafactory.tasks.generate.error_rate import ErrorBudget, TooManyErrors
 from dafactory.tasks.io.compact import Compactor, groups, reader_files, write_compacts
 from dafactory.tasks.io.commit import clear_rebuild, commit, vacuum, write_pointer_file
 from dafactory.tasks.io.manifest import CARD, artifact_key, build_manifest, code_version, dataset_card, summary_rows
-from dafactory.tasks.io.prompts import PromptSet, iter_prompts, source_path
+from dafactory.tasks.io.prompts import PromptSet, check_budget_column, iter_prompts, source_path
 from dafactory.tasks.io.redact import redact
 from dafactory.tasks.io.schemas import TABLES
 from dafactory.tasks.io.storage import (
@@ -97,6 +97,7 @@ def plan_input(
         if hasattr(screen, "close"):
             screen.close()  # its encoder's replicas: their resources go to the build
     plan = planner.finish()
+    check_budget_column(config.prompts, plan.quarantined, plan.source_rows)
     if screen is not None and hasattr(screen, "summary"):
         plan.screened = screen.summary()
     logger.info(
