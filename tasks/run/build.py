@@ -97,7 +97,8 @@ def plan_input(
         if hasattr(screen, "close"):
             screen.close()  # its encoder's replicas: their resources go to the build
     plan = planner.finish()
-    check_budget_column(config.prompts, plan.quarantined, plan.source_rows)
+    if load is None:  # a prompt file (evaluation loads its benchmarks itself)
+        check_budget_column(config.prompts, plan.quarantined, plan.source_rows)
     if screen is not None and hasattr(screen, "summary"):
         plan.screened = screen.summary()
     logger.info(
