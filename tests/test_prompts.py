@@ -195,6 +195,13 @@ def test_each_row_may_bound_its_own_new_tokens_in_every_format(tmp_path):
          (4, "e", bad, "max_new_tokens: '2.5' is not a whole number")])
     assert got[".parquet"] == ([("a", 0, 16), ("b", 1, None), ("d", 3, 256)],
                                [(2, "c", bad, "max_new_tokens: -1 is below 1")])
+    # a string column of budgets with a cell that is not UTF-8 (not every writer checks): that row alone
+    strings = tmp_path / "s.parquet"
+    pq.write_table(pa.table({"prompt": ["a", "b"], "budget": pa.array([b"12", BAD_BYTES], pa.binary())}).cast(
+        pa.schema([("prompt", pa.string()), ("budget", pa.string())]), safe=False), strings)
+    ps = load_prompts(PromptSource(path=str(strings), max_new_tokens_column="budget"))
+    assert [(r.prompt, r.max_new_tokens) for r in ps.rows] == [("a", 12)]
+    assert [(q["prompt"], q["detail"]) for q in ps.quarantine] == [("b", "max_new_tokens: not UTF-8")]
     # a column named and missing is the usual one-line error
     with pytest.raises(UserError, match="missing column\\(s\\) 'tokens'"):
         load_prompts(PromptSource(path=str(jsonl), max_new_tokens_column="tokens"))

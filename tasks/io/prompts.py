@@ -178,7 +178,7 @@ def _arrow_chunks(batches, src: PromptSource, wanted: list[str], path: str):
         prompts = cells(batch.column(src.prompt_column))
         none = [None] * len(prompts)
         cats = cells(batch.column(src.category_column)) if src.category_column else none
-        budgets = batch.column(src.max_new_tokens_column).to_pylist() if src.max_new_tokens_column else none
+        budgets = cells(batch.column(src.max_new_tokens_column)) if src.max_new_tokens_column else none
         yield prompts, cats, budgets
 
 
@@ -263,6 +263,8 @@ def _decode(value: object) -> tuple[str | None, str | None, str | None]:
 def _budget(raw: object) -> tuple[int | None, str | None]:
     """(a row's own max_new_tokens, or None for none; the problem with the cell, or None). A CSV cell comes as
     bytes; an empty one means none."""
+    if isinstance(raw, _BadLine):  # a string cell that is not UTF-8
+        return None, "not UTF-8"
     if isinstance(raw, bytes):
         try:
             raw = raw.decode("utf-8")
